@@ -1,0 +1,314 @@
+//! Durable metadata for vstor, on RocksDB.
+//!
+//! Every VM or disk owns one *namespace*, a RocksDB column family of its own, so that no two
+//! owners' state is ever mixed: a namespace is reachable only by its name, and dropping it removes
+//! everything it held. Changes are grouped in [`Batch`]es that are applied atomically and synced to
+//! disk before [`Store::commit`] returns.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, DBWithThreadMode, MultiThreaded, Options, WriteOptions};
+
+/// The namespace the store itself keeps, and the one RocksDB always has.
+const DEFAULT_CF: &str = "default";
+
+/// Everything that can go wrong with the metadata store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the state store at {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("namespace {0:?} does not exist")]
+    NoSuchNamespace(String),
+    #[error("namespace {0:?} already exists")]
+    NamespaceExists(String),
+    #[error("namespace name {0:?} is reserved or empty")]
+    BadNamespaceName(String),
+    #[error("state store operation failed")]
+    Db(#[from] rocksdb::Error),
+    #[error("cannot create checkpoint at {path}")]
+    Checkpoint {
+        path: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+type Db = DBWithThreadMode<MultiThreaded>;
+
+/// A RocksDB database holding one column family per namespace.
+pub struct Store {
+    db: Db,
+    path: PathBuf,
+}
+
+/// A set of changes across namespaces that [`Store::commit`] applies all or nothing.
+#[derive(Default)]
+pub struct Batch {
+    ops: Vec<(String, Op)>,
+}
+
+enum Op {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn put(&mut self, namespace: &str, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        let op = Op::Put(key.as_ref().to_vec(), value.as_ref().to_vec());
+        self.ops.push((namespace.to_owned(), op));
+    }
+
+    pub fn delete(&mut self, namespace: &str, key: impl AsRef<[u8]>) {
+        self.ops.push((namespace.to_owned(), Op::Delete(key.as_ref().to_vec())));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path` with every namespace it already holds.
+    pub fn open(path: impl AsRef<Path>) -> Result<Arc<Store>> {
+        let path = path.as_ref().to_path_buf();
+        let open_err = |source| StoreError::Open { path: path.clone(), source };
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let existing = match Db::list_cf(&opts, &path) {
+            Ok(names) => names,
+            // A new store has no column families yet.
+            Err(_) if !path.join("CURRENT").exists() => vec![DEFAULT_CF.to_owned()],
+            Err(e) => return Err(open_err(e)),
+        };
+        let descriptors = existing.into_iter().map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db = Db::open_cf_descriptors(&opts, &path, descriptors).map_err(open_err)?;
+        Ok(Arc::new(Store { db, path }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The names of all namespaces, sorted, without the store's own.
+    pub fn namespaces(&self) -> Result<Vec<String>> {
+        let mut names = Db::list_cf(&Options::default(), &self.path)?;
+        names.retain(|n| n != DEFAULT_CF);
+        names.sort();
+        Ok(names)
+    }
+
+    pub fn has_namespace(&self, name: &str) -> bool {
+        self.db.cf_handle(name).is_some()
+    }
+
+    /// Creates an empty namespace. Creation is durable when this returns.
+    pub fn create_namespace(&self, name: &str) -> Result<()> {
+        check_name(name)?;
+        if self.has_namespace(name) {
+            return Err(StoreError::NamespaceExists(name.to_owned()));
+        }
+        self.db.create_cf(name, &Options::default())?;
+        Ok(())
+    }
+
+    /// Drops a namespace and everything in it.
+    pub fn drop_namespace(&self, name: &str) -> Result<()> {
+        check_name(name)?;
+        if !self.has_namespace(name) {
+            return Err(StoreError::NoSuchNamespace(name.to_owned()));
+        }
+        self.db.drop_cf(name)?;
+        Ok(())
+    }
+
+    pub fn get(&self, namespace: &str, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
+        let cf = self.cf(namespace)?;
+        Ok(self.db.get_cf(&cf, key)?)
+    }
+
+    /// All pairs of a namespace whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(&self, namespace: &str, prefix: impl AsRef<[u8]>) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
+        let prefix = prefix.as_ref();
+        let cf = self.cf(namespace)?;
+        let mut out = BTreeMap::new();
+        let iter = self.db.iterator_cf(&cf, rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward));
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.insert(k.into_vec(), v.into_vec());
+        }
+        Ok(out)
+    }
+
+    /// Applies a batch atomically and syncs the write-ahead log before returning.
+    pub fn commit(&self, batch: Batch) -> Result<()> {
+        let mut wb = rocksdb::WriteBatchWithTransaction::<false>::default();
+        for (ns, op) in &batch.ops {
+            let cf = self.cf(ns)?;
+            match op {
+                Op::Put(k, v) => wb.put_cf(&cf, k, v),
+                Op::Delete(k) => wb.delete_cf(&cf, k),
+            }
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(wb, &opts)?;
+        Ok(())
+    }
+
+    /// Writes a consistent copy of the whole store to `path`, which must not exist yet.
+    pub fn checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let err = |source| StoreError::Checkpoint { path: path.to_path_buf(), source };
+        let cp = rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(err)?;
+        cp.create_checkpoint(path).map_err(err)
+    }
+
+    fn cf(&self, namespace: &str) -> Result<Arc<rocksdb::BoundColumnFamily<'_>>> {
+        if namespace == DEFAULT_CF {
+            return Err(StoreError::BadNamespaceName(namespace.to_owned()));
+        }
+        self.db.cf_handle(namespace).ok_or_else(|| StoreError::NoSuchNamespace(namespace.to_owned()))
+    }
+}
+
+/// The store's own namespace is not for callers; every other non-empty name is.
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name == DEFAULT_CF {
+        return Err(StoreError::BadNamespaceName(name.to_owned()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn namespaces_are_isolated_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.create_namespace("vm-a").unwrap();
+            store.create_namespace("vm-b").unwrap();
+            let mut batch = Batch::new();
+            batch.put("vm-a", "k", "a");
+            batch.put("vm-b", "k", "b");
+            store.commit(batch).unwrap();
+            assert!(matches!(store.create_namespace("vm-a"), Err(StoreError::NamespaceExists(_))));
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.namespaces().unwrap(), vec!["vm-a", "vm-b"]);
+        assert_eq!(store.get("vm-a", "k").unwrap().as_deref(), Some(&b"a"[..]));
+        assert_eq!(store.get("vm-b", "k").unwrap().as_deref(), Some(&b"b"[..]));
+        store.drop_namespace("vm-a").unwrap();
+        assert!(matches!(store.get("vm-a", "k"), Err(StoreError::NoSuchNamespace(_))));
+        // Re-creating a dropped namespace gives an empty one: nothing of the old owner is readable.
+        store.create_namespace("vm-a").unwrap();
+        assert_eq!(store.get("vm-a", "k").unwrap(), None);
+    }
+
+    #[test]
+    fn a_batch_naming_a_missing_namespace_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.create_namespace("vm-a").unwrap();
+        let mut batch = Batch::new();
+        batch.put("vm-a", "k", "v");
+        batch.put("missing", "k", "v");
+        assert!(matches!(store.commit(batch), Err(StoreError::NoSuchNamespace(_))));
+        assert_eq!(store.get("vm-a", "k").unwrap(), None);
+        assert!(matches!(store.create_namespace("default"), Err(StoreError::BadNamespaceName(_))));
+    }
+
+    #[test]
+    fn checkpoint_is_a_readable_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("db")).unwrap();
+        store.create_namespace("d").unwrap();
+        let mut batch = Batch::new();
+        batch.put("d", "x", "1");
+        store.commit(batch).unwrap();
+        store.checkpoint(dir.path().join("cp")).unwrap();
+        let copy = Store::open(dir.path().join("cp")).unwrap();
+        assert_eq!(copy.get("d", "x").unwrap().as_deref(), Some(&b"1"[..]));
+    }
+
+    #[derive(Debug, Clone)]
+    enum ModelOp {
+        Put(u8, u8, u8),
+        Delete(u8, u8),
+        Drop(u8),
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = ModelOp> {
+        prop_oneof![
+            (0..3u8, 0..8u8, any::<u8>()).prop_map(|(n, k, v)| ModelOp::Put(n, k, v)),
+            (0..3u8, 0..8u8).prop_map(|(n, k)| ModelOp::Delete(n, k)),
+            (0..3u8).prop_map(ModelOp::Drop),
+            Just(ModelOp::Reopen),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// The store behaves as a map of maps across puts, deletes, drops and reopens.
+        #[test]
+        fn behaves_like_a_map_of_maps(ops in proptest::collection::vec(op(), 1..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut store = Store::open(dir.path()).unwrap();
+            let mut model: BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>> = BTreeMap::new();
+            for op in ops {
+                match op {
+                    ModelOp::Put(n, k, v) => {
+                        let ns = format!("ns{n}");
+                        if !store.has_namespace(&ns) { store.create_namespace(&ns).unwrap(); }
+                        let mut b = Batch::new();
+                        b.put(&ns, [k], [v]);
+                        store.commit(b).unwrap();
+                        model.entry(ns).or_default().insert(vec![k], vec![v]);
+                    }
+                    ModelOp::Delete(n, k) => {
+                        let ns = format!("ns{n}");
+                        if let Some(m) = model.get_mut(&ns) {
+                            let mut b = Batch::new();
+                            b.delete(&ns, [k]);
+                            store.commit(b).unwrap();
+                            m.remove(&vec![k]);
+                        }
+                    }
+                    ModelOp::Drop(n) => {
+                        let ns = format!("ns{n}");
+                        let existed = model.remove(&ns).is_some();
+                        prop_assert_eq!(store.drop_namespace(&ns).is_ok(), existed);
+                    }
+                    ModelOp::Reopen => {
+                        drop(store);
+                        store = Store::open(dir.path()).unwrap();
+                    }
+                }
+            }
+            prop_assert_eq!(store.namespaces().unwrap(), model.keys().cloned().collect::<Vec<_>>());
+            for (ns, m) in &model {
+                prop_assert_eq!(&store.scan_prefix(ns, []).unwrap(), m);
+            }
+        }
+    }
+}
