@@ -1,9 +1,13 @@
 //! Virtual disks: the `BlockDevice` interface, backends, the disk catalog and the frontends.
 
 pub mod buffer;
+pub mod catalog;
 pub mod device;
+pub mod disk;
 pub mod raw;
 pub mod uring;
 
 pub use buffer::IoBuf;
+pub use catalog::{Catalog, CatalogError, DiskSpec};
 pub use device::{BlockDevice, BlockError, DeviceInfo, IoFuture, IoResult, RequestKind};
+pub use disk::Disk;

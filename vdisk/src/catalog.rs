@@ -1,0 +1,448 @@
+//! The disk catalog: which disks exist, what they are made of, and their open devices.
+//!
+//! Records live in the `catalog` namespace of the state store; each disk also owns a namespace of
+//! its own (`disk-<id>`) for the state of the layers above its backend. Creating and deleting a
+//! disk are atomic: the single synced write of its catalog record is the commit point, and
+//! whatever a crash leaves on either side of it (a namespace or a file without a record) is removed
+//! when the catalog is next opened.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use state_store::{Batch, Store, StoreError};
+
+use crate::device::BlockDevice;
+use crate::disk::Disk;
+use crate::raw::RawFile;
+
+const CATALOG_NS: &str = "catalog";
+const RECORD_PREFIX: &str = "disk/";
+const DISK_NS_PREFIX: &str = "disk-";
+const RAW_SUFFIX: &str = ".raw";
+
+/// What a user asks for when creating a disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    pub name: String,
+    /// Capacity in bytes.
+    pub size: u64,
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub backend: Backend,
+}
+
+fn default_block_size() -> u32 {
+    512
+}
+
+/// What a disk's bytes are stored in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Backend {
+    /// A sparse file in the data directory; `direct` bypasses the page cache (O_DIRECT).
+    Raw {
+        #[serde(default)]
+        direct: bool,
+    },
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Backend::Raw { direct: false }
+    }
+}
+
+/// A disk as the catalog keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    pub id: String,
+    #[serde(flatten)]
+    pub spec: DiskSpec,
+    pub created_unix: u64,
+}
+
+impl DiskRecord {
+    /// The state-store namespace the disk owns.
+    pub fn namespace(&self) -> String {
+        format!("{DISK_NS_PREFIX}{}", self.id)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("invalid disk name {0:?}: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'")]
+    InvalidName(String),
+    #[error("a disk named {0:?} already exists")]
+    NameTaken(String),
+    #[error("no disk named {0:?}")]
+    NotFound(String),
+    #[error("block size {0} is not supported: use 512 or 4096")]
+    BadBlockSize(u32),
+    #[error("size {size} is not a multiple of the block size {block_size}")]
+    SizeNotMultiple { size: u64, block_size: u32 },
+    #[error("size must be greater than zero")]
+    ZeroSize,
+    #[error("disk {name:?} is in use by {users} export connection(s)")]
+    InUse { name: String, users: usize },
+    #[error("disk {name:?} is unavailable: {reason}")]
+    Unavailable { name: String, reason: String },
+    #[error("{action} {path}")]
+    File {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("catalog record {key:?} is corrupt")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub type Result<T> = std::result::Result<T, CatalogError>;
+
+/// One disk of the catalog: its record and, if it could be opened, its device.
+#[derive(Clone)]
+pub struct Entry {
+    pub record: DiskRecord,
+    pub disk: std::result::Result<Arc<Disk>, String>,
+    pub path: PathBuf,
+}
+
+/// All disks of one daemon.
+pub struct Catalog {
+    store: Arc<Store>,
+    disk_dir: PathBuf,
+    entries: Mutex<BTreeMap<String, Entry>>,
+}
+
+impl Catalog {
+    /// Opens the catalog, removes what an interrupted create or delete left behind, and opens
+    /// every disk. A disk whose backend cannot be opened stays listed, marked unavailable.
+    /// Blocking; call it inside a tokio runtime (the devices register with it).
+    pub fn open(store: Arc<Store>, disk_dir: &Path) -> Result<Catalog> {
+        std::fs::create_dir_all(disk_dir).map_err(file_err("cannot create", disk_dir))?;
+        if !store.has_namespace(CATALOG_NS) {
+            store.create_namespace(CATALOG_NS)?;
+        }
+        let mut records = Vec::new();
+        for (key, value) in store.scan_prefix(CATALOG_NS, RECORD_PREFIX)? {
+            let key = String::from_utf8_lossy(&key).into_owned();
+            let record: DiskRecord =
+                serde_json::from_slice(&value).map_err(|source| CatalogError::Corrupt { key, source })?;
+            records.push(record);
+        }
+        let catalog = Catalog { store, disk_dir: disk_dir.to_path_buf(), entries: Mutex::new(BTreeMap::new()) };
+        catalog.remove_orphans(&records)?;
+        let mut entries = catalog.lock();
+        for record in records {
+            let path = catalog.raw_path(&record.id);
+            let disk = open_device(&record, &path).map_err(|e| error_chain(&e));
+            if let Err(reason) = &disk {
+                tracing::error!(disk = %record.spec.name, %reason, "disk unavailable");
+            }
+            entries.insert(record.spec.name.clone(), Entry { record, disk, path });
+        }
+        drop(entries);
+        Ok(catalog)
+    }
+
+    /// Creates a disk: its backend, its namespace, then its record. Blocking.
+    pub fn create(&self, spec: DiskSpec) -> Result<Entry> {
+        validate(&spec)?;
+        let mut entries = self.lock();
+        if entries.contains_key(&spec.name) {
+            return Err(CatalogError::NameTaken(spec.name));
+        }
+        let record = DiskRecord { id: new_id(), spec, created_unix: now_unix() };
+        let path = self.raw_path(&record.id);
+        let Backend::Raw { .. } = record.spec.backend;
+        RawFile::create(&path, record.spec.size).map_err(file_err("cannot create", &path))?;
+        let committed = self.store.create_namespace(&record.namespace()).and_then(|()| {
+            let mut batch = Batch::new();
+            batch.put(CATALOG_NS, record_key(&record.spec.name), record_json(&record));
+            self.store.commit(batch)
+        });
+        if let Err(e) = committed {
+            self.remove_backend(&record, &path);
+            return Err(e.into());
+        }
+        let disk = open_device(&record, &path).map_err(|e| error_chain(&e));
+        let entry = Entry { record, disk, path };
+        entries.insert(entry.record.spec.name.clone(), entry.clone());
+        tracing::info!(disk = %entry.record.spec.name, id = %entry.record.id, size = entry.record.spec.size, "disk created");
+        Ok(entry)
+    }
+
+    /// Deletes a disk that no export is using, with its namespace and its data. Blocking.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let mut entries = self.lock();
+        let entry = entries.get(name).ok_or_else(|| CatalogError::NotFound(name.to_owned()))?;
+        if let Ok(disk) = &entry.disk {
+            if disk.users() > 0 {
+                return Err(CatalogError::InUse { name: name.to_owned(), users: disk.users() });
+            }
+        }
+        let mut batch = Batch::new();
+        batch.delete(CATALOG_NS, record_key(name));
+        self.store.commit(batch)?;
+        if let Some(entry) = entries.remove(name) {
+            self.remove_backend(&entry.record, &entry.path);
+        }
+        tracing::info!(disk = %name, "disk deleted");
+        Ok(())
+    }
+
+    /// The open device of a disk, for an export.
+    pub fn disk(&self, name: &str) -> Result<Arc<Disk>> {
+        let entries = self.lock();
+        let entry = entries.get(name).ok_or_else(|| CatalogError::NotFound(name.to_owned()))?;
+        entry.disk.clone().map_err(|reason| CatalogError::Unavailable { name: name.to_owned(), reason })
+    }
+
+    pub fn entry(&self, name: &str) -> Result<Entry> {
+        self.lock().get(name).cloned().ok_or_else(|| CatalogError::NotFound(name.to_owned()))
+    }
+
+    /// Every disk, by name.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn raw_path(&self, id: &str) -> PathBuf {
+        self.disk_dir.join(format!("{id}{RAW_SUFFIX}"))
+    }
+
+    /// Best-effort removal of a disk's namespace and file; leftovers go at the next open.
+    fn remove_backend(&self, record: &DiskRecord, path: &Path) {
+        if self.store.has_namespace(&record.namespace()) {
+            if let Err(e) = self.store.drop_namespace(&record.namespace()) {
+                tracing::warn!(error = %error_chain(&e), "cannot drop namespace; it goes at the next start");
+            }
+        }
+        if let Err(e) = std::fs::remove_file(path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove disk file; it goes at the next start");
+            }
+        }
+    }
+
+    /// Removes namespaces and files that belong to no record: the remains of a create or delete
+    /// that a crash interrupted.
+    fn remove_orphans(&self, records: &[DiskRecord]) -> Result<()> {
+        let ids: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        for ns in self.store.namespaces()? {
+            if let Some(id) = ns.strip_prefix(DISK_NS_PREFIX) {
+                if !ids.contains(id) {
+                    tracing::info!(namespace = %ns, "removing namespace of an unfinished create or delete");
+                    self.store.drop_namespace(&ns)?;
+                }
+            }
+        }
+        let dir = std::fs::read_dir(&self.disk_dir).map_err(file_err("cannot read", &self.disk_dir))?;
+        for item in dir.flatten() {
+            let name = item.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(RAW_SUFFIX)) else { continue };
+            if is_id(id) && !ids.contains(id) {
+                tracing::info!(path = %item.path().display(), "removing file of an unfinished create or delete");
+                std::fs::remove_file(item.path()).map_err(file_err("cannot remove", &item.path()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn open_device(record: &DiskRecord, path: &Path) -> Result<Arc<Disk>> {
+    let Backend::Raw { direct } = record.spec.backend;
+    let raw = RawFile::open(path, record.spec.block_size, record.spec.read_only, direct)
+        .map_err(file_err("cannot open disk file", path))?;
+    if raw.info().capacity != record.spec.size {
+        return Err(CatalogError::Unavailable {
+            name: record.spec.name.clone(),
+            reason: format!(
+                "{} has {} bytes, the catalog says {}",
+                path.display(),
+                raw.info().capacity,
+                record.spec.size
+            ),
+        });
+    }
+    Ok(Arc::new(Disk::new(&record.spec.name, &record.id, Arc::new(raw))))
+}
+
+/// Checks a spec as a user wrote it.
+pub fn validate(spec: &DiskSpec) -> Result<()> {
+    let name = &spec.name;
+    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if name.is_empty() || name.len() > 64 || !ok_chars || name.starts_with(['.', '-']) {
+        return Err(CatalogError::InvalidName(name.clone()));
+    }
+    if !matches!(spec.block_size, 512 | 4096) {
+        return Err(CatalogError::BadBlockSize(spec.block_size));
+    }
+    if spec.size == 0 {
+        return Err(CatalogError::ZeroSize);
+    }
+    if spec.size % u64::from(spec.block_size) != 0 {
+        return Err(CatalogError::SizeNotMultiple { size: spec.size, block_size: spec.block_size });
+    }
+    Ok(())
+}
+
+fn record_key(name: &str) -> String {
+    format!("{RECORD_PREFIX}{name}")
+}
+
+fn record_json(record: &DiskRecord) -> Vec<u8> {
+    // A record is plain strings and numbers: serialising it cannot fail.
+    serde_json::to_vec(record).unwrap_or_default()
+}
+
+fn file_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CatalogError + 'a {
+    move |source| CatalogError::File { action, path: path.to_path_buf(), source }
+}
+
+/// A 64-bit random id in hex: names files and namespaces so that a re-created name never meets
+/// its predecessor's leftovers.
+fn new_id() -> String {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into the live array.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != 8 {
+        // getrandom cannot fail for 8 bytes once the pool is initialised; fall back to the clock.
+        bytes = (SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn is_id(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::IoBuf;
+
+    fn spec(name: &str, size: u64) -> DiskSpec {
+        DiskSpec { name: name.into(), size, block_size: 512, read_only: false, backend: Backend::default() }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn create_survives_reopen_and_delete_removes_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        let _guard = rt.enter();
+        let id = {
+            let store = Store::open(dir.path().join("db")).unwrap();
+            let cat = Catalog::open(store, &dir.path().join("disks")).unwrap();
+            let entry = cat.create(spec("vm0", 1 << 20)).unwrap();
+            let disk = cat.disk("vm0").unwrap();
+            rt.block_on(disk.write(0, IoBuf::copy_from(&[7; 512]), true)).unwrap();
+            assert!(matches!(cat.create(spec("vm0", 1 << 20)), Err(CatalogError::NameTaken(_))));
+            entry.record.id
+        };
+        let store = Store::open(dir.path().join("db")).unwrap();
+        let cat = Catalog::open(store.clone(), &dir.path().join("disks")).unwrap();
+        let disk = cat.disk("vm0").unwrap();
+        assert_eq!(disk.id(), id);
+        let back = rt.block_on(disk.read(0, IoBuf::zeroed(512))).unwrap();
+        assert_eq!(back.as_slice(), &[7; 512]);
+        {
+            let _user = disk.acquire();
+            assert!(matches!(cat.delete("vm0"), Err(CatalogError::InUse { .. })));
+        }
+        cat.delete("vm0").unwrap();
+        assert!(matches!(cat.disk("vm0"), Err(CatalogError::NotFound(_))));
+        assert!(!store.has_namespace(&format!("disk-{id}")));
+        assert!(!dir.path().join(format!("disks/{id}.raw")).exists());
+    }
+
+    #[test]
+    fn leftovers_of_an_interrupted_create_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        let _guard = rt.enter();
+        let store = Store::open(dir.path().join("db")).unwrap();
+        let disks = dir.path().join("disks");
+        std::fs::create_dir_all(&disks).unwrap();
+        // A crash after the file and namespace were made but before the record was written.
+        RawFile::create(&disks.join("00112233aabbccdd.raw"), 4096).unwrap();
+        store.create_namespace("disk-00112233aabbccdd").unwrap();
+        std::fs::write(disks.join("not-ours.txt"), b"keep").unwrap();
+        let cat = Catalog::open(store.clone(), &disks).unwrap();
+        assert!(cat.entries().is_empty());
+        assert!(!store.has_namespace("disk-00112233aabbccdd"));
+        assert!(!disks.join("00112233aabbccdd.raw").exists());
+        assert!(disks.join("not-ours.txt").exists());
+    }
+
+    #[test]
+    fn a_missing_file_leaves_the_disk_listed_but_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        let _guard = rt.enter();
+        let store = Store::open(dir.path().join("db")).unwrap();
+        let disks = dir.path().join("disks");
+        let path = {
+            let cat = Catalog::open(store.clone(), &disks).unwrap();
+            cat.create(spec("a", 4096)).unwrap();
+            cat.create(spec("b", 4096)).unwrap().path
+        };
+        std::fs::remove_file(&path).unwrap();
+        let cat = Catalog::open(store, &disks).unwrap();
+        assert!(cat.disk("a").is_ok());
+        let err = cat.disk("b").err().unwrap();
+        assert!(matches!(err, CatalogError::Unavailable { .. }), "{err}");
+        assert!(error_chain(&err).contains("No such file"), "{}", error_chain(&err));
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        assert!(matches!(validate(&spec("", 512)), Err(CatalogError::InvalidName(_))));
+        assert!(matches!(validate(&spec("../x", 512)), Err(CatalogError::InvalidName(_))));
+        assert!(matches!(validate(&spec("-x", 512)), Err(CatalogError::InvalidName(_))));
+        assert!(matches!(validate(&spec("x", 0)), Err(CatalogError::ZeroSize)));
+        assert!(matches!(validate(&spec("x", 1000)), Err(CatalogError::SizeNotMultiple { .. })));
+        assert!(matches!(
+            validate(&DiskSpec { block_size: 1024, ..spec("x", 4096) }),
+            Err(CatalogError::BadBlockSize(1024))
+        ));
+        assert!(validate(&spec("vm-0.data_1", 4096)).is_ok());
+    }
+}

@@ -1,0 +1,164 @@
+//! A catalog disk as the frontends see it: every request checked, then counted.
+
+use std::future::{ready, Future};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use crate::buffer::IoBuf;
+use crate::device::{check_range, BlockDevice, DeviceInfo, IoFuture, IoResult, RequestKind};
+
+/// Counters of one disk, by request kind.
+#[derive(Default)]
+pub struct DiskStats {
+    counters: [KindCounters; 5],
+}
+
+#[derive(Default)]
+struct KindCounters {
+    ops: AtomicU64,
+    bytes: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A copy of one kind's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct KindSnapshot {
+    pub ops: u64,
+    pub bytes: u64,
+    pub errors: u64,
+}
+
+impl DiskStats {
+    fn record(&self, kind: RequestKind, bytes: u64, ok: bool) {
+        let c = &self.counters[kind as usize];
+        c.ops.fetch_add(1, Relaxed);
+        if ok {
+            c.bytes.fetch_add(bytes, Relaxed);
+        } else {
+            c.errors.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn snapshot(&self, kind: RequestKind) -> KindSnapshot {
+        let c = &self.counters[kind as usize];
+        KindSnapshot { ops: c.ops.load(Relaxed), bytes: c.bytes.load(Relaxed), errors: c.errors.load(Relaxed) }
+    }
+}
+
+/// A disk of the catalog: the device behind it, its name and its counters.
+pub struct Disk {
+    name: String,
+    id: String,
+    info: DeviceInfo,
+    device: Arc<dyn BlockDevice>,
+    stats: DiskStats,
+    users: AtomicUsize,
+}
+
+/// Marks a disk as in use (by an export connection) while it lives.
+pub struct DiskUser(Arc<Disk>);
+
+impl Drop for DiskUser {
+    fn drop(&mut self) {
+        self.0.users.fetch_sub(1, Relaxed);
+    }
+}
+
+impl std::ops::Deref for DiskUser {
+    type Target = Arc<Disk>;
+    fn deref(&self) -> &Arc<Disk> {
+        &self.0
+    }
+}
+
+impl Disk {
+    pub fn new(name: &str, id: &str, device: Arc<dyn BlockDevice>) -> Disk {
+        Disk {
+            name: name.to_owned(),
+            id: id.to_owned(),
+            info: device.info(),
+            device,
+            stats: DiskStats::default(),
+            users: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn stats(&self) -> &DiskStats {
+        &self.stats
+    }
+
+    /// How many export connections have the disk open.
+    pub fn users(&self) -> usize {
+        self.users.load(Relaxed)
+    }
+
+    pub fn acquire(self: &Arc<Self>) -> DiskUser {
+        self.users.fetch_add(1, Relaxed);
+        DiskUser(self.clone())
+    }
+
+    /// Checks a request, sends it on if it is valid, and counts its outcome either way.
+    fn tracked<'a, T: Send + 'a, F>(&'a self, kind: RequestKind, offset: u64, len: u64, send: F) -> IoFuture<'a, T>
+    where
+        F: FnOnce(&'a dyn BlockDevice) -> IoFuture<'a, T>,
+    {
+        if let Err(e) = check_range(&self.info, kind, offset, len) {
+            self.stats.record(kind, 0, false);
+            return Box::pin(ready(Err(e)));
+        }
+        let inner = send(self.device.as_ref());
+        Box::pin(Counted { inner, stats: &self.stats, kind, bytes: len })
+    }
+}
+
+/// Wraps a request's future to count its outcome when it completes.
+struct Counted<'a, T> {
+    inner: IoFuture<'a, T>,
+    stats: &'a DiskStats,
+    kind: RequestKind,
+    bytes: u64,
+}
+
+impl<T> Future for Counted<'_, T> {
+    type Output = IoResult<T>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let out = std::task::ready!(self.inner.as_mut().poll(cx));
+        self.stats.record(self.kind, self.bytes, out.is_ok());
+        std::task::Poll::Ready(out)
+    }
+}
+
+impl BlockDevice for Disk {
+    fn info(&self) -> DeviceInfo {
+        self.info
+    }
+
+    fn read(&self, offset: u64, buf: IoBuf) -> IoFuture<'_, IoBuf> {
+        self.tracked(RequestKind::Read, offset, buf.len() as u64, move |d| d.read(offset, buf))
+    }
+
+    fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, IoBuf> {
+        self.tracked(RequestKind::Write, offset, buf.len() as u64, move |d| d.write(offset, buf, fua))
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        self.tracked(RequestKind::Flush, 0, 0, |d| d.flush())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        self.tracked(RequestKind::Discard, offset, len, move |d| d.discard(offset, len))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> IoFuture<'_, ()> {
+        self.tracked(RequestKind::WriteZeroes, offset, len, move |d| d.write_zeroes(offset, len, fua))
+    }
+}
