@@ -1,1 +1,168 @@
-fn main() {}
+//! The `vstor` command: the daemon (`vstor serve`) and the client of its control API.
+
+mod api;
+mod client;
+mod config;
+mod daemon;
+mod metrics;
+mod size;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use hyper::Method;
+use vdisk::catalog::{error_chain, Backend};
+use vdisk::DiskSpec;
+
+use crate::api::DiskView;
+use crate::client::Client;
+use crate::config::{Config, API_SOCKET_NAME, DEFAULT_DATA_DIR};
+use crate::size::{format_size, parse_size};
+
+#[derive(Parser)]
+#[command(
+    name = "vstor",
+    version,
+    about = "Storage virtualization for VMs: disks over NBD, with their state kept durably"
+)]
+struct Cli {
+    /// The daemon's control socket (default: ./vstor-data/api.sock).
+    #[arg(long, env = "VSTOR_API", global = true)]
+    api: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the daemon. Without --config it serves one 1 GiB disk, vm0, over NBD from ./vstor-data.
+    Serve {
+        /// A TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Creates, lists, shows and deletes disks of a running daemon.
+    Disk {
+        #[command(subcommand)]
+        command: DiskCommand,
+    },
+    /// Prints the daemon's metrics in Prometheus text format.
+    Metrics,
+}
+
+#[derive(Subcommand)]
+enum DiskCommand {
+    /// Creates a disk.
+    Create {
+        name: String,
+        /// Capacity, e.g. 10G or 512M.
+        #[arg(long)]
+        size: String,
+        /// Logical block size: 512 or 4096.
+        #[arg(long, default_value_t = 512)]
+        block_size: u32,
+        /// Bypass the page cache (O_DIRECT).
+        #[arg(long)]
+        direct: bool,
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Lists disks.
+    List,
+    /// Shows one disk with its counters.
+    Info { name: String },
+    /// Deletes a disk and its data.
+    Delete { name: String },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VSTOR_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::Disk { command } => client_command(cli.api, command),
+        Command::Metrics => client_metrics(cli.api),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: Option<PathBuf>) -> Result<(), String> {
+    let config = match config {
+        Some(path) => Config::load(&path).map_err(|e| error_chain(&e))?,
+        None => Config::embedded(),
+    };
+    daemon::serve(config).map_err(|e| error_chain(&e))
+}
+
+fn client(api: Option<PathBuf>) -> Client {
+    Client::new(&api.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join(API_SOCKET_NAME)))
+}
+
+fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    Ok(rt.block_on(f))
+}
+
+fn client_metrics(api: Option<PathBuf>) -> Result<(), String> {
+    let text = block_on(client(api).text("/metrics"))?.map_err(|e| error_chain(&e))?;
+    print!("{text}");
+    Ok(())
+}
+
+fn client_command(api: Option<PathBuf>, command: DiskCommand) -> Result<(), String> {
+    let client = client(api);
+    let fail = |e: client::ClientError| error_chain(&e);
+    match command {
+        DiskCommand::Create { name, size, block_size, direct, read_only } => {
+            let size = parse_size(&size)?;
+            let spec = DiskSpec { name, size, block_size, read_only, backend: Backend::Raw { direct } };
+            let body = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
+            let view: Option<DiskView> = block_on(client.call(Method::POST, "/v1/disks", Some(body)))?.map_err(fail)?;
+            if let Some(v) = view {
+                println!("created disk {} ({}, {}-byte blocks)", v.name, format_size(v.size), v.block_size);
+                if let Some(uri) = v.nbd_uri {
+                    println!("  {uri}");
+                }
+            }
+        }
+        DiskCommand::List => {
+            let views: Vec<DiskView> =
+                block_on(client.call(Method::GET, "/v1/disks", None))?.map_err(fail)?.unwrap_or_default();
+            println!("{:<20} {:>10} {:>6} {:<8} {:>5}  STATUS", "NAME", "SIZE", "BLOCK", "BACKEND", "CONNS");
+            for v in views {
+                let Backend::Raw { direct } = v.backend;
+                let backend = if direct { "raw/dio" } else { "raw" };
+                println!(
+                    "{:<20} {:>10} {:>6} {:<8} {:>5}  {}",
+                    v.name,
+                    format_size(v.size),
+                    v.block_size,
+                    backend,
+                    v.connections,
+                    v.status
+                );
+            }
+        }
+        DiskCommand::Info { name } => {
+            let path = format!("/v1/disks/{name}");
+            let view: Option<DiskView> = block_on(client.call(Method::GET, &path, None))?.map_err(fail)?;
+            println!("{}", serde_json::to_string_pretty(&view).map_err(|e| e.to_string())?);
+        }
+        DiskCommand::Delete { name } => {
+            let path = format!("/v1/disks/{name}");
+            block_on(client.call::<serde_json::Value>(Method::DELETE, &path, None))?.map_err(fail)?;
+            println!("deleted disk {name}");
+        }
+    }
+    Ok(())
+}

@@ -21,7 +21,7 @@ struct KindCounters {
 }
 
 /// A copy of one kind's counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KindSnapshot {
     pub ops: u64,
     pub bytes: u64,

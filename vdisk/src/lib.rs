@@ -4,6 +4,7 @@ pub mod buffer;
 pub mod catalog;
 pub mod device;
 pub mod disk;
+pub mod nbd;
 pub mod raw;
 pub mod uring;
 

@@ -1,0 +1,227 @@
+//! The daemon's configuration: a TOML file, or the embedded defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use vdisk::catalog::{Backend, DiskSpec};
+
+/// Where a daemon keeps its state when nothing else is said, relative to where it starts.
+pub const DEFAULT_DATA_DIR: &str = "vstor-data";
+/// The control socket's name inside the data directory.
+pub const API_SOCKET_NAME: &str = "api.sock";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Holds the state store, the disks' files and, by default, the sockets.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub nbd: NbdConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    /// Disks the daemon makes sure exist when it starts.
+    #[serde(default, rename = "disk")]
+    pub disks: Vec<DiskConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The control socket; default `<data_dir>/api.sock`.
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdConfig {
+    /// Unix socket of the NBD export; default `<data_dir>/nbd.sock`.
+    pub socket: Option<PathBuf>,
+    /// TCP address of the NBD export, e.g. "127.0.0.1:10809"; off unless given.
+    pub tcp: Option<SocketAddr>,
+    /// The disk a client gets when it names no export.
+    pub default_export: Option<String>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        NbdConfig { socket: None, tcp: None, default_export: None, enabled: true }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// TCP address serving Prometheus metrics at /metrics, besides the control socket.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads serving exports and the control API.
+    #[serde(default = "default_workers")]
+    pub worker_threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { worker_threads: default_workers() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub name: String,
+    #[serde(deserialize_with = "crate::size::deserialize_size")]
+    pub size: u64,
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub backend: Backend,
+}
+
+impl DiskConfig {
+    pub fn spec(&self) -> DiskSpec {
+        DiskSpec {
+            name: self.name.clone(),
+            size: self.size,
+            block_size: self.block_size,
+            read_only: self.read_only,
+            backend: self.backend.clone(),
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_DATA_DIR)
+}
+
+fn default_workers() -> usize {
+    2
+}
+
+fn default_block_size() -> u32 {
+    512
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// The defaults `vstor serve` runs on without a file: one 1 GiB raw disk, `vm0`, exported
+    /// over NBD on a Unix socket in `./vstor-data`.
+    pub fn embedded() -> Config {
+        let mut config: Config = toml::from_str("").unwrap_or_else(|_| unreachable!("empty config parses"));
+        config.disks.push(DiskConfig {
+            name: "vm0".into(),
+            size: 1 << 30,
+            block_size: 512,
+            read_only: false,
+            backend: Backend::default(),
+        });
+        config.nbd.default_export = Some("vm0".into());
+        config
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let config: Config =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for disk in &self.disks {
+            vdisk::catalog::validate(&disk.spec())
+                .map_err(|e| ConfigError::Invalid(format!("disk {:?}: {e}", disk.name)))?;
+            if !seen.insert(&disk.name) {
+                return Err(ConfigError::Invalid(format!("disk {:?} is declared twice", disk.name)));
+            }
+        }
+        if self.runtime.worker_threads == 0 {
+            return Err(ConfigError::Invalid("runtime.worker_threads must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    pub fn api_socket(&self) -> PathBuf {
+        self.api.socket.clone().unwrap_or_else(|| self.data_dir.join(API_SOCKET_NAME))
+    }
+
+    pub fn nbd_socket(&self) -> Option<PathBuf> {
+        self.nbd.enabled.then(|| self.nbd.socket.clone().unwrap_or_else(|| self.data_dir.join("nbd.sock")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults() {
+        let c = Config::embedded();
+        assert_eq!(c.data_dir, PathBuf::from("vstor-data"));
+        assert_eq!(c.disks.len(), 1);
+        assert_eq!(c.nbd_socket(), Some(PathBuf::from("vstor-data/nbd.sock")));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_file_with_disks_and_errors() {
+        let c: Config = toml::from_str(
+            r#"
+            data_dir = "/tmp/x"
+            [nbd]
+            tcp = "127.0.0.1:10809"
+            [[disk]]
+            name = "a"
+            size = "64M"
+            [[disk]]
+            name = "b"
+            size = 1048576
+            block_size = 4096
+            backend = { type = "raw", direct = true }
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.disks[0].size, 64 << 20);
+        assert_eq!(c.disks[1].backend, Backend::Raw { direct: true });
+        assert!(toml::from_str::<Config>("data_dri = 'x'").is_err());
+        let bad: Config = toml::from_str("[[disk]]\nname = 'a'\nsize = 1000").unwrap();
+        let msg = bad.validate().unwrap_err().to_string();
+        assert!(msg.contains("not a multiple of the block size"), "{msg}");
+    }
+}

@@ -1,0 +1,6 @@
+//! The NBD export: every catalog disk is an export of the same name.
+
+pub mod proto;
+mod server;
+
+pub use server::{NbdServer, NbdStats};
