@@ -4,3 +4,6 @@ pub mod proto;
 mod server;
 
 pub use server::{NbdServer, NbdStats};
+
+#[cfg(test)]
+mod tests;
