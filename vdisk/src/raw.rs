@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use io_uring::{opcode, types};
 
@@ -17,7 +18,30 @@ pub struct RawFile {
     file: File,
     info: DeviceInfo,
     uring: Uring,
+    /// Whether the file system takes each [`ZeroMethod`]; cleared on its first EOPNOTSUPP.
+    zero_support: [AtomicBool; 2],
 }
+
+/// The fallocate modes that make a range read as zeroes without writing it.
+#[derive(Debug, Clone, Copy)]
+enum ZeroMethod {
+    /// Zeroes the range and keeps it allocated.
+    ZeroRange = 0,
+    /// Deallocates the range (tmpfs has this but not ZeroRange).
+    PunchHole = 1,
+}
+
+impl ZeroMethod {
+    fn mode(self) -> i32 {
+        match self {
+            ZeroMethod::ZeroRange => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            ZeroMethod::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        }
+    }
+}
+
+/// Size of the zero buffers written when no fallocate mode is supported.
+const ZERO_CHUNK: u64 = 1 << 20;
 
 impl RawFile {
     /// Creates a new sparse file of `capacity` bytes; fails if it exists.
@@ -48,7 +72,7 @@ impl RawFile {
             ));
         }
         let info = DeviceInfo { capacity, block_size, read_only };
-        Ok(RawFile { file, info, uring: Uring::new()? })
+        Ok(RawFile { file, info, uring: Uring::new()?, zero_support: [AtomicBool::new(true), AtomicBool::new(true)] })
     }
 
     fn fd(&self) -> types::Fd {
@@ -62,6 +86,28 @@ impl RawFile {
         let op =
             unsafe { self.uring.submit((), |_| opcode::Fallocate::new(fd, len).offset(offset).mode(mode).build()) };
         op.await.0.map(drop).map_err(BlockError::Io)
+    }
+
+    /// Makes a range read as zeroes with the first of `methods` the file system supports,
+    /// falling back to writing zeroes. What the file system refused is remembered.
+    async fn zero(&self, offset: u64, len: u64, methods: &[ZeroMethod]) -> IoResult<()> {
+        for &method in methods {
+            let supported = &self.zero_support[method as usize];
+            if !supported.load(Relaxed) {
+                continue;
+            }
+            match self.fallocate(offset, len, method.mode()).await {
+                Err(BlockError::Io(e)) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => supported.store(false, Relaxed),
+                done => return done,
+            }
+        }
+        let mut done = 0;
+        while done < len {
+            let chunk = (len - done).min(ZERO_CHUNK);
+            self.transfer(true, offset + done, IoBuf::zeroed(chunk as usize), false).await?;
+            done += chunk;
+        }
+        Ok(())
     }
 
     async fn fdatasync(&self) -> IoResult<()> {
@@ -124,12 +170,12 @@ impl BlockDevice for RawFile {
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        Box::pin(self.fallocate(offset, len, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE))
+        Box::pin(self.zero(offset, len, &[ZeroMethod::PunchHole]))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            self.fallocate(offset, len, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE).await?;
+            self.zero(offset, len, &[ZeroMethod::ZeroRange, ZeroMethod::PunchHole]).await?;
             if fua {
                 self.fdatasync().await?;
             }

@@ -159,9 +159,11 @@ impl NbdServer {
                     return Ok(Negotiated::Transmit { disk: disk.acquire(), structured });
                 }
                 OPT_ABORT => {
+                    // The client may close without reading the ACK (libnbd does): not an error.
                     put_option_reply(&mut out, option, REP_ACK, &[]);
-                    wr.write_all(&out).await?;
-                    wr.flush().await?;
+                    if wr.write_all(&out).await.is_ok() {
+                        let _ = wr.flush().await;
+                    }
                     return Ok(Negotiated::Aborted);
                 }
                 OPT_LIST if !data.is_empty() => {

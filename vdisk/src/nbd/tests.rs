@@ -58,7 +58,7 @@ fn req() -> impl Strategy<Value = Req> {
         0u32..100,
     )
         .prop_map(|(command, flags, offset, length, truncate, pct)| {
-            let payload = (command == CMD_WRITE).then(|| if truncate && pct < 10 { length / 2 } else { length });
+            let payload = (command == CMD_WRITE).then_some(if truncate && pct < 10 { length / 2 } else { length });
             Req { command, flags, offset, length, payload, bad_magic: pct == 99 }
         })
 }
