@@ -75,6 +75,35 @@ fn fio_two_jobs_at_depth_32_use_two_connections() {
 }
 
 #[test]
+fn fio_verifies_over_the_tcp_export_on_loopback() {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("find a free port");
+        probe.local_addr().expect("local address").port()
+    };
+    let mut daemon = Daemon::configure(&std::env::temp_dir(), &[DiskDecl::new("tcp0", "16M")]);
+    let config = std::fs::read_to_string(&daemon.config).expect("read config");
+    let config = config.replacen("[runtime]", &format!("tcp = \"127.0.0.1:{port}\"\n\n[runtime]"), 1);
+    std::fs::write(&daemon.config, config).expect("write config");
+    daemon.spawn();
+    let args: Vec<String> = vec![
+        "--name=tcp".into(),
+        "--ioengine=nbd".into(),
+        format!("--uri=nbd://127.0.0.1:{port}/tcp0"),
+        "--rw=randwrite".into(),
+        "--bs=4k".into(),
+        "--iodepth=16".into(),
+        "--size=8M".into(),
+        "--verify=crc32c".into(),
+        "--do_verify=1".into(),
+    ];
+    fio(&daemon, &args, 1);
+    // The same bytes are visible through the Unix socket export.
+    let out = qemu_io_ok(&format!("nbd://127.0.0.1:{port}/tcp0"), &["write -P 0x42 0 64k", "flush"]);
+    assert!(out.stdout.contains("wrote 65536/65536"), "{out}");
+    qemu_io_ok(&daemon.uri("tcp0"), &["read -P 0x42 0 64k"]);
+}
+
+#[test]
 fn qemu_img_convert_then_compare_matches_and_detects_a_change() {
     let daemon = Daemon::start(&[DiskDecl::new("img", "32M")]);
     let uri = daemon.uri("img");
