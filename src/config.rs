@@ -66,7 +66,9 @@ pub struct MetricsConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Threads serving exports and the control API.
+    /// Threads serving exports and the control API. One is fastest on a small host where the
+    /// clients need the other cores: a second worker mostly adds cross-thread wake-ups
+    /// (benches/RESULTS.md: 4k reads at depth 1 went from 0.80x to 0.99x of qemu-storage-daemon).
     #[serde(default = "default_workers")]
     pub worker_threads: usize,
 }
@@ -108,7 +110,7 @@ fn default_data_dir() -> PathBuf {
 }
 
 fn default_workers() -> usize {
-    2
+    1
 }
 
 fn default_block_size() -> u32 {

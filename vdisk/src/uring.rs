@@ -89,9 +89,14 @@ impl Uring {
         let mut state = self.shared.lock();
         let slot = state.alloc_slot();
         let entry = entry.user_data(slot as u64);
+        // The page cache often completes a request inside io_uring_enter, and it is reaped right
+        // below: an eventfd signal for it would only wake the reaper (often on another thread) for
+        // nothing. Completions posted while notifications are off are all reaped below too.
+        state.ring.completion().disable_eventfd();
         // SAFETY: the caller vouches for the entry's pointers.
         let pushed = unsafe { state.push(&entry) };
         let submitted = pushed.and_then(|()| state.ring.submit().map(drop));
+        state.ring.completion().enable_eventfd();
         let mut wakers = Vec::new();
         let result = match submitted {
             Ok(()) => {

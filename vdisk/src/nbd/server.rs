@@ -21,6 +21,9 @@ use crate::disk::{Disk, DiskUser};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Requests one connection may have in flight; the server stops reading beyond that.
 const MAX_IN_FLIGHT: usize = 256;
+/// Socket buffer sizes of a connection.
+const READ_BUFFER: usize = 64 << 10;
+const WRITE_BUFFER: usize = 64 << 10;
 /// The preferred block size advertised: the page size, below which writes cost a read.
 const PREFERRED_BLOCK: u32 = 4096;
 
@@ -100,8 +103,10 @@ impl NbdServer {
     {
         self.stats.connections.fetch_add(1, Relaxed);
         self.stats.active.fetch_add(1, Relaxed);
-        let mut rd = BufReader::with_capacity(256 << 10, rd);
-        let mut wr = BufWriter::with_capacity(256 << 10, wr);
+        // Headers and small payloads come through the buffers; a payload larger than them is read
+        // straight into its request's buffer (and a read's data written straight out), saving a copy.
+        let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+        let mut wr = BufWriter::with_capacity(WRITE_BUFFER, wr);
         let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.negotiate(&mut rd, &mut wr)).await;
         let outcome = match negotiated {
             Ok(Ok(Negotiated::Transmit { disk, structured })) => {
@@ -292,7 +297,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 // Its payload cannot be skipped safely: the stream is lost.
                 return Err(protocol(ProtocolError::PayloadTooLarge(req.length)));
             }
-            let mut buf = IoBuf::zeroed(len as usize);
+            let mut buf = IoBuf::scratch(len as usize);
             rd.read_exact(buf.as_mut_slice()).await?;
             Some(buf)
         } else {
@@ -308,7 +313,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 respond(req, permit, async move { Err(BlockError::TooLarge { len, max: MAX_IO_BYTES }) })
             }
             (CMD_READ, _) => {
-                respond(req, permit, async move { d.read(offset, IoBuf::zeroed(len as usize)).await.map(Some) })
+                respond(req, permit, async move { d.read(offset, IoBuf::scratch(len as usize)).await.map(Some) })
             }
             (CMD_FLUSH, _) => respond(req, permit, async move { d.flush().await.map(|()| None) }),
             (CMD_TRIM, _) => respond(req, permit, async move {
