@@ -1,0 +1,296 @@
+#!/usr/bin/env bash
+# vstor's NBD export against qemu-storage-daemon's NBD export of an equal raw file, side by side
+# in one run: the same fio jobs (nbd engine) against both, alternating which side goes first each
+# round, and the median of ROUNDS rounds per side. Prints a Markdown table on stdout (progress and
+# per-run figures go to stderr).
+#
+#   benches/nbd_vs_qsd.sh                       # builds vstor in release first
+#   ROUNDS=5 RUNTIME=8 benches/nbd_vs_qsd.sh
+#   VSTOR_BIN=target/release/vstor benches/nbd_vs_qsd.sh
+#
+# Environment: SIZE (disk size, default 1G; K/M/G/T are binary units), RUNTIME (seconds measured
+# per fio run, default 4), RAMP (seconds of warm-up per run left out of the figures, default 1),
+# ROUNDS (default 3), ONLY (run only the workloads whose name contains it, e.g. "QD1"), WORKERS (vstor's runtime.worker_threads; default: vstor's own default), VSTOR_BIN (a vstor binary to use instead of building one).
+#
+# Both disks are raw, sparse files in the page cache (vstor: direct = false; qemu-storage-daemon:
+# aio=io_uring, cache.direct=off), filled completely with the same data before measuring.
+# The machine this runs on is shared and noisy: only figures from one run compare with each other.
+
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+
+# The command line as given, with the knobs that were set in the environment.
+invocation=""
+for var in SIZE RUNTIME RAMP ROUNDS WORKERS ONLY VSTOR_BIN; do
+    if [[ -v $var ]]; then invocation+="$var=$(printf '%q' "${!var}") "; fi
+done
+invocation+="$0"
+for arg in "$@"; do invocation+=" $(printf '%q' "$arg")"; done
+
+SIZE=${SIZE:-1G}
+RUNTIME=${RUNTIME:-4}
+RAMP=${RAMP:-1}
+ROUNDS=${ROUNDS:-3}
+WORKERS=${WORKERS:-}
+
+die() { echo "nbd_vs_qsd: $*" >&2; exit 1; }
+log() { echo "$*" >&2; }
+
+# --- prerequisites -------------------------------------------------------------------------------
+for tool in fio qemu-storage-daemon python3; do
+    command -v "$tool" >/dev/null 2>&1 ||
+        die "$tool is not installed (scripts/setup.sh installs fio; qemu-storage-daemon is in Debian's qemu-system-common / qemu-utils)"
+done
+fio --enghelp 2>/dev/null | grep -qw nbd ||
+    die "this fio ($(fio --version)) has no nbd ioengine (it needs fio built with libnbd)"
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
+[[ "$RUNTIME" =~ ^[1-9][0-9]*$ ]] || die "RUNTIME must be a positive number of seconds, got '$RUNTIME'"
+[[ "$RAMP" =~ ^[0-9]+$ ]] || die "RAMP must be a number of seconds, got '$RAMP'"
+
+# SIZE in bytes, with the same binary units vstor's config understands (1G = 1 GiB).
+SIZE_BYTES=$(python3 - "$SIZE" <<'EOF'
+import re, sys
+m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", sys.argv[1], re.I)
+if not m:
+    sys.exit(f"SIZE {sys.argv[1]!r} is not a size like 1G or 512M")
+print(int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()])
+EOF
+) || die "bad SIZE"
+(( SIZE_BYTES >= 1048576 && SIZE_BYTES % 1048576 == 0 )) || die "SIZE must be a whole number of MiB, at least 1M"
+
+# --- vstor binary --------------------------------------------------------------------------------
+# The source the binary is built from (taken now: another engineer may commit while this runs).
+git_rev=$(cd "$REPO_ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [[ -n "$(cd "$REPO_ROOT" && git status --porcelain -- vdisk src Cargo.toml Cargo.lock 2>/dev/null)" ]]; then
+    git_rev+=" (with uncommitted changes in vdisk/ or src/)"
+fi
+if [[ -n "${VSTOR_BIN:-}" ]]; then
+    [[ -x "$VSTOR_BIN" ]] || die "VSTOR_BIN=$VSTOR_BIN is not an executable"
+    VSTOR=$(cd "$(dirname "$VSTOR_BIN")" && pwd)/$(basename "$VSTOR_BIN")
+else
+    log "building vstor (cargo build --release) ..."
+    (cd "$REPO_ROOT" && cargo build --release >&2) || die "cargo build --release failed"
+    target_dir=$(cd "$REPO_ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])') ||
+        target_dir="$REPO_ROOT/target"
+    VSTOR="$target_dir/release/vstor"
+    [[ -x "$VSTOR" ]] || die "no vstor binary at $VSTOR after the build"
+fi
+
+# --- work dir, daemons, cleanup ------------------------------------------------------------------
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/nbd-vs-qsd.XXXXXX")
+VSTOR_PID=""
+QSD_PID=""
+cleanup() {
+    local pid
+    for pid in "$VSTOR_PID" "$QSD_PID"; do
+        if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
+            kill "$pid" 2>/dev/null || true
+        fi
+    done
+    for pid in "$VSTOR_PID" "$QSD_PID"; do
+        [[ -n "$pid" ]] || continue
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+VSTOR_SOCK="$WORK/vstor-nbd.sock"
+QSD_SOCK="$WORK/qsd.sock"
+VSTOR_URI="nbd+unix:///bench?socket=$VSTOR_SOCK"
+QSD_URI="nbd+unix:///bench?socket=$QSD_SOCK"
+
+# Shows what a daemon said and stops, when it is gone or never came up.
+daemon_failed() {
+    local name=$1 logfile=$2
+    log "---- last lines of the $name log ($logfile) ----"
+    tail -n 40 "$logfile" >&2 || true
+    die "$name: $3"
+}
+
+wait_for_socket() {
+    local name=$1 pid=$2 sock=$3 logfile=$4
+    for _ in $(seq 300); do
+        [[ -S "$sock" ]] && return 0
+        kill -0 "$pid" 2>/dev/null || daemon_failed "$name" "$logfile" "exited before its NBD socket appeared"
+        sleep 0.1
+    done
+    daemon_failed "$name" "$logfile" "no NBD socket at $sock after 30 s"
+}
+
+cat >"$WORK/vstor.toml" <<EOF
+data_dir = "$WORK/vstor"
+
+[api]
+socket = "$WORK/api.sock"
+
+[nbd]
+socket = "$VSTOR_SOCK"
+
+$([[ -n "$WORKERS" ]] && printf '[runtime]\nworker_threads = %s\n' "$WORKERS")
+
+[[disk]]
+name = "bench"
+size = "$SIZE"
+block_size = 512
+backend = { type = "raw", direct = false }
+EOF
+
+log "starting vstor: $VSTOR serve --config $WORK/vstor.toml"
+"$VSTOR" serve --config "$WORK/vstor.toml" >"$WORK/vstor.log" 2>&1 &
+VSTOR_PID=$!
+wait_for_socket vstor "$VSTOR_PID" "$VSTOR_SOCK" "$WORK/vstor.log"
+
+truncate -s "$SIZE_BYTES" "$WORK/qsd.raw"
+# --nbd-server must come before --export (the export needs a running server).
+QSD_CMD=(qemu-storage-daemon
+    --blockdev "driver=file,node-name=file0,filename=$WORK/qsd.raw,aio=io_uring,cache.direct=off"
+    --blockdev "driver=raw,node-name=fmt0,file=file0"
+    --nbd-server "addr.type=unix,addr.path=$QSD_SOCK"
+    --export "type=nbd,id=exp0,node-name=fmt0,name=bench,writable=on")
+log "starting qemu-storage-daemon: ${QSD_CMD[*]}"
+"${QSD_CMD[@]}" >"$WORK/qsd.log" 2>&1 &
+QSD_PID=$!
+wait_for_socket qemu-storage-daemon "$QSD_PID" "$QSD_SOCK" "$WORK/qsd.log"
+
+shopt -s nullglob
+vstor_files=("$WORK"/vstor/disks/*.raw)
+shopt -u nullglob
+(( ${#vstor_files[@]} == 1 )) || die "expected one disk file under $WORK/vstor/disks, found ${#vstor_files[@]}"
+VSTOR_FILE=${vstor_files[0]}
+[[ $(stat -c %s "$VSTOR_FILE") == "$SIZE_BYTES" ]] ||
+    die "vstor's disk file $VSTOR_FILE is $(stat -c %s "$VSTOR_FILE") bytes, expected $SIZE_BYTES"
+
+# --- fio -----------------------------------------------------------------------------------------
+check_alive() {
+    kill -0 "$VSTOR_PID" 2>/dev/null || daemon_failed vstor "$WORK/vstor.log" "the daemon died"
+    kill -0 "$QSD_PID" 2>/dev/null || daemon_failed qemu-storage-daemon "$WORK/qsd.log" "the daemon died"
+}
+
+# run_fio SIDE OUTFILE FIO-ARGS...: one fio run against SIDE (vstor or qsd), JSON into OUTFILE.
+run_fio() {
+    local side=$1 out=$2 uri
+    shift 2
+    if [[ $side == vstor ]]; then uri=$VSTOR_URI; else uri=$QSD_URI; fi
+    check_alive
+    if ! fio --name=bench --ioengine=nbd --uri="$uri" --numjobs=1 --size="$SIZE_BYTES" \
+        --output-format=json --output="$out" "$@" 2>"$out.err"; then
+        log "fio against $side failed (fio ${*}):"
+        cat "$out.err" "$out" >&2 2>/dev/null || true
+        check_alive
+        die "fio against $side failed"
+    fi
+    if [[ -s "$out.err" ]]; then
+        log "fio against $side said:"
+        sed 's/^/    /' "$out.err" >&2
+    fi
+    check_alive
+}
+
+# Fill both disks completely with the same data, so reads hit allocated blocks and both files sit
+# in the page cache the same way. A fixed seed and buffers refilled in submission order make the
+# data independent of the order in which each server completes requests.
+FILL_ARGS=(--rw=write --bs=1M --iodepth=8 --randseed=20240601 --refill_buffers)
+for side in vstor qsd; do
+    log "filling $side's disk ($SIZE) ..."
+    run_fio "$side" "$WORK/fill-$side.json" "${FILL_ARGS[@]}"
+done
+if cmp -s "$VSTOR_FILE" "$WORK/qsd.raw"; then
+    log "both disk files hold the same $SIZE_BYTES bytes"
+else
+    log "warning: the two disk files differ after the fill"
+fi
+
+# name | rw | bs | iodepth
+ROWS=(
+    "4k randread QD1|randread|4k|1"
+    "4k randread QD32|randread|4k|32"
+    "4k randwrite QD1|randwrite|4k|1"
+    "4k randwrite QD32|randwrite|4k|32"
+    "128k seq read QD8|read|128k|8"
+    "128k seq write QD8|write|128k|8"
+)
+if [[ -n "${ONLY:-}" ]]; then
+    kept=()
+    for row in "${ROWS[@]}"; do [[ "${row%%|*}" == *"$ONLY"* ]] && kept+=("$row"); done
+    ((${#kept[@]})) || die "ONLY=$ONLY matches no workload"
+    ROWS=("${kept[@]}")
+fi
+FIO_COMMON=(--time_based "--runtime=$RUNTIME" "--ramp_time=$RAMP")
+
+RESULTS="$WORK/results.tsv"
+: >"$RESULTS"
+
+# Prints "IOPS MiB/s p99-µs" from one fio JSON file, for the read or write direction.
+parse_fio() {
+    python3 - "$1" "$2" <<'EOF'
+import json, sys
+path, direction = sys.argv[1], sys.argv[2]
+text = open(path).read()
+data = json.loads(text[text.index("{"):])  # fio may print a notice before the JSON
+job = data["jobs"][0]
+if job.get("error"):
+    sys.exit(f"fio job error {job['error']} in {path}")
+d = job[direction]
+p99 = d["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1000.0
+print(f"{d['iops']:.1f} {d['bw'] / 1024.0:.2f} {p99:.1f}")
+EOF
+}
+
+START=$(date +%s)
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+for row in "${ROWS[@]}"; do
+    IFS='|' read -r name rw bs qd <<<"$row"
+    case $rw in *read) direction=read ;; *) direction=write ;; esac
+    for ((round = 1; round <= ROUNDS; round++)); do
+        if ((round % 2 == 1)); then order=(vstor qsd); else order=(qsd vstor); fi
+        for side in "${order[@]}"; do
+            out="$WORK/${rw}-${bs}-qd${qd}-r${round}-${side}.json"
+            run_fio "$side" "$out" "--rw=$rw" "--bs=$bs" "--iodepth=$qd" "${FIO_COMMON[@]}"
+            read -r iops bw p99 < <(parse_fio "$out" "$direction") || die "cannot parse $out"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$side" "$round" "$iops" "$bw" "$p99" >>"$RESULTS"
+            log "$(printf '%-18s round %d %-5s %9.0f IOPS %8.1f MiB/s  p99 %8.1f µs  (load %s)' \
+                "$name" "$round" "$side" "$iops" "$bw" "$p99" "$(cut -d' ' -f1 /proc/loadavg)")"
+        done
+    done
+done
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+ELAPSED=$(($(date +%s) - START))
+
+# --- report --------------------------------------------------------------------------------------
+
+echo "Command: \`$invocation\`"
+echo
+echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'); host: $(nproc) CPUs, load average $LOAD_BEFORE before, $LOAD_AFTER after"
+echo "- vstor $git_rev when the script started ($VSTOR); $(qemu-storage-daemon --version | head -n1); $(fio --version)"
+echo "- disks: $SIZE sparse raw files, filled before measuring, in the page cache (vstor direct = false; qsd aio=io_uring, cache.direct=off)"
+echo "- each run: \`fio --name=bench --ioengine=nbd --uri='nbd+unix:///bench?socket=SOCK' --rw=RW --bs=BS --iodepth=QD --numjobs=1 --size=$SIZE_BYTES --time_based --runtime=$RUNTIME --ramp_time=$RAMP --output-format=json\`"
+echo "- $ROUNDS rounds per row, vstor and qsd alternating which goes first; medians per side; $ELAPSED s of measuring"
+echo
+python3 - "$RESULTS" <<'EOF'
+import statistics, sys
+rows, data = [], {}
+for line in open(sys.argv[1]):
+    name, side, _round, iops, bw, p99 = line.rstrip("\n").split("\t")
+    if name not in rows:
+        rows.append(name)
+    data.setdefault((name, side), []).append((float(iops), float(bw), float(p99)))
+
+def med(name, side, i):
+    return statistics.median(v[i] for v in data[(name, side)])
+
+print("| workload | vstor IOPS | qsd IOPS | ratio (vstor/qsd) | vstor p99 µs | qsd p99 µs | vstor MiB/s | qsd MiB/s |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+for name in rows:
+    vi, qi = med(name, "vstor", 0), med(name, "qsd", 0)
+    ratio = f"{vi / qi:.2f}x" if qi else "n/a"
+    print(f"| {name} | {vi:,.0f} | {qi:,.0f} | {ratio} | {med(name, 'vstor', 2):,.1f} | {med(name, 'qsd', 2):,.1f}"
+          f" | {med(name, 'vstor', 1):,.1f} | {med(name, 'qsd', 1):,.1f} |")
+EOF
