@@ -63,7 +63,8 @@ impl IoBuf {
         let size = if size <= BUFFER_ALIGN << MAX_CLASS { size.next_power_of_two() } else { size };
         // The size is non-zero and the alignment a power of two, so the layout is valid unless
         // `len` is near usize::MAX, which no request can reach after validation.
-        let layout = Layout::from_size_align(size, BUFFER_ALIGN).unwrap_or_else(|_| alloc::handle_alloc_error(Layout::new::<u8>()));
+        let layout = Layout::from_size_align(size, BUFFER_ALIGN)
+            .unwrap_or_else(|_| alloc::handle_alloc_error(Layout::new::<u8>()));
         if let Some(Block(ptr)) = class_of(size).and_then(|c| lock(c).pop()) {
             return IoBuf { ptr, len, layout };
         }
