@@ -6,6 +6,9 @@
 //! | `POST /v1/disks` with a `DiskSpec` | creates a disk |
 //! | `GET /v1/disks/NAME` | one disk, with its counters |
 //! | `DELETE /v1/disks/NAME` | deletes a disk no export is using |
+//! | `GET /v1/exports` | lists vhost-user exports |
+//! | `POST /v1/exports` with an `ExportSpec` | exports a disk over vhost-user |
+//! | `DELETE /v1/exports/NAME` | stops a disk's vhost-user export |
 //! | `GET /metrics` | Prometheus text |
 
 use std::convert::Infallible;
@@ -24,6 +27,8 @@ use vdisk::disk::KindSnapshot;
 use vdisk::nbd::NbdServer;
 use vdisk::{Catalog, CatalogError, DiskSpec, RequestKind};
 
+use crate::exports::{ExportSpec, ExportsError, VhostExports};
+
 /// Largest request body the API reads.
 const MAX_BODY: usize = 64 << 10;
 
@@ -33,6 +38,7 @@ pub struct ApiState {
     pub nbd: Option<Arc<NbdServer>>,
     /// Absolute path of the NBD Unix socket, to tell clients their URI.
     pub nbd_socket: Option<PathBuf>,
+    pub vhost: Arc<VhostExports>,
 }
 
 /// Which requests a listener answers.
@@ -133,13 +139,9 @@ async fn route(state: &Arc<ApiState>, scope: Scope, req: Request<Incoming>) -> R
             Err(e) => catalog_error(&e),
         },
         (_, &Method::POST, ["v1", "disks"]) => {
-            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("cannot read request body: {e}")),
-            };
-            let spec: DiskSpec = match serde_json::from_slice(&body) {
+            let spec: DiskSpec = match read_json(req).await {
                 Ok(s) => s,
-                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid disk spec: {e}")),
+                Err(resp) => return resp,
             };
             let catalog = state.catalog.clone();
             match tokio::task::spawn_blocking(move || catalog.create(spec)).await {
@@ -158,7 +160,46 @@ async fn route(state: &Arc<ApiState>, scope: Scope, req: Request<Incoming>) -> R
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("delete failed: {e}")),
             }
         }
+        (_, &Method::GET, ["v1", "exports"]) => json(StatusCode::OK, &state.vhost.list()),
+        (_, &Method::POST, ["v1", "exports"]) => {
+            let spec: ExportSpec = match read_json(req).await {
+                Ok(s) => s,
+                Err(resp) => return resp,
+            };
+            match state.vhost.add(&spec) {
+                Ok(view) => json(StatusCode::CREATED, &view),
+                Err(e) => exports_error(&e),
+            }
+        }
+        (_, &Method::DELETE, ["v1", "exports", name]) => {
+            let (vhost, name) = (state.vhost.clone(), name.to_string());
+            match tokio::task::spawn_blocking(move || vhost.remove(&name)).await {
+                Ok(Ok(())) => {
+                    Response::builder().status(StatusCode::NO_CONTENT).body(Full::default()).unwrap_or_default()
+                }
+                Ok(Err(e)) => exports_error(&e),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("remove failed: {e}")),
+            }
+        }
         _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {} {path}", req.method())),
+    }
+}
+
+/// Reads a JSON request body of at most MAX_BODY bytes.
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Full<Bytes>>> {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return Err(error(StatusCode::BAD_REQUEST, &format!("cannot read request body: {e}"))),
+    };
+    serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid request: {e}")))
+}
+
+fn exports_error(e: &ExportsError) -> Response<Full<Bytes>> {
+    match e {
+        ExportsError::Disk(e) => catalog_error(e),
+        ExportsError::AlreadyExported(_) => error(StatusCode::CONFLICT, &error_chain(e)),
+        ExportsError::NotExported(_) => error(StatusCode::NOT_FOUND, &error_chain(e)),
+        ExportsError::Export(_) => error(StatusCode::BAD_REQUEST, &error_chain(e)),
     }
 }
 

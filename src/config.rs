@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use vdisk::catalog::{Backend, DiskSpec};
 
+use crate::exports::ExportSpec;
+
 /// Where a daemon keeps its state when nothing else is said, relative to where it starts.
 pub const DEFAULT_DATA_DIR: &str = "vstor-data";
 /// The control socket's name inside the data directory.
@@ -28,6 +30,9 @@ pub struct Config {
     /// Disks the daemon makes sure exist when it starts.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
+    /// Disks exported over vhost-user from the start.
+    #[serde(default)]
+    pub vhost_user: Vec<ExportSpec>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -141,7 +146,7 @@ pub enum ConfigError {
 
 impl Config {
     /// The defaults `vstor serve` runs on without a file: one 1 GiB raw disk, `vm0`, exported
-    /// over NBD on a Unix socket in `./vstor-data`.
+    /// over NBD and vhost-user on Unix sockets in `./vstor-data`.
     pub fn embedded() -> Config {
         let mut config: Config = toml::from_str("").unwrap_or_else(|_| unreachable!("empty config parses"));
         config.disks.push(DiskConfig {
@@ -152,6 +157,7 @@ impl Config {
             backend: Backend::default(),
         });
         config.nbd.default_export = Some("vm0".into());
+        config.vhost_user.push(ExportSpec { disk: "vm0".into(), socket: None, num_queues: None });
         config
     }
 
@@ -172,6 +178,12 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("disk {:?} is declared twice", disk.name)));
             }
         }
+        let mut exported = std::collections::HashSet::new();
+        for export in &self.vhost_user {
+            if !exported.insert(&export.disk) {
+                return Err(ConfigError::Invalid(format!("disk {:?} is exported over vhost-user twice", export.disk)));
+            }
+        }
         if self.runtime.worker_threads == 0 {
             return Err(ConfigError::Invalid("runtime.worker_threads must be at least 1".into()));
         }
@@ -180,6 +192,11 @@ impl Config {
 
     pub fn api_socket(&self) -> PathBuf {
         self.api.socket.clone().unwrap_or_else(|| self.data_dir.join(API_SOCKET_NAME))
+    }
+
+    /// Where vhost-user sockets go when an export names none.
+    pub fn vhost_user_dir(&self) -> PathBuf {
+        self.data_dir.join("vhost-user")
     }
 
     pub fn nbd_socket(&self) -> Option<PathBuf> {

@@ -10,6 +10,7 @@ use vdisk::{Catalog, CatalogError};
 
 use crate::api::{self, ApiState, Scope};
 use crate::config::Config;
+use crate::exports::VhostExports;
 use crate::size::format_size;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,12 @@ pub enum DaemonError {
         addr: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("cannot export disk {disk:?} over vhost-user")]
+    Export {
+        disk: String,
+        #[source]
+        source: crate::exports::ExportsError,
     },
     #[error("NBD default export {0:?} is not a disk")]
     NoDefaultExport(String),
@@ -87,7 +94,20 @@ async fn run(config: Config) -> Result<(), DaemonError> {
         })?;
         tasks.spawn(server.clone().serve_tcp(listener));
     }
-    let state = Arc::new(ApiState { catalog: catalog.clone(), nbd: nbd.clone(), nbd_socket: nbd_socket.clone() });
+    let vhost = Arc::new(VhostExports::new(
+        catalog.clone(),
+        absolute(&config.vhost_user_dir()),
+        tokio::runtime::Handle::current(),
+    ));
+    for spec in &config.vhost_user {
+        vhost.add(spec).map_err(|e| DaemonError::Export { disk: spec.disk.clone(), source: e })?;
+    }
+    let state = Arc::new(ApiState {
+        catalog: catalog.clone(),
+        nbd: nbd.clone(),
+        nbd_socket: nbd_socket.clone(),
+        vhost: vhost.clone(),
+    });
     let api_socket = absolute(&config.api_socket());
     let api_listener = bind_unix("control socket", &api_socket)?;
     sockets.push(api_socket.clone());
@@ -101,10 +121,11 @@ async fn run(config: Config) -> Result<(), DaemonError> {
         tasks.spawn(serve_metrics_tcp(listener, state.clone()));
     }
 
-    print_banner(&catalog, &created, &data_dir, &api_socket, nbd_socket.as_deref(), &config);
+    print_banner(&catalog, &created, &data_dir, &api_socket, nbd_socket.as_deref(), &vhost, &config);
     wait_for_signal().await;
     tracing::info!("shutting down");
     tasks.abort_all();
+    tokio::task::spawn_blocking(move || vhost.stop_all()).await?;
     for path in sockets {
         let _ = std::fs::remove_file(path);
     }
@@ -226,6 +247,7 @@ fn print_banner(
     data_dir: &Path,
     api: &Path,
     nbd: Option<&Path>,
+    vhost: &VhostExports,
     config: &Config,
 ) {
     println!("vstor {} serving from {}", env!("CARGO_PKG_VERSION"), data_dir.display());
@@ -253,6 +275,14 @@ fn print_banner(
             println!("  fio --name=t --ioengine=nbd --uri='{uri}' --rw=randread --bs=4k --size=64M");
             println!("  qemu-img info '{uri}'");
         }
+    }
+    for export in vhost.list() {
+        println!("vhost-user:  {} -> {}  ({} queues)", export.disk, export.socket.display(), export.num_queues);
+        println!(
+            "  qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n    -chardev socket,id=vu0,path={} -device vhost-user-blk-pci,chardev=vu0,num-queues={}",
+            export.socket.display(),
+            export.num_queues
+        );
     }
     if let Some(tcp) = config.nbd.tcp {
         println!("NBD TCP:     nbd://{tcp}/NAME");

@@ -4,6 +4,7 @@ mod api;
 mod client;
 mod config;
 mod daemon;
+mod exports;
 mod metrics;
 mod size;
 
@@ -18,6 +19,7 @@ use vdisk::DiskSpec;
 use crate::api::DiskView;
 use crate::client::Client;
 use crate::config::{Config, API_SOCKET_NAME, DEFAULT_DATA_DIR};
+use crate::exports::{ExportSpec, ExportView};
 use crate::size::{format_size, parse_size};
 
 #[derive(Parser)]
@@ -47,8 +49,31 @@ enum Command {
         #[command(subcommand)]
         command: DiskCommand,
     },
+    /// Adds, removes and lists vhost-user exports of a running daemon.
+    Export {
+        #[command(subcommand)]
+        command: ExportCommand,
+    },
     /// Prints the daemon's metrics in Prometheus text format.
     Metrics,
+}
+
+#[derive(Subcommand)]
+enum ExportCommand {
+    /// Exports a disk over vhost-user-blk.
+    Add {
+        disk: String,
+        /// Socket path (default: <data_dir>/vhost-user/DISK.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Number of queues offered (default 2).
+        #[arg(long)]
+        queues: Option<usize>,
+    },
+    /// Stops a disk's vhost-user export, disconnecting its VM.
+    Remove { disk: String },
+    /// Lists vhost-user exports.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -85,6 +110,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve(config),
         Command::Disk { command } => client_command(cli.api, command),
+        Command::Export { command } => export_command(cli.api, command),
         Command::Metrics => client_metrics(cli.api),
     };
     match result {
@@ -162,6 +188,44 @@ fn client_command(api: Option<PathBuf>, command: DiskCommand) -> Result<(), Stri
             let path = format!("/v1/disks/{name}");
             block_on(client.call::<serde_json::Value>(Method::DELETE, &path, None))?.map_err(fail)?;
             println!("deleted disk {name}");
+        }
+    }
+    Ok(())
+}
+
+fn export_command(api: Option<PathBuf>, command: ExportCommand) -> Result<(), String> {
+    let client = client(api);
+    let fail = |e: client::ClientError| error_chain(&e);
+    match command {
+        ExportCommand::Add { disk, socket, queues } => {
+            let socket = socket.map(|s| std::path::absolute(&s).unwrap_or(s));
+            let spec = ExportSpec { disk, socket, num_queues: queues };
+            let body = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
+            let view: Option<ExportView> =
+                block_on(client.call(Method::POST, "/v1/exports", Some(body)))?.map_err(fail)?;
+            if let Some(v) = view {
+                println!("exported {} over vhost-user at {} ({} queues)", v.disk, v.socket.display(), v.num_queues);
+            }
+        }
+        ExportCommand::Remove { disk } => {
+            let path = format!("/v1/exports/{disk}");
+            block_on(client.call::<serde_json::Value>(Method::DELETE, &path, None))?.map_err(fail)?;
+            println!("stopped the vhost-user export of {disk}");
+        }
+        ExportCommand::List => {
+            let views: Vec<ExportView> =
+                block_on(client.call(Method::GET, "/v1/exports", None))?.map_err(fail)?.unwrap_or_default();
+            println!("{:<20} {:<15} {:>6} {:<9}  SOCKET", "DISK", "KIND", "QUEUES", "CONNECTED");
+            for v in views {
+                println!(
+                    "{:<20} {:<15} {:>6} {:<9}  {}",
+                    v.disk,
+                    v.kind,
+                    v.num_queues,
+                    if v.connected { "yes" } else { "no" },
+                    v.socket.display()
+                );
+            }
         }
     }
     Ok(())

@@ -7,6 +7,7 @@ pub mod disk;
 pub mod nbd;
 pub mod raw;
 pub mod uring;
+pub mod vhost_user;
 
 pub use buffer::IoBuf;
 pub use catalog::{Catalog, CatalogError, DiskSpec};
