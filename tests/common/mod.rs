@@ -1,10 +1,13 @@
 //! Shared helpers of the end-to-end tests: a `vstor serve` daemon in a fresh temporary directory,
-//! the `vstor` command line, external commands run with a time limit, and a raw NBD client.
+//! the `vstor` command line, external commands run with a time limit, a raw NBD client, and a real
+//! QEMU guest on a vhost-user-blk disk (`guest`).
 //!
 //! Every test target compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
 
+pub mod guest;
 pub mod nbd;
+pub mod vhost;
 
 use std::fmt;
 use std::io::Read;
@@ -63,7 +66,7 @@ pub struct Daemon {
 }
 
 /// A TOML basic string holding `path`.
-fn toml_path(path: &Path) -> String {
+pub fn toml_path(path: &Path) -> String {
     let s = path.to_str().expect("temporary paths are UTF-8");
     assert!(!s.contains(['"', '\\']), "unexpected characters in {s}");
     format!("\"{s}\"")
@@ -105,6 +108,26 @@ impl Daemon {
         let config = dir.path().join("vstor.toml");
         std::fs::write(&config, toml).expect("write config");
         Daemon { dir, config, api, nbd, child: None, starts: 0 }
+    }
+
+    /// Appends `toml` to the config file (call before [`Daemon::spawn`]), e.g. a table that
+    /// names a path in [`Daemon::dir`]:
+    ///
+    /// ```text
+    /// let mut d = Daemon::configure(&std::env::temp_dir(), &[DiskDecl::new("g0", "64M")]);
+    /// let sock = d.dir.path().join("g0.vhost.sock");
+    /// d.append_config(&format!("\n[[vhost_user]]\ndisk = \"g0\"\nsocket = {}\n", toml_path(&sock)));
+    /// d.spawn();
+    /// ```
+    pub fn append_config(&self, toml: &str) {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new().append(true).open(&self.config).expect("open config");
+        file.write_all(toml.as_bytes()).expect("append to config");
+    }
+
+    /// The config file as it stands.
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).expect("read config")
     }
 
     fn log_path(&self, stream: &str, start: u32) -> PathBuf {
