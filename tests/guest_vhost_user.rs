@@ -47,6 +47,7 @@ fn write_and_verify_script(patterns: &[Pattern]) -> String {
         "sectors=$(cat /sys/block/vda/size)\n\
          queues=$(ls /sys/block/vda/mq | wc -l)\n\
          echo \"vda: $sectors sectors, $queues queues\"\n\
+         echo \"vda serial: [$(cat /sys/block/vda/serial)]\"\n\
          [ \"$sectors\" = {SECTORS} ] || {{ echo \"vda has $sectors sectors, expected {SECTORS}\"; exit 1; }}\n\
          [ \"$queues\" = {QUEUES} ] || {{ echo \"vda has $queues queues, expected {QUEUES}\"; exit 1; }}\n"
     ));
@@ -193,6 +194,10 @@ fn qemu_guest_reads_and_writes_a_vstor_disk_over_vhost_user_root_vm() {
     }
     out.assert_ok();
     d.assert_alive();
+    // GET_ID: the guest sees the disk's catalog id as the device's serial.
+    let info: serde_json::Value = serde_json::from_str(&d.cli_ok(&["disk", "info", "g0"]).stdout).expect("disk info");
+    let id = info["id"].as_str().expect("disk id");
+    assert!(out.console.contains(&format!("vda serial: [{id}]")), "serial is the disk id {id}\n{out}");
 
     // The whole disk, through the NBD export.
     let copy = d.dir.path().join("g0-over-nbd.raw");
