@@ -396,3 +396,180 @@ impl VhostUserBackend for BlkBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raw::RawFile;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    const MEM: u64 = 16 << 20;
+    const DISK: u64 = 1 << 20;
+    const QSIZE: u16 = 32;
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+
+    /// A backend on a 1 MiB raw disk with two queues in 16 MiB of test guest memory.
+    struct Rig<'a> {
+        backend: BlkBackend,
+        mem: &'a GuestMemoryMmap,
+        queues: Vec<(MockSplitQueue<'a, GuestMemoryMmap>, VringRwLock, u16)>,
+    }
+
+    impl<'a> Rig<'a> {
+        fn new(mem: &'a GuestMemoryMmap, rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Rig<'a> {
+            let path = dir.join("d.raw");
+            RawFile::create(&path, DISK).unwrap();
+            let raw = rt.block_on(async { RawFile::open(&path, 512, false, false) }).unwrap();
+            let disk = Arc::new(Disk::new("d", "0123456789abcdef", Arc::new(raw)));
+            let backend = BlkBackend::new(disk, 2, rt.handle().clone()).unwrap();
+            let atomic = GuestMemoryAtomic::new(mem.clone());
+            backend.update_memory(atomic.clone()).unwrap();
+            let queues = (0..2u64)
+                .map(|q| {
+                    let mock = MockSplitQueue::create(mem, GuestAddress(q * 0x10000), QSIZE);
+                    let vring = VringRwLock::new(atomic.clone(), QSIZE).unwrap();
+                    vring.set_queue_size(QSIZE);
+                    vring.set_queue_info(mock.desc_table_addr().0, mock.avail_addr().0, mock.used_addr().0).unwrap();
+                    vring.set_queue_ready(true);
+                    vring.set_enabled(true);
+                    (mock, vring, 0)
+                })
+                .collect();
+            Rig { backend, mem, queues }
+        }
+
+        /// Puts a request on queue `q`: a header, the given data descriptors, a status byte.
+        fn push(&mut self, q: usize, kind: u32, sector: u64, data: &[(u64, u32, bool)]) -> GuestAddress {
+            let base = 0x100000 + (q as u64) * 0x400000 + u64::from(self.queues[q].2) * 0x10000;
+            let mut header = [0u8; 16];
+            header[..4].copy_from_slice(&kind.to_le_bytes());
+            header[8..].copy_from_slice(&sector.to_le_bytes());
+            self.mem.write_slice(&header, GuestAddress(base)).unwrap();
+            let status = GuestAddress(base + 0x20);
+            self.mem.write_obj(0xffu8, status).unwrap();
+            let mut descs = vec![(base, 16, false)];
+            descs.extend_from_slice(data);
+            descs.push((status.0, 1, true));
+            self.push_raw(q, &descs);
+            status
+        }
+
+        /// Puts a chain of arbitrary descriptors on queue `q`.
+        fn push_raw(&mut self, q: usize, descs: &[(u64, u32, bool)]) {
+            let (mock, _, next_free) = &mut self.queues[q];
+            let offset = *next_free;
+            let raw: Vec<RawDescriptor> = descs
+                .iter()
+                .enumerate()
+                .map(|(i, &(addr, len, write))| {
+                    let last = i + 1 == descs.len();
+                    let flags = if write { WRITE } else { 0 } | if last { 0 } else { NEXT };
+                    let next = if last { 0 } else { offset + i as u16 + 1 };
+                    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+                })
+                .collect();
+            mock.add_desc_chains(&raw, offset).unwrap();
+            *next_free += descs.len() as u16;
+        }
+
+        /// Kicks queue `q` and returns the used entries once `expect` requests are back.
+        fn run(&self, q: usize, expect: u16) -> Vec<(u32, u32)> {
+            let (mock, vring, _) = &self.queues[q];
+            self.backend.handle_event(0, EventSet::IN, std::slice::from_ref(vring), q).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while mock.used().idx().load() < expect {
+                assert!(Instant::now() < deadline, "queue {q}: requests not returned");
+                let event = self.backend.completion_event(q) as u16;
+                self.backend.handle_event(event, EventSet::IN, std::slice::from_ref(vring), q).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (0..expect as usize)
+                .map(|i| {
+                    let e = mock.used().ring().ref_at(i).unwrap().load();
+                    (e.id(), e.len())
+                })
+                .collect()
+        }
+
+        fn status(&self, at: GuestAddress) -> u8 {
+            self.mem.read_obj(at).unwrap()
+        }
+    }
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap()
+    }
+
+    #[test]
+    fn good_and_bad_requests_each_get_their_own_answer() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mem = memory();
+        let mut rig = Rig::new(&mem, &rt, dir.path());
+        let data = 0xA00000;
+        mem.write_slice(&[0x5a; 4096], GuestAddress(data)).unwrap();
+
+        let write = rig.push(0, VIRTIO_BLK_T_OUT, 8, &[(data, 4096, false)]);
+        let unknown = rig.push(0, 99, 0, &[]);
+        let odd_length = rig.push(0, VIRTIO_BLK_T_IN, 0, &[(data + 8192, 100, true)]);
+        let past_end = rig.push(0, VIRTIO_BLK_T_IN, DISK / 512, &[(data + 8192, 512, true)]);
+        let huge_sector = rig.push(0, VIRTIO_BLK_T_OUT, u64::MAX / 256, &[(data, 512, false)]);
+        let bad_discard_flags = rig.push(0, VIRTIO_BLK_T_DISCARD, 0, &[(data + 0x3000, 16, false)]);
+        mem.write_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0], GuestAddress(data + 0x3000)).unwrap();
+        // A chain reaching past guest memory, and one whose readable part follows a writable one:
+        // neither can be answered, so they come back untouched with nothing written.
+        mem.write_obj(0xeeu8, GuestAddress(0x300100)).unwrap();
+        rig.push_raw(0, &[(0x300000, 16, false), (MEM - 100, 4096, true), (0x300100, 1, true)]);
+        rig.push_raw(0, &[(0x300000, 16, false), (0x300100, 1, true), (data, 512, false)]);
+        let used = rig.run(0, 8);
+
+        assert_eq!(rig.status(write), VIRTIO_BLK_S_OK);
+        assert_eq!(rig.status(unknown), VIRTIO_BLK_S_UNSUPP);
+        assert_eq!(rig.status(odd_length), VIRTIO_BLK_S_IOERR);
+        assert_eq!(rig.status(past_end), VIRTIO_BLK_S_IOERR);
+        assert_eq!(rig.status(huge_sector), VIRTIO_BLK_S_IOERR);
+        assert_eq!(rig.status(bad_discard_flags), VIRTIO_BLK_S_UNSUPP);
+        let lens: std::collections::HashMap<u32, u32> = used.into_iter().collect();
+        assert_eq!(lens.len(), 8, "every chain is returned once");
+        assert_eq!(lens.values().filter(|&&l| l == 0).count(), 2, "the unanswerable chains are returned empty");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x300100)).unwrap(), 0xee, "no status written into them");
+
+        // Queue 1 meanwhile reads what queue 0 wrote, and gets the disk's id.
+        let back = 0xB00000;
+        let read = rig.push(1, VIRTIO_BLK_T_IN, 8, &[(back, 2048, true), (back + 0x1000, 2048, true)]);
+        let id = rig.push(1, VIRTIO_BLK_T_GET_ID, 0, &[(back + 0x2000, 20, true)]);
+        let used = rig.run(1, 2);
+        assert_eq!(rig.status(read), VIRTIO_BLK_S_OK);
+        assert_eq!(rig.status(id), VIRTIO_BLK_S_OK);
+        assert!(used.contains(&(0, 4097)), "a read's used length is its data and status: {used:?}");
+        let mut got = [0u8; 2048];
+        mem.read_slice(&mut got, GuestAddress(back + 0x1000)).unwrap();
+        assert!(got.iter().all(|&b| b == 0x5a));
+        let mut serial = [0u8; 16];
+        mem.read_slice(&mut serial, GuestAddress(back + 0x2000)).unwrap();
+        assert_eq!(&serial, b"0123456789abcdef");
+    }
+
+    #[test]
+    fn config_space_and_cache_mode() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mem = memory();
+        let rig = Rig::new(&mem, &rt, dir.path());
+        let b = &rig.backend;
+        let config = b.get_config(0, 60);
+        assert_eq!(u64::from_le_bytes(config[0..8].try_into().unwrap()), DISK / 512);
+        assert_eq!(u32::from_le_bytes(config[20..24].try_into().unwrap()), 512);
+        assert_eq!(u16::from_le_bytes(config[34..36].try_into().unwrap()), 2);
+        assert_eq!(config[32], 1, "writeback by default");
+        b.set_config(CONFIG_WCE_OFFSET, &[0]).unwrap();
+        assert_eq!(b.get_config(CONFIG_WCE_OFFSET, 1), [0]);
+        assert!(b.set_config(0, &[1; 8]).is_err(), "capacity is not writable");
+        // Reads past the config space are zero-filled, not refused.
+        assert_eq!(b.get_config(56, 8), [1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(b.features() & (1 << VIRTIO_BLK_F_RO), 0);
+    }
+}
