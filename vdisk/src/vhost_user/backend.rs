@@ -6,11 +6,13 @@
 //! `Done` through that queue's own channel and eventfd. Only the queue thread touches its vring,
 //! so queues share no lock on the request path.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -135,12 +137,16 @@ impl BlkBackend {
         c
     }
 
-    /// Pops every available request of a queue and starts it.
+    /// Pops every available request of a queue and starts it. Requests that finish at once (the
+    /// page cache often completes them inside io_uring_enter) go straight back to the guest.
     fn process_queue(&self, q: usize, vring: &VringRwLock) -> io::Result<()> {
         let Some(mem) = self.mem.read().ok().and_then(|m| m.as_ref().map(|m| m.memory().into_inner())) else {
             return Ok(());
         };
+        // Requests are first polled on this thread; anything they touch of tokio needs its context.
+        let _runtime = self.runtime.enter();
         let event_idx = self.event_idx.load(Relaxed);
+        let mut returned = false;
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
@@ -150,37 +156,50 @@ impl BlkBackend {
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 let descs = chain.map(|d| Desc { addr: d.addr(), len: d.len(), write_only: d.is_write_only() });
-                self.queues[q].in_flight.fetch_add(1, Relaxed);
-                match parse(&*mem, descs) {
+                let finished = match parse(&*mem, descs) {
                     Ok(req) => self.start(q, head, req, mem.clone()),
                     Err(e) => {
                         tracing::warn!(disk = %self.disk.name(), queue = q, error = %e, "bad descriptor chain");
-                        self.queues[q].push(Done { head, used: 0 });
+                        Some(Done { head, used: 0 })
                     }
+                };
+                if let Some(done) = finished {
+                    vring.add_used(done.head, done.used).map_err(io::Error::other)?;
+                    returned = true;
                 }
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
-                return Ok(());
+                break;
             }
         }
+        self.signal(vring, returned)
     }
 
-    /// Runs one request on the runtime; it reports back through its queue's completions.
-    fn start(&self, q: usize, head: u16, req: Request, mem: Arc<GuestMemoryMmap>) {
+    /// Starts one request: polls it once here, and if it must wait, hands it to the runtime,
+    /// from where it reports back through the queue's completions.
+    fn start(&self, q: usize, head: u16, req: Request, mem: Arc<GuestMemoryMmap>) -> Option<Done> {
         let disk = self.disk.clone();
-        let done = self.queues[q].clone();
         let fua = !self.writeback.load(Relaxed);
-        self.runtime.spawn(async move {
+        let mut request = Box::pin(async move {
             let (status, written) = execute(&disk, &mem, &req, fua).await;
             let used = match mem.write_obj(status, req.status) {
                 Ok(()) => written as u32 + 1,
                 Err(_) => 0,
             };
-            done.push(Done { head, used });
+            Done { head, used }
         });
+        // The first poll's waker is never called: the runtime polls a spawned task at once, which
+        // registers its own waker before anything can have been missed.
+        if let Poll::Ready(done) = request.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            return Some(done);
+        }
+        let completions = self.queues[q].clone();
+        completions.in_flight.fetch_add(1, Relaxed);
+        self.runtime.spawn(async move { completions.push(request.await) });
+        None
     }
 
-    /// Returns finished requests to the guest and signals it if it wants to hear.
+    /// Returns requests finished on the runtime to the guest.
     fn complete(&self, q: usize, vring: &VringRwLock) -> io::Result<()> {
         let completions = &self.queues[q];
         let _ = completions.event.read();
@@ -192,6 +211,11 @@ impl BlkBackend {
                 returned = true;
             }
         }
+        self.signal(vring, returned)
+    }
+
+    /// Interrupts the guest after requests were returned, unless it asked not to be (EVENT_IDX).
+    fn signal(&self, vring: &VringRwLock, returned: bool) -> io::Result<()> {
         if returned && (!self.event_idx.load(Relaxed) || vring.needs_notification().map_err(io::Error::other)?) {
             vring.signal_used_queue()?;
         }
