@@ -29,7 +29,7 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// Disks the daemon makes sure exist when it starts.
     #[serde(default, rename = "disk")]
-    pub disks: Vec<DiskConfig>,
+    pub disks: Vec<DiskSpec>,
     /// Disks exported over vhost-user from the start.
     #[serde(default)]
     pub vhost_user: Vec<ExportSpec>,
@@ -84,42 +84,12 @@ impl Default for RuntimeConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DiskConfig {
-    pub name: String,
-    #[serde(deserialize_with = "crate::size::deserialize_size")]
-    pub size: u64,
-    #[serde(default = "default_block_size")]
-    pub block_size: u32,
-    #[serde(default)]
-    pub read_only: bool,
-    #[serde(default)]
-    pub backend: Backend,
-}
-
-impl DiskConfig {
-    pub fn spec(&self) -> DiskSpec {
-        DiskSpec {
-            name: self.name.clone(),
-            size: self.size,
-            block_size: self.block_size,
-            read_only: self.read_only,
-            backend: self.backend.clone(),
-        }
-    }
-}
-
 fn default_data_dir() -> PathBuf {
     PathBuf::from(DEFAULT_DATA_DIR)
 }
 
 fn default_workers() -> usize {
     1
-}
-
-fn default_block_size() -> u32 {
-    512
 }
 
 fn yes() -> bool {
@@ -149,7 +119,7 @@ impl Config {
     /// over NBD and vhost-user on Unix sockets in `./vstor-data`.
     pub fn embedded() -> Config {
         let mut config: Config = toml::from_str("").unwrap_or_else(|_| unreachable!("empty config parses"));
-        config.disks.push(DiskConfig {
+        config.disks.push(DiskSpec {
             name: "vm0".into(),
             size: 1 << 30,
             block_size: 512,
@@ -172,8 +142,7 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let mut seen = std::collections::HashSet::new();
         for disk in &self.disks {
-            vdisk::catalog::validate(&disk.spec())
-                .map_err(|e| ConfigError::Invalid(format!("disk {:?}: {e}", disk.name)))?;
+            vdisk::catalog::validate(disk).map_err(|e| ConfigError::Invalid(format!("disk {:?}: {e}", disk.name)))?;
             if !seen.insert(&disk.name) {
                 return Err(ConfigError::Invalid(format!("disk {:?} is declared twice", disk.name)));
             }

@@ -11,7 +11,7 @@ use vdisk::{Catalog, CatalogError};
 use crate::api::{self, ApiState, Scope};
 use crate::config::Config;
 use crate::exports::VhostExports;
-use crate::size::format_size;
+use vdisk::size::format_size;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -134,14 +134,14 @@ async fn run(config: Config) -> Result<(), DaemonError> {
 
 /// Opens the catalog and creates the configured disks that do not exist yet; a configured disk
 /// that exists with another shape is an error rather than a silent change.
-fn open_catalog(data_dir: &Path, disks: &[crate::config::DiskConfig]) -> Result<(Catalog, Vec<String>), DaemonError> {
+fn open_catalog(data_dir: &Path, disks: &[vdisk::DiskSpec]) -> Result<(Catalog, Vec<String>), DaemonError> {
     let store_path = data_dir.join("state");
     let store =
         Store::open(&store_path).map_err(|source| DaemonError::Store { path: data_dir.to_path_buf(), source })?;
     let catalog = Catalog::open(store, &data_dir.join("disks"))?;
     let mut created = Vec::new();
     for disk in disks {
-        let wanted = disk.spec();
+        let wanted = disk.clone();
         match catalog.entry(&disk.name) {
             Ok(entry) => {
                 let have = &entry.record.spec;

@@ -6,7 +6,6 @@ mod config;
 mod daemon;
 mod exports;
 mod metrics;
-mod size;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,7 +19,7 @@ use crate::api::DiskView;
 use crate::client::Client;
 use crate::config::{Config, API_SOCKET_NAME, DEFAULT_DATA_DIR};
 use crate::exports::{ExportSpec, ExportView};
-use crate::size::{format_size, parse_size};
+use vdisk::size::{format_size, parse_size};
 
 #[derive(Parser)]
 #[command(

@@ -28,7 +28,8 @@ const RAW_SUFFIX: &str = ".raw";
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     pub name: String,
-    /// Capacity in bytes.
+    /// Capacity in bytes; "10G" and the like are read too.
+    #[serde(deserialize_with = "crate::size::deserialize_size")]
     pub size: u64,
     #[serde(default = "default_block_size")]
     pub block_size: u32,

@@ -6,6 +6,7 @@ pub mod device;
 pub mod disk;
 pub mod nbd;
 pub mod raw;
+pub mod size;
 pub mod uring;
 pub mod vhost_user;
 

@@ -1,4 +1,4 @@
-//! Human sizes: "1G", "512MiB", "4096".
+//! Human sizes: "1G", "512MiB", "4096", in configs, the API and the command line.
 
 use serde::{Deserialize, Deserializer};
 
