@@ -161,7 +161,11 @@ fn serve(
             *conn = None;
         }
         match result {
-            Ok(()) => tracing::info!(disk = %name, "vhost-user frontend disconnected"),
+            // A frontend closing its socket (a VM powering off) is the normal end.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => tracing::info!(disk = %name, "vhost-user frontend disconnected"),
             Err(e) => tracing::warn!(disk = %name, error = %e, "vhost-user frontend dropped"),
         }
     }
