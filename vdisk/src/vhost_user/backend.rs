@@ -1,16 +1,17 @@
 //! The virtio-blk device a vhost-user frontend (QEMU, cloud-hypervisor, libblkio) drives.
 //!
-//! Each queue has its own worker thread (from vhost-user-backend) that pops requests and starts
-//! them on the tokio runtime without waiting for earlier ones. A request completes on the runtime:
-//! it moves its data to or from guest memory, writes its status, and hands the queue thread a
-//! `Done` through that queue's own channel and eventfd. Only the queue thread touches its vring,
+//! Each queue has its own worker thread (from vhost-user-backend) that pops requests and runs
+//! them itself, without waiting for earlier ones: a request that completes at once (the page
+//! cache often completes it inside io_uring_enter) goes straight back to the guest; one that must
+//! wait is parked in the queue's pending set, and its waker rings the queue's own eventfd so that
+//! the same thread polls it again. Only the queue's thread touches its vring and its pending set,
 //! so queues share no lock on the request path.
 
 use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -50,21 +51,61 @@ struct Done {
     used: u32,
 }
 
-/// One queue's way back from the runtime to its thread.
-struct Completions {
-    tx: Mutex<Sender<Done>>,
-    rx: Mutex<Receiver<Done>>,
+/// A request that has to wait for its backend.
+type Task = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// The requests of one queue that are waiting, polled by the queue's own thread when their
+/// wakers ring the queue's eventfd.
+struct Pending {
+    tasks: Mutex<Slots>,
+    /// Slots whose wakers fired since the queue thread last looked.
+    ready: Mutex<Vec<usize>>,
     event: EventFd,
     in_flight: AtomicUsize,
 }
 
-impl Completions {
-    fn push(&self, done: Done) {
-        if let Ok(tx) = self.tx.lock() {
-            // The receiver lives as long as the backend; a send can only fail after it is gone.
-            let _ = tx.send(done);
+#[derive(Default)]
+struct Slots {
+    slots: Vec<Option<(Task, Waker)>>,
+    free: Vec<usize>,
+}
+
+impl Slots {
+    fn reserve(&mut self) -> usize {
+        self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        })
+    }
+
+    fn release(&mut self, slot: usize) {
+        self.slots[slot] = None;
+        self.free.push(slot);
+    }
+}
+
+/// Wakes one waiting request: marks its slot ready and rings its queue's eventfd.
+struct TaskWaker {
+    pending: Arc<Pending>,
+    slot: usize,
+}
+
+impl std::task::Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Ok(mut ready) = self.pending.ready.lock() {
+            ready.push(self.slot);
         }
-        let _ = self.event.write(1);
+        let _ = self.pending.event.write(1);
+    }
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -76,17 +117,16 @@ pub struct BlkBackend {
     event_idx: AtomicBool,
     /// The guest's choice of cache mode: with writeback off, every write is FUA.
     writeback: AtomicBool,
-    queues: Vec<Arc<Completions>>,
+    queues: Vec<Arc<Pending>>,
 }
 
 impl BlkBackend {
     pub fn new(disk: Arc<Disk>, num_queues: usize, runtime: tokio::runtime::Handle) -> io::Result<BlkBackend> {
         let queues = (0..num_queues)
             .map(|_| {
-                let (tx, rx) = channel();
-                Ok(Arc::new(Completions {
-                    tx: Mutex::new(tx),
-                    rx: Mutex::new(rx),
+                Ok(Arc::new(Pending {
+                    tasks: Mutex::new(Slots::default()),
+                    ready: Mutex::new(Vec::new()),
                     event: EventFd::new(EFD_NONBLOCK)?,
                     in_flight: AtomicUsize::new(0),
                 }))
@@ -103,7 +143,8 @@ impl BlkBackend {
         })
     }
 
-    /// The eventfd of each queue's completions and the event id its thread knows it by.
+    /// The eventfd that wakes each queue's thread for its pending requests, and the event id the
+    /// thread knows it by.
     pub fn completion_events(&self) -> impl Iterator<Item = (i32, u64)> + '_ {
         self.queues.iter().enumerate().map(|(q, c)| (c.event.as_raw_fd(), self.completion_event(q)))
     }
@@ -175,12 +216,12 @@ impl BlkBackend {
         self.signal(vring, returned)
     }
 
-    /// Starts one request: polls it once here, and if it must wait, hands it to the runtime,
-    /// from where it reports back through the queue's completions.
+    /// Starts one request on this thread. A request that must wait is parked in its queue's
+    /// pending set; its waker brings it back to this thread (see `complete`).
     fn start(&self, q: usize, head: u16, req: Request, mem: Arc<GuestMemoryMmap>) -> Option<Done> {
         let disk = self.disk.clone();
         let fua = !self.writeback.load(Relaxed);
-        let mut request = Box::pin(async move {
+        let mut task: Task = Box::pin(async move {
             let (status, written) = execute(&disk, &mem, &req, fua).await;
             let used = match mem.write_obj(status, req.status) {
                 Ok(()) => written as u32 + 1,
@@ -188,27 +229,40 @@ impl BlkBackend {
             };
             Done { head, used }
         });
-        // The first poll's waker is never called: the runtime polls a spawned task at once, which
-        // registers its own waker before anything can have been missed.
-        if let Poll::Ready(done) = request.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-            return Some(done);
+        let pending = &self.queues[q];
+        let slot = pending.lock().reserve();
+        let waker = Waker::from(Arc::new(TaskWaker { pending: pending.clone(), slot }));
+        match task.as_mut().poll(&mut Context::from_waker(&waker)) {
+            Poll::Ready(done) => {
+                pending.lock().release(slot);
+                Some(done)
+            }
+            Poll::Pending => {
+                pending.lock().slots[slot] = Some((task, waker));
+                pending.in_flight.fetch_add(1, Relaxed);
+                None
+            }
         }
-        let completions = self.queues[q].clone();
-        completions.in_flight.fetch_add(1, Relaxed);
-        self.runtime.spawn(async move { completions.push(request.await) });
-        None
     }
 
-    /// Returns requests finished on the runtime to the guest.
+    /// Polls the queue's woken requests and returns those that finished to the guest.
     fn complete(&self, q: usize, vring: &VringRwLock) -> io::Result<()> {
-        let completions = &self.queues[q];
-        let _ = completions.event.read();
+        let pending = &self.queues[q];
+        let _ = pending.event.read();
+        let _runtime = self.runtime.enter();
+        let ready = std::mem::take(&mut *pending.ready.lock().unwrap_or_else(|p| p.into_inner()));
         let mut returned = false;
-        if let Ok(rx) = completions.rx.lock() {
-            while let Ok(done) = rx.try_recv() {
-                vring.add_used(done.head, done.used).map_err(io::Error::other)?;
-                completions.in_flight.fetch_sub(1, Relaxed);
-                returned = true;
+        for slot in ready {
+            // A slot may be woken twice, or after its request finished: then it is empty.
+            let Some((mut task, waker)) = pending.lock().slots.get_mut(slot).and_then(Option::take) else { continue };
+            match task.as_mut().poll(&mut Context::from_waker(&waker)) {
+                Poll::Ready(done) => {
+                    pending.lock().release(slot);
+                    pending.in_flight.fetch_sub(1, Relaxed);
+                    vring.add_used(done.head, done.used).map_err(io::Error::other)?;
+                    returned = true;
+                }
+                Poll::Pending => pending.lock().slots[slot] = Some((task, waker)),
             }
         }
         self.signal(vring, returned)
@@ -390,9 +444,9 @@ impl VhostUserBackend for BlkBackend {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // Requests already popped must be returned before the frontend reads the ring's index.
-        let Some(completions) = self.queues.get(queue_index as usize) else { return Ok(()) };
+        let Some(pending) = self.queues.get(queue_index as usize) else { return Ok(()) };
         let deadline = Instant::now() + STOP_TIMEOUT;
-        while completions.in_flight.load(Relaxed) > 0 && Instant::now() < deadline {
+        while pending.in_flight.load(Relaxed) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
         Ok(())
