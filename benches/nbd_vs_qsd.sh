@@ -35,8 +35,9 @@ RAMP=${RAMP:-1}
 ROUNDS=${ROUNDS:-3}
 WORKERS=${WORKERS:-}
 
-die() { echo "nbd_vs_qsd: $*" >&2; exit 1; }
-log() { echo "$*" >&2; }
+BENCH=nbd_vs_qsd
+# shellcheck source=benches/lib.sh
+source "$SCRIPT_DIR/lib.sh"
 
 # --- prerequisites -------------------------------------------------------------------------------
 for tool in fio qemu-storage-daemon python3; do
@@ -45,27 +46,10 @@ for tool in fio qemu-storage-daemon python3; do
 done
 fio --enghelp 2>/dev/null | grep -qw nbd ||
     die "this fio ($(fio --version)) has no nbd ioengine (it needs fio built with libnbd)"
-[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
-[[ "$RUNTIME" =~ ^[1-9][0-9]*$ ]] || die "RUNTIME must be a positive number of seconds, got '$RUNTIME'"
-[[ "$RAMP" =~ ^[0-9]+$ ]] || die "RAMP must be a number of seconds, got '$RAMP'"
-
-# SIZE in bytes, with the same binary units vstor's config understands (1G = 1 GiB).
-SIZE_BYTES=$(python3 - "$SIZE" <<'EOF'
-import re, sys
-m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", sys.argv[1], re.I)
-if not m:
-    sys.exit(f"SIZE {sys.argv[1]!r} is not a size like 1G or 512M")
-print(int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()])
-EOF
-) || die "bad SIZE"
-(( SIZE_BYTES >= 1048576 && SIZE_BYTES % 1048576 == 0 )) || die "SIZE must be a whole number of MiB, at least 1M"
+check_knobs
 
 # --- vstor binary --------------------------------------------------------------------------------
-# The source the binary is built from (taken now: another engineer may commit while this runs).
-git_rev=$(cd "$REPO_ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n "$(cd "$REPO_ROOT" && git status --porcelain -- vdisk src Cargo.toml Cargo.lock 2>/dev/null)" ]]; then
-    git_rev+=" (with uncommitted changes in vdisk/ or src/)"
-fi
+git_rev=$(source_revision)
 if [[ -n "${VSTOR_BIN:-}" ]]; then
     [[ -x "$VSTOR_BIN" ]] || die "VSTOR_BIN=$VSTOR_BIN is not an executable"
     VSTOR=$(cd "$(dirname "$VSTOR_BIN")" && pwd)/$(basename "$VSTOR_BIN")
@@ -81,49 +65,12 @@ fi
 
 # --- work dir, daemons, cleanup ------------------------------------------------------------------
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/nbd-vs-qsd.XXXXXX")
-VSTOR_PID=""
-QSD_PID=""
-cleanup() {
-    local pid
-    for pid in "$VSTOR_PID" "$QSD_PID"; do
-        if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
-            kill "$pid" 2>/dev/null || true
-        fi
-    done
-    for pid in "$VSTOR_PID" "$QSD_PID"; do
-        [[ -n "$pid" ]] || continue
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+install_cleanup
 
 VSTOR_SOCK="$WORK/vstor-nbd.sock"
 QSD_SOCK="$WORK/qsd.sock"
 VSTOR_URI="nbd+unix:///bench?socket=$VSTOR_SOCK"
 QSD_URI="nbd+unix:///bench?socket=$QSD_SOCK"
-
-# Shows what a daemon said and stops, when it is gone or never came up.
-daemon_failed() {
-    local name=$1 logfile=$2
-    log "---- last lines of the $name log ($logfile) ----"
-    tail -n 40 "$logfile" >&2 || true
-    die "$name: $3"
-}
-
-wait_for_socket() {
-    local name=$1 pid=$2 sock=$3 logfile=$4
-    for _ in $(seq 300); do
-        [[ -S "$sock" ]] && return 0
-        kill -0 "$pid" 2>/dev/null || daemon_failed "$name" "$logfile" "exited before its NBD socket appeared"
-        sleep 0.1
-    done
-    daemon_failed "$name" "$logfile" "no NBD socket at $sock after 30 s"
-}
 
 cat >"$WORK/vstor.toml" <<EOF
 data_dir = "$WORK/vstor"
@@ -169,10 +116,6 @@ VSTOR_FILE=${vstor_files[0]}
     die "vstor's disk file $VSTOR_FILE is $(stat -c %s "$VSTOR_FILE") bytes, expected $SIZE_BYTES"
 
 # --- fio -----------------------------------------------------------------------------------------
-check_alive() {
-    kill -0 "$VSTOR_PID" 2>/dev/null || daemon_failed vstor "$WORK/vstor.log" "the daemon died"
-    kill -0 "$QSD_PID" 2>/dev/null || daemon_failed qemu-storage-daemon "$WORK/qsd.log" "the daemon died"
-}
 
 # run_fio SIDE OUTFILE FIO-ARGS...: one fio run against SIDE (vstor or qsd), JSON into OUTFILE.
 run_fio() {

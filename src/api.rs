@@ -126,7 +126,8 @@ async fn route(state: &Arc<ApiState>, scope: Scope, req: Request<Incoming>) -> R
         (_, &Method::GET, ["metrics"]) => {
             let text = crate::metrics::render(&state.catalog, state.nbd.as_ref().map(|n| n.stats()));
             let mut resp = Response::new(Full::new(Bytes::from(text)));
-            resp.headers_mut().insert("content-type", "text/plain; version=0.0.4".parse().expect("static header"));
+            resp.headers_mut()
+                .insert("content-type", hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
             resp
         }
         (Scope::MetricsOnly, _, _) => error(StatusCode::NOT_FOUND, "only /metrics is served here"),
@@ -223,7 +224,7 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec_pretty(value).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert("content-type", "application/json".parse().expect("static header"));
+    resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
     resp
 }
 
