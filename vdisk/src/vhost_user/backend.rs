@@ -277,6 +277,18 @@ impl BlkBackend {
     }
 }
 
+impl Drop for BlkBackend {
+    fn drop(&mut self) {
+        // A parked request's waker holds its queue's pending set, which holds the request: drop
+        // the requests still waiting when the frontend goes, or that cycle would keep them.
+        for pending in &self.queues {
+            let mut slots = pending.lock();
+            slots.slots.clear();
+            slots.free.clear();
+        }
+    }
+}
+
 /// Does what a request asks; gives its status and how many bytes went into guest memory.
 async fn execute(disk: &Disk, mem: &GuestMemoryMmap, req: &Request, fua: bool) -> (u8, usize) {
     let offset = req.sector.checked_mul(SECTOR);
@@ -501,7 +513,15 @@ mod tests {
             let path = dir.join("d.raw");
             RawFile::create(&path, DISK).unwrap();
             let raw = rt.block_on(async { RawFile::open(&path, 512, false, false) }).unwrap();
-            let disk = Arc::new(Disk::new("d", "0123456789abcdef", Arc::new(raw)));
+            Rig::with_device(mem, rt, Arc::new(raw))
+        }
+
+        fn with_device(
+            mem: &'a GuestMemoryMmap,
+            rt: &tokio::runtime::Runtime,
+            device: Arc<dyn BlockDevice>,
+        ) -> Rig<'a> {
+            let disk = Arc::new(Disk::new("d", "0123456789abcdef", device));
             let backend = BlkBackend::new(disk, 2, rt.handle().clone()).unwrap();
             let atomic = GuestMemoryAtomic::new(mem.clone());
             backend.update_memory(atomic.clone()).unwrap();
@@ -629,6 +649,54 @@ mod tests {
         let mut serial = [0u8; 16];
         mem.read_slice(&mut serial, GuestAddress(back + 0x2000)).unwrap();
         assert_eq!(&serial, b"0123456789abcdef");
+    }
+
+    /// A device whose reads never finish; each waiting read holds a clone of `token`.
+    struct Stuck {
+        token: Arc<()>,
+    }
+
+    impl BlockDevice for Stuck {
+        fn info(&self) -> crate::device::DeviceInfo {
+            crate::device::DeviceInfo { capacity: DISK, block_size: 512, read_only: false }
+        }
+        fn read(&self, _: u64, _: IoBuf) -> crate::device::IoFuture<'_, IoBuf> {
+            let token = self.token.clone();
+            Box::pin(async move {
+                std::future::pending::<()>().await;
+                drop(token);
+                unreachable!()
+            })
+        }
+        fn write(&self, _: u64, b: IoBuf, _: bool) -> crate::device::IoFuture<'_, IoBuf> {
+            Box::pin(std::future::ready(Ok(b)))
+        }
+        fn flush(&self) -> crate::device::IoFuture<'_, ()> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn discard(&self, _: u64, _: u64) -> crate::device::IoFuture<'_, ()> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> crate::device::IoFuture<'_, ()> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+    }
+
+    #[test]
+    fn requests_still_waiting_when_the_frontend_goes_are_dropped() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let mem = memory();
+        let token = Arc::new(());
+        let mut rig = Rig::with_device(&mem, &rt, Arc::new(Stuck { token: token.clone() }));
+        for i in 0..4u64 {
+            rig.push(0, VIRTIO_BLK_T_IN, i, &[(0xA00000 + i * 0x1000, 512, true)]);
+        }
+        let (_, vring, _) = &rig.queues[0];
+        rig.backend.handle_event(0, EventSet::IN, std::slice::from_ref(vring), 0).unwrap();
+        assert_eq!(rig.backend.queues[0].in_flight.load(Relaxed), 4, "four reads wait");
+        assert_eq!(Arc::strong_count(&token), 6, "ours, the device's, and one per waiting read");
+        drop(rig);
+        assert_eq!(Arc::strong_count(&token), 1, "the waiting requests went with the backend");
     }
 
     #[test]
