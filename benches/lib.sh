@@ -83,3 +83,32 @@ check_alive() {
     kill -0 "$VSTOR_PID" 2>/dev/null || daemon_failed vstor "$WORK/vstor.log" "the daemon died"
     kill -0 "$QSD_PID" 2>/dev/null || daemon_failed qemu-storage-daemon "$WORK/qsd.log" "the daemon died"
 }
+
+# start_daemons QSD-EXPORT-ARGS...: starts vstor on $WORK/vstor.toml (listening on $VSTOR_SOCK)
+# and qemu-storage-daemon on an equal sparse raw file with the given export arguments (listening
+# on $QSD_SOCK), waits for both sockets, and sets VSTOR_FILE to vstor's disk file.
+start_daemons() {
+    log "starting vstor: $VSTOR serve --config $WORK/vstor.toml"
+    "$VSTOR" serve --config "$WORK/vstor.toml" >"$WORK/vstor.log" 2>&1 &
+    VSTOR_PID=$!
+    wait_for_socket vstor "$VSTOR_PID" "$VSTOR_SOCK" "$WORK/vstor.log"
+
+    truncate -s "$SIZE_BYTES" "$WORK/qsd.raw"
+    local qsd=(qemu-storage-daemon
+        --blockdev "driver=file,node-name=file0,filename=$WORK/qsd.raw,aio=io_uring,cache.direct=off"
+        --blockdev "driver=raw,node-name=fmt0,file=file0"
+        "$@")
+    log "starting qemu-storage-daemon: ${qsd[*]}"
+    "${qsd[@]}" >"$WORK/qsd.log" 2>&1 &
+    QSD_PID=$!
+    wait_for_socket qemu-storage-daemon "$QSD_PID" "$QSD_SOCK" "$WORK/qsd.log"
+
+    local files
+    shopt -s nullglob
+    files=("$WORK"/vstor/disks/*.raw)
+    shopt -u nullglob
+    (( ${#files[@]} == 1 )) || die "expected one disk file under $WORK/vstor/disks, found ${#files[@]}"
+    VSTOR_FILE=${files[0]}
+    [[ $(stat -c %s "$VSTOR_FILE") == "$SIZE_BYTES" ]] ||
+        die "vstor's disk file $VSTOR_FILE is $(stat -c %s "$VSTOR_FILE") bytes, expected $SIZE_BYTES"
+}

@@ -90,30 +90,9 @@ block_size = 512
 backend = { type = "raw", direct = false }
 EOF
 
-log "starting vstor: $VSTOR serve --config $WORK/vstor.toml"
-"$VSTOR" serve --config "$WORK/vstor.toml" >"$WORK/vstor.log" 2>&1 &
-VSTOR_PID=$!
-wait_for_socket vstor "$VSTOR_PID" "$VSTOR_SOCK" "$WORK/vstor.log"
-
-truncate -s "$SIZE_BYTES" "$WORK/qsd.raw"
 # --nbd-server must come before --export (the export needs a running server).
-QSD_CMD=(qemu-storage-daemon
-    --blockdev "driver=file,node-name=file0,filename=$WORK/qsd.raw,aio=io_uring,cache.direct=off"
-    --blockdev "driver=raw,node-name=fmt0,file=file0"
-    --nbd-server "addr.type=unix,addr.path=$QSD_SOCK"
-    --export "type=nbd,id=exp0,node-name=fmt0,name=bench,writable=on")
-log "starting qemu-storage-daemon: ${QSD_CMD[*]}"
-"${QSD_CMD[@]}" >"$WORK/qsd.log" 2>&1 &
-QSD_PID=$!
-wait_for_socket qemu-storage-daemon "$QSD_PID" "$QSD_SOCK" "$WORK/qsd.log"
-
-shopt -s nullglob
-vstor_files=("$WORK"/vstor/disks/*.raw)
-shopt -u nullglob
-(( ${#vstor_files[@]} == 1 )) || die "expected one disk file under $WORK/vstor/disks, found ${#vstor_files[@]}"
-VSTOR_FILE=${vstor_files[0]}
-[[ $(stat -c %s "$VSTOR_FILE") == "$SIZE_BYTES" ]] ||
-    die "vstor's disk file $VSTOR_FILE is $(stat -c %s "$VSTOR_FILE") bytes, expected $SIZE_BYTES"
+start_daemons --nbd-server "addr.type=unix,addr.path=$QSD_SOCK" \
+    --export "type=nbd,id=exp0,node-name=fmt0,name=bench,writable=on"
 
 # --- fio -----------------------------------------------------------------------------------------
 

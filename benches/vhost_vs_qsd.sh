@@ -129,28 +129,8 @@ socket = "$VSTOR_SOCK"
 num_queues = $NUM_QUEUES
 EOF
 
-log "starting vstor: $VSTOR serve --config $WORK/vstor.toml"
-"$VSTOR" serve --config "$WORK/vstor.toml" >"$WORK/vstor.log" 2>&1 &
-VSTOR_PID=$!
-wait_for_socket vstor "$VSTOR_PID" "$VSTOR_SOCK" "$WORK/vstor.log"
-
-truncate -s "$SIZE_BYTES" "$WORK/qsd.raw"
-QSD_CMD=(qemu-storage-daemon
-    --blockdev "driver=file,node-name=file0,filename=$WORK/qsd.raw,aio=io_uring,cache.direct=off"
-    --blockdev "driver=raw,node-name=fmt0,file=file0"
-    --export "type=vhost-user-blk,id=exp0,node-name=fmt0,addr.type=unix,addr.path=$QSD_SOCK,writable=on,num-queues=$NUM_QUEUES")
-log "starting qemu-storage-daemon: ${QSD_CMD[*]}"
-"${QSD_CMD[@]}" >"$WORK/qsd.log" 2>&1 &
-QSD_PID=$!
-wait_for_socket qemu-storage-daemon "$QSD_PID" "$QSD_SOCK" "$WORK/qsd.log"
-
-shopt -s nullglob
-vstor_files=("$WORK"/vstor/disks/*.raw)
-shopt -u nullglob
-(( ${#vstor_files[@]} == 1 )) || die "expected one disk file under $WORK/vstor/disks, found ${#vstor_files[@]}"
-VSTOR_FILE=${vstor_files[0]}
-[[ $(stat -c %s "$VSTOR_FILE") == "$SIZE_BYTES" ]] ||
-    die "vstor's disk file $VSTOR_FILE is $(stat -c %s "$VSTOR_FILE") bytes, expected $SIZE_BYTES"
+start_daemons --export \
+    "type=vhost-user-blk,id=exp0,node-name=fmt0,addr.type=unix,addr.path=$QSD_SOCK,writable=on,num-queues=$NUM_QUEUES"
 
 # --- load ----------------------------------------------------------------------------------------
 
