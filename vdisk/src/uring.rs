@@ -1,14 +1,20 @@
-//! A shared io_uring that async requests submit to.
+//! io_uring rings that async requests submit to.
 //!
-//! Any thread may submit: the ring sits behind a short mutex that is held only to push an entry
+//! Any thread may submit: a ring sits behind a short mutex that is held only to push an entry
 //! and to reap completions, never across a wait. Completions are reaped by whoever gets there
 //! first: the submitter right after `io_uring_enter` (the page cache often completes a request
-//! inline), the request's own poll, or a tokio task woken by the eventfd the ring signals.
+//! inline), the request's own poll, or whoever waits on the eventfd the ring signals.
+//!
+//! A disk's own ring is reaped by a tokio task. A thread with an event loop of its own (a
+//! vhost-user queue) instead owns a ring it reaps itself and *enters* it while it runs requests:
+//! everything those requests submit goes to that ring, so their completions wake that thread
+//! directly instead of a tokio worker that would then have to wake it.
 //!
 //! The kernel writes into a request's buffer until its completion arrives, so a request future
 //! dropped early leaves its buffer with the ring, which frees it when the completion comes.
 
 use std::any::Any;
+use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -28,8 +34,13 @@ pub struct Uring {
 
 struct Shared {
     ring: Mutex<RingState>,
-    /// A second descriptor for the eventfd, to wake the reaper when the ring goes away.
-    wake_fd: OwnedFd,
+    /// The eventfd the ring signals on completions.
+    event: OwnedFd,
+}
+
+thread_local! {
+    /// The ring this thread has entered (see [`Uring::enter`]), if any.
+    static ENTERED: RefCell<Option<Arc<Shared>>> = const { RefCell::new(None) };
 }
 
 struct RingState {
@@ -50,6 +61,20 @@ enum Slot {
 impl Uring {
     /// Creates a ring and its reaper task; must be called inside a tokio runtime.
     pub fn new() -> io::Result<Uring> {
+        let uring = Uring::self_reaped()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+        let _entered = runtime.enter();
+        let efd = uring.shared.event.try_clone()?;
+        // SAFETY: `efd` is an open eventfd owned by the AsyncFd for its whole life.
+        let reaper = unsafe { AsyncFd::register_with_interest(efd, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        runtime.spawn(reap(reaper, Arc::downgrade(&uring.shared)));
+        Ok(uring)
+    }
+
+    /// Creates a ring whose owner reaps it: it waits for [`Uring::event_fd`] to become readable
+    /// and then calls [`Uring::reap`].
+    pub fn self_reaped() -> io::Result<Uring> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
         // SAFETY: eventfd takes no pointers; the result is checked before use.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -57,20 +82,28 @@ impl Uring {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: efd is a fresh descriptor owned by nobody else.
-        let efd = unsafe { OwnedFd::from_raw_fd(efd) };
-        ring.submitter().register_eventfd(efd.as_raw_fd())?;
-        let wake_fd = efd.try_clone()?;
-        let shared = Arc::new(Shared {
-            ring: Mutex::new(RingState { ring, slots: Vec::new(), free: Vec::new(), in_flight: 0 }),
-            wake_fd,
-        });
-        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
-        let _entered = runtime.enter();
-        // SAFETY: `efd` is an open eventfd owned by the AsyncFd for its whole life.
-        let reaper = unsafe { AsyncFd::register_with_interest(efd, tokio::io::Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
-        runtime.spawn(reap(reaper, Arc::downgrade(&shared)));
-        Ok(Uring { shared })
+        let event = unsafe { OwnedFd::from_raw_fd(efd) };
+        ring.submitter().register_eventfd(event.as_raw_fd())?;
+        let state = RingState { ring, slots: Vec::new(), free: Vec::new(), in_flight: 0 };
+        Ok(Uring { shared: Arc::new(Shared { ring: Mutex::new(state), event }) })
+    }
+
+    /// The eventfd the ring signals when completions arrive.
+    pub fn event_fd(&self) -> RawFd {
+        self.shared.event.as_raw_fd()
+    }
+
+    /// Clears the eventfd and wakes the requests whose completions have arrived.
+    pub fn reap(&self) {
+        self.shared.clear_event();
+        self.shared.reap_and_wake();
+    }
+
+    /// Sends every operation this thread submits, through any ring, to this one until the guard
+    /// is dropped.
+    pub fn enter(&self) -> Entered {
+        let previous = ENTERED.with(|e| e.replace(Some(self.shared.clone())));
+        Entered { previous }
     }
 
     /// Submits one operation. `build` makes the entry from the buffer, which then stays with the
@@ -86,7 +119,8 @@ impl Uring {
     ) -> Operation<B> {
         let mut buf = buf;
         let entry = build(&mut buf);
-        let mut state = self.shared.lock();
+        let shared = ENTERED.with(|e| e.borrow().clone()).unwrap_or_else(|| self.shared.clone());
+        let mut state = shared.lock();
         let slot = state.alloc_slot();
         let entry = entry.user_data(slot as u64);
         // The page cache often completes a request inside io_uring_enter, and it is reaped right
@@ -111,12 +145,19 @@ impl Uring {
         };
         drop(state);
         wakers.into_iter().for_each(Waker::wake);
-        Operation {
-            shared: self.shared.clone(),
-            slot: result.as_ref().ok().map(|_| slot),
-            buf: Some(buf),
-            error: result.err(),
-        }
+        Operation { shared, slot: result.as_ref().ok().map(|_| slot), buf: Some(buf), error: result.err() }
+    }
+}
+
+/// Restores the ring the thread had entered before; see [`Uring::enter`].
+pub struct Entered {
+    previous: Option<Arc<Shared>>,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        ENTERED.with(|e| *e.borrow_mut() = previous);
     }
 }
 
@@ -126,14 +167,26 @@ impl Shared {
         // assignment), so a poisoned lock is still usable.
         self.ring.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn clear_event(&self) {
+        let mut counter = 0u64;
+        // SAFETY: reads 8 bytes into a live u64 from a descriptor we own.
+        unsafe { libc::read(self.event.as_raw_fd(), (&mut counter as *mut u64).cast(), 8) };
+    }
+
+    fn reap_and_wake(&self) {
+        let mut wakers = Vec::new();
+        self.lock().reap(&mut wakers);
+        wakers.into_iter().for_each(Waker::wake);
+    }
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        // Wake the reaper so that it sees the ring is gone and ends.
+        // Wake a reaper task so that it sees the ring is gone and ends.
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to a descriptor we own.
-        unsafe { libc::write(self.wake_fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        unsafe { libc::write(self.event.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 }
 
@@ -204,12 +257,10 @@ async fn reap(fd: AsyncFd<OwnedFd>, shared: Weak<Shared>) {
         let Ok(mut guard) = fd.readable().await else { return };
         let mut counter = 0u64;
         // SAFETY: reads 8 bytes into a live u64 from a descriptor we own.
-        unsafe { libc::read(fd.get_ref().as_raw_fd() as RawFd, (&mut counter as *mut u64).cast(), 8) };
+        unsafe { libc::read(fd.get_ref().as_raw_fd(), (&mut counter as *mut u64).cast(), 8) };
         guard.clear_ready();
         let Some(shared) = shared.upgrade() else { return };
-        let mut wakers = Vec::new();
-        shared.lock().reap(&mut wakers);
-        wakers.into_iter().for_each(Waker::wake);
+        shared.reap_and_wake();
     }
 }
 

@@ -6,6 +6,10 @@
 //! wait is parked in the queue's pending set, and its waker rings the queue's own eventfd so that
 //! the same thread polls it again. Only the queue's thread touches its vring and its pending set,
 //! so queues share no lock on the request path.
+//!
+//! Each queue also has an io_uring of its own that its thread enters while it runs requests, so
+//! that the file I/O they start completes straight to the queue's thread (one wakeup, as in
+//! qemu-storage-daemon) rather than through a tokio worker and then the queue's eventfd.
 
 use std::future::Future;
 use std::io;
@@ -34,6 +38,7 @@ use super::request::*;
 use crate::buffer::IoBuf;
 use crate::device::{BlockDevice, MAX_IO_BYTES};
 use crate::disk::Disk;
+use crate::uring::Uring;
 
 /// Largest queue a frontend may set up.
 pub const MAX_QUEUE_SIZE: usize = 1024;
@@ -62,6 +67,8 @@ struct Pending {
     ready: Mutex<Vec<usize>>,
     event: EventFd,
     in_flight: AtomicUsize,
+    /// The ring this queue's requests submit their file I/O to, reaped by the queue's thread.
+    ring: Uring,
 }
 
 #[derive(Default)]
@@ -96,10 +103,13 @@ impl std::task::Wake for TaskWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if let Ok(mut ready) = self.pending.ready.lock() {
-            ready.push(self.slot);
+        let mut ready = self.pending.ready.lock().unwrap_or_else(|p| p.into_inner());
+        ready.push(self.slot);
+        // The queue thread reads the eventfd before it takes the whole list, so one signal per
+        // batch is enough: a slot pushed after an earlier one's signal is taken along with it.
+        if ready.len() == 1 {
+            let _ = self.pending.event.write(1);
         }
-        let _ = self.pending.event.write(1);
     }
 }
 
@@ -129,6 +139,7 @@ impl BlkBackend {
                     ready: Mutex::new(Vec::new()),
                     event: EventFd::new(EFD_NONBLOCK)?,
                     in_flight: AtomicUsize::new(0),
+                    ring: Uring::self_reaped()?,
                 }))
             })
             .collect::<io::Result<_>>()?;
@@ -143,15 +154,23 @@ impl BlkBackend {
         })
     }
 
-    /// The eventfd that wakes each queue's thread for its pending requests, and the event id the
-    /// thread knows it by.
-    pub fn completion_events(&self) -> impl Iterator<Item = (i32, u64)> + '_ {
-        self.queues.iter().enumerate().map(|(q, c)| (c.event.as_raw_fd(), self.completion_event(q)))
+    /// The descriptors each queue's thread must watch besides its vring, with the event ids the
+    /// thread knows them by: the queue's eventfd, which wakes it for its pending requests, and
+    /// its ring's eventfd.
+    pub fn queue_events(&self) -> impl Iterator<Item = (usize, i32, u64)> + '_ {
+        self.queues.iter().enumerate().flat_map(|(q, p)| {
+            [(q, p.event.as_raw_fd(), self.completion_event()), (q, p.ring.event_fd(), self.ring_event())]
+        })
     }
 
-    /// Event ids up to num_queues belong to vhost-user-backend; ours come after.
-    fn completion_event(&self, q: usize) -> u64 {
-        (self.num_queues + 1 + q) as u64
+    /// Event ids up to num_queues belong to vhost-user-backend; ours come after. Each thread
+    /// has its own set of ids.
+    fn completion_event(&self) -> u64 {
+        (self.num_queues + 1) as u64
+    }
+
+    fn ring_event(&self) -> u64 {
+        (self.num_queues + 2) as u64
     }
 
     fn config_space(&self) -> Vec<u8> {
@@ -186,6 +205,7 @@ impl BlkBackend {
         };
         // Requests are first polled on this thread; anything they touch of tokio needs its context.
         let _runtime = self.runtime.enter();
+        let _ring = self.queues[q].ring.enter();
         let event_idx = self.event_idx.load(Relaxed);
         let mut returned = false;
         loop {
@@ -250,6 +270,7 @@ impl BlkBackend {
         let pending = &self.queues[q];
         let _ = pending.event.read();
         let _runtime = self.runtime.enter();
+        let _ring = pending.ring.enter();
         let ready = std::mem::take(&mut *pending.ready.lock().unwrap_or_else(|p| p.into_inner()));
         let mut returned = false;
         for slot in ready {
@@ -481,7 +502,12 @@ impl VhostUserBackend for BlkBackend {
         };
         match device_event as usize {
             0 => self.process_queue(q, vring),
-            e if e == self.completion_event(q) as usize => self.complete(q, vring),
+            e if e == self.completion_event() as usize => self.complete(q, vring),
+            e if e == self.ring_event() as usize => {
+                // Reaping wakes the requests whose I/O finished, which queues them for `complete`.
+                self.queues[q].ring.reap();
+                self.complete(q, vring)
+            }
             _ => Err(io::Error::other(format!("unknown device event {device_event}"))),
         }
     }
@@ -580,7 +606,8 @@ mod tests {
             let deadline = Instant::now() + Duration::from_secs(10);
             while mock.used().idx().load() < expect {
                 assert!(Instant::now() < deadline, "queue {q}: requests not returned");
-                let event = self.backend.completion_event(q) as u16;
+                // The ring event reaps the queue's ring and then polls every woken request.
+                let event = self.backend.ring_event() as u16;
                 self.backend.handle_event(event, EventSet::IN, std::slice::from_ref(vring), q).unwrap();
                 std::thread::sleep(Duration::from_millis(1));
             }

@@ -1,6 +1,7 @@
 //! A disk exported on a vhost-user socket: one frontend at a time, reconnects accepted, and
 //! removable while the daemon runs.
 
+use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -140,8 +141,12 @@ fn serve(
             }
         };
         let handlers = daemon.get_epoll_handlers();
-        for ((fd, event), handler) in backend.completion_events().zip(handlers.iter()) {
-            if let Err(e) = handler.register_listener(fd, EventSet::IN, event) {
+        for (q, fd, event) in backend.queue_events() {
+            let registered = match handlers.get(q) {
+                Some(handler) => handler.register_listener(fd, EventSet::IN, event),
+                None => Err(io::Error::other("no worker thread for a queue")),
+            };
+            if let Err(e) = registered {
                 tracing::error!(disk = %name, error = %e, "cannot watch completions");
                 return;
             }
