@@ -1,0 +1,913 @@
+//! The open-channel SSD: executes 64-byte NVMe commands against its chunks and media.
+//!
+//! # Rules and their statuses
+//!
+//! Every address of a vector command gets a status; the completion's bitmap has bit *i* set
+//! when address *i*'s status is not success, and the completion's status is that of the first
+//! failing address in list order. The high-ECC read warning counts in the bitmap but gives the
+//! command status only when no address failed outright. A command-level error (bad opcode,
+//! namespace or pointer) sets every address's bit and nothing is done.
+//!
+//! * Any address with bits above the LBA format or a field beyond the geometry: LBA out of range
+//!   (generic 0x80).
+//! * **Write (0x91).** The addresses form *runs*: maximal stretches of consecutive list entries
+//!   that are in the same chunk at consecutive, increasing blocks. Runs are done in list order,
+//!   each against the chunk as the runs before left it, so one command may write several chunks
+//!   on several PUs and even the same chunk twice. For each run, in this order: chunk offline →
+//!   0xC0; closed → 0xF2 out-of-order; length not a multiple of `ws_min` → invalid field (0x02);
+//!   first block ≠ write pointer → 0xF2; chunk free and opening it would exceed `maxocpu` or
+//!   `maxoc` → too many open chunks (command specific 0xBE). A failing run fails all its
+//!   addresses and changes nothing; other runs go on. The first write opens a free chunk; writing
+//!   its last block closes it. Injected program faults: see [`crate::fault`].
+//! * **Read (0x92).** Per address: offline → 0xC0; a closed chunk reads below its write pointer,
+//!   an open chunk only below `wp − mw_cunits` (the blocks above are still in the device's write
+//!   cache: the host must serve them from its own buffer); anything else, and any block of a
+//!   write unit whose program failed, reads as deallocated/unwritten (media 0x87). Failing
+//!   addresses get **zeros** in their data and OOB slots.
+//! * **Reset (0x90).** Per address, which must name block 0 of its chunk (else invalid field):
+//!   offline → 0xC1; free → 0xC1 unless `mccap` allows multiple resets; otherwise the chunk is
+//!   erased and its wear goes up by one: to free with `wp = slba`, or, when the wear passes
+//!   `endurance`, to offline with status 0xC0 ("marked offline by the reset") and a
+//!   notification.
+//! * **Copy (0x93, when `mccap` bit 0 is set).** Reads the sources under the read rules, then
+//!   writes the destinations (CDW14-15) under the write rules, runs formed on the destinations.
+//!   A destination run whose sources did not all read fails whole, with the status of its first
+//!   failing source; an invalid destination address fails with 0x80. Data and OOB are copied.
+//! * **Flush (0x00).** Makes everything completed durable (`fdatasync` on file media). A
+//!   write or copy with FUA (CDW12 bit 30) flushes before it completes.
+//!
+//! A media I/O error fails the addresses it concerned with internal error (0x06) and leaves the
+//! chunk records as they were before the command.
+//!
+//! # Concurrency
+//!
+//! `execute` may be called from many threads. Each PU has its own lock; a command takes the locks
+//! of the PUs it names (in PU order, so commands cannot deadlock) for its checks, media I/O and
+//! chunk updates, so commands on different PUs run in parallel and commands on one PU are
+//! atomic with respect to each other.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::address::{Addr, Ppa};
+use crate::chunk::{ChunkDescriptor, ChunkMeta, ChunkState, CHUNK_DESCRIPTOR_SIZE, CT_SEQUENTIAL};
+use crate::command::{admin, opcode, Cqe, Sqe, Status, NSID};
+use crate::dma::DmaRegion;
+use crate::error::{Error, Result};
+use crate::fault::{Fault, FaultConfig, FaultInjector, FaultKind};
+use crate::geometry::{Geometry, GEOMETRY_PAGE_SIZE};
+use crate::media::{bitmap_words, Media, MediaOp, MemMedia};
+use crate::notify::{
+    ChunkNotification, NotificationLog, MASK_BLOCK, MASK_CHUNK, STATE_ERROR_HIGH, STATE_UNRECOVERABLE,
+};
+use crate::timing::{OpKind, TimingModel};
+
+/// The open-channel SSD model.
+pub struct Device {
+    geo: Geometry,
+    media: Box<dyn Media>,
+    pus: Vec<Mutex<PuState>>,
+    open_total: AtomicU32,
+    faults: FaultInjector,
+    notes: NotificationLog,
+    timing: TimingModel,
+}
+
+/// The chunks of one parallel unit.
+struct PuState {
+    chunks: Vec<ChunkMeta>,
+    open: u32,
+}
+
+/// A decoded address and where its chunk lives.
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    addr: Addr,
+    pu: usize,
+    /// Chunk index within the PU.
+    local: usize,
+    /// Chunk index in the device.
+    chunk: usize,
+}
+
+/// Blocks (or chunks, for resets) a command had the media work on, per PU.
+#[derive(Default)]
+struct Work {
+    reads: BTreeMap<usize, u32>,
+    programs: BTreeMap<usize, u32>,
+    resets: BTreeMap<usize, u32>,
+}
+
+/// A run of list entries `entries` going to (or coming from) consecutive blocks from `blk` of
+/// chunk `chunk`.
+struct Run {
+    chunk: usize,
+    blk: u32,
+    entries: Range<usize>,
+}
+
+/// What a command changed, to persist it, or to undo it if the media fails.
+#[derive(Default)]
+struct Plan {
+    /// Each touched chunk as it was before the command, with its PU.
+    originals: BTreeMap<usize, (usize, ChunkMeta)>,
+    /// Notifications to log once the media has done its part: address, state bits, mask.
+    notes: Vec<(Ppa, u16, u8)>,
+    /// Entries whose fate depends on the media batch.
+    attempted: Vec<Range<usize>>,
+}
+
+impl Plan {
+    fn touch(&mut self, loc: &Loc, meta: &ChunkMeta) {
+        self.originals.entry(loc.chunk).or_insert_with(|| (loc.pu, meta.clone()));
+    }
+}
+
+/// The PU locks a command holds, by PU index.
+struct Locked<'a> {
+    guards: Vec<(usize, MutexGuard<'a, PuState>)>,
+}
+
+impl Locked<'_> {
+    fn pu(&mut self, pu: usize) -> Option<&mut PuState> {
+        let i = self.guards.binary_search_by_key(&pu, |(p, _)| *p).ok()?;
+        Some(&mut self.guards[i].1)
+    }
+}
+
+fn fill(statuses: &mut [Status], range: Range<usize>, s: Status) {
+    if let Some(slots) = statuses.get_mut(range) {
+        slots.fill(s);
+    }
+}
+
+/// The completion of a vector command from its per-address statuses.
+fn complete(cid: u16, statuses: &[Status]) -> Cqe {
+    let bitmap = statuses.iter().enumerate().filter(|(_, s)| !s.is_success()).fold(0u64, |b, (i, _)| b | 1 << i);
+    let status = statuses
+        .iter()
+        .find(|s| !s.data_valid())
+        .or_else(|| statuses.iter().find(|s| !s.is_success()))
+        .copied()
+        .unwrap_or(Status::SUCCESS);
+    Cqe::new(cid, status, bitmap)
+}
+
+/// A command-level failure: every address failed.
+fn fail_all(sqe: &Sqe, s: Status) -> Cqe {
+    let n = sqe.naddr();
+    let bitmap = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+    Cqe::new(sqe.cid, s, bitmap)
+}
+
+/// Splits `buf` into the slots of `runs` (ascending, disjoint entry ranges), `unit` bytes per
+/// entry.
+fn carve<'b>(runs: &[Run], buf: &'b mut [u8], unit: usize) -> Vec<&'b mut [u8]> {
+    let mut out = Vec::with_capacity(runs.len());
+    let mut rest = buf;
+    let mut at = 0;
+    for r in runs {
+        let skip = (r.entries.start.saturating_sub(at)) * unit;
+        let Some((_, tail)) = rest.split_at_mut_checked(skip) else { break };
+        let Some((this, next)) = tail.split_at_mut_checked(r.entries.len() * unit) else { break };
+        out.push(this);
+        rest = next;
+        at = r.entries.end;
+    }
+    out
+}
+
+impl Device {
+    /// Opens a device on a media made for `geometry` (timings may differ). The chunk records
+    /// come from the media; `faults` are armed and its offline chunks taken offline.
+    pub fn open(geometry: Geometry, media: Box<dyn Media>, faults: FaultConfig) -> Result<Device> {
+        geometry.validate()?;
+        media.geometry().check_same_media(&geometry)?;
+        let metas = media.load_chunks()?;
+        let bad = |reason: String| Error::Malformed { what: "chunk table", reason };
+        if metas.len() != geometry.total_chunks() {
+            return Err(bad(format!("{} records for {} chunks", metas.len(), geometry.total_chunks())));
+        }
+        for (i, m) in metas.iter().enumerate() {
+            check_meta(&geometry, m).map_err(|r| bad(format!("chunk {i}: {r}")))?;
+        }
+        for f in &faults.faults {
+            f.at.check(&geometry)?;
+        }
+        let num_chk = geometry.num_chk as usize;
+        let mut it = metas.into_iter();
+        let mut pus = Vec::with_capacity(geometry.total_pus());
+        let mut open_total = 0;
+        for _ in 0..geometry.total_pus() {
+            let chunks: Vec<ChunkMeta> = it.by_ref().take(num_chk).collect();
+            let open = chunks.iter().filter(|c| c.state == ChunkState::Open).count() as u32;
+            open_total += open;
+            pus.push(Mutex::new(PuState { chunks, open }));
+        }
+        let dev = Device {
+            timing: TimingModel::new(&geometry),
+            geo: geometry,
+            media,
+            pus,
+            open_total: AtomicU32::new(open_total),
+            faults: FaultInjector::new(faults.faults),
+            notes: NotificationLog::new(),
+        };
+        for a in faults.offline {
+            dev.set_offline(a)?;
+        }
+        Ok(dev)
+    }
+
+    /// A device on fresh memory media, with no faults.
+    pub fn in_memory(geometry: Geometry) -> Result<Device> {
+        let media = MemMedia::new(&geometry)?;
+        Device::open(geometry, Box::new(media), FaultConfig::default())
+    }
+
+    /// Gives the media back (e.g. to open a new device on it, as after a power cycle).
+    pub fn into_media(self) -> Box<dyn Media> {
+        self.media
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    /// The timing model's per-PU state.
+    pub fn timing(&self) -> &TimingModel {
+        &self.timing
+    }
+
+    /// Executes one I/O command (flush, vector reset/write/read/copy).
+    pub fn execute(&self, sqe: &Sqe, mem: &DmaRegion) -> Cqe {
+        self.run_io(sqe, mem).0
+    }
+
+    /// Executes one I/O command issued at `now_ns` and returns when the media would have
+    /// finished it under the timing model (see [`crate::timing`]). The device does not wait.
+    pub fn execute_at(&self, sqe: &Sqe, mem: &DmaRegion, now_ns: u64) -> (Cqe, u64) {
+        let (cqe, work) = self.run_io(sqe, mem);
+        let schedule = |ops: &BTreeMap<usize, u32>, kind: OpKind, start: u64| {
+            ops.iter().map(|(&pu, &n)| self.timing.schedule(pu, kind, n, start)).max().unwrap_or(start)
+        };
+        let read_done = schedule(&work.reads, OpKind::Read, now_ns);
+        // A copy programs after its reads; a write has no reads, so it starts at now.
+        let program_done = schedule(&work.programs, OpKind::Program, read_done);
+        let reset_done = schedule(&work.resets, OpKind::Reset, now_ns);
+        (cqe, read_done.max(program_done).max(reset_done))
+    }
+
+    /// Executes one admin command (geometry, get log page).
+    pub fn execute_admin(&self, sqe: &Sqe, mem: &DmaRegion) -> Cqe {
+        let status = match sqe.opcode {
+            admin::GEOMETRY if sqe.nsid != NSID => Status::INVALID_NAMESPACE,
+            admin::GEOMETRY => match mem.write(sqe.prp1, &self.geo.to_page()[..]) {
+                Ok(()) => Status::SUCCESS,
+                Err(_) => Status::DATA_TRANSFER_ERROR,
+            },
+            admin::GET_LOG_PAGE => self.get_log_page(sqe, mem),
+            _ => Status::INVALID_OPCODE,
+        };
+        Cqe::new(sqe.cid, status, 0)
+    }
+
+    /// The 4096-byte geometry structure.
+    pub fn geometry_page(&self) -> Box<[u8; GEOMETRY_PAGE_SIZE]> {
+        self.geo.to_page()
+    }
+
+    /// The descriptor of the chunk holding `ppa`.
+    pub fn chunk(&self, ppa: Ppa) -> Result<ChunkDescriptor> {
+        self.chunk_at(ppa.to_addr(&self.geo)?)
+    }
+
+    /// The descriptor of the chunk holding `addr`.
+    pub fn chunk_at(&self, addr: Addr) -> Result<ChunkDescriptor> {
+        let loc = self.locate_addr(addr)?;
+        let pu = self.lock_pu(loc.pu);
+        Ok(self.descriptor(loc.chunk, &pu.chunks[loc.local]))
+    }
+
+    /// The wear (resets so far) of the chunk holding `addr`.
+    pub fn wear(&self, addr: Addr) -> Result<u32> {
+        let loc = self.locate_addr(addr)?;
+        Ok(self.lock_pu(loc.pu).chunks[loc.local].wear)
+    }
+
+    /// Descriptors of the chunks with linear indexes in `range` (clamped to the device), as in
+    /// the chunk information log page.
+    pub fn chunk_info(&self, range: Range<usize>) -> Vec<ChunkDescriptor> {
+        let num_chk = self.geo.num_chk as usize;
+        let end = range.end.min(self.geo.total_chunks());
+        let mut out = Vec::with_capacity(end.saturating_sub(range.start));
+        let mut i = range.start;
+        while i < end {
+            let pu_index = i / num_chk;
+            let pu = self.lock_pu(pu_index);
+            let pu_end = ((pu_index + 1) * num_chk).min(end);
+            out.extend((i..pu_end).map(|c| self.descriptor(c, &pu.chunks[c % num_chk])));
+            i = pu_end;
+        }
+        out
+    }
+
+    /// Notifications with a count above `after`, oldest first (see [`crate::notify`]).
+    pub fn notifications(&self, after: u64) -> Vec<ChunkNotification> {
+        self.notes.since(after)
+    }
+
+    /// Chunks open right now.
+    pub fn open_chunks(&self) -> u32 {
+        self.open_total.load(Ordering::SeqCst)
+    }
+
+    /// Arms a fault (see [`crate::fault`]).
+    pub fn inject(&self, fault: Fault) -> Result<()> {
+        fault.at.check(&self.geo)?;
+        self.faults.add(fault);
+        Ok(())
+    }
+
+    /// Disarms every fault.
+    pub fn clear_faults(&self) {
+        self.faults.clear();
+    }
+
+    /// The armed faults.
+    pub fn faults(&self) -> Vec<Fault> {
+        self.faults.list()
+    }
+
+    /// Takes the chunk holding `addr` offline now, as a failing die would, and logs a
+    /// notification. Reads, writes and resets of it fail from now on. Does nothing if it is
+    /// offline already.
+    pub fn set_offline(&self, addr: Addr) -> Result<()> {
+        let loc = self.locate_addr(addr)?;
+        let mut pu = self.lock_pu(loc.pu);
+        if pu.chunks[loc.local].state == ChunkState::Offline {
+            return Ok(());
+        }
+        let before = pu.chunks[loc.local].clone();
+        self.set_state(&mut pu, loc.local, ChunkState::Offline);
+        let meta = pu.chunks[loc.local].clone();
+        if let Err(e) = self.media.submit(&mut [MediaOp::SaveChunk { chunk: loc.chunk, meta: &meta }]) {
+            self.set_state(&mut pu, loc.local, before.state);
+            return Err(e);
+        }
+        drop(pu);
+        self.notes.push(self.slba(loc), STATE_UNRECOVERABLE, MASK_CHUNK, 0);
+        Ok(())
+    }
+
+    /// Makes everything completed so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.media.flush()
+    }
+
+    // ---- helpers ----
+
+    fn lock_pu(&self, pu: usize) -> MutexGuard<'_, PuState> {
+        // A panic in the middle of a command could leave a half-updated chunk record; commands do
+        // not panic, and refusing every later command would help nobody.
+        self.pus[pu].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Locks the PUs of `locs`, in PU order.
+    fn lock_pus<'a>(&'a self, locs: impl IntoIterator<Item = &'a Option<Loc>>) -> Locked<'a> {
+        let pus: BTreeSet<usize> = locs.into_iter().flatten().map(|l| l.pu).collect();
+        Locked { guards: pus.into_iter().map(|p| (p, self.lock_pu(p))).collect() }
+    }
+
+    fn locate_addr(&self, a: Addr) -> Result<Loc> {
+        let pu = a.pu_index(&self.geo)?;
+        let chunk = a.chunk_index(&self.geo)?;
+        Ok(Loc { addr: a, pu, local: a.chk as usize, chunk })
+    }
+
+    /// Decodes raw addresses; an undecodable one gets LBA out of range.
+    fn locate_all(&self, raw: &[u64]) -> (Vec<Option<Loc>>, Vec<Status>) {
+        let locs: Vec<Option<Loc>> =
+            raw.iter().map(|&r| Addr::from_ppa(&self.geo, Ppa(r)).and_then(|a| self.locate_addr(a)).ok()).collect();
+        let statuses =
+            locs.iter().map(|l| if l.is_some() { Status::SUCCESS } else { Status::LBA_OUT_OF_RANGE }).collect();
+        (locs, statuses)
+    }
+
+    fn slba(&self, loc: Loc) -> Ppa {
+        loc.addr.chunk_start().to_ppa(&self.geo).unwrap_or_default()
+    }
+
+    fn descriptor(&self, chunk: usize, meta: &ChunkMeta) -> ChunkDescriptor {
+        let slba = Addr::from_chunk_index(&self.geo, chunk, 0).and_then(|a| a.to_ppa(&self.geo)).unwrap_or_default();
+        ChunkDescriptor {
+            state: meta.state,
+            ctype: CT_SEQUENTIAL,
+            wli: self.geo.wli(meta.wear),
+            slba,
+            cnlb: self.geo.clba.into(),
+            wp: Ppa(slba.0 + u64::from(meta.wp)),
+        }
+    }
+
+    /// Moves a chunk to a new state, keeping the open-chunk counts right.
+    fn set_state(&self, pu: &mut PuState, local: usize, new: ChunkState) {
+        let old = pu.chunks[local].state;
+        if old == new {
+            return;
+        }
+        if old == ChunkState::Open {
+            pu.open -= 1;
+            self.open_total.fetch_sub(1, Ordering::SeqCst);
+        }
+        if new == ChunkState::Open {
+            pu.open += 1;
+            self.open_total.fetch_add(1, Ordering::SeqCst);
+        }
+        pu.chunks[local].state = new;
+    }
+
+    /// Opens a free chunk if the open-chunk limits allow.
+    fn try_open(&self, pu: &mut PuState, local: usize) -> bool {
+        if pu.open >= self.geo.maxocpu {
+            return false;
+        }
+        let maxoc = self.geo.maxoc;
+        if self.open_total.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < maxoc).then_some(n + 1)).is_err() {
+            return false;
+        }
+        pu.open += 1;
+        pu.chunks[local].state = ChunkState::Open;
+        true
+    }
+
+    /// The address list of a vector command: the field itself for one address, else `n`
+    /// addresses read from the region.
+    fn address_list(&self, mem: &DmaRegion, field: u64, n: usize) -> std::result::Result<Vec<u64>, Status> {
+        if n == 1 {
+            return Ok(vec![field]);
+        }
+        mem.read_u64s(field, n).map_err(|_| Status::DATA_TRANSFER_ERROR)
+    }
+
+    /// Copies of the touched chunks' records, to persist.
+    fn saves(&self, locked: &mut Locked<'_>, plan: &Plan) -> Vec<(usize, ChunkMeta)> {
+        let num_chk = self.geo.num_chk as usize;
+        let mut out = Vec::new();
+        for (&chunk, (pu, _)) in &plan.originals {
+            if let Some(p) = locked.pu(*pu) {
+                out.push((chunk, p.chunks[chunk % num_chk].clone()));
+            }
+        }
+        out
+    }
+
+    /// Puts every touched chunk back as it was.
+    fn rollback(&self, locked: &mut Locked<'_>, plan: &Plan) {
+        let num_chk = self.geo.num_chk as usize;
+        for (&chunk, (pu, orig)) in &plan.originals {
+            if let Some(p) = locked.pu(*pu) {
+                self.set_state(p, chunk % num_chk, orig.state);
+                p.chunks[chunk % num_chk] = orig.clone();
+            }
+        }
+    }
+
+    fn submit(&self, ops: &mut [MediaOp<'_>]) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.media.submit(ops).inspect_err(|e| tracing::warn!(error = %e, "media batch failed"))
+    }
+
+    fn log_notes(&self, plan: &mut Plan) {
+        for (ppa, state, mask) in plan.notes.drain(..) {
+            self.notes.push(ppa, state, mask, 0);
+        }
+    }
+
+    // ---- commands ----
+
+    fn run_io(&self, sqe: &Sqe, mem: &DmaRegion) -> (Cqe, Work) {
+        let mut work = Work::default();
+        let cqe = match sqe.opcode {
+            opcode::FLUSH if sqe.nsid != NSID && sqe.nsid != u32::MAX => {
+                Cqe::new(sqe.cid, Status::INVALID_NAMESPACE, 0)
+            }
+            opcode::FLUSH => match self.media.flush() {
+                Ok(()) => Cqe::new(sqe.cid, Status::SUCCESS, 0),
+                Err(_) => Cqe::new(sqe.cid, Status::INTERNAL_ERROR, 0),
+            },
+            opcode::VECTOR_RESET | opcode::VECTOR_WRITE | opcode::VECTOR_READ | opcode::VECTOR_COPY
+                if sqe.nsid != NSID =>
+            {
+                fail_all(sqe, Status::INVALID_NAMESPACE)
+            }
+            opcode::VECTOR_RESET => self.reset(sqe, mem, &mut work),
+            opcode::VECTOR_WRITE => self.write(sqe, mem, &mut work),
+            opcode::VECTOR_READ => self.read(sqe, mem, &mut work),
+            opcode::VECTOR_COPY if self.geo.copy_supported() => self.copy(sqe, mem, &mut work),
+            _ => Cqe::new(sqe.cid, Status::INVALID_OPCODE, 0),
+        };
+        (cqe, work)
+    }
+
+    fn reset(&self, sqe: &Sqe, mem: &DmaRegion, work: &mut Work) -> Cqe {
+        let n = sqe.naddr();
+        let raw = match self.address_list(mem, sqe.lba_field(), n) {
+            Ok(r) => r,
+            Err(s) => return fail_all(sqe, s),
+        };
+        let (locs, mut statuses) = self.locate_all(&raw);
+        let mut locked = self.lock_pus(&locs);
+        let mut plan = Plan::default();
+        let mut erased = Vec::new();
+        for (i, loc) in locs.iter().enumerate() {
+            let Some(loc) = loc else { continue };
+            if loc.addr.blk != 0 {
+                statuses[i] = Status::INVALID_FIELD;
+                continue;
+            }
+            let Some(pu) = locked.pu(loc.pu) else { continue };
+            let meta = &pu.chunks[loc.local];
+            let refused = match meta.state {
+                ChunkState::Offline => true,
+                ChunkState::Free => !self.geo.multi_reset(),
+                ChunkState::Open | ChunkState::Closed => false,
+            };
+            if refused || self.faults.fire(FaultKind::ResetFail, loc.addr) {
+                statuses[i] = Status::INVALID_RESET;
+                continue;
+            }
+            plan.touch(loc, meta);
+            plan.attempted.push(i..i + 1);
+            *work.resets.entry(loc.pu).or_default() += 1;
+            let meta = &mut pu.chunks[loc.local];
+            meta.wear = meta.wear.saturating_add(1);
+            meta.wp = 0;
+            meta.failed_units.clear();
+            if meta.wear > self.geo.endurance {
+                self.set_state(pu, loc.local, ChunkState::Offline);
+                statuses[i] = Status::OFFLINE_CHUNK;
+                plan.notes.push((self.slba(*loc), STATE_UNRECOVERABLE, MASK_CHUNK));
+            } else {
+                self.set_state(pu, loc.local, ChunkState::Free);
+            }
+            erased.push(loc.chunk);
+        }
+        let saves = self.saves(&mut locked, &plan);
+        let mut ops: Vec<MediaOp<'_>> = erased.iter().map(|&chunk| MediaOp::Erase { chunk }).collect();
+        ops.extend(saves.iter().map(|(chunk, meta)| MediaOp::SaveChunk { chunk: *chunk, meta }));
+        if self.submit(&mut ops).is_err() {
+            self.rollback(&mut locked, &plan);
+            plan.notes.clear();
+            for r in plan.attempted.clone() {
+                fill(&mut statuses, r, Status::INTERNAL_ERROR);
+            }
+        }
+        drop(locked);
+        self.log_notes(&mut plan);
+        complete(sqe.cid, &statuses)
+    }
+
+    fn write(&self, sqe: &Sqe, mem: &DmaRegion, work: &mut Work) -> Cqe {
+        let n = sqe.naddr();
+        let (bs, os) = (self.geo.block_size as usize, self.geo.oob_size as usize);
+        let raw = match self.address_list(mem, sqe.lba_field(), n) {
+            Ok(r) => r,
+            Err(s) => return fail_all(sqe, s),
+        };
+        let Ok(data) = mem.read_vec(sqe.prp1, n * bs) else { return fail_all(sqe, Status::DATA_TRANSFER_ERROR) };
+        let oob = if os == 0 { Ok(Vec::new()) } else { mem.read_vec(sqe.mptr, n * os) };
+        let Ok(oob) = oob else { return fail_all(sqe, Status::DATA_TRANSFER_ERROR) };
+        let (locs, mut statuses) = self.locate_all(&raw);
+        let mut locked = self.lock_pus(&locs);
+        let mut plan = Plan::default();
+        let mut writes = Vec::new();
+        for run in self.runs(&locs) {
+            self.plan_write_run(&mut locked, &locs, run, &mut statuses, &mut plan, &mut writes, work);
+        }
+        self.finish_writes(sqe, &mut locked, &mut plan, &writes, &data, &oob, &mut statuses);
+        complete(sqe.cid, &statuses)
+    }
+
+    fn read(&self, sqe: &Sqe, mem: &DmaRegion, work: &mut Work) -> Cqe {
+        let n = sqe.naddr();
+        let (bs, os) = (self.geo.block_size as usize, self.geo.oob_size as usize);
+        let raw = match self.address_list(mem, sqe.lba_field(), n) {
+            Ok(r) => r,
+            Err(s) => return fail_all(sqe, s),
+        };
+        if mem.check(sqe.prp1, n * bs).is_err() || (os > 0 && mem.check(sqe.mptr, n * os).is_err()) {
+            return fail_all(sqe, Status::DATA_TRANSFER_ERROR);
+        }
+        let (locs, mut statuses) = self.locate_all(&raw);
+        let mut data = vec![0u8; n * bs];
+        let mut oob = vec![0u8; n * os];
+        let mut locked = self.lock_pus(&locs);
+        let mut plan = Plan::default();
+        let reads = self.plan_reads(&mut locked, &locs, &mut statuses, &mut plan, work);
+        self.do_reads(&reads, &mut data, &mut oob, &mut statuses, &mut plan);
+        drop(locked);
+        self.log_notes(&mut plan);
+        if mem.write(sqe.prp1, &data).is_err() || (os > 0 && mem.write(sqe.mptr, &oob).is_err()) {
+            return fail_all(sqe, Status::DATA_TRANSFER_ERROR);
+        }
+        complete(sqe.cid, &statuses)
+    }
+
+    fn copy(&self, sqe: &Sqe, mem: &DmaRegion, work: &mut Work) -> Cqe {
+        let n = sqe.naddr();
+        let (bs, os) = (self.geo.block_size as usize, self.geo.oob_size as usize);
+        let lists = self
+            .address_list(mem, sqe.lba_field(), n)
+            .and_then(|src| Ok((src, self.address_list(mem, sqe.dst_field(), n)?)));
+        let (src, dst) = match lists {
+            Ok(l) => l,
+            Err(s) => return fail_all(sqe, s),
+        };
+        let (src_locs, mut src_statuses) = self.locate_all(&src);
+        let (dst_locs, mut statuses) = self.locate_all(&dst);
+        let mut data = vec![0u8; n * bs];
+        let mut oob = vec![0u8; n * os];
+        let mut locked = self.lock_pus(src_locs.iter().chain(&dst_locs));
+        let mut plan = Plan::default();
+        let reads = self.plan_reads(&mut locked, &src_locs, &mut src_statuses, &mut plan, work);
+        self.do_reads(&reads, &mut data, &mut oob, &mut src_statuses, &mut plan);
+        self.log_notes(&mut plan);
+        let mut writes = Vec::new();
+        for run in self.runs(&dst_locs) {
+            let entries = run.clone();
+            if let Some(&s) = src_statuses[entries.clone()].iter().find(|s| !s.data_valid()) {
+                fill(&mut statuses, entries, s);
+                continue;
+            }
+            statuses[entries.clone()].copy_from_slice(&src_statuses[entries]);
+            self.plan_write_run(&mut locked, &dst_locs, run, &mut statuses, &mut plan, &mut writes, work);
+        }
+        self.finish_writes(sqe, &mut locked, &mut plan, &writes, &data, &oob, &mut statuses);
+        complete(sqe.cid, &statuses)
+    }
+
+    /// Splits valid addresses into runs: maximal stretches of list entries in one chunk at
+    /// consecutive blocks.
+    fn runs(&self, locs: &[Option<Loc>]) -> Vec<Range<usize>> {
+        let mut runs: Vec<Range<usize>> = Vec::new();
+        for (i, loc) in locs.iter().enumerate() {
+            let Some(loc) = loc else { continue };
+            if let Some(last) = runs.last_mut() {
+                let prev = if last.end == i { locs[i - 1] } else { None };
+                if prev.is_some_and(|p| p.chunk == loc.chunk && p.addr.blk.checked_add(1) == Some(loc.addr.blk)) {
+                    last.end = i + 1;
+                    continue;
+                }
+            }
+            runs.push(i..i + 1);
+        }
+        runs
+    }
+
+    /// Checks one write run against its chunk and, if it may go ahead, updates the chunk and
+    /// records the blocks to program in `writes`.
+    #[allow(clippy::too_many_arguments)]
+    fn plan_write_run(
+        &self,
+        locked: &mut Locked<'_>,
+        locs: &[Option<Loc>],
+        run: Range<usize>,
+        statuses: &mut [Status],
+        plan: &mut Plan,
+        writes: &mut Vec<Run>,
+        work: &mut Work,
+    ) {
+        let Some(first) = locs.get(run.start).copied().flatten() else { return };
+        let Some(pu) = locked.pu(first.pu) else { return };
+        let ws = self.geo.ws_min;
+        let len = run.len() as u32;
+        let l = first.local;
+        let meta = &pu.chunks[l];
+        let refused = match meta.state {
+            ChunkState::Offline => Some(Status::OFFLINE_CHUNK),
+            ChunkState::Closed => Some(Status::OUT_OF_ORDER_WRITE),
+            _ if len % ws != 0 => Some(Status::INVALID_FIELD),
+            _ if first.addr.blk != meta.wp => Some(Status::OUT_OF_ORDER_WRITE),
+            _ => None,
+        };
+        if let Some(s) = refused {
+            fill(statuses, run, s);
+            return;
+        }
+        let before = meta.clone();
+        if meta.state == ChunkState::Free && !self.try_open(pu, l) {
+            fill(statuses, run, Status::TOO_MANY_OPEN_CHUNKS);
+            return;
+        }
+        plan.touch(&first, &before);
+        plan.attempted.push(run.clone());
+        let mut written_end = run.start;
+        for u in 0..len / ws {
+            let e0 = run.start + (u * ws) as usize;
+            let blk0 = first.addr.blk + u * ws;
+            *work.programs.entry(first.pu).or_default() += ws;
+            let fault = (0..ws).find_map(|k| self.faults.fire_program(Addr { blk: blk0 + k, ..first.addr }));
+            match fault {
+                None => {
+                    pu.chunks[l].wp += ws;
+                    written_end = e0 + ws as usize;
+                }
+                Some(FaultKind::EarlyClose) => {
+                    fill(statuses, e0..run.end, Status::CHUNK_EARLY_CLOSE);
+                    self.set_state(pu, l, ChunkState::Closed);
+                    break;
+                }
+                Some(_) => {
+                    fill(statuses, e0..run.end, Status::WRITE_FAIL);
+                    pu.chunks[l].fail_unit(blk0 / ws);
+                    pu.chunks[l].wp += ws;
+                    break;
+                }
+            }
+        }
+        if pu.chunks[l].wp >= self.geo.clba {
+            self.set_state(pu, l, ChunkState::Closed);
+        }
+        if written_end > run.start {
+            writes.push(Run { chunk: first.chunk, blk: first.addr.blk, entries: run.start..written_end });
+        }
+    }
+
+    /// Programs the planned writes and persists the touched chunks in one media batch; undoes
+    /// the plan if the media fails. Flushes afterwards for FUA.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_writes(
+        &self,
+        sqe: &Sqe,
+        locked: &mut Locked<'_>,
+        plan: &mut Plan,
+        writes: &[Run],
+        data: &[u8],
+        oob: &[u8],
+        statuses: &mut [Status],
+    ) {
+        let (bs, os) = (self.geo.block_size as usize, self.geo.oob_size as usize);
+        let saves = self.saves(locked, plan);
+        let mut ops: Vec<MediaOp<'_>> = Vec::with_capacity(writes.len() + saves.len());
+        for w in writes {
+            let (Some(d), Some(o)) =
+                (data.get(w.entries.start * bs..w.entries.end * bs), oob.get(w.entries.start * os..w.entries.end * os))
+            else {
+                continue;
+            };
+            ops.push(MediaOp::Write { chunk: w.chunk, blk: w.blk, data: d, oob: o });
+        }
+        ops.extend(saves.iter().map(|(chunk, meta)| MediaOp::SaveChunk { chunk: *chunk, meta }));
+        let mut ok = self.submit(&mut ops).is_ok();
+        if !ok {
+            self.rollback(locked, plan);
+        } else if sqe.fua() && !writes.is_empty() {
+            ok = self.media.flush().is_ok();
+        }
+        if !ok {
+            plan.notes.clear();
+            for r in plan.attempted.drain(..) {
+                fill(statuses, r, Status::INTERNAL_ERROR);
+            }
+        }
+    }
+
+    /// Checks each address for reading; returns the runs of readable blocks.
+    fn plan_reads(
+        &self,
+        locked: &mut Locked<'_>,
+        locs: &[Option<Loc>],
+        statuses: &mut [Status],
+        plan: &mut Plan,
+        work: &mut Work,
+    ) -> Vec<Run> {
+        let mut runs: Vec<Run> = Vec::new();
+        for (i, loc) in locs.iter().enumerate() {
+            let Some(loc) = loc else { continue };
+            let Some(pu) = locked.pu(loc.pu) else { continue };
+            let meta = &pu.chunks[loc.local];
+            let blk = loc.addr.blk;
+            let readable = match meta.state {
+                ChunkState::Offline => {
+                    statuses[i] = Status::OFFLINE_CHUNK;
+                    continue;
+                }
+                ChunkState::Closed => blk < meta.wp,
+                ChunkState::Open => meta.wp >= self.geo.mw_cunits && blk < meta.wp - self.geo.mw_cunits,
+                ChunkState::Free => false,
+            };
+            if !readable || meta.unit_failed(blk / self.geo.ws_min) {
+                statuses[i] = Status::UNWRITTEN;
+                continue;
+            }
+            *work.reads.entry(loc.pu).or_default() += 1;
+            if self.faults.fire(FaultKind::HighEcc, loc.addr) {
+                statuses[i] = Status::HIGH_ECC;
+                let ppa = loc.addr.to_ppa(&self.geo).unwrap_or_default();
+                plan.notes.push((ppa, STATE_ERROR_HIGH, MASK_BLOCK));
+            }
+            match runs.last_mut() {
+                Some(r) if r.chunk == loc.chunk && r.entries.end == i && r.blk + r.entries.len() as u32 == blk => {
+                    r.entries.end = i + 1;
+                }
+                _ => runs.push(Run { chunk: loc.chunk, blk, entries: i..i + 1 }),
+            }
+        }
+        runs
+    }
+
+    /// Reads the planned runs into the bounce buffers; on a media error the runs' slots are
+    /// zeroed and their addresses fail.
+    fn do_reads(&self, runs: &[Run], data: &mut [u8], oob: &mut [u8], statuses: &mut [Status], plan: &mut Plan) {
+        let (bs, os) = (self.geo.block_size as usize, self.geo.oob_size as usize);
+        let data_slots = carve(runs, data, bs);
+        let oob_slots = carve(runs, oob, os);
+        let mut ops: Vec<MediaOp<'_>> = runs
+            .iter()
+            .zip(data_slots)
+            .zip(oob_slots)
+            .map(|((r, d), o)| MediaOp::Read { chunk: r.chunk, blk: r.blk, data: d, oob: o })
+            .collect();
+        let failed = self.submit(&mut ops).is_err();
+        drop(ops);
+        if failed {
+            plan.notes.clear();
+            for r in runs {
+                fill(statuses, r.entries.clone(), Status::INTERNAL_ERROR);
+                if let Some(d) = data.get_mut(r.entries.start * bs..r.entries.end * bs) {
+                    d.fill(0);
+                }
+                if let Some(o) = oob.get_mut(r.entries.start * os..r.entries.end * os) {
+                    o.fill(0);
+                }
+            }
+        }
+    }
+
+    fn get_log_page(&self, sqe: &Sqe, mem: &DmaRegion) -> Status {
+        if ![0, NSID, u32::MAX].contains(&sqe.nsid) {
+            return Status::INVALID_NAMESPACE;
+        }
+        let lid = (sqe.cdw10 & 0xff) as u8;
+        let numd = (u64::from(sqe.cdw11 & 0xffff) << 16 | u64::from(sqe.cdw10 >> 16)) + 1;
+        let len = numd * 4;
+        let offset = u64::from(sqe.cdw12) | u64::from(sqe.cdw13) << 32;
+        if offset % 4 != 0 {
+            return Status::INVALID_FIELD;
+        }
+        // The region bounds the length before anything is allocated.
+        let Ok(len) = usize::try_from(len) else { return Status::DATA_TRANSFER_ERROR };
+        if mem.check(sqe.prp1, len).is_err() {
+            return Status::DATA_TRANSFER_ERROR;
+        }
+        let (page_len, bytes) = match lid {
+            admin::LOG_CHUNK_INFO => {
+                let page_len = (self.geo.total_chunks() * CHUNK_DESCRIPTOR_SIZE) as u64;
+                if offset > page_len {
+                    return Status::INVALID_FIELD;
+                }
+                let first = (offset / CHUNK_DESCRIPTOR_SIZE as u64) as usize;
+                let last = (offset + len as u64).div_ceil(CHUNK_DESCRIPTOR_SIZE as u64) as usize;
+                let bytes: Vec<u8> = self.chunk_info(first..last).iter().flat_map(|d| d.to_bytes()).collect();
+                let skip = (offset % CHUNK_DESCRIPTOR_SIZE as u64) as usize;
+                (page_len, bytes.get(skip..).map(<[u8]>::to_vec).unwrap_or_default())
+            }
+            admin::LOG_CHUNK_NOTIFICATION => {
+                let page = self.notes.page();
+                if offset > page.len() as u64 {
+                    return Status::INVALID_FIELD;
+                }
+                (page.len() as u64, page[offset as usize..].to_vec())
+            }
+            _ => return Status::INVALID_LOG_PAGE,
+        };
+        // Bytes past the end of the page read as zeros.
+        let mut out = vec![0u8; len];
+        let take = bytes.len().min(len).min((page_len - offset) as usize);
+        out[..take].copy_from_slice(&bytes[..take]);
+        match mem.write(sqe.prp1, &out) {
+            Ok(()) => Status::SUCCESS,
+            Err(_) => Status::DATA_TRANSFER_ERROR,
+        }
+    }
+}
+
+/// Checks a chunk record loaded from media.
+fn check_meta(geo: &Geometry, m: &ChunkMeta) -> std::result::Result<(), String> {
+    if m.wp > geo.clba || m.wp % geo.ws_min != 0 {
+        return Err(format!("write pointer {} is not a unit boundary within the chunk", m.wp));
+    }
+    if m.failed_units.len() > bitmap_words(geo) {
+        return Err("failed-unit bitmap too long".into());
+    }
+    match m.state {
+        ChunkState::Free if m.wp != 0 || !m.failed_units.is_empty() => Err("free chunk with data".into()),
+        ChunkState::Open if m.wp >= geo.clba => Err("open chunk that is full".into()),
+        _ => Ok(()),
+    }
+}
