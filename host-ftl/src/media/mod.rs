@@ -84,3 +84,22 @@ pub(crate) fn check_op(geo: &Geometry, op: &MediaOp<'_>) -> Result<u32> {
 pub(crate) fn bitmap_words(geo: &Geometry) -> usize {
     geo.units_per_chunk().div_ceil(64) as usize
 }
+
+/// A shared media works like the media itself (a test may keep a handle to inject media errors).
+impl<M: Media + ?Sized> Media for std::sync::Arc<M> {
+    fn geometry(&self) -> &Geometry {
+        (**self).geometry()
+    }
+
+    fn load_chunks(&self) -> Result<Vec<ChunkMeta>> {
+        (**self).load_chunks()
+    }
+
+    fn submit(&self, ops: &mut [MediaOp<'_>]) -> Result<()> {
+        (**self).submit(ops)
+    }
+
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+}
