@@ -162,7 +162,12 @@ run_load() {
 # Fill both disks completely with the same data, so reads hit allocated blocks and both files sit
 # in the page cache the same way. --refill makes every block's bytes depend only on the seed and
 # its offset, not on the order in which each server completes requests.
-FILL_ARGS=(--rw write --bs 1048576 --iodepth 8 --queues 1 --once --refill)
+#
+# The fill writes 4 KiB at a time: the size of the writes that first bring a file's pages into the
+# page cache decides the size of its folios (kernel 6.18, ext4), and a later 4 KiB write into a
+# large folio costs the kernel about three times one into a 4 KiB folio. Filling in large writes
+# would make the 4k write rows measure how each server happened to fill its file.
+FILL_ARGS=(--rw write --bs 4096 --iodepth 32 --queues 1 --once --refill)
 FILL_LIMIT=$((60 + SIZE_BYTES / 1048576 / 4))   # generous: 4 MiB/s would still finish
 for side in vstor qsd; do
     log "filling $side's disk ($SIZE) ..."
