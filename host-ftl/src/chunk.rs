@@ -48,8 +48,8 @@ impl ChunkState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChunkMeta {
     pub state: ChunkState,
-    /// Blocks written from the chunk's start (the write pointer as an offset). Kept as it was when
-    /// the chunk went offline.
+    /// Blocks written from the chunk's start (the write pointer as an offset). An offline chunk
+    /// keeps the one it had when taken offline (0 if a reset wore it out).
     pub wp: u32,
     /// Resets the chunk has been through (program/erase cycles).
     pub wear: u32,

@@ -5,8 +5,9 @@
 //! Every address of a vector command gets a status; the completion's bitmap has bit *i* set
 //! when address *i*'s status is not success, and the completion's status is that of the first
 //! failing address in list order. The high-ECC read warning counts in the bitmap but gives the
-//! command status only when no address failed outright. A command-level error (bad opcode,
-//! namespace or pointer) sets every address's bit and nothing is done.
+//! command status only when no address failed outright. A command-level error (bad namespace,
+//! address count or pointer) sets every address's bit and does nothing; an unknown opcode is
+//! invalid opcode (0x01) with an empty bitmap.
 //!
 //! * Any address with bits above the LBA format or a field beyond the geometry: LBA out of range
 //!   (generic 0x80).
@@ -41,6 +42,9 @@
 //!
 //! # Concurrency
 //!
+//! A driver that has checked and translated a guest's address list passes it with
+//! [`Device::execute_vector`], so that the list the device uses is the list that was checked.
+//!
 //! `execute` may be called from many threads. Each PU has its own lock; a command takes the locks
 //! of the PUs it names (in PU order, so commands cannot deadlock) for its checks, media I/O and
 //! chunk updates, so commands on different PUs run in parallel and commands on one PU are
@@ -57,7 +61,7 @@ use crate::command::{admin, opcode, Cqe, Sqe, Status, NSID};
 use crate::dma::DmaRegion;
 use crate::error::{Error, Result};
 use crate::fault::{Fault, FaultConfig, FaultInjector, FaultKind};
-use crate::geometry::{Geometry, GEOMETRY_PAGE_SIZE};
+use crate::geometry::{Geometry, GEOMETRY_PAGE_SIZE, MAX_VECTOR};
 use crate::media::{bitmap_words, Media, MediaOp, MemMedia};
 use crate::notify::{
     ChunkNotification, NotificationLog, MASK_BLOCK, MASK_CHUNK, STATE_ERROR_HIGH, STATE_UNRECOVERABLE,
@@ -155,11 +159,14 @@ fn complete(cid: u16, statuses: &[Status]) -> Cqe {
     Cqe::new(cid, status, bitmap)
 }
 
-/// A command-level failure: every address failed.
-fn fail_all(sqe: &Sqe, s: Status) -> Cqe {
-    let n = sqe.naddr();
+/// A command-level failure: every one of the `n` addresses failed.
+fn fail_all(cid: u16, n: usize, s: Status) -> Cqe {
     let bitmap = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
-    Cqe::new(sqe.cid, s, bitmap)
+    Cqe::new(cid, s, bitmap)
+}
+
+fn is_vector(op: u8) -> bool {
+    matches!(op, opcode::VECTOR_RESET | opcode::VECTOR_WRITE | opcode::VECTOR_READ | opcode::VECTOR_COPY)
 }
 
 /// Splits `buf` into the slots of `runs` (ascending, disjoint entry ranges), `unit` bytes per
@@ -250,6 +257,11 @@ impl Device {
     /// finished it under the timing model (see [`crate::timing`]). The device does not wait.
     pub fn execute_at(&self, sqe: &Sqe, mem: &DmaRegion, now_ns: u64) -> (Cqe, u64) {
         let (cqe, work) = self.run_io(sqe, mem);
+        (cqe, self.book(&work, now_ns))
+    }
+
+    /// Books a command's media work on the timing model; returns when it is done.
+    fn book(&self, work: &Work, now_ns: u64) -> u64 {
         let schedule = |ops: &BTreeMap<usize, u32>, kind: OpKind, start: u64| {
             ops.iter().map(|(&pu, &n)| self.timing.schedule(pu, kind, n, start)).max().unwrap_or(start)
         };
@@ -257,7 +269,25 @@ impl Device {
         // A copy programs after its reads; a write has no reads, so it starts at now.
         let program_done = schedule(&work.programs, OpKind::Program, read_done);
         let reset_done = schedule(&work.resets, OpKind::Reset, now_ns);
-        (cqe, read_done.max(program_done).max(reset_done))
+        read_done.max(program_done).max(reset_done)
+    }
+
+    /// Executes a vector command whose address lists the caller supplies instead of the region.
+    ///
+    /// This is for a driver that validates and translates a guest's addresses: the device then
+    /// uses exactly the checked list, which the guest can no longer change. CDW10-11, CDW14-15
+    /// and the count in CDW12 are ignored; `addrs` holds the 1 to 64 addresses (sources of a
+    /// copy) and `dst` the copy's destinations (same length; empty for other commands). The
+    /// data and OOB still move through `mem` at PRP1 and MPTR. A count out of range, or `dst`
+    /// of another length for a copy, is an invalid field.
+    pub fn execute_vector(&self, sqe: &Sqe, addrs: &[u64], dst: &[u64], mem: &DmaRegion) -> Cqe {
+        self.run_vector(sqe, addrs, dst, mem).0
+    }
+
+    /// [`Device::execute_vector`] under the timing model, as [`Device::execute_at`].
+    pub fn execute_vector_at(&self, sqe: &Sqe, addrs: &[u64], dst: &[u64], mem: &DmaRegion, now_ns: u64) -> (Cqe, u64) {
+        let (cqe, work) = self.run_vector(sqe, addrs, dst, mem);
+        (cqe, self.book(&work, now_ns))
     }
 
     /// Executes one admin command (geometry, get log page).
@@ -491,36 +521,52 @@ impl Device {
     // ---- commands ----
 
     fn run_io(&self, sqe: &Sqe, mem: &DmaRegion) -> (Cqe, Work) {
-        let mut work = Work::default();
-        let cqe = match sqe.opcode {
+        let n = sqe.naddr();
+        let done = |cqe| (cqe, Work::default());
+        let lists = match sqe.opcode {
             opcode::FLUSH if sqe.nsid != NSID && sqe.nsid != u32::MAX => {
-                Cqe::new(sqe.cid, Status::INVALID_NAMESPACE, 0)
+                return done(Cqe::new(sqe.cid, Status::INVALID_NAMESPACE, 0));
             }
-            opcode::FLUSH => match self.media.flush() {
-                Ok(()) => Cqe::new(sqe.cid, Status::SUCCESS, 0),
-                Err(_) => Cqe::new(sqe.cid, Status::INTERNAL_ERROR, 0),
-            },
-            opcode::VECTOR_RESET | opcode::VECTOR_WRITE | opcode::VECTOR_READ | opcode::VECTOR_COPY
-                if sqe.nsid != NSID =>
-            {
-                fail_all(sqe, Status::INVALID_NAMESPACE)
+            opcode::FLUSH => {
+                let status = if self.media.flush().is_ok() { Status::SUCCESS } else { Status::INTERNAL_ERROR };
+                return done(Cqe::new(sqe.cid, status, 0));
             }
-            opcode::VECTOR_RESET => self.reset(sqe, mem, &mut work),
-            opcode::VECTOR_WRITE => self.write(sqe, mem, &mut work),
-            opcode::VECTOR_READ => self.read(sqe, mem, &mut work),
-            opcode::VECTOR_COPY if self.geo.copy_supported() => self.copy(sqe, mem, &mut work),
-            _ => Cqe::new(sqe.cid, Status::INVALID_OPCODE, 0),
+            op if !is_vector(op) => return done(Cqe::new(sqe.cid, Status::INVALID_OPCODE, 0)),
+            _ if sqe.nsid != NSID => return done(fail_all(sqe.cid, n, Status::INVALID_NAMESPACE)),
+            opcode::VECTOR_COPY => self
+                .address_list(mem, sqe.lba_field(), n)
+                .and_then(|src| Ok((src, self.address_list(mem, sqe.dst_field(), n)?))),
+            _ => self.address_list(mem, sqe.lba_field(), n).map(|src| (src, Vec::new())),
+        };
+        match lists {
+            Ok((src, dst)) => self.run_vector(sqe, &src, &dst, mem),
+            Err(s) => done(fail_all(sqe.cid, n, s)),
+        }
+    }
+
+    fn run_vector(&self, sqe: &Sqe, src: &[u64], dst: &[u64], mem: &DmaRegion) -> (Cqe, Work) {
+        let mut work = Work::default();
+        let n = src.len();
+        if !is_vector(sqe.opcode) || (sqe.opcode == opcode::VECTOR_COPY && !self.geo.copy_supported()) {
+            return (Cqe::new(sqe.cid, Status::INVALID_OPCODE, 0), work);
+        }
+        if sqe.nsid != NSID {
+            return (fail_all(sqe.cid, n, Status::INVALID_NAMESPACE), work);
+        }
+        if n == 0 || n > MAX_VECTOR || (sqe.opcode == opcode::VECTOR_COPY && dst.len() != n) {
+            return (fail_all(sqe.cid, n, Status::INVALID_FIELD), work);
+        }
+        let cqe = match sqe.opcode {
+            opcode::VECTOR_RESET => self.reset(sqe, src, &mut work),
+            opcode::VECTOR_WRITE => self.write(sqe, src, mem, &mut work),
+            opcode::VECTOR_READ => self.read(sqe, src, mem, &mut work),
+            _ => self.copy(sqe, src, dst, &mut work),
         };
         (cqe, work)
     }
 
-    fn reset(&self, sqe: &Sqe, mem: &DmaRegion, work: &mut Work) -> Cqe {
-        let n = sqe.naddr();
-        let raw = match self.address_list(mem, sqe.lba_field(), n) {
-            Ok(r) => r,
-            Err(s) => return fail_all(sqe, s),
-        };
-        let (locs, mut statuses) = self.locate_all(&raw);
+    fn reset(&self, sqe: &Sqe, raw: &[u64], work: &mut Work) -> Cqe {
+        let (locs, mut statuses) = self.locate_all(raw);
         let mut locked = self.lock_pus(&locs);
         let mut plan = Plan::default();
         let mut erased = Vec::new();
@@ -572,17 +618,15 @@ impl Device {
         complete(sqe.cid, &statuses)
     }
 
-    fn write(&self, sqe: &Sqe, mem: &DmaRegion, work: &mut Work) -> Cqe {
-        let n = sqe.naddr();
+    fn write(&self, sqe: &Sqe, raw: &[u64], mem: &DmaRegion, work: &mut Work) -> Cqe {
+        let n = raw.len();
         let (bs, os) = (self.geo.block_size as usize, self.geo.oob_size as usize);
-        let raw = match self.address_list(mem, sqe.lba_field(), n) {
-            Ok(r) => r,
-            Err(s) => return fail_all(sqe, s),
+        let Ok(data) = mem.read_vec(sqe.prp1, n * bs) else {
+            return fail_all(sqe.cid, n, Status::DATA_TRANSFER_ERROR);
         };
-        let Ok(data) = mem.read_vec(sqe.prp1, n * bs) else { return fail_all(sqe, Status::DATA_TRANSFER_ERROR) };
         let oob = if os == 0 { Ok(Vec::new()) } else { mem.read_vec(sqe.mptr, n * os) };
-        let Ok(oob) = oob else { return fail_all(sqe, Status::DATA_TRANSFER_ERROR) };
-        let (locs, mut statuses) = self.locate_all(&raw);
+        let Ok(oob) = oob else { return fail_all(sqe.cid, n, Status::DATA_TRANSFER_ERROR) };
+        let (locs, mut statuses) = self.locate_all(raw);
         let mut locked = self.lock_pus(&locs);
         let mut plan = Plan::default();
         let mut writes = Vec::new();
@@ -593,17 +637,13 @@ impl Device {
         complete(sqe.cid, &statuses)
     }
 
-    fn read(&self, sqe: &Sqe, mem: &DmaRegion, work: &mut Work) -> Cqe {
-        let n = sqe.naddr();
+    fn read(&self, sqe: &Sqe, raw: &[u64], mem: &DmaRegion, work: &mut Work) -> Cqe {
+        let n = raw.len();
         let (bs, os) = (self.geo.block_size as usize, self.geo.oob_size as usize);
-        let raw = match self.address_list(mem, sqe.lba_field(), n) {
-            Ok(r) => r,
-            Err(s) => return fail_all(sqe, s),
-        };
         if mem.check(sqe.prp1, n * bs).is_err() || (os > 0 && mem.check(sqe.mptr, n * os).is_err()) {
-            return fail_all(sqe, Status::DATA_TRANSFER_ERROR);
+            return fail_all(sqe.cid, n, Status::DATA_TRANSFER_ERROR);
         }
-        let (locs, mut statuses) = self.locate_all(&raw);
+        let (locs, mut statuses) = self.locate_all(raw);
         let mut data = vec![0u8; n * bs];
         let mut oob = vec![0u8; n * os];
         let mut locked = self.lock_pus(&locs);
@@ -613,23 +653,16 @@ impl Device {
         drop(locked);
         self.log_notes(&mut plan);
         if mem.write(sqe.prp1, &data).is_err() || (os > 0 && mem.write(sqe.mptr, &oob).is_err()) {
-            return fail_all(sqe, Status::DATA_TRANSFER_ERROR);
+            return fail_all(sqe.cid, n, Status::DATA_TRANSFER_ERROR);
         }
         complete(sqe.cid, &statuses)
     }
 
-    fn copy(&self, sqe: &Sqe, mem: &DmaRegion, work: &mut Work) -> Cqe {
-        let n = sqe.naddr();
+    fn copy(&self, sqe: &Sqe, src: &[u64], dst: &[u64], work: &mut Work) -> Cqe {
+        let n = src.len();
         let (bs, os) = (self.geo.block_size as usize, self.geo.oob_size as usize);
-        let lists = self
-            .address_list(mem, sqe.lba_field(), n)
-            .and_then(|src| Ok((src, self.address_list(mem, sqe.dst_field(), n)?)));
-        let (src, dst) = match lists {
-            Ok(l) => l,
-            Err(s) => return fail_all(sqe, s),
-        };
-        let (src_locs, mut src_statuses) = self.locate_all(&src);
-        let (dst_locs, mut statuses) = self.locate_all(&dst);
+        let (src_locs, mut src_statuses) = self.locate_all(src);
+        let (dst_locs, mut statuses) = self.locate_all(dst);
         let mut data = vec![0u8; n * bs];
         let mut oob = vec![0u8; n * os];
         let mut locked = self.lock_pus(src_locs.iter().chain(&dst_locs));

@@ -479,6 +479,30 @@ fn threads_write_and_read_different_pus_at_once() {
     assert!(dev.chunk_info(0..32).iter().all(|d| d.state == ChunkState::Closed));
 }
 
+#[test]
+fn a_driver_can_pass_checked_address_lists_that_the_region_cannot_change() {
+    let h = Host::mem_device(&tiny());
+    let good = h.blocks(1, 2, 0, 4);
+    // The region's list area says something else (as a guest might after validation).
+    h.mem.write_u64s(common::LIST, &h.blocks(0, 0, 6, 4)).unwrap();
+    h.mem.write(DATA, &[0x42; 4 * 64]).unwrap();
+    let sqe = Sqe::vector(opcode::VECTOR_WRITE, 5, 4, common::LIST, DATA, h.oob_at()).unwrap();
+    let c = h.dev.execute_vector(&sqe, &good, &[], &h.mem);
+    assert_eq!((c.status, c.cid), (Status::SUCCESS, 5));
+    assert_eq!(state(&h, 1, 2), (ChunkState::Open, 4));
+    assert_eq!(state(&h, 0, 0), (ChunkState::Free, 0));
+    // The count comes from the list; a copy needs as many destinations as sources.
+    assert_eq!(h.dev.execute_vector(&sqe, &[], &[], &h.mem).status, Status::INVALID_FIELD);
+    assert_eq!(h.dev.execute_vector(&sqe, &[0; 65], &[], &h.mem).status, Status::INVALID_FIELD);
+    let copy = Sqe::vector_copy(6, 1, 0, 0).unwrap();
+    let c = h.dev.execute_vector(&copy, &good[..2], &good[2..3], &h.mem);
+    assert_eq!((c.status, c.bitmap()), (Status::INVALID_FIELD, 0b11));
+    let (c, done) = h.dev.execute_vector_at(&Sqe { cid: 7, ..sqe }, &h.blocks(1, 2, 4, 2), &[], &h.mem, 10);
+    assert_eq!(c.status, Status::SUCCESS);
+    assert_eq!(done, 10 + u64::from(h.geo.program_ns));
+    assert_eq!(h.dev.execute_vector(&Sqe::flush(1), &good, &[], &h.mem).status, Status::INVALID_OPCODE);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 

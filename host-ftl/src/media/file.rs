@@ -336,14 +336,13 @@ impl Media for FileMedia {
                 }
             }
         }
-        let entries: Vec<(squeue::Entry, Expect)> =
-            entries.into_iter().enumerate().map(|(i, (e, x))| (e.user_data(i as u64), x)).collect();
+        let (sqes, expects): (Vec<squeue::Entry>, Vec<Expect>) =
+            entries.into_iter().enumerate().map(|(i, (e, x))| (e.user_data(i as u64), x)).unzip();
 
         let mut guard = self.ring();
         let Some(ring) = guard.as_mut() else {
             return Err(Error::io("io_uring", io::Error::other("the ring failed earlier")));
         };
-        let sqes: Vec<squeue::Entry> = entries.iter().map(|(e, _)| e.clone()).collect();
         // SAFETY: every entry points into `ops`' buffers or `records`, all borrowed or owned by
         // this function and not moved until it returns; run_batch returns only after the kernel
         // has completed every entry it took, and leaves the entries it never took in a ring that
@@ -359,7 +358,7 @@ impl Media for FileMedia {
             }
         };
         drop(guard);
-        for ((_, expect), res) in entries.iter().zip(results) {
+        for (expect, res) in expects.iter().zip(results) {
             let ok = match expect {
                 Expect::Bytes(n) => res >= 0 && res as u32 == *n,
                 Expect::Punch => res == 0 || res == -libc::EOPNOTSUPP,
