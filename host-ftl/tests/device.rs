@@ -480,6 +480,24 @@ fn threads_write_and_read_different_pus_at_once() {
 }
 
 #[test]
+fn the_default_two_gib_device_costs_memory_only_for_what_is_written() {
+    let geo = Geometry::default();
+    let media = Arc::new(MemMedia::new(&geo).unwrap());
+    let h = Host::new(Device::open(geo.clone(), Box::new(media.clone()), FaultConfig::default()).unwrap());
+    let addrs: Vec<u64> = (0..8).map(|b| h.ppa(1, 3, 63, b)).collect();
+    let (c, data, oob) = h.write_pattern(&addrs, 3);
+    assert_eq!(c.status, Status::SUCCESS);
+    assert_eq!(media.allocated_chunks(), 1);
+    assert_eq!(h.dev.chunk_info(0..geo.total_chunks()).len(), 512);
+    // Not readable yet: 8 blocks are all inside the 24-block cache window.
+    assert_eq!(h.read(&addrs[..1]).0.status, Status::UNWRITTEN);
+    let more: Vec<u64> = (8..32).map(|b| h.ppa(1, 3, 63, b)).collect();
+    assert_eq!(h.write_pattern(&more, 4).0.status, Status::SUCCESS);
+    let (c, rd, ro) = h.read(&addrs);
+    assert_eq!((c.status, rd, ro), (Status::SUCCESS, data, oob));
+}
+
+#[test]
 fn a_driver_can_pass_checked_address_lists_that_the_region_cannot_change() {
     let h = Host::mem_device(&tiny());
     let good = h.blocks(1, 2, 0, 4);
