@@ -233,6 +233,10 @@ impl Status {
     pub const INVALID_FIELD: Status = Status { sct: sct::GENERIC, sc: 0x02 };
     /// A pointer (address list, data, metadata) falls outside the DMA region.
     pub const DATA_TRANSFER_ERROR: Status = Status { sct: sct::GENERIC, sc: 0x04 };
+    /// The command was dropped because its queue went away (a removed guest, a closed driver).
+    pub const ABORTED_SQ_DELETION: Status = Status { sct: sct::GENERIC, sc: 0x08 };
+    /// A data or metadata pointer is not dword aligned.
+    pub const PRP_OFFSET_INVALID: Status = Status { sct: sct::GENERIC, sc: 0x13 };
     /// The media failed underneath the device (an I/O error of the backing file).
     pub const INTERNAL_ERROR: Status = Status { sct: sct::GENERIC, sc: 0x06 };
     pub const INVALID_NAMESPACE: Status = Status { sct: sct::GENERIC, sc: 0x0B };
@@ -278,6 +282,8 @@ impl Status {
             Status::INVALID_FIELD => "invalid field",
             Status::DATA_TRANSFER_ERROR => "data transfer error",
             Status::INTERNAL_ERROR => "internal error",
+            Status::ABORTED_SQ_DELETION => "aborted: queue deleted",
+            Status::PRP_OFFSET_INVALID => "PRP offset invalid",
             Status::INVALID_NAMESPACE => "invalid namespace",
             Status::LBA_OUT_OF_RANGE => "LBA out of range",
             Status::INVALID_LOG_PAGE => "invalid log page",

@@ -349,6 +349,12 @@ impl Device {
         self.notes.since(after)
     }
 
+    /// The count of the newest notification (0 before the first): a cheap way to see whether
+    /// there is anything new to read with [`Device::notifications`].
+    pub fn last_notification(&self) -> u64 {
+        self.notes.last()
+    }
+
     /// Chunks open right now.
     pub fn open_chunks(&self) -> u32 {
         self.open_total.load(Ordering::SeqCst)

@@ -68,6 +68,10 @@ pub struct Geometry {
     pub reset_ns: u32,
     /// Maximum time to reset a chunk, in nanoseconds.
     pub reset_max_ns: u32,
+    /// Bandwidth of each group's channel in MB/s (10^6 bytes per second). The PUs of a group
+    /// share its channel: their data transfers take turns on it. 0 leaves channels out of the
+    /// timing model (transfers take no time).
+    pub channel_mb_s: u32,
 }
 
 impl Default for Geometry {
@@ -94,6 +98,7 @@ impl Default for Geometry {
             program_max_ns: 1_000_000,
             reset_ns: 3_000_000,
             reset_max_ns: 10_000_000,
+            channel_mb_s: 0,
         }
     }
 }
@@ -258,6 +263,14 @@ impl Geometry {
         self.clba / self.ws_min.max(1)
     }
 
+    /// Nanoseconds one block takes on its group's channel (0 when channels are not modelled).
+    pub fn transfer_ns(&self) -> u64 {
+        if self.channel_mb_s == 0 {
+            return 0;
+        }
+        (u64::from(self.block_size) * 1000).div_ceil(u64::from(self.channel_mb_s))
+    }
+
     /// Bytes of data in one chunk.
     pub fn chunk_bytes(&self) -> u64 {
         u64::from(self.clba) * u64::from(self.block_size)
@@ -297,7 +310,7 @@ impl Geometry {
     /// | 64, 66, 68, 72 | num_grp (u16), num_pu (u16), num_chk (u32), clba (u32) |
     /// | 128..148 | ws_min, ws_opt, mw_cunits, maxoc, maxocpu (u32 each) |
     /// | 192..216 | read typical/max, program typical/max, reset typical/max (u32 ns each) |
-    /// | 3072..3088 | vendor specific: `"VSTR"`, block_size, oob_size, endurance (u32 each) |
+    /// | 3072..3092 | vendor specific: `"VSTR"`, block_size, oob_size, endurance, channel_mb_s (u32 each) |
     ///
     /// Every other byte is zero.
     pub fn to_page(&self) -> Box<[u8; GEOMETRY_PAGE_SIZE]> {
@@ -327,6 +340,7 @@ impl Geometry {
         put32(&mut p[..], 3076, self.block_size);
         put32(&mut p[..], 3080, self.oob_size);
         put32(&mut p[..], 3084, self.endurance);
+        put32(&mut p[..], 3088, self.channel_mb_s);
         p
     }
 
@@ -363,6 +377,7 @@ impl Geometry {
             program_max_ns: get32(page, 204),
             reset_ns: get32(page, 208),
             reset_max_ns: get32(page, 212),
+            channel_mb_s: get32(page, 3088),
         };
         g.validate()?;
         let lbaf = g.lbaf();
@@ -463,7 +478,7 @@ mod tests {
 
     #[test]
     fn page_round_trips_at_the_documented_offsets() {
-        let g = Geometry { num_grp: 3, num_chk: 60, wit: 7, mccap: 3, ..Geometry::default() };
+        let g = Geometry { num_grp: 3, num_chk: 60, wit: 7, mccap: 3, channel_mb_s: 800, ..Geometry::default() };
         let p = g.to_page();
         assert_eq!(p[0], 2);
         assert_eq!(&p[8..12], &[2, 2, 6, 10]);
@@ -476,6 +491,9 @@ mod tests {
         assert_eq!(get32(&p[..], 136), 24);
         assert_eq!(get32(&p[..], 208), 3_000_000);
         assert_eq!(get32(&p[..], 3076), 4096);
+        assert_eq!(get32(&p[..], 3088), 800);
+        assert_eq!(g.transfer_ns(), 5120, "4 KiB at 800 MB/s");
+        assert_eq!(Geometry::default().transfer_ns(), 0);
         assert_eq!(Geometry::from_page(&p[..]).unwrap(), g);
     }
 

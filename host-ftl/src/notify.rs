@@ -122,6 +122,11 @@ impl NotificationLog {
         nc
     }
 
+    /// The count of the newest entry (0 before the first).
+    pub(crate) fn last(&self) -> u64 {
+        self.lock().last_nc
+    }
+
     /// The kept entries with a count above `after`, oldest first.
     pub(crate) fn since(&self, after: u64) -> Vec<ChunkNotification> {
         self.lock().entries.iter().filter(|n| n.nc > after).copied().collect()
@@ -154,10 +159,12 @@ mod tests {
     #[test]
     fn log_counts_from_one_and_keeps_the_newest() {
         let log = NotificationLog::new();
+        assert_eq!(log.last(), 0);
         for i in 0..(NOTIFICATION_CAPACITY as u64 + 10) {
             assert_eq!(log.push(Ppa(i), STATE_ERROR_HIGH, MASK_BLOCK, 0), i + 1);
         }
         let all = log.since(0);
+        assert_eq!(log.last(), NOTIFICATION_CAPACITY as u64 + 10);
         assert_eq!(all.len(), NOTIFICATION_CAPACITY);
         assert_eq!(all[0].nc, 11, "the ten oldest were dropped");
         assert_eq!(log.since(NOTIFICATION_CAPACITY as u64 + 8).len(), 2);

@@ -451,6 +451,23 @@ fn timing_serializes_a_pu_and_overlaps_different_pus() {
 }
 
 #[test]
+fn pus_of_a_group_share_its_channel_under_the_timing_model() {
+    // 64-byte blocks at 64 MB/s: 1000 ns a block on the channel; tiny has one group of 2 PUs.
+    let geo = Geometry { read_ns: 1000, program_ns: 10_000, channel_mb_s: 64, ..tiny() };
+    let h = Host::mem_device(&geo);
+    h.write_pattern(&h.blocks(0, 0, 0, 16), 1);
+    h.write_pattern(&h.blocks(1, 0, 0, 16), 1);
+    let t0 = 1_000_000;
+    let read = |pu: u16| h.sqe(opcode::VECTOR_READ, &h.blocks(pu, 0, 0, 2));
+    let (_, a) = h.dev.execute_at(&read(0), &h.mem, t0);
+    assert_eq!(a, t0 + 1000 + 2000, "sense one unit, move two blocks");
+    let (_, b) = h.dev.execute_at(&read(1), &h.mem, t0);
+    assert_eq!(b, t0 + 1000 + 2000 + 2000, "PU 1 senses in parallel, then waits for the channel");
+    assert_eq!(h.dev.timing().channel_busy_until(0), b);
+    assert_eq!(h.dev.last_notification(), 0);
+}
+
+#[test]
 fn threads_write_and_read_different_pus_at_once() {
     let geo = Geometry { num_pu: 4, num_chk: 8, clba: 64, maxoc: 16, maxocpu: 4, ..tiny() };
     let dev = Arc::new(Device::in_memory(geo.clone()).unwrap());
