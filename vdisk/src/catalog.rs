@@ -5,10 +5,14 @@
 //! disk are atomic: the single synced write of its catalog record is the commit point, and
 //! whatever a crash leaves on either side of it (a namespace or a file without a record) is removed
 //! when the catalog is next opened.
+//!
+//! With a [`ChainHook`] installed, each disk's backend sits behind the filter chain its spec
+//! configures. A disk that other disks' filters redirect to (a linked clone's parent) is held
+//! read-only while they do, and cannot be deleted.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -16,6 +20,7 @@ use state_store::{Batch, Store, StoreError};
 
 use crate::device::BlockDevice;
 use crate::disk::Disk;
+use crate::hook::{ChainContext, ChainHook, DiskLookup, DiskResolver, FilterSpec};
 use crate::raw::RawFile;
 
 const CATALOG_NS: &str = "catalog";
@@ -37,6 +42,9 @@ pub struct DiskSpec {
     pub read_only: bool,
     #[serde(default)]
     pub backend: Backend,
+    /// The disk's filter chain, read by the filter framework (io-filters).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<FilterSpec>,
 }
 
 fn default_block_size() -> u32 {
@@ -92,6 +100,12 @@ pub enum CatalogError {
     ZeroSize,
     #[error("disk {name:?} is in use by {users} export connection(s)")]
     InUse { name: String, users: usize },
+    #[error("disk {name:?}: {reason}")]
+    Filters { name: String, reason: String },
+    #[error("disk {name:?} has filters configured, but this catalog has no filter framework")]
+    NoFilterFramework { name: String },
+    #[error("disk {name:?} cannot be deleted: disk(s) {} depend on it", children.join(", "))]
+    HasDependents { name: String, children: Vec<String> },
     #[error("disk {name:?} is unavailable: {reason}")]
     Unavailable { name: String, reason: String },
     #[error("{action} {path}")]
@@ -121,11 +135,37 @@ pub struct Entry {
     pub path: PathBuf,
 }
 
+type Entries = Mutex<BTreeMap<String, Entry>>;
+
 /// All disks of one daemon.
 pub struct Catalog {
     store: Arc<Store>,
     disk_dir: PathBuf,
-    entries: Mutex<BTreeMap<String, Entry>>,
+    entries: Arc<Entries>,
+    hook: Option<Arc<dyn ChainHook>>,
+}
+
+/// Resolves disk names for redirecting filters. Holds the catalog's entries weakly: chains live
+/// inside those entries.
+struct Resolver(Weak<Entries>);
+
+impl DiskResolver for Resolver {
+    fn resolve(&self, name: &str) -> Option<Arc<dyn BlockDevice>> {
+        let entries = self.0.upgrade()?;
+        let entries = entries.lock().unwrap_or_else(|p| p.into_inner());
+        let disk = entries.get(name)?.disk.as_ref().ok()?;
+        Some(disk.device().clone())
+    }
+}
+
+impl DiskLookup for BTreeMap<String, Entry> {
+    fn spec(&self, name: &str) -> Option<DiskSpec> {
+        self.get(name).map(|e| e.record.spec.clone())
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.keys().cloned().collect()
+    }
 }
 
 impl Catalog {
@@ -133,6 +173,11 @@ impl Catalog {
     /// every disk. A disk whose backend cannot be opened stays listed, marked unavailable.
     /// Blocking; call it inside a tokio runtime (the devices register with it).
     pub fn open(store: Arc<Store>, disk_dir: &Path) -> Result<Catalog> {
+        Catalog::open_with(store, disk_dir, None)
+    }
+
+    /// Opens the catalog with a filter framework that builds each disk's chain.
+    pub fn open_with(store: Arc<Store>, disk_dir: &Path, hook: Option<Arc<dyn ChainHook>>) -> Result<Catalog> {
         std::fs::create_dir_all(disk_dir).map_err(file_err("cannot create", disk_dir))?;
         if !store.has_namespace(CATALOG_NS) {
             store.create_namespace(CATALOG_NS)?;
@@ -144,17 +189,19 @@ impl Catalog {
                 serde_json::from_slice(&value).map_err(|source| CatalogError::Corrupt { key, source })?;
             records.push(record);
         }
-        let catalog = Catalog { store, disk_dir: disk_dir.to_path_buf(), entries: Mutex::new(BTreeMap::new()) };
+        let catalog =
+            Catalog { store, disk_dir: disk_dir.to_path_buf(), entries: Arc::new(Mutex::new(BTreeMap::new())), hook };
         catalog.remove_orphans(&records)?;
         let mut entries = catalog.lock();
         for record in records {
             let path = catalog.raw_path(&record.id);
-            let disk = open_device(&record, &path).map_err(|e| error_chain(&e));
+            let disk = catalog.open_device(&record, &path).map_err(|e| error_chain(&e));
             if let Err(reason) = &disk {
                 tracing::error!(disk = %record.spec.name, %reason, "disk unavailable");
             }
             entries.insert(record.spec.name.clone(), Entry { record, disk, path });
         }
+        catalog.refresh_frozen(&entries);
         drop(entries);
         Ok(catalog)
     }
@@ -165,6 +212,13 @@ impl Catalog {
         let mut entries = self.lock();
         if entries.contains_key(&spec.name) {
             return Err(CatalogError::NameTaken(spec.name));
+        }
+        match &self.hook {
+            Some(hook) => hook
+                .check(&spec, &*entries)
+                .map_err(|reason| CatalogError::Filters { name: spec.name.clone(), reason })?,
+            None if !spec.filters.is_empty() => return Err(CatalogError::NoFilterFramework { name: spec.name }),
+            None => {}
         }
         let record = DiskRecord { id: new_id(), spec, created_unix: now_unix() };
         let path = self.raw_path(&record.id);
@@ -179,9 +233,10 @@ impl Catalog {
             self.remove_backend(&record, &path);
             return Err(e.into());
         }
-        let disk = open_device(&record, &path).map_err(|e| error_chain(&e));
+        let disk = self.open_device(&record, &path).map_err(|e| error_chain(&e));
         let entry = Entry { record, disk, path };
         entries.insert(entry.record.spec.name.clone(), entry.clone());
+        self.refresh_frozen(&entries);
         tracing::info!(disk = %entry.record.spec.name, id = %entry.record.id, size = entry.record.spec.size, "disk created");
         Ok(entry)
     }
@@ -195,12 +250,17 @@ impl Catalog {
                 return Err(CatalogError::InUse { name: name.to_owned(), users: disk.users() });
             }
         }
+        let children = self.dependents_in(&entries, name);
+        if !children.is_empty() {
+            return Err(CatalogError::HasDependents { name: name.to_owned(), children });
+        }
         let mut batch = Batch::new();
         batch.delete(CATALOG_NS, record_key(name));
         self.store.commit(batch)?;
         if let Some(entry) = entries.remove(name) {
             self.remove_backend(&entry.record, &entry.path);
         }
+        self.refresh_frozen(&entries);
         tracing::info!(disk = %name, "disk deleted");
         Ok(())
     }
@@ -210,6 +270,73 @@ impl Catalog {
         let entries = self.lock();
         let entry = entries.get(name).ok_or_else(|| CatalogError::NotFound(name.to_owned()))?;
         entry.disk.clone().map_err(|reason| CatalogError::Unavailable { name: name.to_owned(), reason })
+    }
+
+    /// Replaces a disk's filter list in its record, committed atomically with `extra` (changes to
+    /// the filters' state in the disk's namespace). The running chain is not rebuilt: the filter
+    /// that asked for the change has already switched itself. Disks that lose their last
+    /// dependent become writable again.
+    pub fn set_filters(&self, name: &str, filters: Vec<FilterSpec>, extra: Batch) -> Result<()> {
+        let mut entries = self.lock();
+        let entry = entries.get_mut(name).ok_or_else(|| CatalogError::NotFound(name.to_owned()))?;
+        let mut record = entry.record.clone();
+        record.spec.filters = filters;
+        let mut batch = extra;
+        batch.put(CATALOG_NS, record_key(name), record_json(&record));
+        self.store.commit(batch)?;
+        entry.record = record;
+        self.refresh_frozen(&entries);
+        tracing::info!(disk = %name, "filters changed");
+        Ok(())
+    }
+
+    /// The disks a disk redirects to (its parents), per its filters.
+    pub fn targets(&self, name: &str) -> Vec<String> {
+        let entries = self.lock();
+        match (entries.get(name), &self.hook) {
+            (Some(entry), Some(hook)) => hook.targets(&entry.record.spec),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The disks whose filters redirect to `name` (its children).
+    pub fn dependents(&self, name: &str) -> Vec<String> {
+        self.dependents_in(&self.lock(), name)
+    }
+
+    fn dependents_in(&self, entries: &BTreeMap<String, Entry>, name: &str) -> Vec<String> {
+        let Some(hook) = &self.hook else { return Vec::new() };
+        entries
+            .values()
+            .filter(|e| hook.targets(&e.record.spec).iter().any(|t| t == name))
+            .map(|e| e.record.spec.name.clone())
+            .collect()
+    }
+
+    /// Freezes exactly the disks that others depend on.
+    fn refresh_frozen(&self, entries: &BTreeMap<String, Entry>) {
+        let Some(hook) = &self.hook else { return };
+        let parents: std::collections::HashSet<String> =
+            entries.values().flat_map(|e| hook.targets(&e.record.spec)).collect();
+        for (name, entry) in entries {
+            if let Ok(disk) = &entry.disk {
+                disk.set_frozen(parents.contains(name));
+            }
+        }
+    }
+
+    /// What the catalog hands filter chains to find other disks by name.
+    pub fn resolver(&self) -> Arc<dyn DiskResolver> {
+        Arc::new(Resolver(Arc::downgrade(&self.entries)))
+    }
+
+    /// Runs `f` with the catalog's disks as a [`DiskLookup`].
+    pub fn with_lookup<T>(&self, f: impl FnOnce(&dyn DiskLookup) -> T) -> T {
+        f(&*self.lock())
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
     }
 
     pub fn entry(&self, name: &str) -> Result<Entry> {
@@ -268,7 +395,30 @@ impl Catalog {
     }
 }
 
-fn open_device(record: &DiskRecord, path: &Path) -> Result<Arc<Disk>> {
+impl Catalog {
+    /// Opens a disk's backend and puts it behind its filter chain.
+    fn open_device(&self, record: &DiskRecord, path: &Path) -> Result<Arc<Disk>> {
+        let backend = open_backend(record, path)?;
+        let name = record.spec.name.clone();
+        let device = match &self.hook {
+            Some(hook) => {
+                let ctx = ChainContext {
+                    spec: &record.spec,
+                    id: &record.id,
+                    namespace: &record.namespace(),
+                    store: &self.store,
+                    resolver: self.resolver(),
+                };
+                hook.build(&ctx, backend).map_err(|reason| CatalogError::Filters { name, reason })?
+            }
+            None if !record.spec.filters.is_empty() => return Err(CatalogError::NoFilterFramework { name }),
+            None => backend,
+        };
+        Ok(Arc::new(Disk::new(&record.spec.name, &record.id, device)))
+    }
+}
+
+fn open_backend(record: &DiskRecord, path: &Path) -> Result<Arc<dyn BlockDevice>> {
     let Backend::Raw { direct } = record.spec.backend;
     let raw = RawFile::open(path, record.spec.block_size, record.spec.read_only, direct)
         .map_err(file_err("cannot open disk file", path))?;
@@ -283,7 +433,7 @@ fn open_device(record: &DiskRecord, path: &Path) -> Result<Arc<Disk>> {
             ),
         });
     }
-    Ok(Arc::new(Disk::new(&record.spec.name, &record.id, Arc::new(raw))))
+    Ok(Arc::new(raw))
 }
 
 /// Checks a spec as a user wrote it.
@@ -357,7 +507,14 @@ mod tests {
     use crate::buffer::IoBuf;
 
     fn spec(name: &str, size: u64) -> DiskSpec {
-        DiskSpec { name: name.into(), size, block_size: 512, read_only: false, backend: Backend::default() }
+        DiskSpec {
+            name: name.into(),
+            size,
+            block_size: 512,
+            read_only: false,
+            backend: Backend::default(),
+            filters: Vec::new(),
+        }
     }
 
     fn runtime() -> tokio::runtime::Runtime {

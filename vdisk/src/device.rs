@@ -75,6 +75,12 @@ pub trait BlockDevice: Send + Sync {
 
     /// Writes zeroes over a range without sending them.
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> IoFuture<'_, ()>;
+
+    /// This device as `Any`, for layers that stack devices: a filter chain recognises another
+    /// chain it redirects to and continues there in its own loop instead of nesting a call.
+    fn as_any(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
+        None
+    }
 }
 
 /// The kinds of request, for checks and counters.

@@ -1,7 +1,7 @@
 //! A catalog disk as the frontends see it: every request checked, then counted.
 
 use std::future::{ready, Future};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::buffer::IoBuf;
@@ -53,6 +53,8 @@ pub struct Disk {
     device: Arc<dyn BlockDevice>,
     stats: DiskStats,
     users: AtomicUsize,
+    /// Held read-only because other disks depend on its contents (a linked clone's parent).
+    frozen: AtomicBool,
 }
 
 /// Marks a disk as in use (by an export connection) while it lives.
@@ -80,6 +82,7 @@ impl Disk {
             device,
             stats: DiskStats::default(),
             users: AtomicUsize::new(0),
+            frozen: AtomicBool::new(false),
         }
     }
 
@@ -89,6 +92,22 @@ impl Disk {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The device behind the checks: the disk's filter chain, or its backend when it has none.
+    /// Redirects between disks' chains go here, not through the checks and counters.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.device
+    }
+
+    /// Makes the disk refuse changes (`BlockError::ReadOnly`) while other disks depend on it, and
+    /// say so in [`BlockDevice::info`] to exports opened from now on.
+    pub fn set_frozen(&self, frozen: bool) {
+        self.frozen.store(frozen, Relaxed);
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Relaxed)
     }
 
     pub fn stats(&self) -> &DiskStats {
@@ -110,7 +129,7 @@ impl Disk {
     where
         F: FnOnce(&'a dyn BlockDevice) -> IoFuture<'a, T>,
     {
-        if let Err(e) = check_range(&self.info, kind, offset, len) {
+        if let Err(e) = check_range(&self.info(), kind, offset, len) {
             self.stats.record(kind, 0, false);
             return Box::pin(ready(Err(e)));
         }
@@ -139,7 +158,7 @@ impl<T> Future for Counted<'_, T> {
 
 impl BlockDevice for Disk {
     fn info(&self) -> DeviceInfo {
-        self.info
+        DeviceInfo { read_only: self.info.read_only || self.is_frozen(), ..self.info }
     }
 
     fn read(&self, offset: u64, buf: IoBuf) -> IoFuture<'_, IoBuf> {

@@ -145,7 +145,14 @@ proptest! {
             let store = state_store::Store::open(dir.path().join("db")).unwrap();
             let catalog = Arc::new(Catalog::open(store, &dir.path().join("disks")).unwrap());
             for name in ["a", "b"] {
-                let spec = DiskSpec { name: name.into(), size: DISK_SIZE, block_size: 512, read_only: false, backend: Backend::default() };
+                let spec = DiskSpec {
+                    name: name.into(),
+                    size: DISK_SIZE,
+                    block_size: 512,
+                    read_only: false,
+                    backend: Backend::default(),
+                    filters: Vec::new(),
+                };
                 catalog.create(spec).unwrap();
             }
             // Disk b holds a pattern that no session attached to another disk may change.
