@@ -5,7 +5,9 @@
 //! | `GET /v1/disks` | lists disks |
 //! | `POST /v1/disks` with a `DiskSpec` | creates a disk |
 //! | `GET /v1/disks/NAME` | one disk, with its counters |
-//! | `DELETE /v1/disks/NAME` | deletes a disk no export is using |
+//! | `DELETE /v1/disks/NAME` | deletes a disk no export is using and no clone depends on |
+//! | `POST /v1/disks/NAME/clone` with a `CloneRequest` | makes a linked clone of the disk |
+//! | `POST /v1/disks/NAME/flatten` | copies the rest of a clone's data in and cuts its link |
 //! | `GET /v1/exports` | lists vhost-user exports |
 //! | `POST /v1/exports` with an `ExportSpec` | exports a disk over vhost-user |
 //! | `DELETE /v1/exports/NAME` | stops a disk's vhost-user export |
@@ -20,12 +22,13 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use io_filters::{FilterError, FilterFramework};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use vdisk::catalog::{error_chain, Backend, Entry};
 use vdisk::disk::KindSnapshot;
 use vdisk::nbd::NbdServer;
-use vdisk::{Catalog, CatalogError, DiskSpec, RequestKind};
+use vdisk::{BlockDevice, Catalog, CatalogError, DiskSpec, FilterSpec, RequestKind};
 
 use crate::exports::{ExportSpec, ExportsError, VhostExports};
 
@@ -35,6 +38,7 @@ const MAX_BODY: usize = 64 << 10;
 /// What the API serves from.
 pub struct ApiState {
     pub catalog: Arc<Catalog>,
+    pub filters: Arc<FilterFramework>,
     pub nbd: Option<Arc<NbdServer>>,
     /// Absolute path of the NBD Unix socket, to tell clients their URI.
     pub nbd_socket: Option<PathBuf>,
@@ -65,6 +69,44 @@ pub struct DiskView {
     pub nbd_uri: Option<String>,
     pub connections: usize,
     pub stats: Option<std::collections::BTreeMap<String, KindSnapshot>>,
+    /// The filters as configured.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<FilterSpec>,
+    /// The chain as built, nearest the VM first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<String>,
+    /// The disk a linked clone reads its unwritten blocks from.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// The linked clones of this disk; while there are any, it is read-only.
+    #[serde(default)]
+    pub children: Vec<String>,
+}
+
+/// A request for a linked clone of a disk.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRequest {
+    /// The new disk's name.
+    pub name: String,
+    #[serde(default)]
+    pub backend: Backend,
+    #[serde(default)]
+    pub copy_on_read: bool,
+    /// Filters of the clone's own, besides its linked_clone filter.
+    #[serde(default)]
+    pub filters: Vec<FilterSpec>,
+}
+
+/// What a flatten did.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FlattenView {
+    pub name: String,
+    /// 4 KiB blocks copied from the parent.
+    pub copied_blocks: u64,
+    /// The former parent, and whether it is writable again.
+    pub parent: String,
+    pub parent_writable: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -96,6 +138,10 @@ impl ApiState {
             nbd_uri: self.nbd_socket.as_ref().map(|s| nbd_uri(&spec.name, s)),
             connections,
             stats,
+            filters: spec.filters.clone(),
+            chain: self.filters.chain_of(&entry.record.id).unwrap_or_default().into_iter().map(String::from).collect(),
+            parent: self.catalog.targets(&spec.name).into_iter().next(),
+            children: self.catalog.dependents(&spec.name),
         }
     }
 }
@@ -124,7 +170,8 @@ async fn route(state: &Arc<ApiState>, scope: Scope, req: Request<Incoming>) -> R
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (scope, req.method(), segments.as_slice()) {
         (_, &Method::GET, ["metrics"]) => {
-            let text = crate::metrics::render(&state.catalog, state.nbd.as_ref().map(|n| n.stats()));
+            let mut text = crate::metrics::render(&state.catalog, state.nbd.as_ref().map(|n| n.stats()));
+            text.push_str(&state.filters.render_metrics());
             let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut()
                 .insert("content-type", hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
@@ -151,6 +198,14 @@ async fn route(state: &Arc<ApiState>, scope: Scope, req: Request<Incoming>) -> R
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("create failed: {e}")),
             }
         }
+        (_, &Method::POST, ["v1", "disks", parent, "clone"]) => {
+            let req: CloneRequest = match read_json(req).await {
+                Ok(r) => r,
+                Err(resp) => return resp,
+            };
+            clone(state, parent, req).await
+        }
+        (_, &Method::POST, ["v1", "disks", name, "flatten"]) => flatten(state, name).await,
         (_, &Method::DELETE, ["v1", "disks", name]) => {
             let (catalog, name) = (state.catalog.clone(), name.to_string());
             match tokio::task::spawn_blocking(move || catalog.delete(&name)).await {
@@ -186,6 +241,41 @@ async fn route(state: &Arc<ApiState>, scope: Scope, req: Request<Incoming>) -> R
     }
 }
 
+/// Makes a linked clone, then flushes the parent, now read-only, so that everything the clone
+/// reads from it is durable.
+async fn clone(state: &Arc<ApiState>, parent: &str, req: CloneRequest) -> Response<Full<Bytes>> {
+    let parent_entry = match state.catalog.entry(parent) {
+        Ok(e) => e,
+        Err(e) => return catalog_error(&e),
+    };
+    let spec = io_filters::clone_spec(&parent_entry.record.spec, &req.name, req.backend, req.copy_on_read, req.filters);
+    let catalog = state.catalog.clone();
+    let entry = match tokio::task::spawn_blocking(move || catalog.create(spec)).await {
+        Ok(Ok(entry)) => entry,
+        Ok(Err(e)) => return catalog_error(&e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("clone failed: {e}")),
+    };
+    if let Ok(disk) = state.catalog.disk(parent) {
+        if let Err(e) = disk.device().flush().await {
+            tracing::warn!(disk = %parent, error = %error_chain(&e), "cannot flush the parent of a new clone");
+        }
+    }
+    json(StatusCode::CREATED, &state.view(&entry, false))
+}
+
+async fn flatten(state: &Arc<ApiState>, name: &str) -> Response<Full<Bytes>> {
+    let parent = state.catalog.targets(name).into_iter().next().unwrap_or_default();
+    match state.filters.flatten(&state.catalog, name).await {
+        Ok(copied_blocks) => {
+            let parent_writable = state.catalog.disk(&parent).map(|d| !d.info().read_only).unwrap_or(false);
+            json(StatusCode::OK, &FlattenView { name: name.to_owned(), copied_blocks, parent, parent_writable })
+        }
+        Err(FilterError::Catalog(e)) => catalog_error(&e),
+        Err(e @ FilterError::NotAClone(_)) => error(StatusCode::BAD_REQUEST, &error_chain(&e)),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &error_chain(&e)),
+    }
+}
+
 /// Reads a JSON request body of at most MAX_BODY bytes.
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Full<Bytes>>> {
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
@@ -209,8 +299,12 @@ fn catalog_error(e: &CatalogError) -> Response<Full<Bytes>> {
         CatalogError::InvalidName(_)
         | CatalogError::BadBlockSize(_)
         | CatalogError::SizeNotMultiple { .. }
-        | CatalogError::ZeroSize => StatusCode::BAD_REQUEST,
-        CatalogError::NameTaken(_) | CatalogError::InUse { .. } => StatusCode::CONFLICT,
+        | CatalogError::ZeroSize
+        | CatalogError::Filters { .. }
+        | CatalogError::NoFilterFramework { .. } => StatusCode::BAD_REQUEST,
+        CatalogError::NameTaken(_) | CatalogError::InUse { .. } | CatalogError::HasDependents { .. } => {
+            StatusCode::CONFLICT
+        }
         CatalogError::NotFound(_) => StatusCode::NOT_FOUND,
         CatalogError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         CatalogError::File { .. } | CatalogError::Corrupt { .. } | CatalogError::Store(_) => {

@@ -125,6 +125,7 @@ impl Config {
             block_size: 512,
             read_only: false,
             backend: Backend::default(),
+            filters: Vec::new(),
         });
         config.nbd.default_export = Some("vm0".into());
         config.vhost_user.push(ExportSpec { disk: "vm0".into(), socket: None, num_queues: None });
@@ -146,6 +147,11 @@ impl Config {
             if !seen.insert(&disk.name) {
                 return Err(ConfigError::Invalid(format!("disk {:?} is declared twice", disk.name)));
             }
+            io_filters::config::ordered(disk)
+                .map_err(|e| ConfigError::Invalid(format!("disk {:?}: {e}", disk.name)))?;
+        }
+        if let Some(path) = io_filters::config::find_cycle(&self.disks) {
+            return Err(ConfigError::Invalid(format!("redirect cycle: {}", path.join(" -> "))));
         }
         let mut exported = std::collections::HashSet::new();
         for export in &self.vhost_user {

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use io_filters::{FilterFramework, LINKED_CLONE};
 use state_store::Store;
 use vdisk::nbd::NbdServer;
 use vdisk::{Catalog, CatalogError};
@@ -65,10 +66,12 @@ pub fn serve(config: Config) -> Result<(), DaemonError> {
 async fn run(config: Config) -> Result<(), DaemonError> {
     let data_dir = absolute(&config.data_dir);
     std::fs::create_dir_all(&data_dir).map_err(|source| DaemonError::DataDir { path: data_dir.clone(), source })?;
+    let filters = FilterFramework::new();
     let (catalog, created) = {
         let data_dir = data_dir.clone();
         let disks = config.disks.clone();
-        tokio::task::spawn_blocking(move || open_catalog(&data_dir, &disks)).await??
+        let filters = filters.clone();
+        tokio::task::spawn_blocking(move || open_catalog(&data_dir, &disks, filters)).await??
     };
     let catalog = Arc::new(catalog);
     if let Some(name) = &config.nbd.default_export {
@@ -104,6 +107,7 @@ async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let state = Arc::new(ApiState {
         catalog: catalog.clone(),
+        filters,
         nbd: nbd.clone(),
         nbd_socket: nbd_socket.clone(),
         vhost: vhost.clone(),
@@ -126,6 +130,15 @@ async fn run(config: Config) -> Result<(), DaemonError> {
     tracing::info!("shutting down");
     tasks.abort_all();
     tokio::task::spawn_blocking(move || vhost.stop_all()).await?;
+    // Filters keep state that a flush makes durable (a clone's bitmap, checksums): flush every
+    // disk so that a clean stop loses nothing its clients wrote.
+    for entry in catalog.entries() {
+        if let Ok(disk) = &entry.disk {
+            if let Err(e) = disk.device().flush().await {
+                tracing::warn!(disk = %entry.record.spec.name, error = %vdisk::catalog::error_chain(&e), "flush at shutdown failed");
+            }
+        }
+    }
     for path in sockets {
         let _ = std::fs::remove_file(path);
     }
@@ -134,19 +147,23 @@ async fn run(config: Config) -> Result<(), DaemonError> {
 
 /// Opens the catalog and creates the configured disks that do not exist yet; a configured disk
 /// that exists with another shape is an error rather than a silent change.
-fn open_catalog(data_dir: &Path, disks: &[vdisk::DiskSpec]) -> Result<(Catalog, Vec<String>), DaemonError> {
+fn open_catalog(
+    data_dir: &Path,
+    disks: &[vdisk::DiskSpec],
+    filters: Arc<FilterFramework>,
+) -> Result<(Catalog, Vec<String>), DaemonError> {
     let store_path = data_dir.join("state");
     let store =
         Store::open(&store_path).map_err(|source| DaemonError::Store { path: data_dir.to_path_buf(), source })?;
-    let catalog = Catalog::open(store, &data_dir.join("disks"))?;
+    let catalog = Catalog::open_with(store, &data_dir.join("disks"), Some(filters))?;
     let mut created = Vec::new();
-    for disk in disks {
+    for disk in parents_first(disks) {
         let wanted = disk.clone();
         match catalog.entry(&disk.name) {
             Ok(entry) => {
                 let have = &entry.record.spec;
-                if (have.size, have.block_size, have.read_only, &have.backend)
-                    != (wanted.size, wanted.block_size, wanted.read_only, &wanted.backend)
+                if (have.size, have.block_size, have.read_only, &have.backend, own_filters(have))
+                    != (wanted.size, wanted.block_size, wanted.read_only, &wanted.backend, own_filters(&wanted))
                 {
                     return Err(DaemonError::DiskMismatch {
                         name: disk.name.clone(),
@@ -165,13 +182,37 @@ fn open_catalog(data_dir: &Path, disks: &[vdisk::DiskSpec]) -> Result<(Catalog, 
     Ok((catalog, created))
 }
 
+/// A disk's filters but its linked_clone filter, which `disk flatten` removes from the record
+/// while the config may still name it.
+fn own_filters(spec: &vdisk::DiskSpec) -> Vec<&vdisk::FilterSpec> {
+    spec.filters.iter().filter(|f| f.kind != LINKED_CLONE).collect()
+}
+
+/// The configured disks in an order that creates each parent before its clones.
+fn parents_first(disks: &[vdisk::DiskSpec]) -> Vec<&vdisk::DiskSpec> {
+    let mut out: Vec<&vdisk::DiskSpec> = Vec::new();
+    let mut left: Vec<&vdisk::DiskSpec> = disks.iter().collect();
+    while !left.is_empty() {
+        let ready = left.iter().position(|d| {
+            io_filters::config::targets(d)
+                .iter()
+                .all(|t| out.iter().any(|o| &o.name == t) || !left.iter().any(|l| &l.name == t))
+        });
+        // A cycle the config check missed: go on in file order and let the catalog refuse it.
+        out.push(left.remove(ready.unwrap_or(0)));
+    }
+    out
+}
+
 fn shape(spec: &vdisk::DiskSpec) -> String {
+    let filters: Vec<&str> = own_filters(spec).iter().map(|f| f.kind.as_str()).collect();
     format!(
-        "size {}, block size {}, {:?}{}",
+        "size {}, block size {}, {:?}{}{}",
         format_size(spec.size),
         spec.block_size,
         spec.backend,
-        if spec.read_only { ", read-only" } else { "" }
+        if spec.read_only { ", read-only" } else { "" },
+        if filters.is_empty() { String::new() } else { format!(", filters {}", filters.join(",")) }
     )
 }
 

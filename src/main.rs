@@ -15,7 +15,7 @@ use hyper::Method;
 use vdisk::catalog::{error_chain, Backend};
 use vdisk::DiskSpec;
 
-use crate::api::DiskView;
+use crate::api::{CloneRequest, DiskView, FlattenView};
 use crate::client::Client;
 use crate::config::{Config, API_SOCKET_NAME, DEFAULT_DATA_DIR};
 use crate::exports::{ExportSpec, ExportView};
@@ -91,7 +91,28 @@ enum DiskCommand {
         direct: bool,
         #[arg(long)]
         read_only: bool,
+        /// A filter: TYPE or TYPE:KEY=VALUE,... e.g. integrity, cache:size=64M,
+        /// throttle:iops=1000,group=tenant-a. Repeat for more.
+        #[arg(long = "filter", value_name = "SPEC")]
+        filters: Vec<String>,
     },
+    /// Makes CHILD a linked clone of PARENT: it reads what it has not written from PARENT, which
+    /// stays read-only while it has clones.
+    Clone {
+        parent: String,
+        child: String,
+        /// Bypass the page cache (O_DIRECT) for the clone's own file.
+        #[arg(long)]
+        direct: bool,
+        /// Copy the blocks read from the parent into the clone.
+        #[arg(long)]
+        copy_on_read: bool,
+        /// More filters of the clone's own (as for `disk create`).
+        #[arg(long = "filter", value_name = "SPEC")]
+        filters: Vec<String>,
+    },
+    /// Copies the rest of a linked clone's data from its parent and cuts the link.
+    Flatten { name: String },
     /// Lists disks.
     List,
     /// Shows one disk with its counters.
@@ -148,9 +169,10 @@ fn client_command(api: Option<PathBuf>, command: DiskCommand) -> Result<(), Stri
     let client = client(api);
     let fail = |e: client::ClientError| error_chain(&e);
     match command {
-        DiskCommand::Create { name, size, block_size, direct, read_only } => {
+        DiskCommand::Create { name, size, block_size, direct, read_only, filters } => {
             let size = parse_size(&size)?;
-            let spec = DiskSpec { name, size, block_size, read_only, backend: Backend::Raw { direct } };
+            let filters = filters.iter().map(|f| parse_filter(f)).collect::<Result<Vec<_>, _>>()?;
+            let spec = DiskSpec { name, size, block_size, read_only, backend: Backend::Raw { direct }, filters };
             let body = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
             let view: Option<DiskView> = block_on(client.call(Method::POST, "/v1/disks", Some(body)))?.map_err(fail)?;
             if let Some(v) = view {
@@ -158,6 +180,32 @@ fn client_command(api: Option<PathBuf>, command: DiskCommand) -> Result<(), Stri
                 if let Some(uri) = v.nbd_uri {
                     println!("  {uri}");
                 }
+            }
+        }
+        DiskCommand::Clone { parent, child, direct, copy_on_read, filters } => {
+            let filters = filters.iter().map(|f| parse_filter(f)).collect::<Result<Vec<_>, _>>()?;
+            let req = CloneRequest { name: child, backend: Backend::Raw { direct }, copy_on_read, filters };
+            let body = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+            let path = format!("/v1/disks/{parent}/clone");
+            let view: Option<DiskView> = block_on(client.call(Method::POST, &path, Some(body)))?.map_err(fail)?;
+            if let Some(v) = view {
+                println!("created disk {} as a linked clone of {parent} ({})", v.name, format_size(v.size));
+                if let Some(uri) = v.nbd_uri {
+                    println!("  {uri}");
+                }
+            }
+        }
+        DiskCommand::Flatten { name } => {
+            let path = format!("/v1/disks/{name}/flatten");
+            let view: Option<FlattenView> = block_on(client.call(Method::POST, &path, None))?.map_err(fail)?;
+            if let Some(v) = view {
+                println!(
+                    "flattened {}: copied {} blocks of 4 KiB from {}, which is {}",
+                    v.name,
+                    v.copied_blocks,
+                    v.parent,
+                    if v.parent_writable { "writable again" } else { "still read-only (other clones)" }
+                );
             }
         }
         DiskCommand::List => {
@@ -190,6 +238,31 @@ fn client_command(api: Option<PathBuf>, command: DiskCommand) -> Result<(), Stri
         }
     }
     Ok(())
+}
+
+/// Reads a `--filter` argument: TYPE or TYPE:KEY=VALUE,... Values that read as numbers or
+/// booleans are passed as such; `order` sets the filter's place in the chain.
+fn parse_filter(text: &str) -> Result<vdisk::FilterSpec, String> {
+    let (kind, rest) = text.split_once(':').unwrap_or((text, ""));
+    if kind.is_empty() {
+        return Err(format!("invalid --filter {text:?}: expected TYPE or TYPE:KEY=VALUE,..."));
+    }
+    let mut spec = vdisk::FilterSpec { kind: kind.to_owned(), order: None, options: serde_json::Map::new() };
+    for pair in rest.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) =
+            pair.split_once('=').ok_or_else(|| format!("invalid --filter {text:?}: {pair:?} is not KEY=VALUE"))?;
+        if key == "order" {
+            spec.order = Some(value.parse().map_err(|_| format!("invalid --filter {text:?}: order must be a number"))?);
+            continue;
+        }
+        let value = match value {
+            "true" => serde_json::Value::Bool(true),
+            "false" => serde_json::Value::Bool(false),
+            v => v.parse::<u64>().map(Into::into).unwrap_or_else(|_| serde_json::Value::String(v.to_owned())),
+        };
+        spec.options.insert(key.to_owned(), value);
+    }
+    Ok(spec)
 }
 
 fn export_command(api: Option<PathBuf>, command: ExportCommand) -> Result<(), String> {
