@@ -1,6 +1,107 @@
 //! One flash translation layer per VM.
 //!
-//! This crate will own the guest FTL: a logical-to-physical map over the VM's partition of the
-//! open-channel device, a striped write path with a write buffer, garbage collection, trim, wear
-//! levelling and crash recovery. It speaks to the host FTL driver only through the queue-pair
-//! boundary of `host-ftl` and is itself a `vdisk::BlockDevice`. It is filled by the guest FTL issue.
+//! A guest FTL turns the VM's partition of an open-channel SSD (whole parallel units, seen
+//! through a [`FlashChannel`] with guest-relative addresses) into a [`vdisk::BlockDevice`]:
+//! 4 KiB logical blocks mapped to physical slots, writes striped over the PUs in `ws_opt` units,
+//! a write buffer for what the device cannot return yet, garbage collection with hot/cold
+//! separation and a rate limiter, trim, wear levelling, retirement of failing chunks, and crash
+//! recovery from the blocks' out-of-band bytes and map checkpoints in the state store.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use guest_ftl::{DirectChannel, Ftl, FtlConfig};
+//! use host_ftl::{Device, Geometry};
+//!
+//! let geo = Geometry::default();
+//! let ch = DirectChannel::new(Device::in_memory(geo.clone())?, DirectChannel::default_region_bytes(&geo));
+//! let store = state_store::Store::open("/tmp/state")?;
+//! let ftl = Ftl::open(Arc::new(ch), store, "disk-1", FtlConfig::default()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Modules
+//!
+//! [`layout`] (slots, units, OOB), [`map`] (the L2P map), [`engine`] (lines, write buffer,
+//! write and read paths), [`gc`] (victims, rate limiter, wear levelling), [`checkpoint`] (what
+//! is stored where), [`recovery`] (format and recovery), [`ftl`] (the `BlockDevice`),
+//! [`channel`] (the boundary), [`sim`] (power-loss media for tests).
+//!
+//! # Durability and crash recovery
+//!
+//! The promise kept is `BlockDevice`'s: a write completed with FUA, and every write completed
+//! before a completed flush, read back after a crash with their data; nothing else changes.
+//!
+//! **What is written where.**
+//! * Each 4 KiB slot carries in its OOB the logical block it holds, the *generation* of its
+//!   line (a counter bumped at every line opening) and the data's *sequence number* (a counter
+//!   bumped at every user write and trim). Relocation keeps the sequence number, so of all
+//!   copies of a logical block the one with the highest sequence number is the newest, wherever
+//!   it lies; padding slots say so.
+//! * A trim is recorded in the store (`ftl/trim/<seq>`) at the next flush (or at once for
+//!   write-zeroes with FUA).
+//! * A checkpoint (every `checkpoint_lines` line openings, at shutdown and after recovery)
+//!   first writes out every buffered block (padding units to `ws_min`) and flushes the device;
+//!   only then it commits, in one synced batch, the map pages changed since the last checkpoint
+//!   (slot and sequence number per logical block), the next sequence number and generation, the
+//!   generations of lines still open, and chunk wear; the batch deletes the trim records it
+//!   covers. So every map entry a checkpoint holds points at data that is durable.
+//! * A chunk is retired by a store record (`ftl/bad/<chunk>`) before anything relies on it.
+//!
+//! **In which order.**
+//! * Flush: write every buffered block (padded), relocate lines whose writes failed, device
+//!   flush (opcode 0x00), then commit pending trim records. FUA write: the same for the user
+//!   stream (the device flush makes the blocks durable, as on a real device FUA covers only its
+//!   own command).
+//! * Garbage collection: relocated blocks are written and the device flushed *before* the
+//!   victim's chunks are reset, so at every moment each block's newest version is durable
+//!   somewhere it can be found.
+//!
+//! **Why every acknowledged write is found.** Recovery (see [`recovery`]) starts from the last
+//! checkpoint, whose entries point at durable data. Everything written after it went to a line
+//! opened after it (generation ≥ the checkpoint's) or to a line open at it: recovery reads the
+//! chunk table, reads the generation from the first block of every written chunk, and reads the
+//! OOB of every block of exactly those lines (their open chunks padded first by `mw_cunits`, so
+//! that the device's cache window can be read). A durable write is in one of them with its
+//! sequence number, higher than any older copy's, so it wins; a durable trim's record unmaps
+//! every older version. A checkpoint entry whose chunk has been reset (free) or rewritten
+//! (scanned) since is dropped: its data was relocated before the reset, durably, with the same
+//! sequence number, and the scan finds it. Non-durable writes may or may not come back, each
+//! logical block as one of its versions written since its last durable one.
+//!
+//! **Bounded recovery.** The scan covers the lines opened since the last checkpoint plus those
+//! open at it: about `checkpoint_lines + 3` lines, whatever the partition's size. Everything
+//! else recovery does is per chunk (the chunk table, one block per written chunk) or per map
+//! page. Lines left open by the crash are relocated and reset, never written again.
+//!
+//! # Concurrency
+//!
+//! Requests are serialized by one async lock; within a request, commands to different PUs are
+//! submitted together (a stripe, a GC batch, a set of resets) and overlap on the device.
+//!
+//! # Limits
+//!
+//! No parity across PUs: the data of a *closed* chunk that goes offline is lost (reads of those
+//! blocks fail with an I/O error until they are rewritten). Blocks still in the write buffer,
+//! chunks going offline while free or on a reset (worn out), and failed programs lose nothing.
+
+pub mod channel;
+pub mod checkpoint;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod ftl;
+pub mod gc;
+pub mod io;
+pub mod layout;
+pub mod map;
+pub mod metrics;
+pub mod recovery;
+pub mod sim;
+
+pub use channel::{CmdFuture, DirectChannel, FlashChannel};
+pub use config::{FtlConfig, VictimPolicy};
+pub use error::{FtlError, Result};
+pub use ftl::Ftl;
+pub use metrics::{Metrics, MetricsSnapshot};
+pub use sim::PowerLossMedia;

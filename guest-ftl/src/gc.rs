@@ -1,0 +1,379 @@
+//! Garbage collection, the rate limiter between user writes and GC, and wear levelling.
+//!
+//! # Victims
+//!
+//! Lines queued as *urgent* go first: lines whose writes failed, lines left open by a crash,
+//! lines holding blocks that warned of high ECC or sit on a chunk reported offline, and lines
+//! picked by static wear levelling. Otherwise a closed line is picked by the configured
+//! [`VictimPolicy`]: greedy (fewest valid blocks) or cost-benefit (`(1 - u) * age / (1 + u)`,
+//! age counted in writes since the line closed).
+//!
+//! Relocated blocks keep their logical block and sequence number; with `hot_cold` they go to one
+//! of two GC streams by age (not rewritten for more than the disk's capacity in writes: old),
+//! so data that survived GC once lands with data like it and user lines hold only hot data.
+//! After the last valid block of a victim has moved, the GC streams are written out and the
+//! device flushed *before* the victim's chunks are reset, so a crash can never lose a block that
+//! only the victim held.
+//!
+//! # Rate limiter
+//!
+//! No background thread: user writes do the GC work themselves, in proportion to what they
+//! consume. Once fewer than [`Engine::gc_low_chunks`] chunks are free, every user block written
+//! owes `u / (1 - u)` relocated blocks (`u` the victim's valid fraction: the exact price of the
+//! space it frees), scaled up the further free space falls below the threshold. A user write
+//! that needs a new line while only the GC reserve is left cleans whole victims first. Every
+//! victim frees more than it consumes (the greedy victim of a disk with over-provisioning always
+//! has invalid blocks), so a full disk slows down to the GC rate but never stalls; only when
+//! retired chunks have eaten the whole over-provisioning does a write fail, with
+//! [`FtlError::NoSpace`].
+//!
+//! # Wear levelling
+//!
+//! New lines take the least worn free chunk of each PU (old relocated data takes the most worn,
+//! where it rests). When the wear of chunks differs by more than `wear_spread` resets, the closed
+//! line on the least worn chunks (cold data that never moves) is queued for relocation, so its
+//! chunks go back into rotation.
+
+use std::time::Instant;
+
+use host_ftl::Status;
+
+use crate::config::VictimPolicy;
+use crate::engine::{Engine, LineState, Victim, GC_OLD, GC_YOUNG, USER};
+use crate::error::{FtlError, Result};
+use crate::layout::NO_SLOT;
+use crate::map::Entry;
+use crate::metrics::Metrics;
+
+/// Blocks relocated per GC read batch.
+const GC_BATCH: u32 = 256;
+
+impl Engine {
+    /// The next line to clean, if any would free space.
+    fn pick_victim(&mut self) -> Option<u32> {
+        while let Some(gen) = self.urgent.pop_front() {
+            match self.lines.get(&gen).map(|l| l.state) {
+                Some(LineState::Closed | LineState::Aborted) => return Some(gen),
+                // A line still being written is retired by aborting it.
+                Some(LineState::Open | LineState::Full) => {
+                    if let Some(l) = self.lines.get_mut(&gen) {
+                        l.state = LineState::Aborted;
+                        let stream = l.stream;
+                        if self.open.get(stream).copied().flatten() == Some(gen) {
+                            self.open[stream] = None;
+                        }
+                    }
+                    return Some(gen);
+                }
+                None => {}
+            }
+        }
+        let now = self.next_seq;
+        let lay = &self.lay;
+        let best = self
+            .lines
+            .values()
+            .filter(|l| l.state == LineState::Closed && l.valid < l.capacity(lay))
+            .map(|l| {
+                let cap = f64::from(l.capacity(lay));
+                let u = f64::from(l.valid) / cap;
+                let score = match self.cfg.victim {
+                    VictimPolicy::Greedy => -u,
+                    VictimPolicy::CostBenefit => (1.0 - u) * (now.saturating_sub(l.close_seq) + 1) as f64 / (1.0 + u),
+                };
+                (score, l.gen)
+            })
+            .max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
+        best.map(|(_, g)| g)
+    }
+
+    /// The GC stream for a block last written at `seq`.
+    fn gc_stream(&self, seq: u64) -> usize {
+        if !self.cfg.hot_cold {
+            USER
+        } else if self.next_seq.saturating_sub(seq) > u64::from(self.user_lbas) {
+            GC_OLD
+        } else {
+            GC_YOUNG
+        }
+    }
+
+    /// Relocates up to `budget` valid blocks; returns how many it moved. Cleans (resets)
+    /// victims whose valid blocks are all gone. With `only`, stops when the current victim is
+    /// done instead of picking another.
+    pub async fn gc_step(&mut self, mut budget: u32, only: bool) -> Result<u32> {
+        let mut moved = 0;
+        while budget > 0 {
+            let v = match self.victim {
+                Some(v) if self.lines.contains_key(&v.gen) => v,
+                _ if only => break,
+                _ => match self.pick_victim() {
+                    Some(gen) => {
+                        tracing::debug!(gen, "GC victim");
+                        let v = Victim { gen, cursor: 0 };
+                        self.victim = Some(v);
+                        v
+                    }
+                    None => {
+                        self.victim = None;
+                        break;
+                    }
+                },
+            };
+            let Some(line) = self.lines.get(&v.gen) else { break };
+            let cap = line.capacity(&self.lay);
+            let members = line.members.clone();
+            let mut cursor = v.cursor;
+            let mut batch = Vec::new();
+            let limit = budget.min(GC_BATCH);
+            if line.valid > 0 {
+                while cursor < cap && (batch.len() as u32) < limit {
+                    let slot = self.lay.slot(members[(cursor / self.lay.spc) as usize], cursor % self.lay.spc);
+                    if self.is_valid(slot) {
+                        batch.push(slot);
+                    }
+                    cursor += 1;
+                }
+            }
+            self.victim = Some(Victim { gen: v.gen, cursor });
+            if batch.is_empty() {
+                self.finish_victim(v.gen).await?;
+                if only {
+                    break;
+                }
+                continue;
+            }
+            let data = self.read_slots(&batch).await?;
+            for (slot, r) in batch.iter().copied().zip(data) {
+                let lba = self.p2l[slot as usize];
+                let e = self.map.get(lba);
+                if !self.is_valid(slot) || e.slot != slot {
+                    continue;
+                }
+                match r {
+                    Ok(d) => {
+                        let stream = self.gc_stream(e.seq);
+                        self.append(stream, lba, e.seq, d.into_boxed_slice())?;
+                        Metrics::add(&self.metrics.gc_slots, 1);
+                    }
+                    Err(status) => self.lose(lba, slot, e.seq, status),
+                }
+                moved += 1;
+            }
+            budget = budget.saturating_sub(batch.len() as u32);
+            self.submit(&[]).await?;
+        }
+        Ok(moved)
+    }
+
+    /// A block could not be read (its chunk is offline): unmap it and fail reads of it.
+    fn lose(&mut self, lba: u32, slot: u32, seq: u64, status: Status) {
+        tracing::error!(lba, slot, %status, "block lost");
+        self.remap(lba, Entry { slot: NO_SLOT, seq });
+        self.lost.insert(lba);
+        Metrics::add(&self.metrics.lost_blocks, 1);
+    }
+
+    /// The victim holds no valid block: make its relocated blocks durable, then reset it.
+    async fn finish_victim(&mut self, gen: u32) -> Result<()> {
+        self.victim = None;
+        let gc_streams = if self.cfg.hot_cold { vec![GC_YOUNG, GC_OLD] } else { vec![USER] };
+        self.submit(&gc_streams).await?;
+        if self.lines.values().any(|l| l.state == LineState::Aborted && l.gen != gen && l.valid > 0) {
+            // Some relocated blocks sit in a line whose write failed: they are only in memory,
+            // so the victim keeps its copy until those lines are relocated in turn.
+            self.urgent.retain(|&g| g != gen);
+            self.urgent.push_back(gen);
+            return Ok(());
+        }
+        self.device_flush().await?;
+        let Some(line) = self.lines.remove(&gen) else { return Ok(()) };
+        for s in self.open.iter_mut() {
+            if *s == Some(gen) {
+                *s = None;
+            }
+        }
+        let spc = self.lay.spc;
+        let touched: Vec<u32> = line.members.iter().copied().filter(|&c| self.chunks[c as usize].touched).collect();
+        let statuses = self.reset_chunks(&touched).await?;
+        let mut failed = Vec::new();
+        for (&c, st) in touched.iter().zip(&statuses) {
+            let ci = &mut self.chunks[c as usize];
+            if st.is_success() {
+                ci.wear += 1;
+                Metrics::add(&self.metrics.resets, 1);
+            } else {
+                if *st == Status::INTERNAL_ERROR {
+                    return Err(FtlError::Device { opcode: host_ftl::opcode::VECTOR_RESET, status: *st });
+                }
+                tracing::warn!(chunk = c, status = %st, "reset failed");
+                failed.push(c);
+            }
+        }
+        for &c in &line.members {
+            for off in 0..spc {
+                let slot = c * spc + off;
+                self.cache.remove(&slot);
+                self.clear_valid(slot);
+            }
+            let ci = &mut self.chunks[c as usize];
+            ci.line = None;
+            ci.wp = 0;
+            ci.released = 0;
+            ci.touched = false;
+            if !ci.bad {
+                self.free += 1;
+            }
+        }
+        for c in failed {
+            self.retire_chunk(c).await?;
+        }
+        self.urgent.retain(|&g| g != gen);
+        Metrics::add(&self.metrics.gc_runs, 1);
+        Metrics::set(&self.metrics.free_chunks, u64::from(self.free));
+        tracing::debug!(gen, free = self.free, "line cleaned");
+        Ok(())
+    }
+
+    /// Relocates every aborted line completely.
+    pub async fn relocate_aborted(&mut self) -> Result<()> {
+        while let Some(gen) = self.lines.values().find(|l| l.state == LineState::Aborted).map(|l| l.gen) {
+            self.clean_line(gen).await?;
+        }
+        Ok(())
+    }
+
+    /// Relocates one line completely and resets it. Lines whose writes fail on the way are
+    /// relocated first (the target keeps its data until theirs is safe).
+    pub async fn clean_line(&mut self, gen: u32) -> Result<()> {
+        let budget = 64 + 4 * self.lines.len();
+        for _ in 0..budget {
+            if !self.lines.contains_key(&gen) {
+                return Ok(());
+            }
+            let next = self
+                .lines
+                .values()
+                .find(|l| l.state == LineState::Aborted && l.gen != gen && l.valid > 0)
+                .map_or(gen, |l| l.gen);
+            match self.victim {
+                Some(v) if v.gen == next => {}
+                Some(v) => {
+                    // Put the current victim back; it is picked up again later.
+                    if self.lines.contains_key(&v.gen) && !self.urgent.contains(&v.gen) {
+                        self.urgent.push_front(v.gen);
+                    }
+                    self.victim = Some(Victim { gen: next, cursor: 0 });
+                }
+                None => self.victim = Some(Victim { gen: next, cursor: 0 }),
+            }
+            self.urgent.retain(|&g| g != next);
+            self.gc_step(u32::MAX, true).await?;
+        }
+        Err(FtlError::Device { opcode: host_ftl::opcode::VECTOR_WRITE, status: Status::INTERNAL_ERROR })
+    }
+
+    /// Cleans queued urgent lines (failures, refresh, wear levelling).
+    pub async fn clean_urgent(&mut self) -> Result<()> {
+        let mut rounds = 0;
+        while let Some(&gen) = self.urgent.front() {
+            rounds += 1;
+            if rounds > 64 {
+                break;
+            }
+            if !self.lines.contains_key(&gen) {
+                self.urgent.pop_front();
+                continue;
+            }
+            self.clean_line(gen).await?;
+        }
+        Ok(())
+    }
+
+    /// The rate limiter: called before a user write of `n` blocks.
+    pub async fn pay_for_writes(&mut self, n: u32) -> Result<()> {
+        let low = self.gc_low_chunks();
+        let start = Instant::now();
+        let mut worked = false;
+        if self.free < low {
+            let u = self.victim_fill();
+            let urgency = 1.0 + f64::from(low - self.free) / f64::from(self.lay.pus.max(1));
+            self.debt += f64::from(n) * (u / (1.0 - u)).min(64.0) * urgency;
+            while self.debt >= 1.0 {
+                let budget = (self.debt as u32).min(GC_BATCH);
+                let moved = self.gc_step(budget, false).await?;
+                worked = true;
+                if moved == 0 && self.victim.is_none() {
+                    self.debt = 0.0;
+                    break;
+                }
+                self.debt -= f64::from(moved.max(1));
+            }
+        } else {
+            self.debt = 0.0;
+        }
+        // The floor: a user line may not eat into the GC reserve.
+        let need = self.reserve_chunks() + self.lay.pus;
+        let user_line_full =
+            self.open[USER].is_none_or(|g| self.lines.get(&g).is_none_or(|l| l.state != LineState::Open));
+        let max_rounds = self.lay.total_slots() / u64::from(GC_BATCH) * 4 + 16;
+        let mut rounds = 0;
+        while user_line_full && self.free < need && rounds < max_rounds {
+            rounds += 1;
+            let before = self.free;
+            let moved = self.gc_step(GC_BATCH, false).await?;
+            worked = true;
+            if moved == 0 && self.victim.is_none() && self.free == before {
+                break;
+            }
+        }
+        if worked {
+            Metrics::add(&self.metrics.throttled_ns, start.elapsed().as_nanos() as u64);
+        }
+        Ok(())
+    }
+
+    /// Valid fraction of the current (or next) victim.
+    fn victim_fill(&mut self) -> f64 {
+        if self.victim.is_none() {
+            if let Some(gen) = self.pick_victim() {
+                self.victim = Some(Victim { gen, cursor: 0 });
+            }
+        }
+        let lay = &self.lay;
+        self.victim
+            .and_then(|v| self.lines.get(&v.gen))
+            .map(|l| f64::from(l.valid) / f64::from(l.capacity(lay).max(1)))
+            .unwrap_or(0.0)
+            .min(0.99)
+    }
+
+    /// Static wear levelling: queue the closed line on the least worn chunks when wear has
+    /// spread too far.
+    pub fn check_wear(&mut self) {
+        if self.opens_since_wl < 4 {
+            return;
+        }
+        let good = self.chunks.iter().filter(|c| !c.bad);
+        let (Some(min), Some(max)) = (good.clone().map(|c| c.wear).min(), good.map(|c| c.wear).max()) else {
+            return;
+        };
+        if max - min <= self.cfg.wear_spread {
+            return;
+        }
+        self.opens_since_wl = 0;
+        let coldest = self
+            .lines
+            .values()
+            .filter(|l| l.state == LineState::Closed && !self.urgent.contains(&l.gen))
+            .min_by_key(|l| (l.members.iter().map(|&c| self.chunks[c as usize].wear).min().unwrap_or(0), l.gen));
+        if let Some(l) = coldest {
+            let lw = l.members.iter().map(|&c| self.chunks[c as usize].wear).min().unwrap_or(0);
+            if max - lw > self.cfg.wear_spread {
+                tracing::info!(gen = l.gen, wear = lw, max, "wear levelling moves a cold line");
+                self.urgent.push_back(l.gen);
+                Metrics::add(&self.metrics.wl_migrations, 1);
+            }
+        }
+    }
+}

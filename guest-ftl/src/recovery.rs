@@ -1,0 +1,310 @@
+//! Formatting a new disk and recovering an existing one after a stop or a crash.
+//!
+//! See the crate documentation for the protocol; in short, recovery:
+//!
+//! 1. loads the last checkpoint (map pages, meta), the trim records and the retired chunks;
+//! 2. reads the chunk table (log page 0xCA): state, write pointer and wear of every chunk;
+//! 3. pads every open chunk by `mw_cunits` sectors, so that its last blocks, still in the
+//!    device's cache window, become readable;
+//! 4. reads the OOB of the first block of every written chunk: its line generation; chunks of
+//!    lines opened after the checkpoint (generation ≥ the checkpoint's next generation) or open
+//!    at it are *scanned*: the OOB of every block says which logical block and version it holds;
+//! 5. rebuilds the map: checkpoint entries stand unless their chunk has been reset (free) or
+//!    rewritten (scanned) since; a scanned block wins over the entry when its sequence number is
+//!    higher; a trim record unmaps blocks older than it;
+//! 6. rebuilds lines, valid counts and free chunks; lines that were open are relocated and reset
+//!    (they are never written again) and a new checkpoint is taken.
+
+use std::collections::BTreeMap;
+
+use host_ftl::{ChunkState, Status};
+
+use crate::channel::chunk_table;
+use crate::checkpoint::Saved;
+use crate::engine::{Engine, Line, LineState, USER};
+use crate::error::{FtlError, Result};
+use crate::io::{self, Cmd};
+use crate::layout::{Oob, NO_SLOT, OOB_BYTES, PAD_LBA};
+use crate::map::Entry;
+use crate::metrics::Metrics;
+
+/// Generation written in the OOB of padding added by recovery (belongs to no line).
+const RECOVERY_GEN: u32 = u32::MAX;
+
+impl Engine {
+    /// Prepares a new disk: every chunk the device has written is reset, offline ones retired.
+    pub async fn format(&mut self) -> Result<()> {
+        let table = chunk_table(&*self.ch).await?;
+        let mut dirty = Vec::new();
+        for (c, d) in table.iter().enumerate() {
+            match d.state {
+                ChunkState::Offline => self.chunks[c].bad = true,
+                ChunkState::Open | ChunkState::Closed => dirty.push(c as u32),
+                ChunkState::Free => {}
+            }
+            self.chunks[c].wear = wear_from_wli(self, d.wli);
+        }
+        let st = self.reset_chunks(&dirty).await?;
+        for (&c, s) in dirty.iter().zip(st) {
+            if !s.is_success() {
+                self.chunks[c as usize].bad = true;
+            }
+        }
+        self.free = self.chunks.iter().filter(|c| !c.bad && c.line.is_none()).count() as u32;
+        Metrics::set(&self.metrics.free_chunks, u64::from(self.free));
+        Metrics::set(&self.metrics.bad_chunks, self.chunks.iter().filter(|c| c.bad).count() as u64);
+        Ok(())
+    }
+
+    /// Rebuilds the state from the store and the device.
+    pub async fn recover(&mut self, saved: Saved) -> Result<()> {
+        let meta = saved.meta.unwrap_or_default();
+        for (p, bytes) in &saved.pages {
+            self.map.decode_page(*p, bytes)?;
+        }
+        for &c in &saved.bad {
+            if let Some(ci) = self.chunks.get_mut(c as usize) {
+                ci.bad = true;
+            }
+        }
+        self.pad_open_chunks().await?;
+        let table = chunk_table(&*self.ch).await?;
+        let lay = self.lay.clone();
+        let mut readable = vec![0u32; lay.chunks as usize];
+        let mut written = Vec::new();
+        for (c, d) in table.iter().enumerate() {
+            let w = wear_from_wli(self, d.wli).max(meta.wear.get(c).copied().unwrap_or(0));
+            self.chunks[c].wear = w;
+            match d.state {
+                ChunkState::Offline => self.chunks[c].bad = true,
+                ChunkState::Open | ChunkState::Closed => {
+                    readable[c] = lay.readable_slots(d.written() as u32, d.state == ChunkState::Open);
+                    written.push(c as u32);
+                }
+                ChunkState::Free => {}
+            }
+        }
+        // Line generation of every written chunk.
+        let mut gen_of: BTreeMap<u32, u32> = BTreeMap::new();
+        let firsts: Vec<u32> = written.iter().copied().filter(|&c| readable[c as usize] > 0).collect();
+        let heads = self.read_oobs(&firsts.iter().map(|&c| lay.slot(c, 0)).collect::<Vec<_>>()).await?;
+        let mut unknown = Vec::new();
+        for (&c, o) in firsts.iter().zip(&heads) {
+            match o {
+                Some(o) if o.gen != RECOVERY_GEN => {
+                    gen_of.insert(c, o.gen);
+                }
+                _ => unknown.push(c),
+            }
+        }
+        for c in unknown {
+            let slots: Vec<u32> = (0..readable[c as usize]).map(|k| lay.slot(c, k)).collect();
+            let oobs = self.read_oobs(&slots).await?;
+            if let Some(o) = oobs.iter().flatten().find(|o| o.gen != RECOVERY_GEN) {
+                gen_of.insert(c, o.gen);
+            }
+        }
+        let scanned = |g: u32| g >= meta.next_gen || meta.open_gens.contains(&g);
+        // Checkpoint entries stand only on chunks nobody reset or rewrote since.
+        let mut max_seq = meta.next_seq.saturating_sub(1);
+        for lba in 0..self.user_lbas {
+            let e = self.map.get(lba);
+            if !e.is_mapped() {
+                continue;
+            }
+            let c = lay.chunk_of(e.slot);
+            let keep = (c as usize) < table.len()
+                && gen_of.get(&c).is_some_and(|&g| !scanned(g))
+                && lay.offset_of(e.slot) < readable[c as usize];
+            if !keep {
+                if table.get(c as usize).is_some_and(|d| d.state == ChunkState::Offline) {
+                    self.lost.insert(lba);
+                }
+                self.map.set(lba, Entry { slot: NO_SLOT, seq: e.seq });
+            }
+        }
+        // Blocks written since the checkpoint.
+        let scan: Vec<u32> = gen_of.iter().filter(|(_, &g)| scanned(g)).map(|(&c, _)| c).collect();
+        let mut scanned_blocks = 0u64;
+        for c in scan {
+            let g = gen_of[&c];
+            let slots: Vec<u32> = (0..readable[c as usize]).map(|k| lay.slot(c, k)).collect();
+            let oobs = self.read_oobs(&slots).await?;
+            for (&slot, o) in slots.iter().zip(oobs) {
+                let Some(o) = o else { continue };
+                if o.gen != g || o.lba == PAD_LBA || o.lba >= self.user_lbas {
+                    continue;
+                }
+                scanned_blocks += 1;
+                max_seq = max_seq.max(o.seq);
+                let cur = self.map.get(o.lba);
+                if o.seq > cur.seq || (o.seq == cur.seq && !cur.is_mapped()) {
+                    self.map.set(o.lba, Entry { slot, seq: o.seq });
+                    self.lost.remove(&o.lba);
+                }
+            }
+        }
+        let mut trims = saved.trims;
+        trims.sort_by_key(|t| t.seq);
+        for t in &trims {
+            max_seq = max_seq.max(t.seq);
+            for lba in t.start..t.start.saturating_add(t.count).min(self.user_lbas) {
+                if self.map.get(lba).seq < t.seq {
+                    self.map.set(lba, Entry { slot: NO_SLOT, seq: t.seq });
+                    self.lost.remove(&lba);
+                }
+            }
+        }
+        self.stored_trims = trims.iter().map(|t| t.seq).collect();
+        // Lines, valid blocks, free chunks.
+        let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for (&c, &g) in &gen_of {
+            groups.entry(g).or_default().push(c);
+        }
+        let spc = lay.spc;
+        for (g, members) in groups {
+            let open = members.iter().any(|&c| table[c as usize].state == ChunkState::Open);
+            for &c in &members {
+                let ci = &mut self.chunks[c as usize];
+                ci.line = Some(g);
+                ci.wp = readable[c as usize];
+                ci.released = spc;
+                ci.touched = true;
+            }
+            let n = members.len();
+            let state = if open { LineState::Aborted } else { LineState::Closed };
+            self.lines.insert(
+                g,
+                Line {
+                    gen: g,
+                    members,
+                    stream: USER,
+                    state,
+                    pos: n as u32 * spc,
+                    alloc: vec![spc; n],
+                    valid: 0,
+                    close_seq: meta.next_seq,
+                },
+            );
+            if open {
+                self.urgent.push_back(g);
+            }
+        }
+        for lba in 0..self.user_lbas {
+            let e = self.map.get(lba);
+            if e.is_mapped() {
+                self.remap_recovered(lba, e.slot);
+            }
+        }
+        // Written chunks of no line (only recovery padding, or unreadable): reset them.
+        let orphans: Vec<u32> = written.iter().copied().filter(|c| !gen_of.contains_key(c)).collect();
+        let st = self.reset_chunks(&orphans).await?;
+        for (&c, s) in orphans.iter().zip(st) {
+            if s.is_success() {
+                self.chunks[c as usize].wear += 1;
+            } else {
+                self.chunks[c as usize].bad = true;
+            }
+        }
+        self.free = self.chunks.iter().filter(|c| !c.bad && c.line.is_none()).count() as u32;
+        self.next_seq = self.next_seq.max(meta.next_seq).max(max_seq + 1);
+        let max_gen = gen_of.values().copied().max().unwrap_or(0);
+        self.next_gen = self.next_gen.max(meta.next_gen).max(max_gen.saturating_add(1));
+        Metrics::set(&self.metrics.free_chunks, u64::from(self.free));
+        Metrics::set(&self.metrics.bad_chunks, self.chunks.iter().filter(|c| c.bad).count() as u64);
+        Metrics::set(&self.metrics.lost_blocks, self.lost.len() as u64);
+        tracing::info!(
+            lines = self.lines.len(),
+            scanned_blocks,
+            reopened = self.urgent.len(),
+            free = self.free,
+            "guest FTL recovered"
+        );
+        Ok(())
+    }
+
+    fn remap_recovered(&mut self, lba: u32, slot: u32) {
+        let e = self.map.get(lba);
+        // Re-setting the entry marks the slot valid in its line.
+        self.map.set(lba, Entry::UNMAPPED);
+        self.remap(lba, e);
+        debug_assert_eq!(self.map.get(lba).slot, slot);
+    }
+
+    /// Writes `mw_cunits` sectors of padding at the end of every open chunk so that the blocks
+    /// still in the device's cache window can be read.
+    async fn pad_open_chunks(&mut self) -> Result<()> {
+        let table = chunk_table(&*self.ch).await?;
+        let geo = self.lay.geo.clone();
+        let want = geo.mw_cunits.next_multiple_of(geo.ws_min);
+        let mut todo: Vec<(u32, u32, u32)> = Vec::new();
+        for (c, d) in table.iter().enumerate() {
+            if d.state == ChunkState::Open && want > 0 {
+                let wp = d.written() as u32;
+                let n = want.min(geo.clba - wp);
+                if n > 0 {
+                    todo.push((c as u32, wp, n));
+                }
+            }
+        }
+        let per = 64 / geo.ws_min * geo.ws_min;
+        let os = geo.oob_size as usize;
+        let mut wave = 0;
+        loop {
+            let mut cmds = Vec::new();
+            for &(c, wp, n) in &todo {
+                let start = wave * per;
+                if start < n {
+                    let k = (n - start).min(per);
+                    let addrs: Vec<u64> = (wp + start..wp + start + k).map(|b| self.lay.sector_ppa(c, b)).collect();
+                    let mut oob = vec![0u8; k as usize * os];
+                    for s in 0..k as usize {
+                        Oob { lba: PAD_LBA, gen: RECOVERY_GEN, seq: 0 }.encode(&mut oob[s * os..s * os + OOB_BYTES]);
+                    }
+                    cmds.push(Cmd::write(addrs, vec![0u8; k as usize * geo.block_size as usize], oob));
+                }
+            }
+            if cmds.is_empty() {
+                break;
+            }
+            for d in io::run(&*self.ch, cmds).await? {
+                if d.cqe.status == Status::INTERNAL_ERROR {
+                    return Err(FtlError::Device { opcode: host_ftl::opcode::VECTOR_WRITE, status: d.cqe.status });
+                }
+            }
+            wave += 1;
+        }
+        Ok(())
+    }
+
+    /// The OOB of each slot (None where the device returned no data).
+    async fn read_oobs(&mut self, slots: &[u32]) -> Result<Vec<Option<Oob>>> {
+        let per = self.lay.max_cmd_slots as usize;
+        let spl = self.lay.spl as usize;
+        let os = self.lay.geo.oob_size as usize;
+        let cmds: Vec<Cmd> = slots
+            .chunks(per)
+            .map(|g| {
+                Cmd::read(
+                    g.iter().flat_map(|&s| self.lay.ppas(self.lay.chunk_of(s), self.lay.offset_of(s), 1)).collect(),
+                )
+            })
+            .collect();
+        let done = io::run(&*self.ch, cmds).await?;
+        let mut out = Vec::with_capacity(slots.len());
+        for (g, d) in slots.chunks(per).zip(&done) {
+            if d.cqe.status == Status::INTERNAL_ERROR {
+                return Err(FtlError::Device { opcode: host_ftl::opcode::VECTOR_READ, status: d.cqe.status });
+            }
+            for k in 0..g.len() {
+                let ok = !d.failed(k * spl) || d.cqe.status.data_valid();
+                out.push(if ok { Oob::decode(&d.oob[k * spl * os..]) } else { None });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn wear_from_wli(eng: &Engine, wli: u8) -> u32 {
+    (u64::from(wli) * u64::from(eng.lay.geo.endurance) / 255) as u32
+}
