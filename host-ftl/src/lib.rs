@@ -5,8 +5,9 @@
 //! ([`Sqe`], [`Cqe`], [`Status`]) executed against host memory shared by offset
 //! ([`DmaRegion`]), out-of-band bytes per block, media backends in memory ([`MemMedia`]) and in
 //! a sparse file through io_uring ([`FileMedia`]), a per-PU timing model, fault injection and
-//! chunk notifications. The host FTL driver (partitions per guest, validation, translation,
-//! fairness, deferred reclaim) will be built on top of [`Device`].
+//! chunk notifications. The host FTL driver ([`driver`]: partitions per guest, validation,
+//! translation, fairness, deferred reclaim) is built on top of [`Device`] and serves each guest
+//! FTL through a queue pair of its own.
 //!
 //! A command's outcome is always a completion with an NVMe status, never a panic or an
 //! `Err`: see [`device`] for every rule and the status it gives.
@@ -32,6 +33,7 @@ pub mod chunk;
 pub mod command;
 pub mod device;
 pub mod dma;
+pub mod driver;
 pub mod error;
 pub mod fault;
 pub mod geometry;

@@ -1,0 +1,117 @@
+//! Admin commands on a guest's queue pair, answered by the driver in the guest's own terms: the
+//! geometry page of its virtual geometry, the chunk information of its own chunks (with its own
+//! addresses), and its own chunk notifications.
+//!
+//! The fields are those of the device's admin commands (see [`crate::command::admin`]); reserved
+//! fields must be zero (invalid field), pointers dword aligned (PRP offset invalid) and inside
+//! the guest's region (data transfer error); a log offset must be a multiple of 4 and not past
+//! the end of the log; bytes past the end of a log read as zeros.
+
+use super::engine::GuestShared;
+use super::Core;
+use crate::address::Addr;
+use crate::chunk::{ChunkDescriptor, CHUNK_DESCRIPTOR_SIZE};
+use crate::command::{admin, Sqe, Status, NSID};
+
+pub(crate) fn execute(guest: &GuestShared, core: &Core, sqe: &Sqe) -> Status {
+    let common_reserved = sqe.flags != 0 || sqe.cdw2 != 0 || sqe.cdw3 != 0 || sqe.mptr != 0 || sqe.prp2 != 0;
+    match sqe.opcode {
+        admin::GEOMETRY => {
+            if sqe.nsid != NSID {
+                return Status::INVALID_NAMESPACE;
+            }
+            let words = [sqe.cdw10, sqe.cdw11, sqe.cdw12, sqe.cdw13, sqe.cdw14, sqe.cdw15];
+            if common_reserved || words.iter().any(|&w| w != 0) {
+                return Status::INVALID_FIELD;
+            }
+            if sqe.prp1 % 4 != 0 {
+                return Status::PRP_OFFSET_INVALID;
+            }
+            match guest.region.write(sqe.prp1, &guest.part.geometry().to_page()[..]) {
+                Ok(()) => Status::SUCCESS,
+                Err(_) => Status::DATA_TRANSFER_ERROR,
+            }
+        }
+        admin::GET_LOG_PAGE => {
+            if ![0, NSID, u32::MAX].contains(&sqe.nsid) {
+                return Status::INVALID_NAMESPACE;
+            }
+            if common_reserved || sqe.cdw10 & 0xff00 != 0 || sqe.cdw11 >> 16 != 0 || sqe.cdw14 != 0 || sqe.cdw15 != 0 {
+                return Status::INVALID_FIELD;
+            }
+            if sqe.prp1 % 4 != 0 {
+                return Status::PRP_OFFSET_INVALID;
+            }
+            log_page(guest, core, sqe)
+        }
+        _ => Status::INVALID_OPCODE,
+    }
+}
+
+fn log_page(guest: &GuestShared, core: &Core, sqe: &Sqe) -> Status {
+    let lid = (sqe.cdw10 & 0xff) as u8;
+    let numd = (u64::from(sqe.cdw11 & 0xffff) << 16 | u64::from(sqe.cdw10 >> 16)) + 1;
+    let offset = u64::from(sqe.cdw12) | u64::from(sqe.cdw13) << 32;
+    if offset % 4 != 0 {
+        return Status::INVALID_FIELD;
+    }
+    // The region bounds the length before anything is allocated.
+    let Ok(len) = usize::try_from(numd * 4) else { return Status::DATA_TRANSFER_ERROR };
+    if guest.region.check(sqe.prp1, len).is_err() {
+        return Status::DATA_TRANSFER_ERROR;
+    }
+    let (page_len, bytes) = match lid {
+        admin::LOG_CHUNK_INFO => {
+            let page_len = (guest.part.geometry().total_chunks() * CHUNK_DESCRIPTOR_SIZE) as u64;
+            if offset > page_len {
+                return Status::INVALID_FIELD;
+            }
+            let first = (offset / CHUNK_DESCRIPTOR_SIZE as u64) as usize;
+            let last = (offset + len as u64).div_ceil(CHUNK_DESCRIPTOR_SIZE as u64) as usize;
+            let bytes: Vec<u8> = chunk_info(guest, core, first, last).iter().flat_map(|d| d.to_bytes()).collect();
+            let skip = (offset % CHUNK_DESCRIPTOR_SIZE as u64) as usize;
+            (page_len, bytes.get(skip..).map(<[u8]>::to_vec).unwrap_or_default())
+        }
+        admin::LOG_CHUNK_NOTIFICATION => {
+            core.router.poll(&core.device);
+            let page = guest.log.page();
+            if offset > page.len() as u64 {
+                return Status::INVALID_FIELD;
+            }
+            (page.len() as u64, page[offset as usize..].to_vec())
+        }
+        _ => return Status::INVALID_LOG_PAGE,
+    };
+    let mut out = vec![0u8; len];
+    let take = bytes.len().min(len).min((page_len - offset) as usize);
+    out[..take].copy_from_slice(&bytes[..take]);
+    match guest.region.write(sqe.prp1, &out) {
+        Ok(()) => Status::SUCCESS,
+        Err(_) => Status::DATA_TRANSFER_ERROR,
+    }
+}
+
+/// Descriptors of the guest's chunks with virtual indexes `first..last` (clamped), with the
+/// guest's addresses.
+pub(crate) fn chunk_info(guest: &GuestShared, core: &Core, first: usize, last: usize) -> Vec<ChunkDescriptor> {
+    let part = &guest.part;
+    let num_chk = part.geometry().num_chk as usize;
+    let dev = core.device.geometry();
+    let last = last.min(part.geometry().total_chunks());
+    let mut out = Vec::with_capacity(last.saturating_sub(first));
+    let mut i = first;
+    while i < last {
+        let vpu = i / num_chk;
+        let end = ((vpu + 1) * num_chk).min(last);
+        let Some(&dpu) = part.device_pus().get(vpu) else { break };
+        let base = dpu * num_chk;
+        for d in core.device.chunk_info(base + i % num_chk..base + (end - 1) % num_chk + 1) {
+            let guest_slba = Addr::from_ppa(dev, d.slba).ok().and_then(|a| part.to_guest(a));
+            let Some(slba) = guest_slba else { continue };
+            let wp = crate::Ppa(slba.0 + d.written());
+            out.push(ChunkDescriptor { slba, wp, ..d });
+        }
+        i = end;
+    }
+    out
+}

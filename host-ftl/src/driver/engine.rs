@@ -1,0 +1,359 @@
+//! The dispatching core: the scheduler, the device and the commands in flight, driven by an
+//! explicit `now`.
+//!
+//! Everything that changes what the device does goes through [`Engine::handle`] (messages from
+//! queue pairs and the driver, in the order they were sent) and [`Engine::run`] (complete what
+//! is due, dispatch what may go). Both take `now` from their caller and nothing else reads a
+//! clock, so a run on the simulated clock is deterministic, and the dispatcher thread runs the
+//! same code on the real clock. Commands are executed on the device when they are dispatched
+//! (the device model does its work at once and says when the media would be done); with the
+//! timing model on, the completion is delivered at that `done_at`, else at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use super::fair::{Dispatched, Estimate, SchedConfig, Scheduler};
+use super::notify::{GuestLog, Router};
+use super::partition::Partition;
+use super::reclaim::ReclaimJob;
+use super::validate::{Checked, CostModel, POISON};
+use crate::address::{Addr, Ppa};
+use crate::chunk::ChunkState;
+use crate::command::{opcode, Cqe, Status};
+use crate::device::Device;
+use crate::dma::DmaRegion;
+
+/// Counters of one guest, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestCounters {
+    /// Commands completed (I/O and admin, refused ones included).
+    pub commands: u64,
+    /// Bytes of data moved by commands that succeeded.
+    pub bytes: u64,
+    /// Commands that completed with an error status (refused ones included; the high-ECC
+    /// warning is not an error).
+    pub errors: u64,
+    /// Nanoseconds the guest had work queued but was held back by its rate limits.
+    pub throttled_ns: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct GuestStats {
+    commands: AtomicU64,
+    bytes: AtomicU64,
+    errors: AtomicU64,
+    throttled_ns: AtomicU64,
+}
+
+impl GuestStats {
+    pub(crate) fn record(&self, cqe: &Cqe, bytes: u64) {
+        self.commands.fetch_add(1, Ordering::Relaxed);
+        if cqe.status.data_valid() {
+            self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        } else {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> GuestCounters {
+        GuestCounters {
+            commands: self.commands.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            throttled_ns: self.throttled_ns.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What a guest's queue pair and the engine share.
+pub(crate) struct GuestShared {
+    pub name: String,
+    pub id: u64,
+    pub part: Arc<Partition>,
+    pub region: Arc<DmaRegion>,
+    pub stats: GuestStats,
+    pub log: Arc<GuestLog>,
+    /// Set when the guest is removed (or the driver closes): no more commands.
+    pub closed: AtomicBool,
+    pub weight: u32,
+    pub limits: super::fair::Limits,
+}
+
+/// Where a command's completion goes.
+pub(crate) enum Reply {
+    Guest { tx: oneshot::Sender<Cqe>, guest: Arc<GuestShared> },
+    Reclaim { job: u64 },
+}
+
+/// A checked command on its way to the device.
+pub(crate) struct Job {
+    pub checked: Checked,
+    pub region: Arc<DmaRegion>,
+    pub reply: Reply,
+}
+
+/// Messages to the engine, handled in the order sent.
+pub(crate) enum Msg {
+    AddGuest(Arc<GuestShared>),
+    /// Stop serving a guest: its queued commands are aborted.
+    RemoveGuest(u64),
+    Submit {
+        guest: u64,
+        job: Job,
+        at: u64,
+    },
+    /// Reset every chunk of these PUs, then report the name as reclaimed.
+    Reclaim {
+        name: String,
+        pus: Vec<usize>,
+    },
+}
+
+/// A completion failing all `n` addresses of a command with `status`.
+pub(crate) fn aborted_with(cid: u16, n: usize, status: Status) -> Cqe {
+    let bitmap = if n >= 64 { u64::MAX } else { (1u64 << n.max(1)) - 1 };
+    Cqe::new(cid, status, if n == 0 { 0 } else { bitmap })
+}
+
+/// The completion of a command that was never executed because its queue went away.
+pub(crate) fn aborted(cid: u16, n: usize) -> Cqe {
+    aborted_with(cid, n, Status::ABORTED_SQ_DELETION)
+}
+
+fn abort(job: Job) {
+    let n = job.checked.addrs.len();
+    let cqe = aborted(job.checked.sqe.cid, n);
+    if let Reply::Guest { tx, guest } = job.reply {
+        guest.stats.record(&cqe, 0);
+        let _ = tx.send(cqe);
+    }
+}
+
+struct EngineGuest {
+    shared: Arc<GuestShared>,
+    /// Device chunk indexes of the guest's open chunks, kept only when the driver must enforce
+    /// the guest's share of open chunks.
+    open: Option<BTreeSet<usize>>,
+}
+
+struct InFlight {
+    flow: u64,
+    reply: Reply,
+    est: Estimate,
+    cqe: Cqe,
+    bytes: u64,
+}
+
+/// Settings of the engine.
+#[derive(Clone, Debug)]
+pub(crate) struct EngineConfig {
+    pub sched: SchedConfig,
+    /// Deliver completions at the timing model's `done_at`.
+    pub timing: bool,
+    pub reclaim_weight: u32,
+    /// Chunks per reset command while reclaiming.
+    pub reclaim_batch: usize,
+}
+
+/// The scheduler, the device and everything in flight.
+pub(crate) struct Engine {
+    pub(crate) device: Arc<Device>,
+    pub(crate) cfg: EngineConfig,
+    pub(crate) sched: Scheduler<Job>,
+    pub(crate) costs: CostModel,
+    inflight: BTreeMap<(u64, u64), InFlight>,
+    seq: u64,
+    guests: BTreeMap<u64, EngineGuest>,
+    pub(crate) jobs: BTreeMap<u64, ReclaimJob>,
+    pub(crate) next_flow: Arc<AtomicU64>,
+    router: Arc<Router>,
+    /// Names whose reclaim finished since the last [`Engine::run`].
+    pub(crate) reclaimed: Vec<String>,
+    /// A region for commands that move no host data (resets).
+    pub(crate) empty_region: Arc<DmaRegion>,
+}
+
+impl Engine {
+    pub(crate) fn new(
+        device: Arc<Device>,
+        cfg: EngineConfig,
+        router: Arc<Router>,
+        next_flow: Arc<AtomicU64>,
+    ) -> Engine {
+        Engine {
+            sched: Scheduler::new(cfg.sched.clone()),
+            costs: CostModel::new(device.geometry()),
+            device,
+            cfg,
+            inflight: BTreeMap::new(),
+            seq: 0,
+            guests: BTreeMap::new(),
+            jobs: BTreeMap::new(),
+            next_flow,
+            router,
+            reclaimed: Vec::new(),
+            empty_region: Arc::new(DmaRegion::new(0)),
+        }
+    }
+
+    pub(crate) fn handle(&mut self, msg: Msg, now: u64) {
+        match msg {
+            Msg::AddGuest(g) => {
+                self.sched.add_flow(g.id, g.weight, g.limits, now);
+                let open = g.part.open_limit_binds().then(|| self.open_chunks_of(g.part.device_pus()));
+                self.guests.insert(g.id, EngineGuest { shared: g, open });
+            }
+            Msg::RemoveGuest(id) => {
+                self.guests.remove(&id);
+                for job in self.sched.remove_flow(id) {
+                    abort(job);
+                }
+            }
+            Msg::Submit { guest, job, at } => {
+                let Job { checked, region, reply } = job;
+                let est = checked.est.clone();
+                let bytes = checked.bytes;
+                if let Err(job) = self.sched.enqueue(guest, est, bytes, Job { checked, region, reply }, at) {
+                    abort(job);
+                }
+            }
+            Msg::Reclaim { name, pus } => self.start_reclaim(name, pus, now),
+        }
+    }
+
+    /// Completes what is due at `now` and dispatches what may go, until neither makes progress.
+    pub(crate) fn run(&mut self, now: u64) {
+        loop {
+            let mut progressed = false;
+            while let Some(entry) = self.inflight.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                let f = entry.remove();
+                self.finish(f, now);
+                progressed = true;
+            }
+            let batch = self.sched.dispatch(now);
+            if batch.is_empty() && !progressed {
+                break;
+            }
+            for d in batch {
+                self.execute(d, now);
+            }
+        }
+        self.router.poll(&self.device);
+        for g in self.guests.values() {
+            g.shared.stats.throttled_ns.store(self.sched.throttled_ns(g.shared.id, now), Ordering::Relaxed);
+        }
+    }
+
+    /// When something next needs doing: a completion falls due or a rate limit lets a guest go.
+    pub(crate) fn next_event(&self, now: u64) -> Option<u64> {
+        let done = self.inflight.keys().next().map(|k| k.0);
+        [done, self.sched.next_wakeup(now)].into_iter().flatten().min()
+    }
+
+    /// Commands queued or in flight.
+    pub(crate) fn busy(&self) -> usize {
+        self.sched.total_queued() + self.inflight.len()
+    }
+
+    fn execute(&mut self, d: Dispatched<Job>, now: u64) {
+        let Job { checked, region, reply } = d.item;
+        let sqe = &checked.sqe;
+        let device = &self.device;
+        let guest = match &reply {
+            Reply::Guest { guest, .. } => self.guests.get_mut(&guest.id),
+            Reply::Reclaim { .. } => None,
+        };
+        let targets = match sqe.opcode {
+            opcode::VECTOR_WRITE | opcode::VECTOR_RESET => &checked.addrs[..],
+            opcode::VECTOR_COPY => &checked.dst[..],
+            _ => &[],
+        };
+        let tracked = guest.and_then(|g| g.open.as_mut().map(|open| (open, g.shared.part.max_open())));
+        let chunks = match &tracked {
+            Some(_) => chunk_indexes(device, targets),
+            None => BTreeSet::new(),
+        };
+        let (cqe, done_at) = match tracked {
+            Some((open, limit)) if sqe.opcode != opcode::VECTOR_RESET && !may_open(device, open, limit, &chunks) => {
+                (aborted_with(sqe.cid, checked.addrs.len(), Status::TOO_MANY_OPEN_CHUNKS), now)
+            }
+            tracked => {
+                let out = run_on_device(device, self.cfg.timing, &checked, &region, now);
+                if let Some((open, _)) = tracked {
+                    for &c in &chunks {
+                        match device.chunk_info(c..c + 1).first().map(|d| d.state) {
+                            Some(ChunkState::Open) => open.insert(c),
+                            _ => open.remove(&c),
+                        };
+                    }
+                }
+                out
+            }
+        };
+        self.seq += 1;
+        let f = InFlight { flow: d.flow, reply, est: d.est, cqe, bytes: checked.bytes };
+        self.inflight.insert((done_at.max(now), self.seq), f);
+    }
+
+    fn open_chunks_of(&self, pus: &[usize]) -> BTreeSet<usize> {
+        let num_chk = self.device.geometry().num_chk as usize;
+        let mut open = BTreeSet::new();
+        for &pu in pus {
+            let first = pu * num_chk;
+            for (i, d) in self.device.chunk_info(first..first + num_chk).iter().enumerate() {
+                if d.state == ChunkState::Open {
+                    open.insert(first + i);
+                }
+            }
+        }
+        open
+    }
+
+    fn finish(&mut self, f: InFlight, now: u64) {
+        self.sched.complete(f.flow, &f.est);
+        match f.reply {
+            Reply::Guest { tx, guest } => {
+                guest.stats.record(&f.cqe, f.bytes);
+                let _ = tx.send(f.cqe);
+            }
+            Reply::Reclaim { job } => self.reclaim_batch_done(job, now),
+        }
+    }
+}
+
+fn run_on_device(device: &Device, timing: bool, c: &Checked, region: &DmaRegion, now: u64) -> (Cqe, u64) {
+    if c.is_flush() {
+        return (device.execute(&c.sqe, region), now);
+    }
+    if timing {
+        device.execute_vector_at(&c.sqe, &c.addrs, &c.dst, region, now)
+    } else {
+        (device.execute_vector(&c.sqe, &c.addrs, &c.dst, region), now)
+    }
+}
+
+/// Whether writing `chunks` keeps a guest with `open` chunks within its share of `limit`.
+fn may_open(device: &Device, open: &BTreeSet<usize>, limit: u32, chunks: &BTreeSet<usize>) -> bool {
+    let new = chunks
+        .iter()
+        .filter(|c| !open.contains(c))
+        .filter(|&&c| device.chunk_info(c..c + 1).first().is_some_and(|d| d.state == ChunkState::Free))
+        .count();
+    open.len() + new <= limit as usize
+}
+
+/// Device chunk indexes of the valid addresses in `addrs`.
+fn chunk_indexes(device: &Device, addrs: &[u64]) -> BTreeSet<usize> {
+    let geo = device.geometry();
+    addrs
+        .iter()
+        .filter(|&&a| a != POISON)
+        .filter_map(|&a| Addr::from_ppa(geo, Ppa(a)).ok()?.chunk_index(geo).ok())
+        .collect()
+}
