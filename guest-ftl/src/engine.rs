@@ -158,6 +158,12 @@ pub struct Engine {
     pub metrics: Arc<Metrics>,
 }
 
+/// Whether a command that failed with `status` left the device as it was (a media I/O error, a
+/// transfer error, a dead queue): such writes are simply tried again.
+pub fn unchanged(status: Status) -> bool {
+    matches!(status, Status::INTERNAL_ERROR | Status::DATA_TRANSFER_ERROR | Status::INVALID_NAMESPACE)
+}
+
 /// Why a write or read failed, for the caller's error.
 fn device_err(op: u8, status: Status) -> FtlError {
     FtlError::Device { opcode: op, status }
@@ -242,6 +248,7 @@ impl Engine {
     /// Points `lba` at `new`, invalidating the slot it had.
     pub fn remap(&mut self, lba: u32, new: Entry) {
         let old = self.map.set(lba, new);
+        tracing::trace!(lba, ?old, ?new, "remap");
         if old.is_mapped() {
             self.clear_valid(old.slot);
         }
@@ -321,7 +328,7 @@ impl Engine {
         self.open[stream] = Some(gen);
         self.lines_since_ckpt += 1;
         self.opens_since_wl += 1;
-        tracing::debug!(gen, stream, members = n, free = self.free, "line opened");
+        tracing::debug!(gen, stream, members = ?self.lines.get(&gen).map(|l| &l.members), free = self.free, "line opened");
         self.check_wear();
         Ok(gen)
     }
@@ -422,14 +429,24 @@ impl Engine {
             }
             let cmds = pieces.iter().map(|&(gen, c, off, n)| self.write_cmd(gen, c, off, n)).collect();
             let done = io::run(&*self.ch, cmds).await?;
+            let mut transient = None;
             for (&(gen, c, off, n), d) in pieces.iter().zip(done) {
-                if d.cqe.status.is_success() {
+                let st = d.cqe.status;
+                if st.is_success() {
                     self.written(c, off + n);
+                } else if unchanged(st) {
+                    // Nothing happened on the device: the same blocks are written again later.
+                    transient = Some(st);
                 } else {
                     let first_bad = (0..64).find(|&i| d.failed(i)).unwrap_or(0) as u32;
                     self.written(c, off + first_bad / self.lay.spl);
-                    self.abort(gen, c, d.cqe.status).await?;
+                    self.chunks[c as usize].touched = true;
+                    self.abort(gen, c, st).await?;
                 }
+            }
+            if let Some(st) = transient {
+                self.close_written_lines();
+                return Err(device_err(opcode::VECTOR_WRITE, st));
             }
             wave += 1;
         }
@@ -472,7 +489,7 @@ impl Engine {
         let spc = self.lay.spc;
         let spl = self.lay.spl;
         let ci = &mut self.chunks[chunk as usize];
-        ci.touched = true;
+        ci.touched |= wp > 0;
         ci.wp = ci.wp.max(wp);
         let readable = self.lay.readable_slots(ci.wp * spl, ci.wp < spc);
         let from = ci.released;

@@ -165,6 +165,7 @@ impl Ftl {
                     Some(d) => dst.copy_from_slice(&d[(from - offset) as usize..(to - offset) as usize]),
                     None => dst.fill(0),
                 }
+                eng.make_room_for_user_line().await?;
                 let seq = eng.take_seq();
                 eng.append(USER, l, seq, block.into_boxed_slice())?;
                 Metrics::add(&eng.metrics.user_slots, 1);

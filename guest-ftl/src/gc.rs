@@ -103,7 +103,13 @@ impl Engine {
     /// done instead of picking another.
     pub async fn gc_step(&mut self, mut budget: u32, only: bool) -> Result<u32> {
         let mut moved = 0;
-        while budget > 0 {
+        loop {
+            // A victim is never left half done while only the GC reserve is free: finishing it
+            // later must not need more space than is left.
+            let pressed = self.victim.is_some() && self.free < self.reserve_chunks();
+            if budget == 0 && !pressed {
+                break;
+            }
             let v = match self.victim {
                 Some(v) if self.lines.contains_key(&v.gen) => v,
                 _ if only => break,
@@ -125,7 +131,7 @@ impl Engine {
             let members = line.members.clone();
             let mut cursor = v.cursor;
             let mut batch = Vec::new();
-            let limit = budget.min(GC_BATCH);
+            let limit = if budget > 0 { budget.min(GC_BATCH) } else { GC_BATCH };
             if line.valid > 0 {
                 while cursor < cap && (batch.len() as u32) < limit {
                     let slot = self.lay.slot(members[(cursor / self.lay.spc) as usize], cursor % self.lay.spc);
@@ -135,8 +141,15 @@ impl Engine {
                     cursor += 1;
                 }
             }
-            self.victim = Some(Victim { gen: v.gen, cursor });
             if batch.is_empty() {
+                if line.valid > 0 {
+                    if v.cursor == 0 {
+                        return Err(FtlError::Metadata(format!("line {} counts valid blocks it does not have", v.gen)));
+                    }
+                    // Blocks before the cursor became valid again (a failed pass): start over.
+                    self.victim = Some(Victim { gen: v.gen, cursor: 0 });
+                    continue;
+                }
                 self.finish_victim(v.gen).await?;
                 if only {
                     break;
@@ -144,6 +157,8 @@ impl Engine {
                 continue;
             }
             let data = self.read_slots(&batch).await?;
+            // Only now, with the batch read, is the cursor moved past it.
+            self.victim = Some(Victim { gen: v.gen, cursor });
             for (slot, r) in batch.iter().copied().zip(data) {
                 let lba = self.p2l[slot as usize];
                 let e = self.map.get(lba);
@@ -202,10 +217,14 @@ impl Engine {
             if st.is_success() {
                 ci.wear += 1;
                 Metrics::add(&self.metrics.resets, 1);
+            } else if crate::engine::unchanged(*st) {
+                // The line stays; it is cleaned again later.
+                self.lines.insert(gen, line);
+                self.urgent.push_back(gen);
+                return Err(FtlError::Device { opcode: host_ftl::opcode::VECTOR_RESET, status: *st });
+            } else if *st == Status::INVALID_RESET && self.chunk_is_free(c).await? {
+                // Never opened after all (its only write failed before reaching the media).
             } else {
-                if *st == Status::INTERNAL_ERROR {
-                    return Err(FtlError::Device { opcode: host_ftl::opcode::VECTOR_RESET, status: *st });
-                }
                 tracing::warn!(chunk = c, status = %st, "reset failed");
                 failed.push(c);
             }
@@ -233,6 +252,12 @@ impl Engine {
         Metrics::set(&self.metrics.free_chunks, u64::from(self.free));
         tracing::debug!(gen, free = self.free, "line cleaned");
         Ok(())
+    }
+
+    /// Whether the device says a chunk is free.
+    async fn chunk_is_free(&mut self, chunk: u32) -> Result<bool> {
+        let table = crate::channel::chunk_table(&*self.ch).await?;
+        Ok(table.get(chunk as usize).is_some_and(|d| d.state == host_ftl::ChunkState::Free))
     }
 
     /// Relocates every aborted line completely.
@@ -312,22 +337,33 @@ impl Engine {
         } else {
             self.debt = 0.0;
         }
-        // The floor: a user line may not eat into the GC reserve.
+        if worked {
+            Metrics::add(&self.metrics.throttled_ns, start.elapsed().as_nanos() as u64);
+        }
+        Ok(())
+    }
+
+    /// The floor of the rate limiter: before a user write opens a new line, whole victims are
+    /// cleaned until a line can be opened without touching the GC reserve.
+    pub async fn make_room_for_user_line(&mut self) -> Result<()> {
+        let user_line_open =
+            self.open[USER].is_some_and(|g| self.lines.get(&g).is_some_and(|l| l.state == LineState::Open));
+        if user_line_open {
+            return Ok(());
+        }
         let need = self.reserve_chunks() + self.lay.pus;
-        let user_line_full =
-            self.open[USER].is_none_or(|g| self.lines.get(&g).is_none_or(|l| l.state != LineState::Open));
         let max_rounds = self.lay.total_slots() / u64::from(GC_BATCH) * 4 + 16;
+        let start = Instant::now();
         let mut rounds = 0;
-        while user_line_full && self.free < need && rounds < max_rounds {
+        while self.free < need && rounds < max_rounds {
             rounds += 1;
             let before = self.free;
             let moved = self.gc_step(GC_BATCH, false).await?;
-            worked = true;
             if moved == 0 && self.victim.is_none() && self.free == before {
                 break;
             }
         }
-        if worked {
+        if rounds > 0 {
             Metrics::add(&self.metrics.throttled_ns, start.elapsed().as_nanos() as u64);
         }
         Ok(())

@@ -176,6 +176,7 @@ impl Oob {
         out[8..16].copy_from_slice(&self.seq.to_le_bytes());
     }
 
+    /// Decodes OOB bytes; None for bytes the FTL never wrote (generation 0 is never used).
     pub fn decode(b: &[u8]) -> Option<Oob> {
         if b.len() < OOB_BYTES {
             return None;
@@ -183,7 +184,8 @@ impl Oob {
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let mut s = [0u8; 8];
         s.copy_from_slice(&b[8..16]);
-        Some(Oob { lba: u32_at(0), gen: u32_at(4), seq: u64::from_le_bytes(s) })
+        let o = Oob { lba: u32_at(0), gen: u32_at(4), seq: u64::from_le_bytes(s) };
+        (o.gen != 0).then_some(o)
     }
 }
 
@@ -239,5 +241,6 @@ pub(crate) mod tests {
         o.encode(&mut b);
         assert_eq!(Oob::decode(&b), Some(o));
         assert_eq!(Oob::decode(&b[..8]), None);
+        assert_eq!(Oob::decode(&[0u8; 16]), None, "erased or never written");
     }
 }

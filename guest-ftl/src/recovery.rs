@@ -78,6 +78,7 @@ impl Engine {
             match d.state {
                 ChunkState::Offline => self.chunks[c].bad = true,
                 ChunkState::Open | ChunkState::Closed => {
+                    tracing::trace!(chunk = c, state = ?d.state, wp = d.written(), "written chunk");
                     readable[c] = lay.readable_slots(d.written() as u32, d.state == ChunkState::Open);
                     written.push(c as u32);
                 }
@@ -90,6 +91,7 @@ impl Engine {
         let heads = self.read_oobs(&firsts.iter().map(|&c| lay.slot(c, 0)).collect::<Vec<_>>()).await?;
         let mut unknown = Vec::new();
         for (&c, o) in firsts.iter().zip(&heads) {
+            tracing::trace!(chunk = c, oob = ?o, "first block");
             match o {
                 Some(o) if o.gen != RECOVERY_GEN => {
                     gen_of.insert(c, o.gen);
@@ -116,6 +118,7 @@ impl Engine {
             let keep = (c as usize) < table.len()
                 && gen_of.get(&c).is_some_and(|&g| !scanned(g))
                 && lay.offset_of(e.slot) < readable[c as usize];
+            tracing::trace!(lba, slot = e.slot, chunk = c, keep, gen = ?gen_of.get(&c), "checkpoint entry");
             if !keep {
                 if table.get(c as usize).is_some_and(|d| d.state == ChunkState::Offline) {
                     self.lost.insert(lba);
@@ -136,6 +139,7 @@ impl Engine {
                     continue;
                 }
                 scanned_blocks += 1;
+                tracing::trace!(lba = o.lba, slot, seq = o.seq, gen = g, "scanned");
                 max_seq = max_seq.max(o.seq);
                 let cur = self.map.get(o.lba);
                 if o.seq > cur.seq || (o.seq == cur.seq && !cur.is_mapped()) {

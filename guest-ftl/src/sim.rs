@@ -1,11 +1,13 @@
 //! Media that can lose power: for crash tests of the FTL on the device model.
 //!
 //! [`PowerLossMedia`] keeps two images of the device: what the device has done (`live`, which
-//! reads see) and what is durable (the state at the last media flush). Every operation since
-//! the last flush is kept in order. [`PowerLossMedia::power_loss`] makes a new media holding
-//! the durable image plus the first `keep` of those operations, as if power failed at that
-//! point of the device's write-back: data writes, erases and chunk records alike (the chunk
-//! table is durable only after a flush, too). A device reopened on it sees what survived.
+//! reads see) and what is durable (the state at the last media flush). Every batch of media
+//! operations since the last flush (the device hands the media one batch per command: data,
+//! erases and the chunk records they change) is kept in order. [`PowerLossMedia::power_loss`]
+//! makes a new media holding the durable image plus the first `keep` of those batches, as if
+//! power failed at that point of the device's write-back (the chunk table, too, is durable only
+//! after a flush). A command's batch survives whole or not at all: the model does not tear a
+//! reset from its chunk record. A device reopened on the new media sees what survived.
 //!
 //! The whole device is held in memory: for small test geometries only.
 
@@ -33,7 +35,7 @@ pub struct PowerLossMedia {
     geo: Geometry,
     live: Mutex<Image>,
     durable: Mutex<Image>,
-    pending: Mutex<Vec<Op>>,
+    pending: Mutex<Vec<Vec<Op>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -84,15 +86,15 @@ impl PowerLossMedia {
         })
     }
 
-    /// Operations done since the last flush.
+    /// Batches done since the last flush.
     pub fn unflushed(&self) -> usize {
         lock(&self.pending).len()
     }
 
-    /// The media after a power loss that let the first `keep` unflushed operations through.
+    /// The media after a power loss that let the first `keep` unflushed batches through.
     pub fn power_loss(&self, keep: usize) -> PowerLossMedia {
         let mut img = lock(&self.durable).clone();
-        for op in lock(&self.pending).iter().take(keep) {
+        for op in lock(&self.pending).iter().take(keep).flatten() {
             img.apply(&self.geo, op);
         }
         PowerLossMedia {
@@ -140,7 +142,7 @@ impl Media for PowerLossMedia {
         }
         let (bs, os, clba) = (self.geo.block_size as usize, self.geo.oob_size as usize, self.geo.clba as usize);
         let mut live = lock(&self.live);
-        let mut pending = lock(&self.pending);
+        let mut batch = Vec::new();
         for op in ops.iter_mut() {
             let kept = match op {
                 MediaOp::Read { chunk, blk, data, oob } => {
@@ -156,14 +158,17 @@ impl Media for PowerLossMedia {
                 MediaOp::SaveChunk { chunk, meta } => Op::Save { chunk: *chunk, meta: (*meta).clone() },
             };
             live.apply(&self.geo, &kept);
-            pending.push(kept);
+            batch.push(kept);
+        }
+        if !batch.is_empty() {
+            lock(&self.pending).push(batch);
         }
         Ok(())
     }
 
     fn flush(&self) -> host_ftl::Result<()> {
         let mut durable = lock(&self.durable);
-        for op in lock(&self.pending).drain(..) {
+        for op in lock(&self.pending).drain(..).flatten() {
             durable.apply(&self.geo, &op);
         }
         Ok(())

@@ -1,0 +1,405 @@
+//! Property test: random writes (aligned or not), reads, trims, write-zeroes and flushes, with
+//! crashes at random points, against a reference model of what the disk may hold.
+//!
+//! # The model
+//!
+//! Every write gets a tag `w`; disk block `b` written by it holds [`content`]`(b, w)`; tag 0 is
+//! zeros (never written, trimmed or write-zeroed). Per disk block the model keeps `cur` (what a
+//! read must return now), `durable` (the newest version that must survive a crash) and `maybe`
+//! (versions written since `durable` that may or may not survive):
+//!
+//! * write or trim acknowledged without FUA: `cur = w`, `w` joins `maybe`;
+//! * write or write-zeroes acknowledged with FUA: `cur = durable = w`, `maybe` emptied;
+//! * flush acknowledged: `durable = cur` for every block, `maybe` emptied;
+//! * a request that failed (the process was "killed" under it): its versions join `maybe`,
+//!   and reads are no longer checked until the crash (what a half-done request did is unknown).
+//!
+//! After a crash and recovery, each block must read as `durable` or one of `maybe`: the
+//! allowed set. Then the model takes what it read as its new `cur` and `durable`.
+//!
+//! # Crashes
+//!
+//! A crash drops the FTL without flushing anything, and the power-loss media keeps a random
+//! prefix of the device's operations since its last flush (data, erases, chunk records). A
+//! *kill* first makes the channel dead after a random number of further commands, so the crash
+//! can fall inside a write, a flush, a GC run or a checkpoint.
+
+mod common;
+
+use common::{channel, Rig};
+use guest_ftl::{Ftl, FtlConfig, VictimPolicy};
+use host_ftl::Geometry;
+use proptest::prelude::*;
+use vdisk::{BlockDevice, IoBuf};
+
+fn geometry() -> Geometry {
+    Geometry { num_chk: 24, clba: 8, ..common::small_geometry() }
+}
+
+/// The bytes of disk block `b` as written by tag `w` (zeros for tag 0).
+fn content(b: u64, w: u64, bs: usize) -> Vec<u8> {
+    if w == 0 {
+        return vec![0; bs];
+    }
+    let mut v = Vec::with_capacity(bs);
+    v.extend_from_slice(&b.to_le_bytes());
+    v.extend_from_slice(&w.to_le_bytes());
+    while v.len() < bs {
+        v.push((b.wrapping_mul(31) ^ w.wrapping_mul(17)).wrapping_add(v.len() as u64) as u8);
+    }
+    v
+}
+
+/// The tag a block's bytes carry, if they are one of ours.
+fn tag_of(b: u64, bytes: &[u8], bs: usize) -> Option<u64> {
+    if bytes.iter().all(|&x| x == 0) {
+        return Some(0);
+    }
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&bytes[8..16]);
+    let w = u64::from_le_bytes(w);
+    (content(b, w, bs) == bytes).then_some(w)
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write { at: u32, n: u8, fua: bool },
+    Read { at: u32, n: u8 },
+    Discard { at: u32, n: u8 },
+    Zero { at: u32, n: u8, fua: bool },
+    Flush,
+    Crash { keep: u16 },
+    Kill { after: u8 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        30 => (any::<u32>(), 1..17u8, prop::bool::weighted(0.1)).prop_map(|(at, n, fua)| Op::Write { at, n, fua }),
+        8 => (any::<u32>(), 1..17u8).prop_map(|(at, n)| Op::Read { at, n }),
+        3 => (any::<u32>(), 1..33u8).prop_map(|(at, n)| Op::Discard { at, n }),
+        2 => (any::<u32>(), 1..17u8, any::<bool>()).prop_map(|(at, n, fua)| Op::Zero { at, n, fua }),
+        4 => Just(Op::Flush),
+        1 => (0..=1000u16).prop_map(|keep| Op::Crash { keep }),
+        1 => (0..40u8).prop_map(|after| Op::Kill { after }),
+    ]
+}
+
+struct Model {
+    bs: usize,
+    cur: Vec<u64>,
+    durable: Vec<u64>,
+    maybe: Vec<Vec<u64>>,
+    /// A request failed: reads are unchecked until the next crash.
+    unsure: bool,
+    /// The channel was set to die: requests may fail until the next crash.
+    killed: bool,
+    next_tag: u64,
+}
+
+impl Model {
+    fn set(&mut self, b: usize, w: u64, durable: bool) {
+        self.cur[b] = w;
+        if durable {
+            self.durable[b] = w;
+            self.maybe[b].clear();
+        } else {
+            self.maybe[b].push(w);
+        }
+    }
+}
+
+struct Case {
+    rig: Rig,
+    ftl: Option<Ftl>,
+    m: Model,
+    blocks: u64,
+    hot: u64,
+    gc_runs: u64,
+    crashes: u64,
+}
+
+impl Case {
+    fn ftl(&self) -> &Ftl {
+        self.ftl.as_ref().unwrap()
+    }
+
+    /// Maps a raw position into the disk, three times in four into a small hot region.
+    fn range(&self, at: u32, n: u8) -> (u64, u64) {
+        let span = if at % 4 != 0 { self.hot } else { self.blocks };
+        let start = u64::from(at / 4) % span;
+        let n = u64::from(n).min(self.blocks - start);
+        (start, n)
+    }
+
+    async fn run(&mut self, op: Op) -> Result<(), TestCaseError> {
+        let bs = self.m.bs;
+        match op {
+            Op::Write { at, n, fua } => {
+                let (b, n) = self.range(at, n);
+                let w = self.m.next_tag;
+                self.m.next_tag += 1;
+                let mut data = Vec::with_capacity(n as usize * bs);
+                for k in 0..n {
+                    data.extend(content(b + k, w, bs));
+                }
+                let r = self.ftl().write(b * bs as u64, IoBuf::copy_from(&data), fua).await;
+                self.check_err("write", &r.as_ref().map(drop).map_err(|e| format!("{e:?}")))?;
+                let ok = r.is_ok();
+                for k in 0..n {
+                    if ok {
+                        self.m.set((b + k) as usize, w, fua);
+                    } else {
+                        self.m.maybe[(b + k) as usize].push(w);
+                    }
+                }
+                self.m.unsure |= !ok;
+            }
+            Op::Read { at, n } => {
+                let (b, n) = self.range(at, n);
+                let r = self.ftl().read(b * bs as u64, IoBuf::zeroed(n as usize * bs)).await;
+                if self.m.killed && r.is_err() {
+                    self.m.unsure = true;
+                } else if !self.m.unsure {
+                    let buf = r.map_err(|e| TestCaseError::fail(format!("read failed: {e}")))?;
+                    for k in 0..n {
+                        let got = &buf.as_slice()[k as usize * bs..(k as usize + 1) * bs];
+                        let want = self.m.cur[(b + k) as usize];
+                        prop_assert_eq!(tag_of(b + k, got, bs), Some(want), "block {} reads wrong", b + k);
+                    }
+                }
+            }
+            Op::Discard { at, n } | Op::Zero { at, n, .. } => {
+                let (b, n) = self.range(at, n);
+                let fua = matches!(op, Op::Zero { fua: true, .. });
+                let r = match op {
+                    Op::Discard { .. } => self.ftl().discard(b * bs as u64, n * bs as u64).await,
+                    _ => self.ftl().write_zeroes(b * bs as u64, n * bs as u64, fua).await,
+                };
+                self.check_err("trim", &r.as_ref().map_err(|e| format!("{e:?}")).copied())?;
+                let ok = r.is_ok();
+                for k in 0..n {
+                    if ok {
+                        self.m.set((b + k) as usize, 0, fua);
+                    } else {
+                        self.m.maybe[(b + k) as usize].push(0);
+                    }
+                }
+                self.m.unsure |= !ok;
+            }
+            Op::Flush => {
+                let r = self.ftl().flush().await;
+                self.check_err("flush", &r.as_ref().map_err(|e| format!("{e:?}")).copied())?;
+                if r.is_ok() && !self.m.unsure {
+                    for b in 0..self.m.cur.len() {
+                        let w = self.m.cur[b];
+                        self.m.set(b, w, true);
+                    }
+                } else {
+                    self.m.unsure = true;
+                }
+            }
+            Op::Kill { after } => {
+                self.m.killed = true;
+                self.rig.ch.kill_after(u64::from(after));
+            }
+            Op::Crash { keep } => self.crash(keep).await?,
+        }
+        Ok(())
+    }
+
+    /// A request may fail only when the channel was set to die.
+    fn check_err(&self, what: &str, r: &Result<(), String>) -> Result<(), TestCaseError> {
+        match r {
+            Err(e) if !self.m.killed => Err(TestCaseError::fail(format!("{what} failed: {e}"))),
+            _ => Ok(()),
+        }
+    }
+
+    async fn crash(&mut self, keep: u16) -> Result<(), TestCaseError> {
+        let s = self.ftl().metrics();
+        self.gc_runs += s.gc_runs;
+        self.crashes += 1;
+        drop(self.ftl.take());
+        let unflushed = self.rig.media.unflushed();
+        self.rig.crash(unflushed * usize::from(keep) / 1000);
+        let ftl = Ftl::open(self.rig.ch.clone(), self.rig.store.clone(), "disk", self.rig.cfg.clone())
+            .await
+            .map_err(|e| TestCaseError::fail(format!("recovery failed: {e}")))?;
+        let bs = self.m.bs;
+        let chunk = 64 * 1024u64;
+        let total = self.blocks * bs as u64;
+        let mut off = 0;
+        while off < total {
+            let len = chunk.min(total - off);
+            let buf = ftl
+                .read(off, IoBuf::zeroed(len as usize))
+                .await
+                .map_err(|e| TestCaseError::fail(format!("read after recovery failed: {e}")))?;
+            for k in 0..len / bs as u64 {
+                let b = off / bs as u64 + k;
+                let got = tag_of(b, &buf.as_slice()[k as usize * bs..(k as usize + 1) * bs], bs);
+                let bi = b as usize;
+                let allowed: Vec<u64> =
+                    std::iter::once(self.m.durable[bi]).chain(self.m.maybe[bi].iter().copied()).collect();
+                prop_assert!(
+                    got.is_some_and(|g| allowed.contains(&g)),
+                    "block {} reads {:?} after the crash; allowed {:?}",
+                    b,
+                    got,
+                    allowed
+                );
+                let g = got.unwrap_or(0);
+                self.m.cur[bi] = g;
+                self.m.durable[bi] = g;
+                self.m.maybe[bi].clear();
+            }
+            off += len;
+        }
+        self.m.unsure = false;
+        self.m.killed = false;
+        self.ftl = Some(ftl);
+        Ok(())
+    }
+}
+
+/// Runs the ops against an FTL and the model, ending with a crash; returns (GC runs, crashes).
+fn run_case(ops: Vec<Op>, bs512: bool, hot_cold: bool, greedy: bool) -> Result<(u64, u64), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async move {
+        let cfg = FtlConfig {
+            over_provisioning: 0.5,
+            block_size: if bs512 { 512 } else { 4096 },
+            victim: if greedy { VictimPolicy::Greedy } else { VictimPolicy::CostBenefit },
+            hot_cold,
+            checkpoint_lines: 3,
+            notify_every: 16,
+            ..FtlConfig::default()
+        };
+        let rig = Rig::new(geometry(), cfg);
+        let _ = channel; // the rig makes its own channels
+        let ftl = rig.open().await;
+        let bs = ftl.info().block_size as usize;
+        let blocks = ftl.info().capacity / bs as u64;
+        let n = blocks as usize;
+        let m = Model {
+            bs,
+            cur: vec![0; n],
+            durable: vec![0; n],
+            maybe: vec![Vec::new(); n],
+            unsure: false,
+            killed: false,
+            next_tag: 1,
+        };
+        let mut case = Case { rig, ftl: Some(ftl), m, blocks, hot: (blocks / 6).max(1), gc_runs: 0, crashes: 0 };
+        for op in ops {
+            case.run(op).await?;
+        }
+        case.crash(500).await?;
+        Ok((case.gc_runs, case.crashes))
+    })
+}
+
+/// Regression: a crash inside a reset batch of a line whose blocks had just moved, after the
+/// channel had died and come back (the reset was torn from its chunk record on media).
+#[test]
+fn regression_crash_while_cleaning_after_failed_writes() {
+    let ops = vec![
+        Op::Write { at: 1559793372, n: 3, fua: false },
+        Op::Write { at: 464642513, n: 12, fua: false },
+        Op::Write { at: 811614240, n: 9, fua: false },
+        Op::Write { at: 2518756038, n: 15, fua: false },
+        Op::Write { at: 3692958987, n: 14, fua: false },
+        Op::Read { at: 312423151, n: 6 },
+        Op::Write { at: 1912792807, n: 16, fua: false },
+        Op::Write { at: 16500413, n: 9, fua: false },
+        Op::Write { at: 1491106653, n: 4, fua: false },
+        Op::Write { at: 134548165, n: 5, fua: false },
+        Op::Write { at: 1234410109, n: 12, fua: false },
+        Op::Write { at: 2672683711, n: 4, fua: false },
+        Op::Write { at: 3135396978, n: 13, fua: false },
+        Op::Write { at: 1395222091, n: 12, fua: false },
+        Op::Read { at: 230260572, n: 4 },
+        Op::Write { at: 1970303656, n: 14, fua: false },
+        Op::Write { at: 2709468234, n: 9, fua: false },
+        Op::Write { at: 676317620, n: 15, fua: false },
+        Op::Write { at: 3640347794, n: 13, fua: false },
+        Op::Write { at: 2842093330, n: 5, fua: false },
+        Op::Write { at: 4151924276, n: 2, fua: false },
+        Op::Write { at: 1406651236, n: 3, fua: false },
+        Op::Write { at: 1399459855, n: 14, fua: false },
+        Op::Write { at: 3962165909, n: 10, fua: false },
+        Op::Write { at: 4239997701, n: 8, fua: false },
+        Op::Write { at: 3497871217, n: 15, fua: false },
+        Op::Write { at: 802388590, n: 13, fua: false },
+        Op::Write { at: 1582840716, n: 14, fua: false },
+        Op::Write { at: 727058215, n: 6, fua: false },
+        Op::Write { at: 4055523662, n: 3, fua: false },
+        Op::Write { at: 2225059147, n: 15, fua: false },
+        Op::Write { at: 1786068303, n: 10, fua: false },
+        Op::Flush,
+        Op::Write { at: 3169305003, n: 2, fua: false },
+        Op::Kill { after: 3 },
+        Op::Write { at: 2867176128, n: 14, fua: false },
+        Op::Discard { at: 3639596123, n: 18 },
+        Op::Kill { after: 31 },
+        Op::Read { at: 2818306411, n: 15 },
+        Op::Write { at: 1241561427, n: 6, fua: false },
+        Op::Write { at: 2526889600, n: 16, fua: false },
+        Op::Write { at: 1949649274, n: 14, fua: false },
+        Op::Write { at: 528488803, n: 16, fua: false },
+        Op::Flush,
+        Op::Write { at: 2770919221, n: 6, fua: false },
+        Op::Write { at: 3137209994, n: 12, fua: true },
+        Op::Read { at: 833964321, n: 10 },
+        Op::Kill { after: 16 },
+        Op::Write { at: 2088627654, n: 12, fua: false },
+        Op::Kill { after: 1 },
+        Op::Write { at: 3133366270, n: 8, fua: false },
+        Op::Crash { keep: 686 },
+        Op::Zero { at: 980355497, n: 8, fua: false },
+        Op::Read { at: 3723261156, n: 9 },
+        Op::Write { at: 2790535650, n: 11, fua: false },
+    ];
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
+        .with_test_writer()
+        .try_init();
+    run_case(ops, false, true, true).unwrap();
+}
+
+/// The model run does reach garbage collection and recovery: a long write-heavy sequence.
+#[test]
+fn a_long_run_collects_garbage_and_recovers() {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut ops = Vec::new();
+    for i in 0..600 {
+        let r = next();
+        ops.push(match i % 50 {
+            49 => Op::Crash { keep: (r % 1000) as u16 },
+            25 => Op::Flush,
+            _ => Op::Write { at: (r >> 8) as u32, n: (r % 16 + 1) as u8, fua: r % 13 == 0 },
+        });
+    }
+    let (gc_runs, crashes) = run_case(ops, true, true, false).unwrap();
+    assert!(gc_runs > 20, "GC ran {gc_runs} times");
+    assert_eq!(crashes, 13);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, max_shrink_iters: 200, ..ProptestConfig::default() })]
+    #[test]
+    fn acknowledged_durable_writes_survive_crashes(
+        ops in prop::collection::vec(op(), 20..220),
+        bs512 in any::<bool>(),
+        hot_cold in any::<bool>(),
+        greedy in any::<bool>(),
+    ) {
+        run_case(ops, bs512, hot_cold, greedy)?;
+    }
+}
