@@ -106,8 +106,9 @@ pub struct DriverConfig {
     pub policy: Policy,
     /// Per PU. `Auto`: the time to program 64 blocks (one full vector command).
     pub pu_budget: Budget,
-    /// Per channel. `Auto`: the time 64 blocks take on the channel (0 when channels are not
-    /// modelled, so nothing waits for them).
+    /// Per channel. `Auto`: the time 64 blocks take on the channel for each PU of a group (each
+    /// PU may have one full vector command's transfers in flight); 0 when channels are not
+    /// modelled, so nothing waits for them.
     pub channel_budget: Budget,
     /// Commands of each guest the scheduler looks at per pass.
     pub scan_limit: usize,
@@ -365,7 +366,7 @@ impl Driver {
         let sched = SchedConfig {
             policy: config.policy,
             pu_budget: budget(config.pu_budget, auto_pu),
-            channel_budget: budget(config.channel_budget, full * geo.transfer_ns()),
+            channel_budget: budget(config.channel_budget, u64::from(geo.num_pu) * full * geo.transfer_ns()),
             scan_limit: config.scan_limit.max(1),
             burst_ns: config.burst_ns,
         };

@@ -89,9 +89,7 @@ impl Engine {
         for (pu, chunks) in &dirty {
             for part in chunks.chunks(batch) {
                 let Ok(sqe) = Sqe::vector(opcode::VECTOR_RESET, 0, part.len(), 0, 0, 0) else { continue };
-                let resets = [(*pu, part.len() as u64)].into_iter().collect();
-                let none = Default::default();
-                let est = self.costs.estimate(&none, &none, &resets);
+                let est = self.costs.estimate(&[], &[], &[(*pu, part.len() as u64)]);
                 let checked = Checked { sqe, addrs: part.to_vec(), dst: Vec::new(), est: est.clone(), bytes: 0 };
                 let job = Job { checked, region: self.empty_region.clone(), reply: Reply::Reclaim { job: id } };
                 if self.sched.enqueue(id, est, 0, job, now).is_ok() {

@@ -31,8 +31,6 @@
 //! The rest (write pointer, chunk state, `ws_min`, reset of block 0) is the device's business:
 //! its rules only ever see addresses inside the guest's own PUs.
 
-use std::collections::BTreeMap;
-
 use super::fair::Estimate;
 use super::partition::Partition;
 use crate::command::{opcode, Cqe, Sqe, Status, FUA, NSID};
@@ -109,29 +107,34 @@ impl CostModel {
         }
     }
 
-    /// The estimate for blocks read and programmed and chunks reset, per device PU.
-    pub fn estimate(
-        &self,
-        reads: &BTreeMap<usize, u64>,
-        programs: &BTreeMap<usize, u64>,
-        resets: &BTreeMap<usize, u64>,
-    ) -> Estimate {
-        let mut pus: BTreeMap<usize, u64> = BTreeMap::new();
-        let mut chans: BTreeMap<usize, u64> = BTreeMap::new();
-        for (map, unit_ns) in [(reads, self.read_ns), (programs, self.program_ns)] {
-            for (&pu, &blocks) in map {
+    /// The estimate for blocks read and programmed and chunks reset, as (device PU, count).
+    pub fn estimate(&self, reads: &[(usize, u64)], programs: &[(usize, u64)], resets: &[(usize, u64)]) -> Estimate {
+        let mut pus: Vec<(usize, u64)> = Vec::with_capacity(reads.len() + programs.len() + resets.len());
+        let mut chans: Vec<(usize, u64)> = Vec::new();
+        for (list, unit_ns) in [(reads, self.read_ns), (programs, self.program_ns)] {
+            for &(pu, blocks) in list {
                 let xfer = blocks * self.xfer_ns;
-                *pus.entry(pu).or_default() += blocks.div_ceil(self.ws_min) * unit_ns + xfer;
+                add_to(&mut pus, pu, blocks.div_ceil(self.ws_min) * unit_ns + xfer);
                 if xfer > 0 {
-                    *chans.entry(pu / self.num_pu).or_default() += xfer;
+                    add_to(&mut chans, pu / self.num_pu, xfer);
                 }
             }
         }
-        for (&pu, &chunks) in resets {
-            *pus.entry(pu).or_default() += chunks * self.reset_ns;
+        for &(pu, chunks) in resets {
+            add_to(&mut pus, pu, chunks * self.reset_ns);
         }
-        let cost = pus.values().sum();
-        Estimate { pus: pus.into_iter().collect(), channels: chans.into_iter().collect(), cost }
+        pus.sort_unstable();
+        chans.sort_unstable();
+        let cost = pus.iter().map(|p| p.1).sum();
+        Estimate { pus, channels: chans, cost }
+    }
+}
+
+/// Adds `v` to the entry of `key` (a command touches few PUs: a short list beats a map).
+fn add_to(list: &mut Vec<(usize, u64)>, key: usize, v: u64) {
+    match list.iter_mut().find(|e| e.0 == key) {
+        Some(e) => e.1 += v,
+        None => list.push((key, v)),
     }
 }
 
@@ -213,7 +216,7 @@ fn check_vector(part: &Partition, sqe: &Sqe, mem: &DmaRegion, costs: &CostModel)
     if bad == fail_all(cid, n, Status::SUCCESS).bitmap() {
         return Err(Cqe::new(cid, Status::LBA_OUT_OF_RANGE, bad));
     }
-    let none = BTreeMap::new();
+    let none = [];
     let est = match op {
         opcode::VECTOR_READ => costs.estimate(&src_pus, &none, &none),
         opcode::VECTOR_WRITE => costs.estimate(&none, &src_pus, &none),
@@ -226,14 +229,14 @@ fn check_vector(part: &Partition, sqe: &Sqe, mem: &DmaRegion, costs: &CostModel)
 
 /// Translates a list; failed entries become [`POISON`] and set their bit in `bad`. Returns the
 /// device addresses and the blocks (or chunks) per device PU.
-fn translate(part: &Partition, list: &[u64], bad: &mut u64) -> (Vec<u64>, BTreeMap<usize, u64>) {
+fn translate(part: &Partition, list: &[u64], bad: &mut u64) -> (Vec<u64>, Vec<(usize, u64)>) {
     let mut out = Vec::with_capacity(list.len());
-    let mut per_pu: BTreeMap<usize, u64> = BTreeMap::new();
+    let mut per_pu = Vec::new();
     for (i, &a) in list.iter().enumerate() {
         match part.to_device(a) {
             Some((d, pu)) => {
                 out.push(d);
-                *per_pu.entry(pu).or_default() += 1;
+                add_to(&mut per_pu, pu, 1);
             }
             None => {
                 out.push(POISON);
