@@ -12,8 +12,9 @@
 //! # Write buffer
 //!
 //! Accepted data is kept in [`Engine::cache`] (slot → bytes) from the moment it is given a slot
-//! until the device can return it: a slot is written once its stripe unit is full (or when a
-//! flush or FUA write pads the unit to `ws_min`), and the device cannot read the last
+//! until the device can return it: a slot is written once its stripe is full, a unit on every
+//! member, submitted together so the PUs program in parallel (or when a flush or FUA write pads
+//! the open unit to `ws_min`), and the device cannot read the last
 //! `mw_cunits` sectors of an open chunk, so those stay in the cache too. Reads look in the cache
 //! first. The map points at the slot from the start, so a read never sees a gap.
 
@@ -383,7 +384,7 @@ impl Engine {
         Metrics::add(&self.metrics.pad_slots, pads);
     }
 
-    /// Writes what is ready: full stripe units, or (for `force` streams) everything, padded.
+    /// Writes what is ready: full stripes, or (for `force` streams) everything, padded.
     pub async fn submit(&mut self, force: &[usize]) -> Result<()> {
         let force: Vec<usize> = if self.cfg.hot_cold {
             force.to_vec()
@@ -405,9 +406,12 @@ impl Engine {
                 LineState::Open => force.contains(&line.stream),
                 _ => continue,
             };
+            // Without force, whole stripes only: one unit on every member at once, so that a
+            // stripe's programs run on all PUs in parallel.
+            let stripes = line.pos / (self.lay.unit * line.members.len() as u32);
             for (m, &c) in line.members.iter().enumerate() {
                 let from = self.chunks[c as usize].wp;
-                let to = if all { line.alloc[m] } else { line.alloc[m] / self.lay.unit * self.lay.unit };
+                let to = if all { line.alloc[m] } else { stripes * self.lay.unit };
                 if to > from {
                     work.push((line.gen, c, from, to));
                 }
