@@ -212,7 +212,7 @@ fn shares(wa: u32, wb: u32) -> (usize, usize) {
     fill(&e, &[&a, &b]);
     let mut la = Load::new(a, Kind::Flood { qd: 32 }, 16, 1);
     let mut lb = Load::new(b, Kind::Flood { qd: 32 }, 16, 2);
-    run(&e.driver, &mut [&mut la, &mut lb], 100);
+    run(&e.driver, &mut [&mut la, &mut lb], 60);
     (la.completed, lb.completed)
 }
 
@@ -249,7 +249,7 @@ fn steady_vs_flood_budget(
         let s = e.driver.add_guest("steady", spec(per_guest)).unwrap();
         fill(&e, &[&s]);
         let mut ls = Load::new(s, Kind::Steady { period }, 4, 7);
-        run(&e.driver, &mut [&mut ls], 100);
+        run(&e.driver, &mut [&mut ls], 60);
         (ls.completed, ls.p99())
     };
     let e = env_budget(groups, pus, policy, budget);
@@ -258,7 +258,7 @@ fn steady_vs_flood_budget(
     fill(&e, &[&s, &f]);
     let mut ls = Load::new(s, Kind::Steady { period }, 4, 7);
     let mut lf = Load::new(f, Kind::Flood { qd: 64 }, 16, 8);
-    run(&e.driver, &mut [&mut ls, &mut lf], 100);
+    run(&e.driver, &mut [&mut ls, &mut lf], 60);
     assert!(lf.completed * 16 > ls.completed * 4, "the flooder gets the rest of the device");
     (alone, (ls.completed, ls.p99()))
 }

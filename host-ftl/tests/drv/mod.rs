@@ -159,8 +159,12 @@ impl Guest {
     /// Puts pattern data for a write in the region; returns the data and OOB.
     pub fn stage(&self, n: usize, seed: u8) -> (Vec<u8>, Vec<u8>) {
         let (bs, os) = (self.geo.block_size as usize, self.geo.oob_size as usize);
-        let data: Vec<u8> = (0..n).flat_map(|i| pattern(seed, i, bs)).collect();
-        let oob: Vec<u8> = (0..n).flat_map(|i| pattern(seed ^ 0xff, i, os)).collect();
+        let mut data = Vec::with_capacity(n * bs);
+        let mut oob = Vec::with_capacity(n * os);
+        for i in 0..n {
+            data.extend_from_slice(&pattern(seed, i, bs));
+            oob.extend_from_slice(&pattern(seed ^ 0xff, i, os));
+        }
         self.qp.region().write(DATA, &data).unwrap();
         self.qp.region().write(self.oob_at(), &oob).unwrap();
         (data, oob)
