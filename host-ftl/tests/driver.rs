@@ -39,6 +39,18 @@ fn descriptors(g: &Guest, d: &Driver, offset: u64, count: usize) -> Vec<ChunkDes
     bytes.chunks(32).map(|b| ChunkDescriptor::from_bytes(b).unwrap()).collect()
 }
 
+/// What a guest FTL on another task or thread needs of the boundary's types.
+#[test]
+fn the_boundary_types_travel_between_tasks() {
+    fn shareable<T: Send + Sync + Clone + 'static>() {}
+    fn sendable<T: Send + 'static>() {}
+    fn future<F: std::future::Future<Output = host_ftl::Cqe> + Send + 'static>() {}
+    shareable::<host_ftl::driver::QueuePair>();
+    sendable::<host_ftl::driver::Pending>();
+    future::<host_ftl::driver::Pending>();
+    sendable::<Driver>();
+}
+
 #[test]
 fn admin_commands_answer_in_the_guests_own_terms() {
     let env = Env::sim(&geo(), DriverConfig::default());
