@@ -423,7 +423,14 @@ impl Driver {
     fn serve(&self, r: &GuestRecord) -> Result<QueuePair> {
         let core = &self.state.core;
         let part = Arc::new(Partition::new(core.device.geometry(), &r.pus, r.whole_groups)?);
-        let region = usize::try_from(r.region_bytes).map_err(|_| DriverError::BadSpec("region too large".into()))?;
+        let bad_region = || DriverError::BadRecord {
+            key: format!("guest/{}", r.name),
+            reason: format!("region of {} bytes: must be 1 to {MAX_REGION}", r.region_bytes),
+        };
+        if r.region_bytes == 0 || r.region_bytes > MAX_REGION {
+            return Err(bad_region());
+        }
+        let region = usize::try_from(r.region_bytes).map_err(|_| bad_region())?;
         let guest = Arc::new(GuestShared {
             name: r.name.clone(),
             id: self.state.next_id.fetch_add(1, Ordering::Relaxed),
