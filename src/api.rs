@@ -301,7 +301,10 @@ fn catalog_error(e: &CatalogError) -> Response<Full<Bytes>> {
         | CatalogError::SizeNotMultiple { .. }
         | CatalogError::ZeroSize
         | CatalogError::Filters { .. }
-        | CatalogError::NoFilterFramework { .. } => StatusCode::BAD_REQUEST,
+        | CatalogError::NoFilterFramework { .. }
+        | CatalogError::NoFtl { .. }
+        | CatalogError::Ftl { .. }
+        | CatalogError::BadOverProvisioning(_) => StatusCode::BAD_REQUEST,
         CatalogError::NameTaken(_) | CatalogError::InUse { .. } | CatalogError::HasDependents { .. } => {
             StatusCode::CONFLICT
         }

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use vdisk::catalog::{Backend, DiskSpec};
 
 use crate::exports::ExportSpec;
+use crate::ftl::OcssdConfig;
 
 /// Where a daemon keeps its state when nothing else is said, relative to where it starts.
 pub const DEFAULT_DATA_DIR: &str = "vstor-data";
@@ -33,6 +34,9 @@ pub struct Config {
     /// Disks exported over vhost-user from the start.
     #[serde(default)]
     pub vhost_user: Vec<ExportSpec>,
+    /// The emulated open-channel SSD that FTL disks live on.
+    #[serde(default)]
+    pub ocssd: OcssdConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,8 +119,9 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// The defaults `vstor serve` runs on without a file: one 1 GiB raw disk, `vm0`, exported
-    /// over NBD and vhost-user on Unix sockets in `./vstor-data`.
+    /// The defaults `vstor serve` runs on without a file: one 1 GiB disk, `vm0`, a guest FTL on
+    /// an emulated open-channel SSD (a sparse file in the data directory), exported over NBD
+    /// and vhost-user on Unix sockets in `./vstor-data`.
     pub fn embedded() -> Config {
         let mut config: Config = toml::from_str("").unwrap_or_else(|_| unreachable!("empty config parses"));
         config.disks.push(DiskSpec {
@@ -124,7 +129,7 @@ impl Config {
             size: 1 << 30,
             block_size: 512,
             read_only: false,
-            backend: Backend::default(),
+            backend: Backend::Ftl { over_provisioning: 11 },
             filters: Vec::new(),
         });
         config.nbd.default_export = Some("vm0".into());

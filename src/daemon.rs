@@ -12,6 +12,7 @@ use vdisk::{Catalog, CatalogError};
 use crate::api::{self, ApiState, Scope};
 use crate::config::Config;
 use crate::exports::VhostExports;
+use crate::ftl::FlashBackend;
 use vdisk::size::format_size;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +33,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Flash(#[from] crate::ftl::FtlSetupError),
     #[error("disk {name:?} exists with {existing}, but the config asks for {wanted}")]
     DiskMismatch { name: String, existing: String, wanted: String },
     #[error("cannot listen on {what} {addr}")]
@@ -67,11 +70,17 @@ async fn run(config: Config) -> Result<(), DaemonError> {
     let data_dir = absolute(&config.data_dir);
     std::fs::create_dir_all(&data_dir).map_err(|source| DaemonError::DataDir { path: data_dir.clone(), source })?;
     let filters = FilterFramework::new();
+    let store_path = data_dir.join("state");
+    let store =
+        Store::open(&store_path).map_err(|source| DaemonError::Store { path: data_dir.to_path_buf(), source })?;
+    let flash =
+        Arc::new(FlashBackend::open(&config.ocssd, &data_dir, store.clone(), tokio::runtime::Handle::current())?);
     let (catalog, created) = {
         let data_dir = data_dir.clone();
         let disks = config.disks.clone();
         let filters = filters.clone();
-        tokio::task::spawn_blocking(move || open_catalog(&data_dir, &disks, filters)).await??
+        let flash = flash.clone();
+        tokio::task::spawn_blocking(move || open_catalog(store, &data_dir, &disks, filters, flash)).await??
     };
     let catalog = Arc::new(catalog);
     if let Some(name) = &config.nbd.default_export {
@@ -126,6 +135,7 @@ async fn run(config: Config) -> Result<(), DaemonError> {
     }
 
     print_banner(&catalog, &created, &data_dir, &api_socket, nbd_socket.as_deref(), &vhost, &config);
+    println!("FTL disks:   on an {}", flash.description);
     wait_for_signal().await;
     tracing::info!("shutting down");
     tasks.abort_all();
@@ -148,14 +158,13 @@ async fn run(config: Config) -> Result<(), DaemonError> {
 /// Opens the catalog and creates the configured disks that do not exist yet; a configured disk
 /// that exists with another shape is an error rather than a silent change.
 fn open_catalog(
+    store: Arc<Store>,
     data_dir: &Path,
     disks: &[vdisk::DiskSpec],
     filters: Arc<FilterFramework>,
+    flash: Arc<FlashBackend>,
 ) -> Result<(Catalog, Vec<String>), DaemonError> {
-    let store_path = data_dir.join("state");
-    let store =
-        Store::open(&store_path).map_err(|source| DaemonError::Store { path: data_dir.to_path_buf(), source })?;
-    let catalog = Catalog::open_with(store, &data_dir.join("disks"), Some(filters))?;
+    let catalog = Catalog::open_with_ftl(store, &data_dir.join("disks"), Some(filters), Some(flash))?;
     let mut created = Vec::new();
     for disk in parents_first(disks) {
         let wanted = disk.clone();
@@ -299,8 +308,14 @@ fn print_banner(
             Ok(_) => "ok".to_owned(),
             Err(reason) => format!("UNAVAILABLE: {reason}"),
         };
+        let backend = match spec.backend {
+            vdisk::Backend::Raw { .. } => "raw file".to_owned(),
+            vdisk::Backend::Ftl { over_provisioning } => {
+                format!("guest FTL ({over_provisioning}% over-provisioning) -> host FTL -> open-channel SSD")
+            }
+        };
         println!(
-            "  disk {:<12} {:>10}  {}-byte blocks  raw  [{status}]",
+            "  disk {:<12} {:>10}  {}-byte blocks  {backend}  [{status}]",
             spec.name,
             format_size(spec.size),
             spec.block_size

@@ -5,6 +5,7 @@ mod client;
 mod config;
 mod daemon;
 mod exports;
+mod ftl;
 mod metrics;
 
 use std::path::PathBuf;
@@ -86,9 +87,15 @@ enum DiskCommand {
         /// Logical block size: 512 or 4096.
         #[arg(long, default_value_t = 512)]
         block_size: u32,
-        /// Bypass the page cache (O_DIRECT).
+        /// What holds the disk's bytes.
+        #[arg(long, value_enum, default_value_t = BackendKind::Raw)]
+        backend: BackendKind,
+        /// Bypass the page cache (O_DIRECT); raw disks only.
         #[arg(long)]
         direct: bool,
+        /// Percent of flash kept beyond the disk's size for garbage collection; FTL disks only.
+        #[arg(long, default_value_t = 11)]
+        over_provisioning: u32,
         #[arg(long)]
         read_only: bool,
         /// A filter: TYPE or TYPE:KEY=VALUE,... e.g. integrity, cache:size=64M,
@@ -101,9 +108,15 @@ enum DiskCommand {
     Clone {
         parent: String,
         child: String,
-        /// Bypass the page cache (O_DIRECT) for the clone's own file.
+        /// What holds the clone's own bytes.
+        #[arg(long, value_enum, default_value_t = BackendKind::Raw)]
+        backend: BackendKind,
+        /// Bypass the page cache (O_DIRECT) for the clone's own file; raw disks only.
         #[arg(long)]
         direct: bool,
+        /// Percent of flash kept beyond the clone's size for garbage collection; FTL only.
+        #[arg(long, default_value_t = 11)]
+        over_provisioning: u32,
         /// Copy the blocks read from the parent into the clone.
         #[arg(long)]
         copy_on_read: bool,
@@ -119,6 +132,25 @@ enum DiskCommand {
     Info { name: String },
     /// Deletes a disk and its data.
     Delete { name: String },
+}
+
+/// What holds a disk's bytes, as the command line names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BackendKind {
+    /// A sparse file in the data directory.
+    Raw,
+    /// A guest FTL on a partition of the daemon's open-channel SSD.
+    Ftl,
+}
+
+impl BackendKind {
+    fn spec(self, direct: bool, over_provisioning: u32) -> Result<Backend, String> {
+        match self {
+            BackendKind::Raw => Ok(Backend::Raw { direct }),
+            BackendKind::Ftl if direct => Err("--direct is for raw disks; an FTL disk has no file".into()),
+            BackendKind::Ftl => Ok(Backend::Ftl { over_provisioning }),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -169,10 +201,11 @@ fn client_command(api: Option<PathBuf>, command: DiskCommand) -> Result<(), Stri
     let client = client(api);
     let fail = |e: client::ClientError| error_chain(&e);
     match command {
-        DiskCommand::Create { name, size, block_size, direct, read_only, filters } => {
+        DiskCommand::Create { name, size, block_size, backend, direct, over_provisioning, read_only, filters } => {
+            let backend = backend.spec(direct, over_provisioning)?;
             let size = parse_size(&size)?;
             let filters = filters.iter().map(|f| parse_filter(f)).collect::<Result<Vec<_>, _>>()?;
-            let spec = DiskSpec { name, size, block_size, read_only, backend: Backend::Raw { direct }, filters };
+            let spec = DiskSpec { name, size, block_size, read_only, backend, filters };
             let body = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
             let view: Option<DiskView> = block_on(client.call(Method::POST, "/v1/disks", Some(body)))?.map_err(fail)?;
             if let Some(v) = view {
@@ -182,9 +215,10 @@ fn client_command(api: Option<PathBuf>, command: DiskCommand) -> Result<(), Stri
                 }
             }
         }
-        DiskCommand::Clone { parent, child, direct, copy_on_read, filters } => {
+        DiskCommand::Clone { parent, child, backend, direct, over_provisioning, copy_on_read, filters } => {
+            let backend = backend.spec(direct, over_provisioning)?;
             let filters = filters.iter().map(|f| parse_filter(f)).collect::<Result<Vec<_>, _>>()?;
-            let req = CloneRequest { name: child, backend: Backend::Raw { direct }, copy_on_read, filters };
+            let req = CloneRequest { name: child, backend, copy_on_read, filters };
             let body = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
             let path = format!("/v1/disks/{parent}/clone");
             let view: Option<DiskView> = block_on(client.call(Method::POST, &path, Some(body)))?.map_err(fail)?;
@@ -213,8 +247,11 @@ fn client_command(api: Option<PathBuf>, command: DiskCommand) -> Result<(), Stri
                 block_on(client.call(Method::GET, "/v1/disks", None))?.map_err(fail)?.unwrap_or_default();
             println!("{:<20} {:>10} {:>6} {:<8} {:>5}  STATUS", "NAME", "SIZE", "BLOCK", "BACKEND", "CONNS");
             for v in views {
-                let Backend::Raw { direct } = v.backend;
-                let backend = if direct { "raw/dio" } else { "raw" };
+                let backend = match v.backend {
+                    Backend::Raw { direct: true } => "raw/dio",
+                    Backend::Raw { direct: false } => "raw",
+                    Backend::Ftl { .. } => "ftl",
+                };
                 println!(
                     "{:<20} {:>10} {:>6} {:<8} {:>5}  {}",
                     v.name,

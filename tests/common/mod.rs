@@ -38,11 +38,13 @@ pub struct DiskDecl {
     pub block_size: u32,
     /// `backend = { type = "raw", direct = true }`: O_DIRECT.
     pub direct: bool,
+    /// `backend = { type = "ftl" }`: a guest FTL on the daemon's open-channel device.
+    pub ftl: bool,
 }
 
 impl DiskDecl {
     pub fn new(name: &'static str, size: &'static str) -> DiskDecl {
-        DiskDecl { name, size, block_size: 512, direct: false }
+        DiskDecl { name, size, block_size: 512, direct: false, ftl: false }
     }
 
     pub fn block_size(self, block_size: u32) -> DiskDecl {
@@ -51,6 +53,10 @@ impl DiskDecl {
 
     pub fn direct(self) -> DiskDecl {
         DiskDecl { direct: true, ..self }
+    }
+
+    pub fn ftl(self) -> DiskDecl {
+        DiskDecl { ftl: true, ..self }
     }
 }
 
@@ -100,9 +106,14 @@ impl Daemon {
             toml_path(&nbd),
         );
         for disk in disks {
+            let backend = if disk.ftl {
+                "{ type = \"ftl\" }".to_owned()
+            } else {
+                format!("{{ type = \"raw\", direct = {} }}", disk.direct)
+            };
             toml.push_str(&format!(
-                "\n[[disk]]\nname = \"{}\"\nsize = \"{}\"\nblock_size = {}\nbackend = {{ type = \"raw\", direct = {} }}\n",
-                disk.name, disk.size, disk.block_size, disk.direct
+                "\n[[disk]]\nname = \"{}\"\nsize = \"{}\"\nblock_size = {}\nbackend = {backend}\n",
+                disk.name, disk.size, disk.block_size
             ));
         }
         let config = dir.path().join("vstor.toml");

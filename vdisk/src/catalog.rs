@@ -20,7 +20,7 @@ use state_store::{Batch, Store, StoreError};
 
 use crate::device::BlockDevice;
 use crate::disk::Disk;
-use crate::hook::{ChainContext, ChainHook, DiskLookup, DiskResolver, FilterSpec};
+use crate::hook::{BackendContext, ChainContext, ChainHook, DiskLookup, DiskResolver, FilterSpec, FtlHook};
 use crate::raw::RawFile;
 
 const CATALOG_NS: &str = "catalog";
@@ -60,6 +60,17 @@ pub enum Backend {
         #[serde(default)]
         direct: bool,
     },
+    /// A guest FTL on a partition (whole parallel units) of the daemon's open-channel device.
+    /// `over_provisioning` is the percentage of flash kept beyond the disk's size for garbage
+    /// collection.
+    Ftl {
+        #[serde(default = "default_over_provisioning")]
+        over_provisioning: u32,
+    },
+}
+
+fn default_over_provisioning() -> u32 {
+    11
 }
 
 impl Default for Backend {
@@ -106,6 +117,12 @@ pub enum CatalogError {
     NoFilterFramework { name: String },
     #[error("disk {name:?} cannot be deleted: disk(s) {} depend on it", children.join(", "))]
     HasDependents { name: String, children: Vec<String> },
+    #[error("disk {name:?} is an FTL disk, but this daemon has no open-channel device")]
+    NoFtl { name: String },
+    #[error("disk {name:?}: {reason}")]
+    Ftl { name: String, reason: String },
+    #[error("over-provisioning of {0}% is not supported: use 1 to 400")]
+    BadOverProvisioning(u32),
     #[error("disk {name:?} is unavailable: {reason}")]
     Unavailable { name: String, reason: String },
     #[error("{action} {path}")]
@@ -143,6 +160,7 @@ pub struct Catalog {
     disk_dir: PathBuf,
     entries: Arc<Entries>,
     hook: Option<Arc<dyn ChainHook>>,
+    ftl: Option<Arc<dyn FtlHook>>,
 }
 
 /// Resolves disk names for redirecting filters. Holds the catalog's entries weakly: chains live
@@ -178,6 +196,16 @@ impl Catalog {
 
     /// Opens the catalog with a filter framework that builds each disk's chain.
     pub fn open_with(store: Arc<Store>, disk_dir: &Path, hook: Option<Arc<dyn ChainHook>>) -> Result<Catalog> {
+        Catalog::open_with_ftl(store, disk_dir, hook, None)
+    }
+
+    /// Opens the catalog with a filter framework and the guest FTL backend.
+    pub fn open_with_ftl(
+        store: Arc<Store>,
+        disk_dir: &Path,
+        hook: Option<Arc<dyn ChainHook>>,
+        ftl: Option<Arc<dyn FtlHook>>,
+    ) -> Result<Catalog> {
         std::fs::create_dir_all(disk_dir).map_err(file_err("cannot create", disk_dir))?;
         if !store.has_namespace(CATALOG_NS) {
             store.create_namespace(CATALOG_NS)?;
@@ -189,8 +217,8 @@ impl Catalog {
                 serde_json::from_slice(&value).map_err(|source| CatalogError::Corrupt { key, source })?;
             records.push(record);
         }
-        let catalog =
-            Catalog { store, disk_dir: disk_dir.to_path_buf(), entries: Arc::new(Mutex::new(BTreeMap::new())), hook };
+        let entries = Arc::new(Mutex::new(BTreeMap::new()));
+        let catalog = Catalog { store, disk_dir: disk_dir.to_path_buf(), entries, hook, ftl };
         catalog.remove_orphans(&records)?;
         let mut entries = catalog.lock();
         for record in records {
@@ -222,8 +250,18 @@ impl Catalog {
         }
         let record = DiskRecord { id: new_id(), spec, created_unix: now_unix() };
         let path = self.raw_path(&record.id);
-        let Backend::Raw { .. } = record.spec.backend;
-        RawFile::create(&path, record.spec.size).map_err(file_err("cannot create", &path))?;
+        match record.spec.backend {
+            Backend::Raw { .. } => {
+                RawFile::create(&path, record.spec.size).map_err(file_err("cannot create", &path))?
+            }
+            Backend::Ftl { .. } => {
+                let name = record.spec.name.clone();
+                let ftl = self.ftl.as_ref().ok_or(CatalogError::NoFtl { name: name.clone() })?;
+                let namespace = record.namespace();
+                ftl.create(&self.backend_context(&record, &namespace))
+                    .map_err(|reason| CatalogError::Ftl { name, reason })?;
+            }
+        }
         let committed = self.store.create_namespace(&record.namespace()).and_then(|()| {
             let mut batch = Batch::new();
             batch.put(CATALOG_NS, record_key(&record.spec.name), record_json(&record));
@@ -356,8 +394,12 @@ impl Catalog {
         self.disk_dir.join(format!("{id}{RAW_SUFFIX}"))
     }
 
-    /// Best-effort removal of a disk's namespace and file; leftovers go at the next open.
+    /// Best-effort removal of a disk's namespace and file or partition; leftovers go at the next
+    /// open.
     fn remove_backend(&self, record: &DiskRecord, path: &Path) {
+        if let (Backend::Ftl { .. }, Some(ftl)) = (&record.spec.backend, &self.ftl) {
+            ftl.remove(&record.id);
+        }
         if self.store.has_namespace(&record.namespace()) {
             if let Err(e) = self.store.drop_namespace(&record.namespace()) {
                 tracing::warn!(error = %error_chain(&e), "cannot drop namespace; it goes at the next start");
@@ -382,6 +424,14 @@ impl Catalog {
                 }
             }
         }
+        if let Some(ftl) = &self.ftl {
+            for id in ftl.ids() {
+                if !ids.contains(id.as_str()) {
+                    tracing::info!(%id, "removing partition of an unfinished create or delete");
+                    ftl.remove(&id);
+                }
+            }
+        }
         let dir = std::fs::read_dir(&self.disk_dir).map_err(file_err("cannot read", &self.disk_dir))?;
         for item in dir.flatten() {
             let name = item.file_name();
@@ -396,9 +446,22 @@ impl Catalog {
 }
 
 impl Catalog {
+    fn backend_context<'a>(&'a self, record: &'a DiskRecord, namespace: &'a str) -> BackendContext<'a> {
+        BackendContext { spec: &record.spec, id: &record.id, namespace, store: &self.store }
+    }
+
     /// Opens a disk's backend and puts it behind its filter chain.
     fn open_device(&self, record: &DiskRecord, path: &Path) -> Result<Arc<Disk>> {
-        let backend = open_backend(record, path)?;
+        let backend = match record.spec.backend {
+            Backend::Raw { direct } => open_raw(record, path, direct)?,
+            Backend::Ftl { .. } => {
+                let name = record.spec.name.clone();
+                let ftl = self.ftl.as_ref().ok_or(CatalogError::NoFtl { name: name.clone() })?;
+                let namespace = record.namespace();
+                ftl.open(&self.backend_context(record, &namespace))
+                    .map_err(|reason| CatalogError::Ftl { name, reason })?
+            }
+        };
         let name = record.spec.name.clone();
         let device = match &self.hook {
             Some(hook) => {
@@ -418,8 +481,7 @@ impl Catalog {
     }
 }
 
-fn open_backend(record: &DiskRecord, path: &Path) -> Result<Arc<dyn BlockDevice>> {
-    let Backend::Raw { direct } = record.spec.backend;
+fn open_raw(record: &DiskRecord, path: &Path, direct: bool) -> Result<Arc<dyn BlockDevice>> {
     let raw = RawFile::open(path, record.spec.block_size, record.spec.read_only, direct)
         .map_err(file_err("cannot open disk file", path))?;
     if raw.info().capacity != record.spec.size {
@@ -451,6 +513,11 @@ pub fn validate(spec: &DiskSpec) -> Result<()> {
     }
     if spec.size % u64::from(spec.block_size) != 0 {
         return Err(CatalogError::SizeNotMultiple { size: spec.size, block_size: spec.block_size });
+    }
+    if let Backend::Ftl { over_provisioning } = spec.backend {
+        if !(1..=400).contains(&over_provisioning) {
+            return Err(CatalogError::BadOverProvisioning(over_provisioning));
+        }
     }
     Ok(())
 }

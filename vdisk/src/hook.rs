@@ -67,3 +67,30 @@ pub trait ChainHook: Send + Sync {
     /// Puts a disk's backend behind its chain. Called when the catalog opens or creates a disk.
     fn build(&self, ctx: &ChainContext<'_>, backend: Arc<dyn BlockDevice>) -> Result<Arc<dyn BlockDevice>, String>;
 }
+
+/// What an FTL disk's backend is made for.
+pub struct BackendContext<'a> {
+    pub spec: &'a DiskSpec,
+    pub id: &'a str,
+    /// The disk's own state-store namespace, where the FTL keeps its map checkpoints.
+    pub namespace: &'a str,
+    pub store: &'a Arc<Store>,
+}
+
+/// The guest FTL on the host FTL driver's open-channel device, installed in the catalog by the
+/// daemon for disks with `backend = { type = "ftl" }` (vdisk cannot depend on the FTL crates).
+pub trait FtlHook: Send + Sync {
+    /// Gives a new disk its partition of the device. Must be durable before it returns: the
+    /// catalog's record, written next, is the commit point.
+    fn create(&self, ctx: &BackendContext<'_>) -> Result<(), String>;
+
+    /// Opens the disk's FTL on its partition (formatting it on first use, recovering it after a
+    /// crash) as a device of exactly `spec.size` bytes.
+    fn open(&self, ctx: &BackendContext<'_>) -> Result<Arc<dyn BlockDevice>, String>;
+
+    /// Gives a deleted disk's partition back; its chunks are erased in the background.
+    fn remove(&self, id: &str);
+
+    /// The disk ids that hold a partition, to find the remains of an interrupted create.
+    fn ids(&self) -> Vec<String>;
+}

@@ -12,7 +12,7 @@ pub mod uring;
 pub mod vhost_user;
 
 pub use buffer::IoBuf;
-pub use catalog::{Catalog, CatalogError, DiskSpec};
+pub use catalog::{Backend, Catalog, CatalogError, DiskSpec};
 pub use device::{BlockDevice, BlockError, DeviceInfo, IoFuture, IoResult, RequestKind};
 pub use disk::Disk;
-pub use hook::{ChainContext, ChainHook, DiskLookup, DiskResolver, FilterSpec};
+pub use hook::{BackendContext, ChainContext, ChainHook, DiskLookup, DiskResolver, FilterSpec, FtlHook};
