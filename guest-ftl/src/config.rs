@@ -22,8 +22,8 @@ pub struct FtlConfig {
     /// The disk's logical block size: 512 or 4096.
     pub block_size: u32,
     pub victim: VictimPolicy,
-    /// Separate streams (open lines) for user writes, and for relocated data by age, instead of
-    /// one stream for everything.
+    /// Separate streams (open lines) for hot and cold user writes and for recently and long
+    /// ago written relocated data, instead of one stream for everything.
     pub hot_cold: bool,
     /// A map checkpoint is taken after this many lines have been opened: recovery scans at most
     /// about this many lines (plus those open at the checkpoint).
@@ -70,10 +70,10 @@ impl FtlConfig {
         Ok(())
     }
 
-    /// Open lines the FTL uses at most at once (user, relocated-young, relocated-old).
+    /// Open lines the FTL uses at most at once (hot user, cold user, young and old relocated).
     pub fn streams(&self) -> usize {
         if self.hot_cold {
-            3
+            4
         } else {
             1
         }

@@ -32,12 +32,14 @@ use crate::layout::{Layout, Oob, LBA_BYTES, NO_SLOT, OOB_BYTES, PAD_LBA};
 use crate::map::{Entry, Map};
 use crate::metrics::Metrics;
 
-/// Stream of user writes.
+/// Stream of user writes (with `hot_cold`: of blocks rewritten soon after their last write).
 pub const USER: usize = 0;
-/// Stream of relocated data that was written recently.
-pub const GC_YOUNG: usize = 1;
-/// Stream of relocated data that has not been rewritten for a long time.
-pub const GC_OLD: usize = 2;
+/// Stream of user writes of blocks not rewritten for a long time, or never written.
+pub const USER_COLD: usize = 1;
+/// Stream of relocated data last written recently.
+pub const GC: usize = 2;
+/// Stream of relocated data not rewritten for a long time (it rests on the most worn chunks).
+pub const GC_OLD: usize = 3;
 
 /// Where a line is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +53,8 @@ pub enum LineState {
     /// No more writes: a write to it failed, or it was open when the FTL stopped. It is
     /// relocated and reset as soon as possible.
     Aborted,
+    /// Cleaned by GC: no valid block left; reset once the blocks moved out are on the device.
+    Drained,
 }
 
 /// A set of chunks, one per PU, written and cleaned together.
@@ -68,6 +72,8 @@ pub struct Line {
     pub valid: u32,
     /// The sequence number when the line closed (its age for cost-benefit).
     pub close_seq: u64,
+    /// When drained: (chunk, write pointer) the relocated blocks need on the device first.
+    pub needs: Vec<(u32, u32)>,
 }
 
 impl Line {
@@ -269,9 +275,24 @@ impl Engine {
         Metrics::set(&self.metrics.free_chunks, u64::from(self.free));
     }
 
-    /// Chunks kept free for garbage collection alone.
+    /// Chunks kept free for garbage collection alone: a line for each GC stream.
     pub fn reserve_chunks(&self) -> u32 {
-        self.lay.pus * (self.cfg.streams() as u32 - 1).max(1)
+        self.lay.pus * if self.cfg.hot_cold { 2 } else { 1 }
+    }
+
+    /// The user stream for a write of `lba`: with `hot_cold`, blocks rewritten within the last
+    /// disk's worth of writes are hot (their previous life was short, so will this one be: the
+    /// idea of SepBIT), the rest cold.
+    pub fn user_stream(&self, lba: u32) -> usize {
+        if !self.cfg.hot_cold {
+            return USER;
+        }
+        let prev = self.map.get(lba);
+        if prev.is_mapped() && self.next_seq.saturating_sub(prev.seq) <= u64::from(self.user_lbas) {
+            USER
+        } else {
+            USER_COLD
+        }
     }
 
     /// Below this many free chunks, user writes pay for garbage collection.
@@ -307,7 +328,7 @@ impl Engine {
         if members.is_empty() {
             return Err(FtlError::NoSpace("no free chunk left".into()));
         }
-        if stream == USER && self.cfg.hot_cold && self.free < self.reserve_chunks() + members.len() as u32 {
+        if stream < GC && self.cfg.hot_cold && self.free < self.reserve_chunks() + members.len() as u32 {
             return Err(FtlError::NoSpace("only the garbage-collection reserve is free".into()));
         }
         let gen = self.next_gen;
@@ -324,7 +345,17 @@ impl Engine {
         let n = members.len();
         self.lines.insert(
             gen,
-            Line { gen, members, stream, state: LineState::Open, pos: 0, alloc: vec![0; n], valid: 0, close_seq: 0 },
+            Line {
+                gen,
+                members,
+                stream,
+                state: LineState::Open,
+                pos: 0,
+                alloc: vec![0; n],
+                valid: 0,
+                close_seq: 0,
+                needs: Vec::new(),
+            },
         );
         self.open[stream] = Some(gen);
         self.lines_since_ckpt += 1;
@@ -648,12 +679,16 @@ impl Engine {
     /// As [`Engine::sync_all`], forcing only the given streams' open lines (full lines are
     /// always written).
     pub async fn sync(&mut self, streams: &[usize]) -> Result<()> {
+        let mut streams = streams.to_vec();
         for _round in 0..8 {
-            self.submit(streams).await?;
+            self.submit(&streams).await?;
             if !self.lines.values().any(|l| l.state == LineState::Aborted) {
-                return self.device_flush().await;
+                self.device_flush().await?;
+                return self.reset_drained(false).await;
             }
             self.relocate_aborted().await?;
+            // What was relocated sits in the GC streams: write those out too.
+            streams = (0..self.open.len()).collect();
         }
         Err(FtlError::Device { opcode: opcode::VECTOR_WRITE, status: Status::INTERNAL_ERROR })
     }

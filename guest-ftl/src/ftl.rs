@@ -9,10 +9,28 @@ use vdisk::{BlockError, IoBuf};
 use crate::channel::{notifications, FlashChannel};
 use crate::checkpoint::{self, Format, Meta};
 use crate::config::FtlConfig;
-use crate::engine::{Engine, USER};
+use crate::engine::{Engine, LineState, USER, USER_COLD};
 use crate::error::{FtlError, Result};
 use crate::layout::{Layout, LBA_BYTES};
 use crate::metrics::{Metrics, MetricsSnapshot};
+
+/// How the partition's space is used (see [`Ftl::space`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Space {
+    pub free_chunks: u32,
+    pub open_lines: u32,
+    pub full_lines: u32,
+    pub closed_lines: u32,
+    pub aborted_lines: u32,
+    /// Cleaned lines waiting for their reset.
+    pub drained_lines: u32,
+    /// Slots in all lines.
+    pub line_slots: u64,
+    /// Valid slots in all lines.
+    pub valid_slots: u64,
+    /// Mapped logical blocks.
+    pub mapped: u64,
+}
 
 /// Logical blocks a user write appends before it pays the rate limiter again.
 const WRITE_GROUP: u32 = 64;
@@ -122,6 +140,26 @@ impl Ftl {
         self.eng.lock().await.chunks.iter().map(|c| c.wear).collect()
     }
 
+    /// How the partition's space is used right now.
+    pub async fn space(&self) -> Space {
+        let eng = self.eng.lock().await;
+        let mut s = Space { free_chunks: eng.free, ..Space::default() };
+        for l in eng.lines.values() {
+            let cap = u64::from(l.capacity(&eng.lay));
+            match l.state {
+                LineState::Open => s.open_lines += 1,
+                LineState::Full => s.full_lines += 1,
+                LineState::Closed => s.closed_lines += 1,
+                LineState::Aborted => s.aborted_lines += 1,
+                LineState::Drained => s.drained_lines += 1,
+            }
+            s.line_slots += cap;
+            s.valid_slots += u64::from(l.valid);
+        }
+        s.mapped = (0..eng.user_lbas).filter(|&l| eng.map.get(l).is_mapped()).count() as u64;
+        s
+    }
+
     /// Chunks retired so far, in chunk-index order.
     pub async fn bad_chunks(&self) -> Vec<u32> {
         let eng = self.eng.lock().await;
@@ -165,16 +203,17 @@ impl Ftl {
                     Some(d) => dst.copy_from_slice(&d[(from - offset) as usize..(to - offset) as usize]),
                     None => dst.fill(0),
                 }
-                eng.make_room_for_user_line().await?;
+                let stream = eng.user_stream(l);
+                eng.make_room_for_user_line(stream).await?;
                 let seq = eng.take_seq();
-                eng.append(USER, l, seq, block.into_boxed_slice())?;
+                eng.append(stream, l, seq, block.into_boxed_slice())?;
                 Metrics::add(&eng.metrics.user_slots, 1);
             }
             eng.submit(&[]).await?;
             lba = group_end + 1;
         }
         if fua {
-            eng.sync(&[USER]).await?;
+            eng.sync(&[USER, USER_COLD]).await?;
         }
         finish(&mut eng).await
     }
@@ -199,7 +238,7 @@ impl Ftl {
         }
         let mut eng = self.eng.lock().await;
         if fua {
-            eng.sync(&[USER]).await?;
+            eng.sync(&[USER, USER_COLD]).await?;
             eng.commit_trims().await?;
         }
         finish(&mut eng).await

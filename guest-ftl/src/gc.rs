@@ -39,7 +39,7 @@ use std::time::Instant;
 use host_ftl::Status;
 
 use crate::config::VictimPolicy;
-use crate::engine::{Engine, LineState, Victim, GC_OLD, GC_YOUNG, USER};
+use crate::engine::{Engine, LineState, Victim, GC, GC_OLD, USER};
 use crate::error::{FtlError, Result};
 use crate::layout::NO_SLOT;
 use crate::map::Entry;
@@ -65,7 +65,7 @@ impl Engine {
                     }
                     return Some(gen);
                 }
-                None => {}
+                Some(LineState::Drained) | None => {}
             }
         }
         let now = self.next_seq;
@@ -87,14 +87,15 @@ impl Engine {
         best.map(|(_, g)| g)
     }
 
-    /// The GC stream for a block last written at `seq`.
+    /// The stream a block last written at `seq` is relocated to: with `hot_cold`, by whether
+    /// it was written within the last disk's worth of writes.
     fn gc_stream(&self, seq: u64) -> usize {
         if !self.cfg.hot_cold {
             USER
-        } else if self.next_seq.saturating_sub(seq) > u64::from(self.user_lbas) {
-            GC_OLD
+        } else if self.next_seq.saturating_sub(seq) <= u64::from(self.user_lbas) {
+            GC
         } else {
-            GC_YOUNG
+            GC_OLD
         }
     }
 
@@ -106,6 +107,10 @@ impl Engine {
         loop {
             // A victim is never left half done while only the GC reserve is free: finishing it
             // later must not need more space than is left.
+            if self.free < self.reserve_chunks() {
+                // Space held by drained lines comes back first.
+                self.reset_drained(true).await?;
+            }
             let pressed = self.victim.is_some() && self.free < self.reserve_chunks();
             if budget == 0 && !pressed {
                 break;
@@ -189,69 +194,127 @@ impl Engine {
         Metrics::add(&self.metrics.lost_blocks, 1);
     }
 
-    /// The victim holds no valid block: make its relocated blocks durable, then reset it.
+    /// The streams relocated blocks go to.
+    fn gc_streams(&self) -> Vec<usize> {
+        if self.cfg.hot_cold {
+            vec![GC, GC_OLD]
+        } else {
+            vec![USER]
+        }
+    }
+
+    /// The victim holds no valid block: it is *drained*, and reset once the blocks moved out
+    /// of it are on the device (see [`Engine::reset_drained`]).
     async fn finish_victim(&mut self, gen: u32) -> Result<()> {
         self.victim = None;
-        let gc_streams = if self.cfg.hot_cold { vec![GC_YOUNG, GC_OLD] } else { vec![USER] };
-        self.submit(&gc_streams).await?;
-        if self.lines.values().any(|l| l.state == LineState::Aborted && l.gen != gen && l.valid > 0) {
-            // Some relocated blocks sit in a line whose write failed: they are only in memory,
-            // so the victim keeps its copy until those lines are relocated in turn.
-            self.urgent.retain(|&g| g != gen);
-            self.urgent.push_back(gen);
-            return Ok(());
+        let streams = self.gc_streams();
+        let mut needs = Vec::new();
+        for l in self.lines.values() {
+            if l.gen != gen && matches!(l.state, LineState::Open | LineState::Full) && streams.contains(&l.stream) {
+                for (m, &c) in l.members.iter().enumerate() {
+                    if l.alloc[m] > self.chunks[c as usize].wp {
+                        needs.push((c, l.alloc[m]));
+                    }
+                }
+            }
         }
-        self.device_flush().await?;
-        let Some(line) = self.lines.remove(&gen) else { return Ok(()) };
+        if let Some(line) = self.lines.get_mut(&gen) {
+            line.state = LineState::Drained;
+            line.needs = needs;
+        }
         for s in self.open.iter_mut() {
             if *s == Some(gen) {
                 *s = None;
             }
         }
-        let spc = self.lay.spc;
-        let touched: Vec<u32> = line.members.iter().copied().filter(|&c| self.chunks[c as usize].touched).collect();
+        self.urgent.retain(|&g| g != gen);
+        self.reset_drained(false).await
+    }
+
+    /// Resets the drained lines whose relocated blocks are all written (with `force`, after
+    /// writing out the GC streams, padded). The device is flushed first, so that no block's only
+    /// durable copy is erased. Lines wait while any line whose write failed still holds blocks.
+    pub async fn reset_drained(&mut self, force: bool) -> Result<()> {
+        if !self.lines.values().any(|l| l.state == LineState::Drained) {
+            return Ok(());
+        }
+        if force {
+            let streams = self.gc_streams();
+            self.submit(&streams).await?;
+        }
+        if self.lines.values().any(|l| l.state == LineState::Aborted && l.valid > 0 && self.unwritten(l)) {
+            return Ok(());
+        }
+        let ready: Vec<u32> = self
+            .lines
+            .values()
+            .filter(|l| l.state == LineState::Drained)
+            .filter(|l| l.needs.iter().all(|&(c, wp)| self.chunks[c as usize].wp >= wp))
+            .map(|l| l.gen)
+            .collect();
+        if ready.is_empty() {
+            return Ok(());
+        }
+        self.device_flush().await?;
+        let mut touched = Vec::new();
+        for gen in &ready {
+            if let Some(l) = self.lines.get(gen) {
+                touched.extend(l.members.iter().copied().filter(|&c| self.chunks[c as usize].touched));
+            }
+        }
         let statuses = self.reset_chunks(&touched).await?;
         let mut failed = Vec::new();
+        let mut transient = None;
         for (&c, st) in touched.iter().zip(&statuses) {
-            let ci = &mut self.chunks[c as usize];
             if st.is_success() {
-                ci.wear += 1;
+                self.chunks[c as usize].wear += 1;
+                self.chunks[c as usize].touched = false;
                 Metrics::add(&self.metrics.resets, 1);
             } else if crate::engine::unchanged(*st) {
-                // The line stays; it is cleaned again later.
-                self.lines.insert(gen, line);
-                self.urgent.push_back(gen);
-                return Err(FtlError::Device { opcode: host_ftl::opcode::VECTOR_RESET, status: *st });
+                transient = Some(*st);
             } else if *st == Status::INVALID_RESET && self.chunk_is_free(c).await? {
                 // Never opened after all (its only write failed before reaching the media).
+                self.chunks[c as usize].touched = false;
             } else {
                 tracing::warn!(chunk = c, status = %st, "reset failed");
+                self.chunks[c as usize].touched = false;
                 failed.push(c);
             }
         }
-        for &c in &line.members {
-            for off in 0..spc {
-                let slot = c * spc + off;
-                self.cache.remove(&slot);
-                self.clear_valid(slot);
+        if let Some(st) = transient {
+            // Those lines stay drained; chunks already reset are simply not reset again.
+            return Err(FtlError::Device { opcode: host_ftl::opcode::VECTOR_RESET, status: st });
+        }
+        let spc = self.lay.spc;
+        for gen in ready {
+            let Some(line) = self.lines.remove(&gen) else { continue };
+            for &c in &line.members {
+                for off in 0..spc {
+                    let slot = c * spc + off;
+                    self.cache.remove(&slot);
+                    self.clear_valid(slot);
+                }
+                let ci = &mut self.chunks[c as usize];
+                ci.line = None;
+                ci.wp = 0;
+                ci.released = 0;
+                if !ci.bad {
+                    self.free += 1;
+                }
             }
-            let ci = &mut self.chunks[c as usize];
-            ci.line = None;
-            ci.wp = 0;
-            ci.released = 0;
-            ci.touched = false;
-            if !ci.bad {
-                self.free += 1;
-            }
+            Metrics::add(&self.metrics.gc_runs, 1);
+            tracing::debug!(gen, free = self.free, "line cleaned");
         }
         for c in failed {
             self.retire_chunk(c).await?;
         }
-        self.urgent.retain(|&g| g != gen);
-        Metrics::add(&self.metrics.gc_runs, 1);
         Metrics::set(&self.metrics.free_chunks, u64::from(self.free));
-        tracing::debug!(gen, free = self.free, "line cleaned");
         Ok(())
+    }
+
+    /// Whether a line holds blocks that are only in the write buffer.
+    fn unwritten(&self, line: &crate::engine::Line) -> bool {
+        line.members.iter().zip(&line.alloc).any(|(&c, &a)| a > self.chunks[c as usize].wp)
     }
 
     /// Whether the device says a chunk is free.
@@ -279,7 +342,7 @@ impl Engine {
             let next = self
                 .lines
                 .values()
-                .find(|l| l.state == LineState::Aborted && l.gen != gen && l.valid > 0)
+                .find(|l| l.state == LineState::Aborted && l.gen != gen && l.valid > 0 && self.unwritten(l))
                 .map_or(gen, |l| l.gen);
             match self.victim {
                 Some(v) if v.gen == next => {}
@@ -293,7 +356,11 @@ impl Engine {
                 None => self.victim = Some(Victim { gen: next, cursor: 0 }),
             }
             self.urgent.retain(|&g| g != next);
-            self.gc_step(u32::MAX, true).await?;
+            if self.lines.get(&next).is_some_and(|l| l.state == LineState::Drained) {
+                self.reset_drained(true).await?;
+            } else {
+                self.gc_step(u32::MAX, true).await?;
+            }
         }
         Err(FtlError::Device { opcode: host_ftl::opcode::VECTOR_WRITE, status: Status::INTERNAL_ERROR })
     }
@@ -343,11 +410,12 @@ impl Engine {
         Ok(())
     }
 
-    /// The floor of the rate limiter: before a user write opens a new line, whole victims are
-    /// cleaned until a line can be opened without touching the GC reserve.
-    pub async fn make_room_for_user_line(&mut self) -> Result<()> {
+    /// The floor of the rate limiter: before a user write opens a new line in `stream`, whole
+    /// victims are cleaned until a line can be opened without touching the GC reserve.
+    pub async fn make_room_for_user_line(&mut self, stream: usize) -> Result<()> {
+        let stream = if self.cfg.hot_cold { stream } else { USER };
         let user_line_open =
-            self.open[USER].is_some_and(|g| self.lines.get(&g).is_some_and(|l| l.state == LineState::Open));
+            self.open[stream].is_some_and(|g| self.lines.get(&g).is_some_and(|l| l.state == LineState::Open));
         if user_line_open {
             return Ok(());
         }
@@ -360,7 +428,10 @@ impl Engine {
             let before = self.free;
             let moved = self.gc_step(GC_BATCH, false).await?;
             if moved == 0 && self.victim.is_none() && self.free == before {
-                break;
+                self.reset_drained(true).await?;
+                if self.free == before {
+                    break;
+                }
             }
         }
         if rounds > 0 {

@@ -102,6 +102,6 @@ pub mod sim;
 pub use channel::{CmdFuture, DirectChannel, FlashChannel};
 pub use config::{FtlConfig, VictimPolicy};
 pub use error::{FtlError, Result};
-pub use ftl::Ftl;
+pub use ftl::{Ftl, Space};
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use sim::PowerLossMedia;

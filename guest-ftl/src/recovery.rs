@@ -176,6 +176,7 @@ impl Engine {
                 ci.touched = true;
             }
             let n = members.len();
+            let alloc: Vec<u32> = members.iter().map(|&c| readable[c as usize]).collect();
             let state = if open { LineState::Aborted } else { LineState::Closed };
             self.lines.insert(
                 g,
@@ -185,9 +186,10 @@ impl Engine {
                     stream: USER,
                     state,
                     pos: n as u32 * spc,
-                    alloc: vec![spc; n],
+                    alloc,
                     valid: 0,
                     close_seq: meta.next_seq,
+                    needs: Vec::new(),
                 },
             );
             if open {

@@ -392,7 +392,7 @@ fn a_long_run_collects_garbage_and_recovers() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 40, max_shrink_iters: 200, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, max_shrink_iters: 200, ..ProptestConfig::default() })]
     #[test]
     fn acknowledged_durable_writes_survive_crashes(
         ops in prop::collection::vec(op(), 20..220),

@@ -7,9 +7,9 @@ use guest_ftl::{FtlConfig, VictimPolicy};
 use host_ftl::Geometry;
 use vdisk::BlockDevice;
 
-/// 4 PUs × 48 chunks × 16 blocks: 3072 slots (12 MiB).
+/// 4 PUs × 40 chunks × 16 blocks: 2560 slots (10 MiB).
 fn geometry() -> Geometry {
-    Geometry { num_chk: 48, ..small_geometry() }
+    Geometry { num_chk: 40, ..small_geometry() }
 }
 
 /// A small deterministic generator (xorshift).
@@ -64,16 +64,20 @@ async fn fill_and_overwrite(cfg: FtlConfig, passes: u64) {
 
 #[tokio::test]
 async fn full_disk_overwritten_with_hot_cold_streams_and_cost_benefit() {
-    let cfg =
-        FtlConfig { over_provisioning: 0.2, victim: VictimPolicy::CostBenefit, hot_cold: true, ..FtlConfig::default() };
-    fill_and_overwrite(cfg, 4).await;
+    let cfg = FtlConfig {
+        over_provisioning: 0.35,
+        victim: VictimPolicy::CostBenefit,
+        hot_cold: true,
+        ..FtlConfig::default()
+    };
+    fill_and_overwrite(cfg, 3).await;
 }
 
 #[tokio::test]
 async fn full_disk_overwritten_with_one_stream_and_greedy() {
     let cfg =
         FtlConfig { over_provisioning: 0.15, victim: VictimPolicy::Greedy, hot_cold: false, ..FtlConfig::default() };
-    fill_and_overwrite(cfg, 4).await;
+    fill_and_overwrite(cfg, 3).await;
 }
 
 #[tokio::test]
