@@ -6,8 +6,10 @@
 //! chunk notification log 0xD0). Nothing else of the device is touched, so a guest FTL could run
 //! in another process over a shared-memory queue pair.
 //!
-//! [`DirectChannel`] implements the boundary straight over a [`host_ftl::Device`] for tests and
-//! benchmarks, optionally on a simulated clock driven by the device's timing model.
+//! The host FTL driver's [`host_ftl::driver::QueuePair`] implements it (commands validated,
+//! translated and scheduled by the driver); [`DirectChannel`] implements it straight over a
+//! [`host_ftl::Device`] for tests and benchmarks, optionally on a simulated clock driven by the
+//! device's timing model.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -138,6 +140,26 @@ impl FlashChannel for DirectChannel {
             return Box::pin(std::future::ready(Cqe::new(sqe.cid, Status::INTERNAL_ERROR, 0)));
         }
         Box::pin(std::future::ready(self.dev.execute_admin(&sqe, &self.region)))
+    }
+}
+
+/// A guest's queue pair of the host FTL driver is the production channel: commands go through
+/// the driver's validation, translation and fair scheduling to the device.
+impl FlashChannel for host_ftl::driver::QueuePair {
+    fn geometry(&self) -> &Geometry {
+        host_ftl::driver::QueuePair::geometry(self)
+    }
+
+    fn region(&self) -> &DmaRegion {
+        host_ftl::driver::QueuePair::region(self)
+    }
+
+    fn submit(&self, sqe: Sqe) -> CmdFuture<'_> {
+        Box::pin(host_ftl::driver::QueuePair::submit(self, sqe))
+    }
+
+    fn admin(&self, sqe: Sqe) -> CmdFuture<'_> {
+        Box::pin(host_ftl::driver::QueuePair::admin(self, sqe))
     }
 }
 
