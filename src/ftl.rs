@@ -118,17 +118,23 @@ impl FlashBackend {
     /// Parallel units a disk of `size` bytes needs: `over_provisioning` percent extra, and on
     /// each PU at least [`SPARE_CHUNKS_PER_PU`] chunks beyond the disk's data for the FTL's open
     /// lines and garbage collection.
-    fn pus_for(&self, size: u64, over_provisioning: u32) -> usize {
+    fn pus_for(&self, size: u64, over_provisioning: u32) -> Result<usize, String> {
         let geo = self.driver.geometry();
         let chunk = geo.chunk_bytes().max(1);
         let pu_bytes = u64::from(geo.num_chk) * chunk;
         let needed = size.saturating_mul(100 + u64::from(over_provisioning)).div_ceil(100);
         let mut pus = needed.div_ceil(pu_bytes.max(1)).max(1);
-        while (pus * pu_bytes).saturating_sub(size) < pus * SPARE_CHUNKS_PER_PU * chunk && pus < geo.total_pus() as u64
-        {
+        while (pus * pu_bytes).saturating_sub(size) < pus * SPARE_CHUNKS_PER_PU * chunk {
             pus += 1;
         }
-        pus as usize
+        let total = geo.total_pus() as u64;
+        if pus > total {
+            return Err(format!(
+                "{} with {over_provisioning}% over-provisioning and the FTL's spare chunks needs {pus} parallel units; the open-channel device has {total} in all",
+                vdisk::size::format_size(size)
+            ));
+        }
+        Ok(pus as usize)
     }
 
     /// Runs an FTL future to its end from blocking code, whatever thread that is: the catalog
@@ -150,7 +156,7 @@ fn over_provisioning(ctx: &BackendContext<'_>) -> Result<u32, String> {
 
 impl FtlHook for FlashBackend {
     fn create(&self, ctx: &BackendContext<'_>) -> Result<(), String> {
-        let pus = self.pus_for(ctx.spec.size, over_provisioning(ctx)?);
+        let pus = self.pus_for(ctx.spec.size, over_provisioning(ctx)?)?;
         let free = self.driver.free_pus().len();
         if pus > free {
             return Err(format!(

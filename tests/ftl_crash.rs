@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::nbd::{RawClient, CMD_WRITE};
-use common::{Daemon, DiskDecl};
+use common::{qemu_io_ok, Daemon, DiskDecl};
 
 const BLOCK: usize = 4096;
 /// Blocks the test writes to: 8 MiB of the 64 MiB disk, so that blocks are overwritten often.
@@ -131,4 +131,43 @@ fn ftl_disk_keeps_every_flushed_block_across_sigkill_mid_write() {
         }
         assert_eq!(checked, BLOCKS);
     }
+}
+
+#[test]
+fn ftl_disks_are_created_used_and_deleted_through_the_cli() {
+    let daemon = Daemon::start(&[]);
+    daemon.cli_ok(&["disk", "create", "a", "--size", "300M", "--backend", "ftl", "--block-size", "4096"]);
+    let list = daemon.cli_ok(&["disk", "list"]).stdout;
+    assert!(list.lines().any(|l| l.starts_with('a') && l.contains("ftl") && l.contains("ok")), "{list}");
+    let uri = daemon.uri("a");
+    qemu_io_ok(&uri, &["write -P 0x61 0 8M", "write -P 0x62 292M 8M", "flush"]);
+    qemu_io_ok(&uri, &["read -P 0x61 0 8M", "read -P 0x62 292M 8M", "read -P 0 8M 8M"]);
+
+    // The default device has 8 PUs of 256 MiB; "a" took 2 (300 MiB and its spare), and a disk
+    // that needs more than the 6 left is refused with the reason, as is one larger than the
+    // whole device with its spare.
+    let out = daemon.cli(&["disk", "create", "big", "--size", "1500M", "--backend", "ftl"]);
+    assert!(!out.status.success(), "{out}");
+    assert!(out.stderr.contains("needs 7 parallel units") && out.stderr.contains("6 are free"), "{out}");
+    let out = daemon.cli(&["disk", "create", "huge", "--size", "1900M", "--backend", "ftl"]);
+    assert!(!out.status.success() && out.stderr.contains("has 8 in all"), "{out}");
+    let out = daemon.cli(&["disk", "create", "bad", "--size", "64M", "--backend", "ftl", "--over-provisioning", "0"]);
+    assert!(!out.status.success() && out.stderr.contains("over-provisioning of 0%"), "{out}");
+
+    // Deleting gives the PUs back (after their chunks are erased in the background): a new
+    // disk on them starts empty.
+    daemon.cli_ok(&["disk", "delete", "a"]);
+    let mut created = false;
+    for _ in 0..100 {
+        let out = daemon.cli(&["disk", "create", "b", "--size", "1500M", "--backend", "ftl", "--block-size", "4096"]);
+        if out.status.success() {
+            created = true;
+            break;
+        }
+        assert!(out.stderr.contains("parallel units"), "{out}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(created, "the deleted disk's PUs never came back\n{}", daemon.logs());
+    qemu_io_ok(&daemon.uri("b"), &["read -P 0 0 16M", "read -P 0 292M 8M", "write -P 0x63 1400M 1M"]);
+    qemu_io_ok(&daemon.uri("b"), &["read -P 0x63 1400M 1M"]);
 }
