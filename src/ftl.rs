@@ -9,9 +9,9 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use guest_ftl::{CmdFuture, FlashChannel, Ftl, FtlConfig};
-use host_ftl::driver::{Driver, DriverConfig, GuestSpec, GuestState, QueuePair};
-use host_ftl::{Device, DmaRegion, FaultConfig, FileMedia, Geometry, Media, MemMedia, Sqe};
+use guest_ftl::{FlashChannel, Ftl, FtlConfig};
+use host_ftl::driver::{Driver, DriverConfig, GuestSpec, GuestState};
+use host_ftl::{Device, FaultConfig, FileMedia, Geometry, Media, MemMedia};
 use serde::Deserialize;
 use state_store::Store;
 use vdisk::catalog::Backend;
@@ -182,7 +182,7 @@ impl FtlHook for FlashBackend {
             block_size: ctx.spec.block_size,
             ..FtlConfig::default()
         };
-        let channel: Arc<dyn FlashChannel> = Arc::new(Channel(qp));
+        let channel: Arc<dyn FlashChannel> = Arc::new(qp);
         let store = ctx.store.clone();
         let ftl = self.block_on(Ftl::open(channel, store, ctx.namespace, config)).map_err(|e| error_chain(&e))?;
         let have = ftl.info().capacity;
@@ -218,27 +218,6 @@ impl FtlHook for FlashBackend {
 fn region_bytes(geo: &Geometry, pus: usize) -> u64 {
     let per_cmd = 64 * (8 + u64::from(geo.block_size) + u64::from(geo.oob_size));
     per_cmd * (pus as u64 + 2).max(8)
-}
-
-/// The guest FTL's side of a queue pair.
-struct Channel(QueuePair);
-
-impl FlashChannel for Channel {
-    fn geometry(&self) -> &Geometry {
-        self.0.geometry()
-    }
-
-    fn region(&self) -> &DmaRegion {
-        self.0.region()
-    }
-
-    fn submit(&self, sqe: Sqe) -> CmdFuture<'_> {
-        Box::pin(self.0.submit(sqe))
-    }
-
-    fn admin(&self, sqe: Sqe) -> CmdFuture<'_> {
-        Box::pin(self.0.admin(sqe))
-    }
 }
 
 /// An FTL shown at exactly the disk's configured size: its partition is whole parallel units,
