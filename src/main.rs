@@ -87,15 +87,8 @@ enum DiskCommand {
         /// Logical block size: 512 or 4096.
         #[arg(long, default_value_t = 512)]
         block_size: u32,
-        /// What holds the disk's bytes.
-        #[arg(long, value_enum, default_value_t = BackendKind::Raw)]
-        backend: BackendKind,
-        /// Bypass the page cache (O_DIRECT); raw disks only.
-        #[arg(long)]
-        direct: bool,
-        /// Percent of flash kept beyond the disk's size for garbage collection; FTL disks only.
-        #[arg(long, default_value_t = 11)]
-        over_provisioning: u32,
+        #[command(flatten)]
+        backend: BackendArgs,
         #[arg(long)]
         read_only: bool,
         /// A filter: TYPE or TYPE:KEY=VALUE,... e.g. integrity, cache:size=64M,
@@ -109,14 +102,8 @@ enum DiskCommand {
         parent: String,
         child: String,
         /// What holds the clone's own bytes.
-        #[arg(long, value_enum, default_value_t = BackendKind::Raw)]
-        backend: BackendKind,
-        /// Bypass the page cache (O_DIRECT) for the clone's own file; raw disks only.
-        #[arg(long)]
-        direct: bool,
-        /// Percent of flash kept beyond the clone's size for garbage collection; FTL only.
-        #[arg(long, default_value_t = 11)]
-        over_provisioning: u32,
+        #[command(flatten)]
+        backend: BackendArgs,
         /// Copy the blocks read from the parent into the clone.
         #[arg(long)]
         copy_on_read: bool,
@@ -143,12 +130,26 @@ enum BackendKind {
     Ftl,
 }
 
-impl BackendKind {
-    fn spec(self, direct: bool, over_provisioning: u32) -> Result<Backend, String> {
-        match self {
-            BackendKind::Raw => Ok(Backend::Raw { direct }),
-            BackendKind::Ftl if direct => Err("--direct is for raw disks; an FTL disk has no file".into()),
-            BackendKind::Ftl => Ok(Backend::Ftl { over_provisioning }),
+/// How `disk create` and `disk clone` say what holds a disk's bytes.
+#[derive(Debug, clap::Args)]
+struct BackendArgs {
+    /// What holds the disk's bytes.
+    #[arg(long, value_enum, default_value_t = BackendKind::Raw)]
+    backend: BackendKind,
+    /// Bypass the page cache (O_DIRECT); raw disks only.
+    #[arg(long)]
+    direct: bool,
+    /// Percent of flash kept beyond the disk's size for garbage collection; FTL disks only.
+    #[arg(long, default_value_t = 11)]
+    over_provisioning: u32,
+}
+
+impl BackendArgs {
+    fn spec(&self) -> Result<Backend, String> {
+        match self.backend {
+            BackendKind::Raw => Ok(Backend::Raw { direct: self.direct }),
+            BackendKind::Ftl if self.direct => Err("--direct is for raw disks; an FTL disk has no file".into()),
+            BackendKind::Ftl => Ok(Backend::Ftl { over_provisioning: self.over_provisioning }),
         }
     }
 }
@@ -201,8 +202,8 @@ fn client_command(api: Option<PathBuf>, command: DiskCommand) -> Result<(), Stri
     let client = client(api);
     let fail = |e: client::ClientError| error_chain(&e);
     match command {
-        DiskCommand::Create { name, size, block_size, backend, direct, over_provisioning, read_only, filters } => {
-            let backend = backend.spec(direct, over_provisioning)?;
+        DiskCommand::Create { name, size, block_size, backend, read_only, filters } => {
+            let backend = backend.spec()?;
             let size = parse_size(&size)?;
             let filters = filters.iter().map(|f| parse_filter(f)).collect::<Result<Vec<_>, _>>()?;
             let spec = DiskSpec { name, size, block_size, read_only, backend, filters };
@@ -215,8 +216,8 @@ fn client_command(api: Option<PathBuf>, command: DiskCommand) -> Result<(), Stri
                 }
             }
         }
-        DiskCommand::Clone { parent, child, backend, direct, over_provisioning, copy_on_read, filters } => {
-            let backend = backend.spec(direct, over_provisioning)?;
+        DiskCommand::Clone { parent, child, backend, copy_on_read, filters } => {
+            let backend = backend.spec()?;
             let filters = filters.iter().map(|f| parse_filter(f)).collect::<Result<Vec<_>, _>>()?;
             let req = CloneRequest { name: child, backend, copy_on_read, filters };
             let body = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
