@@ -4,10 +4,11 @@
 //!
 //! Space is handed out in *lines*: one free chunk from each parallel unit, opened together and
 //! written in stripes, [`Layout::unit`] slots on one member after the other, so consecutive
-//! writes spread over every PU in `ws_opt` pieces. Each *stream* has one open line: user writes
-//! go to one, and (with `hot_cold`) data relocated by garbage collection goes to two others,
-//! split by age, so that hot and cold data do not share lines. A line is written in full, then
-//! *closed*; it can be cleaned by GC, its members reset and returned to the free pool.
+//! writes spread over every PU in `ws_opt` pieces. Each *stream* has one open line. With
+//! `hot_cold` there are four: user writes of blocks whose previous version was written within
+//! the last disk's worth of writes (hot: a short previous life predicts a short next one), other
+//! user writes (cold), and data relocated by GC, young and old. A line is written in full, then
+//! *closed*; GC cleans it, and its members are reset and return to the free pool.
 //!
 //! # Write buffer
 //!
@@ -719,5 +720,42 @@ impl Engine {
             self.remap(lba, Entry { slot: NO_SLOT, seq });
         }
         self.pending_trims.push(Trim { seq, start: first, count: n });
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::layout::tests::small;
+
+    pub(crate) fn line(gen: u32, members: Vec<u32>) -> Line {
+        let n = members.len();
+        Line {
+            gen,
+            members,
+            stream: USER,
+            state: LineState::Closed,
+            pos: 0,
+            alloc: vec![0; n],
+            valid: 0,
+            close_seq: 0,
+            needs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_line_stripes_units_over_its_members() {
+        let lay = Layout::new(&small()).unwrap(); // 4-slot units, 16 slots per chunk
+        let l = line(1, vec![10, 20, 30]);
+        assert_eq!(l.capacity(&lay), 48);
+        let places: Vec<(usize, u32)> = [0, 3, 4, 8, 11, 12, 13, 47].iter().map(|&p| l.place(&lay, p)).collect();
+        assert_eq!(places, vec![(0, 0), (0, 3), (1, 0), (2, 0), (2, 3), (0, 4), (0, 5), (2, 15)]);
+    }
+
+    #[test]
+    fn transient_statuses_are_told_from_media_failures() {
+        assert!(unchanged(Status::INTERNAL_ERROR));
+        assert!(!unchanged(Status::WRITE_FAIL));
+        assert!(!unchanged(Status::OFFLINE_CHUNK));
     }
 }

@@ -54,8 +54,13 @@
 //!   stream (the device flush makes the blocks durable, as on a real device FUA covers only its
 //!   own command).
 //! * Garbage collection: relocated blocks are written and the device flushed *before* the
-//!   victim's chunks are reset, so at every moment each block's newest version is durable
-//!   somewhere it can be found.
+//!   victim's chunks are reset (the victim waits, drained, until then), so at every moment each
+//!   block's newest durable version is durable somewhere recovery finds it.
+//! * A write that fails on the media (0xF0 write fail, 0xF1 early close, 0xC0 offline) retires
+//!   the chunk (store record first), stops its line, and relocates everything the line holds,
+//!   from the write buffer where the device has nothing; a flush or FUA write completes only
+//!   after that relocation is durable. A write the device did not execute (internal error, a
+//!   dead queue) is simply tried again later, and the request fails.
 //!
 //! **Why every acknowledged write is found.** Recovery (see [`recovery`]) starts from the last
 //! checkpoint, whose entries point at durable data. Everything written after it went to a line
@@ -70,20 +75,27 @@
 //! logical block as one of its versions written since its last durable one.
 //!
 //! **Bounded recovery.** The scan covers the lines opened since the last checkpoint plus those
-//! open at it: about `checkpoint_lines + 3` lines, whatever the partition's size. Everything
+//! open at it: about `checkpoint_lines + 4` lines, whatever the partition's size. Everything
 //! else recovery does is per chunk (the chunk table, one block per written chunk) or per map
 //! page. Lines left open by the crash are relocated and reset, never written again.
 //!
 //! # Concurrency
 //!
 //! Requests are serialized by one async lock; within a request, commands to different PUs are
-//! submitted together (a stripe, a GC batch, a set of resets) and overlap on the device.
+//! submitted together (a stripe, a GC batch, a set of resets) and overlap on the device. Reads
+//! therefore wait behind writes and garbage collection of the same disk.
 //!
 //! # Limits
 //!
-//! No parity across PUs: the data of a *closed* chunk that goes offline is lost (reads of those
-//! blocks fail with an I/O error until they are rewritten). Blocks still in the write buffer,
-//! chunks going offline while free or on a reset (worn out), and failed programs lose nothing.
+//! * No parity across PUs: the data of a *closed* chunk that goes offline is lost (reads of
+//!   those blocks fail with an I/O error until they are rewritten; they are never returned
+//!   wrong). Blocks still in the write buffer, chunks going offline while free or on a reset
+//!   (worn out), and failed programs lose nothing.
+//! * A storm of program failures (every chunk of a PU failing in turn) chains relocations,
+//!   each into a new line, and can run out of free lines: the request then fails with
+//!   [`FtlError::NoSpace`] rather than hanging.
+//! * Metadata is in memory: 12 bytes of map per 4 KiB block, 4 bytes of reverse map and a bit
+//!   per physical slot.
 
 pub mod channel;
 pub mod checkpoint;
