@@ -3,14 +3,18 @@
 //! The chain runs a request through its filters in a loop: each filter's synchronous `pre` hook
 //! answers at once, so a request that every filter lets through costs one virtual call per filter
 //! on the way down and one on the way back (for those that watch completions), and no allocation
-//! beyond the one boxed future of the chain itself.
+//! beyond one small boxed future that shows the completion to the filters that watch it (none
+//! at all when no filter does).
 //!
 //! A redirect to another disk's chain is followed in the same loop rather than by a nested call,
 //! so a read that falls through 256 linked clones to the bottom of their family uses no more stack
 //! than one that does not. Each redirect counts a hop; past [`MAX_HOPS`] the request fails.
 
+use std::future::Future;
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
 use vdisk::device::check_range;
@@ -58,6 +62,8 @@ pub struct Chain {
     slots: Box<[Slot]>,
     backend: Arc<dyn BlockDevice>,
     timed: bool,
+    /// Whether any filter watches completions.
+    posts: bool,
 }
 
 /// Where a walk down a chain's filters stopped.
@@ -72,8 +78,10 @@ impl Chain {
     /// A chain of `filters`, first nearest the VM, above `backend`.
     pub fn new(name: &str, filters: Vec<Arc<dyn Filter>>, backend: Arc<dyn BlockDevice>) -> Chain {
         let timed = filters.iter().any(|f| f.wants_clock());
-        let slots = filters.into_iter().map(|filter| Slot { post: filter.watches_completions(), filter }).collect();
-        Chain { name: name.to_owned(), info: backend.info(), slots, backend, timed }
+        let slots: Box<[Slot]> =
+            filters.into_iter().map(|filter| Slot { post: filter.watches_completions(), filter }).collect();
+        let posts = slots.iter().any(|s| s.post);
+        Chain { name: name.to_owned(), info: backend.info(), slots, backend, timed, posts }
     }
 
     pub fn name(&self) -> &str {
@@ -133,14 +141,97 @@ impl Chain {
     async fn drive(&self, from: usize, mut req: Request) -> IoResult<Reply> {
         let started = self.timed.then(Instant::now);
         let (passed, stop) = self.walk(from, &mut req);
+        self.resume(from, passed, stop, req, started).await
+    }
+
+    /// Finishes a request whose walk stopped, and shows its completion to the filters it passed.
+    async fn resume(
+        &self,
+        from: usize,
+        passed: usize,
+        stop: Stop,
+        req: Request,
+        started: Option<Instant>,
+    ) -> IoResult<Reply> {
         let head = req.head;
         let mut result = match stop {
-            Stop::Redirect(dev) => follow(dev, req).await,
+            Stop::Bottom => dispatch(self.backend.as_ref(), req).await,
+            // Boxed, so that the common path's future stays small.
+            Stop::Redirect(dev) => Box::pin(follow(dev, req)).await,
             stop => self.finish(stop, req).await,
         };
         self.unwind(from..passed, &head, &mut result, started);
         result
     }
+
+    /// A request from outside: the filters' `pre` hooks run right here; a request they all let
+    /// through goes straight to the backend, wrapped only to show its completion.
+    fn run<T: Answer>(&self, mut req: Request, bottom: Bottom<T>) -> IoFuture<'_, T> {
+        let started = self.timed.then(Instant::now);
+        let (passed, stop) = self.walk(0, &mut req);
+        match stop {
+            Stop::Bottom => {
+                let head = req.head;
+                let inner = bottom(self.backend.as_ref(), req);
+                if !self.posts {
+                    return inner;
+                }
+                Box::pin(Posted { chain: self, inner, head, passed, started })
+            }
+            stop => Box::pin(async move { T::from_reply(self.resume(0, passed, stop, req, started).await?) }),
+        }
+    }
+}
+
+/// How a request that every filter let through is sent to the backend.
+type Bottom<T> = for<'b> fn(&'b dyn BlockDevice, Request) -> IoFuture<'b, T>;
+
+/// What a kind of request gives back: a buffer (reads, writes) or nothing.
+trait Answer: Send + Sized + 'static {
+    fn into_reply(self) -> Reply;
+    fn from_reply(reply: Reply) -> IoResult<Self>;
+}
+
+impl Answer for IoBuf {
+    fn into_reply(self) -> Reply {
+        Some(self)
+    }
+    fn from_reply(reply: Reply) -> IoResult<Self> {
+        reply_buf(reply)
+    }
+}
+
+impl Answer for () {
+    fn into_reply(self) -> Reply {
+        None
+    }
+    fn from_reply(_: Reply) -> IoResult<Self> {
+        Ok(())
+    }
+}
+
+/// A backend request whose completion the chain's filters watch.
+struct Posted<'a, T> {
+    chain: &'a Chain,
+    inner: IoFuture<'a, T>,
+    head: Head,
+    passed: usize,
+    started: Option<Instant>,
+}
+
+impl<T: Answer> Future for Posted<'_, T> {
+    type Output = IoResult<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let out = ready!(self.inner.as_mut().poll(cx));
+        let mut result = out.map(T::into_reply);
+        self.chain.unwind(0..self.passed, &self.head, &mut result, self.started);
+        Poll::Ready(result.and_then(T::from_reply))
+    }
+}
+
+fn no_buffer<'b, T: Send + 'b>() -> IoFuture<'b, T> {
+    Box::pin(std::future::ready(Err(io_error(std::io::ErrorKind::Other, "read or write request without a buffer"))))
 }
 
 /// A chain a redirected request went through, and how many of its filters let it pass.
@@ -260,23 +351,31 @@ impl BlockDevice for Chain {
     }
 
     fn read(&self, offset: u64, buf: IoBuf) -> IoFuture<'_, IoBuf> {
-        Box::pin(async move { reply_buf(self.drive(0, Request::read(offset, buf)).await?) })
+        self.run(Request::read(offset, buf), |dev, req| match req.buf {
+            Some(buf) => dev.read(req.head.offset, buf),
+            None => no_buffer(),
+        })
     }
 
     fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, IoBuf> {
-        Box::pin(async move { reply_buf(self.drive(0, Request::write(offset, buf, fua)).await?) })
+        self.run(Request::write(offset, buf, fua), |dev, req| match req.buf {
+            Some(buf) => dev.write(req.head.offset, buf, req.head.fua),
+            None => no_buffer(),
+        })
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
-        Box::pin(async move { self.drive(0, Request::flush()).await.map(drop) })
+        self.run(Request::flush(), |dev, _| dev.flush())
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        Box::pin(async move { self.drive(0, Request::discard(offset, len)).await.map(drop) })
+        self.run(Request::discard(offset, len), |dev, req| dev.discard(req.head.offset, req.head.len))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> IoFuture<'_, ()> {
-        Box::pin(async move { self.drive(0, Request::write_zeroes(offset, len, fua)).await.map(drop) })
+        self.run(Request::write_zeroes(offset, len, fua), |dev, req| {
+            dev.write_zeroes(req.head.offset, req.head.len, req.head.fua)
+        })
     }
 
     fn as_any(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
