@@ -67,6 +67,7 @@ fn clone_write_read_through_flatten_and_the_parent_is_writable_again() {
     assert!(out.stdout.contains("flattened child") && out.stdout.contains("writable again"), "{out}");
     assert_eq!(info(&daemon, "child")["parent"], serde_json::Value::Null);
     assert_eq!(info(&daemon, "base")["children"], serde_json::json!([]));
+    assert_eq!(info(&daemon, "child")["chain"], serde_json::json!(["stats"]));
 
     // The parent takes writes again; the flattened child keeps its own copy.
     qemu_io_ok(&base, &["write -P 0xdd 0 64k", "flush"]);

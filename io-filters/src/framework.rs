@@ -89,9 +89,14 @@ impl FilterFramework {
         lock(&self.built).get(id).and_then(|b| b.integrity.as_ref().map(|i| i.counters()))
     }
 
-    /// The chain order of a disk's filters, by type.
+    /// The chain order of a disk's filters, by type; a flattened clone's filter, which only
+    /// passes requests through until the disk is next opened, is left out.
     pub fn chain_of(&self, id: &str) -> Option<Vec<&'static str>> {
-        lock(&self.built).get(id).and_then(|b| b.chain.upgrade()).map(|c| c.kinds())
+        let built = lock(&self.built);
+        let b = built.get(id)?;
+        let flattened = b.clone.as_ref().is_some_and(|(_, c)| c.is_flattened());
+        let kinds = b.chain.upgrade()?.kinds();
+        Some(kinds.into_iter().filter(|k| !(flattened && *k == LINKED_CLONE)).collect())
     }
 
     /// Copies the rest of a linked clone's data from its parent, then cuts the link: the clone's

@@ -5,6 +5,10 @@
 //! every write, discard and write-zeroes bumps a sequence number and drops its blocks both before
 //! it goes down and after it completes, so a read that raced with it cannot leave old data
 //! behind. Eviction is CLOCK (second chance), per shard.
+//!
+//! Limit: a write whose future is dropped before it completes (its client went away) skips the
+//! second drop; if a read raced with it and cached the old data, that entry stays until evicted
+//! or overwritten. The write's outcome is undefined to its client either way.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
