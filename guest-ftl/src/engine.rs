@@ -73,8 +73,9 @@ pub struct Line {
     pub valid: u32,
     /// The sequence number when the line closed (its age for cost-benefit).
     pub close_seq: u64,
-    /// When drained: (chunk, write pointer) the relocated blocks need on the device first.
-    pub needs: Vec<(u32, u32)>,
+    /// When drained: (chunk, its line's generation, write pointer) that must be reached on the
+    /// device before this line may be reset.
+    pub needs: Vec<(u32, u32, u32)>,
 }
 
 impl Line {

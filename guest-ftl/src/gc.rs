@@ -11,10 +11,12 @@
 //! Relocated blocks keep their logical block and sequence number; with `hot_cold` they go to
 //! one of two GC streams by age (rewritten within the last disk's worth of writes or not), so
 //! data that survived GC lands with data like it, apart from the user streams. A cleaned victim
-//! is *drained*: it is reset only once every block moved out of it is on the device and the
-//! device has been flushed, so a crash can never lose a block that only the victim held. The
-//! moved blocks usually reach the device with the stripes that follow; only when space is short
-//! are the GC streams padded out to free drained lines at once.
+//! is *drained*: it is reset only once the current version of every logical block it held is
+//! on the device and the device has been flushed: the copies of the blocks moved out of it, and
+//! the newer versions of the blocks overwritten in it (until those are durable, the victim may
+//! hold the only durable copy of their logical block). So a crash can never lose a block's last
+//! durable version. Those blocks usually reach the device with the stripes that follow; only
+//! when space is short are all streams padded out to free drained lines at once.
 //!
 //! # Rate limiter
 //!
@@ -195,30 +197,34 @@ impl Engine {
         Metrics::add(&self.metrics.lost_blocks, 1);
     }
 
-    /// The streams relocated blocks go to.
-    fn gc_streams(&self) -> Vec<usize> {
-        if self.cfg.hot_cold {
-            vec![GC, GC_OLD]
-        } else {
-            vec![USER]
-        }
-    }
-
-    /// The victim holds no valid block: it is *drained*, and reset once the blocks moved out
-    /// of it are on the device (see [`Engine::reset_drained`]).
+    /// The victim holds no valid block: it is *drained*, and reset once the current version of
+    /// every block it holds is on the device (see [`Engine::reset_drained`]): the copies of the
+    /// blocks moved out of it, and the newer versions of the blocks overwritten in it, whose old
+    /// copy here may be the only durable one until the new version is durable.
     async fn finish_victim(&mut self, gen: u32) -> Result<()> {
         self.victim = None;
-        let streams = self.gc_streams();
-        let mut needs = Vec::new();
-        for l in self.lines.values() {
-            if l.gen != gen && matches!(l.state, LineState::Open | LineState::Full) && streams.contains(&l.stream) {
-                for (m, &c) in l.members.iter().enumerate() {
-                    if l.alloc[m] > self.chunks[c as usize].wp {
-                        needs.push((c, l.alloc[m]));
+        let mut needs: std::collections::BTreeMap<u32, (u32, u32)> = std::collections::BTreeMap::new();
+        if let Some(line) = self.lines.get(&gen) {
+            for (&c, &alloc) in line.members.iter().zip(&line.alloc) {
+                for off in 0..alloc.min(self.lay.spc) {
+                    let lba = self.p2l[self.lay.slot(c, off) as usize];
+                    if lba >= self.user_lbas {
+                        continue;
+                    }
+                    let e = self.map.get(lba);
+                    if !e.is_mapped() {
+                        continue;
+                    }
+                    let (c2, o2) = (self.lay.chunk_of(e.slot), self.lay.offset_of(e.slot));
+                    let ci = &self.chunks[c2 as usize];
+                    if let (Some(g2), true) = (ci.line, ci.wp <= o2) {
+                        let n = needs.entry(c2).or_insert((g2, 0));
+                        n.1 = n.1.max(o2 + 1);
                     }
                 }
             }
         }
+        let needs: Vec<(u32, u32, u32)> = needs.into_iter().map(|(c, (g, wp))| (c, g, wp)).collect();
         if let Some(line) = self.lines.get_mut(&gen) {
             line.state = LineState::Drained;
             line.needs = needs;
@@ -232,16 +238,16 @@ impl Engine {
         self.reset_drained(false).await
     }
 
-    /// Resets the drained lines whose relocated blocks are all written (with `force`, after
-    /// writing out the GC streams, padded). The device is flushed first, so that no block's only
+    /// Resets the drained lines whose needed blocks are all written (with `force`, after
+    /// writing out every stream, padded). The device is flushed first, so that no block's only
     /// durable copy is erased. Lines wait while any line whose write failed still holds blocks.
     pub async fn reset_drained(&mut self, force: bool) -> Result<()> {
         if !self.lines.values().any(|l| l.state == LineState::Drained) {
             return Ok(());
         }
         if force {
-            let streams = self.gc_streams();
-            self.submit(&streams).await?;
+            let all: Vec<usize> = (0..self.open.len()).collect();
+            self.submit(&all).await?;
         }
         if self.lines.values().any(|l| l.state == LineState::Aborted && l.valid > 0 && self.unwritten(l)) {
             return Ok(());
@@ -250,7 +256,14 @@ impl Engine {
             .lines
             .values()
             .filter(|l| l.state == LineState::Drained)
-            .filter(|l| l.needs.iter().all(|&(c, wp)| self.chunks[c as usize].wp >= wp))
+            .filter(|l| {
+                // A need is met when the block is written, or when its line is gone (it was
+                // relocated, durably, before that line was reset).
+                l.needs.iter().all(|&(c, g, wp)| {
+                    let ci = &self.chunks[c as usize];
+                    ci.line != Some(g) || ci.wp >= wp
+                })
+            })
             .map(|l| l.gen)
             .collect();
         if ready.is_empty() {

@@ -53,9 +53,11 @@
 //!   flush (opcode 0x00), then commit pending trim records. FUA write: the same for the user
 //!   stream (the device flush makes the blocks durable, as on a real device FUA covers only its
 //!   own command).
-//! * Garbage collection: relocated blocks are written and the device flushed *before* the
-//!   victim's chunks are reset (the victim waits, drained, until then), so at every moment each
-//!   block's newest durable version is durable somewhere recovery finds it.
+//! * Garbage collection: the current version of every logical block the victim ever held (the
+//!   copies of its valid blocks, and the newer versions of the blocks overwritten in it) is
+//!   written and the device flushed *before* the victim's chunks are reset (the victim waits,
+//!   drained, until then). So at every moment each logical block's newest durable version is
+//!   still on flash where recovery finds it, even when a newer version is not durable yet.
 //! * A write that fails on the media (0xF0 write fail, 0xF1 early close, 0xC0 offline) retires
 //!   the chunk (store record first), stops its line, and relocates everything the line holds,
 //!   from the write buffer where the device has nothing; a flush or FUA write completes only
