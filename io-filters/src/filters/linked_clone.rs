@@ -13,8 +13,10 @@
 //!   flushes the clone's data below, and commits the snapshot only after, so every bit committed
 //!   belongs to a write the flush made durable.
 //! * A write acknowledged as durable has its bit stored: a flush commits the bits of every write
-//!   completed before it (above); a FUA write that allocates grains writes their fill with FUA as
-//!   well and commits its own bits before it completes.
+//!   completed before it (above). A FUA write to a grain whose bit is not stored yet (it may have
+//!   been allocated by an earlier write, whose data is not durable either) runs a flush of its
+//!   own after it: the clone's data below is flushed, then the bits committed. Flushes are
+//!   serialised, so a FUA write never completes while an earlier flush's commit is outstanding.
 //!
 //! Commits OR the bits into what is stored, so concurrent commits never clear each other's bits.
 //! After a crash, a grain whose bit did not reach the store reads from the parent again: the
@@ -114,23 +116,6 @@ impl Bitmap {
         self.words[first..last].iter().map(|w| w.load(SeqCst)).collect()
     }
 
-    /// Only the bits of grains `range`, as pages.
-    fn pages_of(&self, range: std::ops::Range<u64>) -> Vec<(usize, Vec<u64>)> {
-        let mut out: Vec<(usize, Vec<u64>)> = Vec::new();
-        for g in range {
-            let p = (g / PAGE_GRAINS) as usize;
-            if out.last().map(|(q, _)| *q) != Some(p) {
-                let len = (self.words.len() - p * PAGE_WORDS).min(PAGE_WORDS);
-                out.push((p, vec![0; len]));
-            }
-            if let Some((_, words)) = out.last_mut() {
-                let i = (g % PAGE_GRAINS) as usize;
-                words[i / 64] |= 1 << (i % 64);
-            }
-        }
-        out
-    }
-
     fn load_page(&self, p: usize, bytes: &[u8]) {
         for (i, chunk) in bytes.chunks_exact(8).enumerate() {
             if let Some(w) = self.words.get(p * PAGE_WORDS + i) {
@@ -156,6 +141,8 @@ pub struct LinkedClone {
     /// Serialises commits of bitmap pages (each ORs into what is stored).
     commit_lock: Arc<std::sync::Mutex<()>>,
     stripes: Box<[Mutex<()>]>,
+    /// Held across a flush's snapshot, flush below and commit.
+    flushing: Mutex<()>,
     flattened: AtomicBool,
     redirected: AtomicU64,
 }
@@ -200,6 +187,7 @@ impl LinkedClone {
             namespace: setup.namespace.to_owned(),
             commit_lock: Arc::new(std::sync::Mutex::new(())),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            flushing: Mutex::new(()),
             flattened: AtomicBool::new(false),
             redirected: AtomicU64::new(0),
         })
@@ -356,6 +344,8 @@ impl LinkedClone {
         let head = req.head;
         let grains = self.grains(head.offset, head.len);
         let _locks = self.lock(grains.clone().filter(|g| !self.bitmap.is_set(*g))).await;
+        // The grains this request allocates, fills included: a FUA request commits their bits.
+        let fresh: Vec<u64> = grains.clone().filter(|g| !self.bitmap.is_set(*g)).collect();
         // Grains the request covers only in part get the parent's data first.
         let first = grains.start;
         let last = grains.end - 1;
@@ -366,19 +356,25 @@ impl LinkedClone {
             self.fill_locked(last..last + 1, next, head.fua).await?;
         }
         let reply = next.submit(req).await?;
-        let fresh: Vec<u64> = grains.filter(|g| !self.bitmap.is_set(*g)).collect();
         for &g in &fresh {
             self.bitmap.set(g);
         }
         if head.fua {
-            if let (Some(&a), Some(&b)) = (fresh.first(), fresh.last()) {
-                self.commit(self.bitmap.pages_of(a..b + 1)).await?;
-            }
+            self.flush(Request::flush(), next).await?;
         }
         Ok(reply)
     }
 
+    /// Whether a FUA request to `grains` needs a flush of the bitmap after it: some bit of them
+    /// may not be stored yet.
+    fn needs_sync(&self, grains: std::ops::Range<u64>) -> bool {
+        let pages = grains.start / PAGE_GRAINS..=(grains.end - 1) / PAGE_GRAINS;
+        pages.into_iter().any(|p| self.bitmap.dirty[p as usize].load(SeqCst)) || self.flushing.try_lock().is_err()
+    }
+
+    /// Snapshots the changed bitmap pages, runs `req` (a flush) below, then commits the snapshot.
     async fn flush(&self, req: Request, next: Next<'_>) -> IoResult<Reply> {
+        let _one = self.flushing.lock().await;
         let snapshot = self.bitmap.take_dirty();
         let result = next.submit(req).await;
         let committed = match result {
@@ -434,9 +430,13 @@ impl Filter for LinkedClone {
             kind => {
                 let grains = self.grains(head.offset, head.len);
                 let n = grains.end - grains.start;
-                let set = self.bitmap.count(grains);
+                let set = self.bitmap.count(grains.clone());
                 if set == n {
-                    Verdict::Continue
+                    if head.fua && self.needs_sync(grains) {
+                        Verdict::Handle
+                    } else {
+                        Verdict::Continue
+                    }
                 } else if kind == RequestKind::Read && set == 0 && !self.copy_on_read {
                     self.redirected.fetch_add(1, SeqCst);
                     match self.parent() {
@@ -463,7 +463,17 @@ impl Filter for LinkedClone {
                     next.submit(req).await
                 }
                 RequestKind::Read => self.read_mixed(req, next).await,
-                RequestKind::Write | RequestKind::Discard | RequestKind::WriteZeroes => self.allocate(req, next).await,
+                RequestKind::Write | RequestKind::Discard | RequestKind::WriteZeroes => {
+                    let grains = self.grains(req.head.offset, req.head.len);
+                    if self.bitmap.count(grains.clone()) < grains.end - grains.start {
+                        self.allocate(req, next).await
+                    } else {
+                        // A FUA request to allocated grains whose bits may not be stored yet.
+                        let reply = next.submit(req).await?;
+                        self.flush(Request::flush(), next).await?;
+                        Ok(reply)
+                    }
+                }
             }
         })
     }
