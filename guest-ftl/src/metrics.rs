@@ -16,6 +16,7 @@ pub struct Metrics {
     pub resets: AtomicU64,
     pub lost_blocks: AtomicU64,
     pub wl_migrations: AtomicU64,
+    pub recovery_scanned: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -39,6 +40,8 @@ pub struct MetricsSnapshot {
     pub lost_blocks: u64,
     /// Lines moved by static wear levelling.
     pub wl_migrations: u64,
+    /// Blocks whose OOB the last recovery read to replay writes after the checkpoint.
+    pub recovery_scanned: u64,
 }
 
 impl MetricsSnapshot {
@@ -74,6 +77,7 @@ impl Metrics {
             resets: g(&self.resets),
             lost_blocks: g(&self.lost_blocks),
             wl_migrations: g(&self.wl_migrations),
+            recovery_scanned: g(&self.recovery_scanned),
         }
     }
 

@@ -132,6 +132,7 @@ impl Engine {
         for c in scan {
             let g = gen_of[&c];
             let slots: Vec<u32> = (0..readable[c as usize]).map(|k| lay.slot(c, k)).collect();
+            Metrics::add(&self.metrics.recovery_scanned, slots.len() as u64);
             let oobs = self.read_oobs(&slots).await?;
             for (&slot, o) in slots.iter().zip(oobs) {
                 let Some(o) = o else { continue };
