@@ -72,9 +72,11 @@
 //! that the device's cache window can be read). A durable write is in one of them with its
 //! sequence number, higher than any older copy's, so it wins; a durable trim's record unmaps
 //! every older version. A checkpoint entry whose chunk has been reset (free) or rewritten
-//! (scanned) since is dropped: its data was relocated before the reset, durably, with the same
-//! sequence number, and the scan finds it. Non-durable writes may or may not come back, each
-//! logical block as one of its versions written since its last durable one.
+//! (scanned) since is dropped: before that reset, the block's current version (a relocated copy
+//! with the same sequence number, or a newer write) was made durable, and as it was written
+//! after the checkpoint it lies in a line the scan reads. Non-durable writes may or may not come
+//! back, each logical block as one of its versions written since its last durable one. The crash
+//! property test (`tests/crash_model.rs`) checks exactly this on power-loss media.
 //!
 //! **Bounded recovery.** The scan covers the lines opened since the last checkpoint plus those
 //! open at it: about `checkpoint_lines + 4` lines, whatever the partition's size. Everything
