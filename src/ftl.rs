@@ -19,7 +19,7 @@ use vdisk::{BackendContext, BlockDevice, BlockError, DeviceInfo, FtlHook, IoBuf,
 
 /// Chunks per parallel unit an FTL disk's partition keeps beyond its data at least: the guest FTL
 /// refuses to format with less room than its open lines and GC reserve need (about 8 chunks a PU
-/// with its default three streams).
+/// with its default four streams).
 const SPARE_CHUNKS_PER_PU: u64 = 10;
 /// The most over-provisioning the guest FTL takes (ten times the data); a disk much smaller than
 /// one PU gets more capacity than its size, and shows only its size.
