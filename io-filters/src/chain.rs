@@ -166,7 +166,11 @@ impl Chain {
 
     /// A request from outside: the filters' `pre` hooks run right here; a request they all let
     /// through goes straight to the backend, wrapped only to show its completion.
-    fn run<T: Answer>(&self, mut req: Request, bottom: Bottom<T>) -> IoFuture<'_, T> {
+    fn run<'s, T, B>(&'s self, mut req: Request, bottom: B) -> IoFuture<'s, T>
+    where
+        T: Answer,
+        B: FnOnce(&'s dyn BlockDevice, Request) -> IoFuture<'s, T>,
+    {
         let started = self.timed.then(Instant::now);
         let (passed, stop) = self.walk(0, &mut req);
         match stop {
@@ -182,9 +186,6 @@ impl Chain {
         }
     }
 }
-
-/// How a request that every filter let through is sent to the backend.
-type Bottom<T> = for<'b> fn(&'b dyn BlockDevice, Request) -> IoFuture<'b, T>;
 
 /// What a kind of request gives back: a buffer (reads, writes) or nothing.
 trait Answer: Send + Sized + 'static {
