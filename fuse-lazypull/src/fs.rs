@@ -1,0 +1,1 @@
+//! The FUSE file system over a merged [`crate::tree::Tree`]. OWNER: H7c.
