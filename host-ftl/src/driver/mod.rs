@@ -190,41 +190,62 @@ pub struct GuestInfo {
     pub counters: Option<GuestCounters>,
 }
 
+/// What the inbox holds: messages, whether the driver closed, and whether the dispatcher was
+/// asked to look at the engine again.
+#[derive(Default)]
+struct InboxState {
+    msgs: VecDeque<Msg>,
+    closed: bool,
+    kicked: bool,
+}
+
 /// Messages waiting for the engine.
 pub(crate) struct Inbox {
-    state: Mutex<(VecDeque<Msg>, bool)>,
+    state: Mutex<InboxState>,
     cv: Condvar,
 }
 
 impl Inbox {
     fn new() -> Inbox {
-        Inbox { state: Mutex::new((VecDeque::new(), false)), cv: Condvar::new() }
+        Inbox { state: Mutex::new(InboxState::default()), cv: Condvar::new() }
     }
 
-    /// Queues a message; gives it back if the driver is closed.
-    pub(crate) fn push(&self, msg: Msg) -> std::result::Result<(), Box<Msg>> {
+    /// Queues a message; gives it back if the driver is closed. `wake`: tell the dispatcher
+    /// (not needed when the sender runs the engine itself right after).
+    pub(crate) fn push(&self, msg: Msg, wake: bool) -> std::result::Result<(), Box<Msg>> {
         let mut s = lock(&self.state);
-        if s.1 {
+        if s.closed {
             return Err(Box::new(msg));
         }
-        s.0.push_back(msg);
+        s.msgs.push_back(msg);
         drop(s);
-        self.cv.notify_one();
+        if wake {
+            self.cv.notify_one();
+        }
         Ok(())
     }
 
+    /// Wakes the dispatcher: the engine has something it must watch (a completion due later,
+    /// a rate limit, a finished reclaim, messages left behind).
+    pub(crate) fn kick(&self) {
+        lock(&self.state).kicked = true;
+        self.cv.notify_one();
+    }
+
     fn take(&self) -> VecDeque<Msg> {
-        std::mem::take(&mut lock(&self.state).0)
+        std::mem::take(&mut lock(&self.state).msgs)
     }
 
     fn is_empty(&self) -> bool {
-        lock(&self.state).0.is_empty()
+        lock(&self.state).msgs.is_empty()
     }
 
-    /// Waits until a message comes, the driver closes, or `timeout` passes (forever if `None`).
+    /// Waits until a message or a kick comes, the driver closes, or `timeout` passes (forever
+    /// if `None`).
     fn wait(&self, timeout: Option<Duration>) {
-        let s = lock(&self.state);
-        if !s.0.is_empty() || s.1 {
+        let mut s = lock(&self.state);
+        if !s.msgs.is_empty() || s.closed || s.kicked {
+            s.kicked = false;
             return;
         }
         // A poisoned wait still returns: the caller looks at the inbox again either way.
@@ -236,8 +257,8 @@ impl Inbox {
 
     fn close(&self) -> VecDeque<Msg> {
         let mut s = lock(&self.state);
-        s.1 = true;
-        let left = std::mem::take(&mut s.0);
+        s.closed = true;
+        let left = std::mem::take(&mut s.msgs);
         drop(s);
         self.cv.notify_all();
         left
@@ -248,16 +269,58 @@ impl Inbox {
 pub(crate) struct Core {
     pub(crate) device: Arc<Device>,
     pub(crate) inbox: Inbox,
+    pub(crate) engine: Mutex<Engine>,
     pub(crate) router: Arc<Router>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) costs: CostModel,
+    /// On the real clock, a submitter that finds the engine unlocked runs it itself instead of
+    /// waking the dispatcher thread (see [`Core::run_inline`]).
+    pub(crate) inline: bool,
+}
+
+impl Core {
+    /// Hands the inbox to the engine and runs it at `now`, under the engine's lock (so that
+    /// messages reach the engine in the order they were queued, whoever runs it). Returns the
+    /// names of the reclaims it completed.
+    fn run_engine(&self, eng: &mut Engine, now: u64) -> Vec<String> {
+        for m in self.inbox.take() {
+            eng.handle(m, now);
+        }
+        eng.run(now);
+        std::mem::take(&mut eng.reclaimed)
+    }
+
+    /// The submitter's fast path: when nobody holds the engine, run it on this thread right
+    /// away, so a command the scheduler lets go is executed and completed without crossing to
+    /// the dispatcher thread and back. The scheduler, validation and fairness are the same; the
+    /// dispatcher is woken only if the engine has something to watch over time, or if the engine
+    /// was busy (then it runs the command as before). Returns whether the engine ran here.
+    pub(crate) fn run_inline(&self) -> bool {
+        if !self.inline {
+            return false;
+        }
+        let Ok(mut eng) = self.engine.try_lock() else {
+            self.inbox.kick();
+            return false;
+        };
+        let now = self.clock.now_ns();
+        let reclaimed = self.run_engine(&mut eng, now);
+        let watch = !reclaimed.is_empty() || eng.next_event(now).is_some();
+        // Reclaims finished here are handed back so the dispatcher finishes them (that needs
+        // the partition table); it takes them on its next pass.
+        eng.reclaimed = reclaimed;
+        drop(eng);
+        if watch || !self.inbox.is_empty() {
+            self.inbox.kick();
+        }
+        true
+    }
 }
 
 /// What the driver and its dispatcher thread share.
 struct State {
     core: Arc<Core>,
     table: Mutex<PartitionTable>,
-    engine: Mutex<Engine>,
     guests: Mutex<BTreeMap<String, QueuePair>>,
     next_id: Arc<AtomicU64>,
     stop: AtomicBool,
@@ -267,14 +330,9 @@ struct State {
 impl State {
     /// Hands the inbox to the engine and runs it at `now`; finishes the reclaims it completed.
     fn run_once(&self, now: u64) {
-        let msgs = self.core.inbox.take();
         let reclaimed = {
-            let mut eng = lock(&self.engine);
-            for m in msgs {
-                eng.handle(m, now);
-            }
-            eng.run(now);
-            std::mem::take(&mut eng.reclaimed)
+            let mut eng = lock(&self.core.engine);
+            self.core.run_engine(&mut eng, now)
         };
         for name in reclaimed {
             self.finish_reclaim(&name);
@@ -285,7 +343,7 @@ impl State {
         if !self.core.inbox.is_empty() {
             return Some(now);
         }
-        lock(&self.engine).next_event(now)
+        lock(&self.core.engine).next_event(now)
     }
 
     /// The resets are done: make them durable, then free the PUs durably.
@@ -379,12 +437,19 @@ impl Driver {
             reclaim_batch: config.reclaim_batch,
         };
         let engine = Engine::new(device.clone(), engine_cfg, router.clone(), next_id.clone());
-        let core = Arc::new(Core { device, inbox: Inbox::new(), router, clock, costs });
+        let core = Arc::new(Core {
+            device,
+            inbox: Inbox::new(),
+            engine: Mutex::new(engine),
+            router,
+            clock,
+            costs,
+            inline: sim.is_none(),
+        });
         let records: Vec<GuestRecord> = table.records().values().cloned().collect();
         let state = Arc::new(State {
             core,
             table: Mutex::new(table),
-            engine: Mutex::new(engine),
             guests: Mutex::new(BTreeMap::new()),
             next_id,
             stop: AtomicBool::new(false),
@@ -416,7 +481,7 @@ impl Driver {
 
     fn send(&self, msg: Msg) {
         // The inbox only refuses after close, which happens in drop.
-        let _ = self.state.core.inbox.push(msg);
+        let _ = self.state.core.inbox.push(msg, true);
     }
 
     /// Builds the queue pair of an active record and tells the engine and router about it.
@@ -556,7 +621,7 @@ impl Driver {
 
     /// Commands queued in the driver or in flight on the device.
     pub fn busy(&self) -> usize {
-        lock(&self.state.engine).busy()
+        lock(&self.state.core.engine).busy()
     }
 
     /// When the next thing happens on the simulated clock (a completion, a rate limit

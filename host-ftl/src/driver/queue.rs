@@ -151,10 +151,16 @@ impl QueuePair {
         let job =
             Job { checked, region: self.guest.region.clone(), reply: Reply::Guest { tx, guest: self.guest.clone() } };
         let msg = Msg::Submit { guest: self.guest.id, job, at: self.core.clock.now_ns() };
-        match self.core.inbox.push(msg) {
-            Ok(()) => Pending { state: PendingState::Waiting(rx), cid, naddr: n },
-            Err(_) => self.refuse(aborted(cid, n)),
+        if self.core.inbox.push(msg, !self.core.inline).is_err() {
+            return self.refuse(aborted(cid, n));
         }
+        self.core.run_inline();
+        let mut pending = Pending { state: PendingState::Waiting(rx), cid, naddr: n };
+        // Run here and completed at once: no channel to poll later.
+        if let Some(cqe) = pending.try_take() {
+            pending.state = PendingState::Ready(Some(cqe));
+        }
+        pending
     }
 
     /// Submits an admin command: Geometry (0xE2) or Get Log Page (0x02) of the chunk
