@@ -17,3 +17,15 @@ pub enum Error {
     #[error(transparent)]
     Mount(#[from] crate::mount::MountError),
 }
+
+/// An error with its causes, `outer: inner: innermost`, for logs and messages.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}

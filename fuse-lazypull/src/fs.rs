@@ -1,1 +1,431 @@
 //! The FUSE file system over a merged [`crate::tree::Tree`]. OWNER: H7c.
+//!
+//! The image is immutable, so attributes and entries are cached by the kernel for a long time
+//! and open files keep their page cache. Metadata answers come straight from the tree on the
+//! session thread; file reads (which may wait on the network) run on a pool of worker threads,
+//! so one slow read never holds up lookups or other reads.
+//!
+//! The mount is made here with `mount(2)` on our own `/dev/fuse` descriptor, not through
+//! fuser's mount helper: fuser unmounts its mount point *by path* when its session ends, which
+//! after a handoff would take down the overlay now at that path. The session ends when the
+//! kernel drops the connection: after the FUSE mount was detached and the last file opened
+//! through it was closed.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::consts::{FOPEN_KEEP_CACHE, FUSE_CACHE_SYMLINKS, FUSE_DO_READDIRPLUS, FUSE_PARALLEL_DIROPS};
+use fuser::{
+    FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, Session, SessionACL,
+};
+
+use crate::layer::{BlobSource, LayerIndex};
+use crate::tree::{Ino, Node, NodeKind, Tree};
+
+/// How long the kernel may cache attributes and entries: the image never changes.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+/// Threads serving file reads; reads of missing data wait on the registry.
+const READ_WORKERS: usize = 8;
+const BLOCK_SIZE: u32 = 4096;
+
+/// One layer as the file system reads it: its index and its blob's bytes.
+pub struct LayerData {
+    pub index: Arc<LayerIndex>,
+    pub source: Arc<dyn BlobSource>,
+}
+
+/// Counters for metrics and tests.
+#[derive(Default, Debug)]
+pub struct FsStats {
+    pub reads: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub read_errors: AtomicU64,
+}
+
+/// What the session thread and the read workers share.
+struct Shared {
+    tree: Tree,
+    layers: Vec<LayerData>,
+    stats: Arc<FsStats>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The read-only image file system.
+pub struct ImageFs {
+    shared: Arc<Shared>,
+    jobs: Option<mpsc::Sender<Job>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl ImageFs {
+    /// `tree` was built from `layers` (the tree's `File { layer, .. }` indexes this slice).
+    pub fn new(tree: Tree, layers: Vec<LayerData>, stats: Arc<FsStats>) -> io::Result<ImageFs> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut workers = Vec::with_capacity(READ_WORKERS);
+        for i in 0..READ_WORKERS {
+            let rx = Arc::clone(&rx);
+            let worker = std::thread::Builder::new().name(format!("image-read-{i}")).spawn(move || loop {
+                // A poisoned lock only means another worker panicked while holding it; the
+                // receiver is still sound.
+                let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                match job {
+                    Ok(job) => job(),
+                    Err(_) => return,
+                }
+            })?;
+            workers.push(worker);
+        }
+        Ok(ImageFs { shared: Arc::new(Shared { tree, layers, stats }), jobs: Some(tx), workers })
+    }
+
+    fn node(&self, ino: u64) -> Result<&Node, i32> {
+        self.shared.tree.node(ino).ok_or(libc::ENOENT)
+    }
+
+    fn attr(&self, ino: Ino) -> Result<FileAttr, i32> {
+        Ok(attr_of(ino, self.node(ino)?))
+    }
+}
+
+impl Drop for ImageFs {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+fn file_type(kind: &NodeKind) -> FileType {
+    match kind {
+        NodeKind::Dir { .. } => FileType::Directory,
+        NodeKind::File { .. } => FileType::RegularFile,
+        NodeKind::Symlink(_) => FileType::Symlink,
+        NodeKind::CharDev { .. } => FileType::CharDevice,
+        NodeKind::BlockDev { .. } => FileType::BlockDevice,
+        NodeKind::Fifo => FileType::NamedPipe,
+    }
+}
+
+fn attr_of(ino: Ino, node: &Node) -> FileAttr {
+    let mtime = if node.mtime >= 0 {
+        UNIX_EPOCH + Duration::from_secs(node.mtime as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(node.mtime.unsigned_abs())
+    };
+    let rdev = match node.kind {
+        NodeKind::CharDev { major, minor } | NodeKind::BlockDev { major, minor } => libc::makedev(major, minor) as u32,
+        _ => 0,
+    };
+    FileAttr {
+        ino,
+        size: node.size,
+        blocks: node.size.div_ceil(512),
+        atime: mtime,
+        mtime,
+        ctime: mtime,
+        crtime: mtime,
+        kind: file_type(&node.kind),
+        perm: (node.mode & 0o7777) as u16,
+        nlink: node.nlink.max(1),
+        uid: node.uid,
+        gid: node.gid,
+        rdev,
+        blksize: BLOCK_SIZE,
+        flags: 0,
+    }
+}
+
+impl Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
+        // Each capability is optional: an older kernel just goes without it.
+        for cap in [FUSE_PARALLEL_DIROPS, FUSE_CACHE_SYMLINKS, FUSE_DO_READDIRPLUS] {
+            let _ = config.add_capabilities(cap);
+        }
+        // Many reads in flight at once: they are served in parallel by the workers.
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        match self.node(parent).map(|n| &n.kind) {
+            Ok(NodeKind::Dir { .. }) => {}
+            Ok(_) => return reply.error(libc::ENOTDIR),
+            Err(e) => return reply.error(e),
+        }
+        match self.shared.tree.lookup(parent, name).map(|ino| self.attr(ino)) {
+            Some(Ok(attr)) => reply.entry(&TTL, &attr, 0),
+            Some(Err(e)) => reply.error(e),
+            None => reply.error(libc::ENOENT),
+        }
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+        match self.node(ino).map(|n| &n.kind) {
+            Ok(NodeKind::Symlink(target)) => reply.data(target.as_os_str().as_bytes()),
+            Ok(_) => reply.error(libc::EINVAL),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            return reply.error(libc::EROFS);
+        }
+        match self.node(ino).map(|n| &n.kind) {
+            // The contents never change: let the kernel keep its page cache across opens.
+            Ok(NodeKind::File { .. }) => reply.opened(0, FOPEN_KEEP_CACHE),
+            Ok(NodeKind::Dir { .. }) => reply.error(libc::EISDIR),
+            Ok(_) => reply.opened(0, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyData,
+    ) {
+        let Ok(offset) = u64::try_from(offset) else { return reply.error(libc::EINVAL) };
+        let shared = Arc::clone(&self.shared);
+        let job: Job = Box::new(move || match read_file(&shared, ino, offset, size) {
+            Ok(data) => {
+                shared.stats.reads.fetch_add(1, Relaxed);
+                shared.stats.bytes_read.fetch_add(data.len() as u64, Relaxed);
+                reply.data(&data)
+            }
+            Err(e) => {
+                shared.stats.read_errors.fetch_add(1, Relaxed);
+                reply.error(e)
+            }
+        });
+        if let Some(Err(mpsc::SendError(job))) = self.jobs.as_ref().map(|jobs| jobs.send(job)) {
+            // Every worker is gone (they only stop when dropped); serve it here rather than drop it.
+            job();
+        }
+    }
+
+    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        match self.node(ino).map(|n| &n.kind) {
+            Ok(NodeKind::Dir { .. }) => reply.opened(0, 0),
+            Ok(_) => reply.error(libc::ENOTDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, mut reply: ReplyDirectory) {
+        let entries = match self.dir_entries(ino) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(e),
+        };
+        for (i, (child, name)) in entries.iter().enumerate().skip(offset.max(0) as usize) {
+            let kind = self.shared.tree.node(*child).map(|n| file_type(&n.kind)).unwrap_or(FileType::RegularFile);
+            if reply.add(*child, i as i64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn readdirplus(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, mut reply: ReplyDirectoryPlus) {
+        let entries = match self.dir_entries(ino) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(e),
+        };
+        for (i, (child, name)) in entries.iter().enumerate().skip(offset.max(0) as usize) {
+            let Ok(attr) = self.attr(*child) else { continue };
+            if reply.add(*child, i as i64 + 1, name, &TTL, &attr, 0) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+        let tree = &self.shared.tree;
+        let bytes: u64 = (1..=tree.len() as u64).filter_map(|ino| tree.node(ino)).map(|n| n.size).sum();
+        let blocks = bytes.div_ceil(u64::from(BLOCK_SIZE));
+        reply.statfs(blocks, 0, 0, tree.len() as u64, 0, BLOCK_SIZE, 255, BLOCK_SIZE)
+    }
+
+    fn getxattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let node = match self.node(ino) {
+            Ok(node) => node,
+            Err(e) => return reply.error(e),
+        };
+        let Some((_, value)) = node.xattrs.iter().find(|(k, _)| k.as_slice() == name.as_bytes()) else {
+            return reply.error(libc::ENODATA);
+        };
+        xattr_reply(value, size, reply)
+    }
+
+    fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
+        let node = match self.node(ino) {
+            Ok(node) => node,
+            Err(e) => return reply.error(e),
+        };
+        let mut names = Vec::new();
+        for (name, _) in &node.xattrs {
+            names.extend_from_slice(name);
+            names.push(0);
+        }
+        xattr_reply(&names, size, reply)
+    }
+
+    fn access(&mut self, _req: &Request<'_>, ino: u64, mask: i32, reply: ReplyEmpty) {
+        // Permissions are checked by the kernel (default_permissions); only writes are refused.
+        match self.node(ino) {
+            Ok(_) if mask & libc::W_OK != 0 => reply.error(libc::EROFS),
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setxattr(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(libc::EROFS)
+    }
+
+    fn removexattr(&mut self, _req: &Request<'_>, _ino: u64, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(libc::EROFS)
+    }
+}
+
+impl ImageFs {
+    /// `.`, `..` and the children of directory `ino`, in a stable order (readdir offsets index it).
+    fn dir_entries(&self, ino: u64) -> Result<Vec<(u64, &OsStr)>, i32> {
+        match &self.node(ino)?.kind {
+            NodeKind::Dir { parent, children } => {
+                let mut out = Vec::with_capacity(children.len() + 2);
+                out.push((ino, OsStr::new(".")));
+                out.push((*parent, OsStr::new("..")));
+                out.extend(children.iter().map(|(name, child)| (*child, name.as_os_str())));
+                Ok(out)
+            }
+            _ => Err(libc::ENOTDIR),
+        }
+    }
+}
+
+fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(value.len() as u32)
+    } else if (size as usize) < value.len() {
+        reply.error(libc::ERANGE)
+    } else {
+        reply.data(value)
+    }
+}
+
+/// Reads up to `size` bytes of file `ino` at `offset` (short only at the end of the file).
+fn read_file(shared: &Shared, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, i32> {
+    let node = shared.tree.node(ino).ok_or(libc::ENOENT)?;
+    let NodeKind::File { layer, data } = &node.kind else { return Err(libc::EINVAL) };
+    if offset >= node.size {
+        return Ok(Vec::new());
+    }
+    let len = (node.size - offset).min(u64::from(size)) as usize;
+    let layer_data = shared.layers.get(*layer).ok_or(libc::EIO)?;
+    let mut buf = vec![0; len];
+    let mut done = 0;
+    while done < len {
+        match layer_data.index.read(layer_data.source.as_ref(), data, offset + done as u64, &mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) => {
+                tracing::error!(ino, offset, size, error = %crate::error::chain(&e), "image read failed");
+                return Err(libc::EIO);
+            }
+        }
+    }
+    buf.truncate(done);
+    Ok(buf)
+}
+
+/// A mounted image file system, served by a thread until the kernel drops the connection.
+pub struct FuseMount {
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl FuseMount {
+    /// Mounts `fs` read-only at `target` and serves it on a new thread.
+    pub fn mount(fs: ImageFs, target: &Path) -> io::Result<FuseMount> {
+        let dev = c"/dev/fuse";
+        // SAFETY: a NUL-terminated path; open returns a new descriptor or -1.
+        let fd = unsafe { libc::open(dev.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let options = format!(
+            "fd={fd},rootmode=40755,user_id=0,group_id=0,default_permissions,allow_other",
+            fd = std::os::fd::AsRawFd::as_raw_fd(&fd)
+        );
+        let (target_c, options_c) = (
+            CString::new(target.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+            CString::new(options).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        );
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+        let ret = unsafe {
+            libc::mount(
+                c"vstor-image".as_ptr(),
+                target_c.as_ptr(),
+                c"fuse.vstor-image".as_ptr(),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+                options_c.as_ptr().cast(),
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut session = Session::from_fd(fs, fd, SessionACL::All);
+        let thread = std::thread::Builder::new().name("image-fuse".into()).spawn(move || session.run())?;
+        Ok(FuseMount { thread: Some(thread) })
+    }
+
+    /// Waits until the kernel drops the connection (the mount is gone and no file opened through
+    /// it is still open).
+    pub fn join(mut self) -> io::Result<()> {
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(io::Error::other("the FUSE session thread panicked")),
+            None => Ok(()),
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+}

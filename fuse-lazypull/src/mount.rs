@@ -1,4 +1,522 @@
 //! One image mount, from resolving the reference to the handoff. OWNER: H7c.
+//!
+//! [`ImageMount::start`] resolves the reference, opens every layer blob through the shared
+//! cache, indexes each layer (the index is kept in the cache as derived data, so a second mount
+//! of the same layer does not index it again), merges them into a tree and mounts the FUSE file
+//! system at the target. A background thread then fetches the layers (eStargz prefetch ranges
+//! first, then every missing byte, retrying while the registry fails), unpacks each layer into
+//! the cache (once per layer, atomically through a temporary directory), and hands the target to
+//! overlayfs. The FUSE session keeps serving files opened before the handoff until the kernel
+//! drops the connection.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::cache::{Blob, BlobCache, CacheError};
+use crate::digest::Digest;
+use crate::error::chain;
+use crate::fs::{FsStats, FuseMount, ImageFs, LayerData};
+use crate::handoff::{self, HandoffError};
+use crate::layer::{self, BlobSource, LayerError, LayerIndex};
+use crate::reference::ImageRef;
+use crate::registry::{Descriptor, Image, Registry, RegistryError};
+use crate::tree::Tree;
+
+/// Kind of the derived data under which a layer's index is cached.
+pub const LAYER_INDEX: &str = "layer-index";
+/// The first wait before the background fetch retries; it doubles up to [`MAX_RETRY_WAIT`].
+const FIRST_RETRY_WAIT: Duration = Duration::from_millis(200);
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
+/// Prefetch ranges are read in pieces of at most this many bytes.
+const PREFETCH_PIECE: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
-pub enum MountError {}
+pub enum MountError {
+    #[error("resolving {reference}")]
+    Resolve {
+        reference: String,
+        #[source]
+        source: RegistryError,
+    },
+    #[error("opening blob {digest}")]
+    Blob {
+        digest: Digest,
+        #[source]
+        source: CacheError,
+    },
+    #[error("indexing layer {digest}")]
+    Index {
+        digest: Digest,
+        #[source]
+        source: LayerError,
+    },
+    #[error("merging the layers of {reference}")]
+    Tree {
+        reference: String,
+        #[source]
+        source: LayerError,
+    },
+    #[error("target {0} is not a directory")]
+    BadTarget(PathBuf),
+    #[error("mounting FUSE at {target}")]
+    Fuse {
+        target: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("fetching layer {digest}")]
+    Fetch {
+        digest: Digest,
+        #[source]
+        source: CacheError,
+    },
+    #[error("layer {0} is not complete locally")]
+    NotLocal(Digest),
+    #[error("unpacking layer {digest} into {dir}")]
+    Unpack {
+        digest: Digest,
+        dir: PathBuf,
+        #[source]
+        source: LayerError,
+    },
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("handing {target} over to overlayfs")]
+    Handoff {
+        target: PathBuf,
+        #[source]
+        source: HandoffError,
+    },
+    #[error("the mount was stopped before the image was complete")]
+    Stopped,
+}
+
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Hand the target over to overlayfs once the image is local.
+    pub handoff: bool,
+}
+
+impl Default for MountOptions {
+    fn default() -> MountOptions {
+        MountOptions { handoff: true }
+    }
+}
+
+/// Where a mount is in its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Serving over FUSE while the layers are fetched.
+    Fetching,
+    Unpacking,
+    /// Every byte is local; FUSE keeps serving (no handoff asked for).
+    Complete,
+    /// overlayfs serves the target; FUSE serves only files opened before.
+    HandedOff,
+    /// The background work failed for good; FUSE keeps serving what it can.
+    Failed(String),
+}
+
+/// One layer's fetch progress.
+pub struct LayerProgress {
+    pub digest: Digest,
+    pub size: u64,
+    blob: Arc<Blob>,
+}
+
+impl LayerProgress {
+    pub fn local_bytes(&self) -> u64 {
+        self.blob.local_bytes().min(self.size)
+    }
+}
+
+/// Progress of a mount, for the progress bar and the metrics endpoint.
+pub struct Progress {
+    pub reference: String,
+    pub layers: Vec<LayerProgress>,
+    pub fs: Arc<FsStats>,
+    registry: Arc<Registry>,
+    phase: Mutex<Phase>,
+}
+
+impl Progress {
+    pub fn phase(&self) -> Phase {
+        self.phase.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    fn set_phase(&self, phase: Phase) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+    }
+    pub fn total_bytes(&self) -> u64 {
+        self.layers.iter().map(|l| l.size).sum()
+    }
+    pub fn local_bytes(&self) -> u64 {
+        self.layers.iter().map(LayerProgress::local_bytes).sum()
+    }
+    /// Bytes this process received from registries.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.registry.bytes_fetched()
+    }
+
+    /// The progress in Prometheus text exposition format.
+    pub fn render_prometheus(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let image = escape_label(&self.reference);
+        let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in lines {
+                let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            }
+        };
+        let per_layer = |f: &dyn Fn(&LayerProgress) -> u64| {
+            self.layers.iter().map(|l| (format!("image=\"{image}\",layer=\"{}\"", l.digest), f(l))).collect()
+        };
+        metric("vstor_image_layer_bytes", "gauge", "Size of each layer blob.", per_layer(&|l| l.size));
+        metric(
+            "vstor_image_layer_local_bytes",
+            "gauge",
+            "Bytes of each layer blob held locally.",
+            per_layer(&|l| l.local_bytes()),
+        );
+        let image_label = format!("image=\"{image}\"");
+        let one = |v: u64| vec![(image_label.clone(), v)];
+        metric("vstor_image_bytes", "gauge", "Size of all layer blobs.", one(self.total_bytes()));
+        metric("vstor_image_local_bytes", "gauge", "Bytes of all layer blobs held locally.", one(self.local_bytes()));
+        metric(
+            "vstor_image_fetched_bytes_total",
+            "counter",
+            "Blob bytes received from the registry.",
+            one(self.fetched_bytes()),
+        );
+        metric(
+            "vstor_image_fuse_reads_total",
+            "counter",
+            "File reads served through FUSE.",
+            one(self.fs.reads.load(Relaxed)),
+        );
+        metric(
+            "vstor_image_fuse_read_bytes_total",
+            "counter",
+            "Bytes served through FUSE.",
+            one(self.fs.bytes_read.load(Relaxed)),
+        );
+        metric(
+            "vstor_image_fuse_read_errors_total",
+            "counter",
+            "File reads that failed (EIO).",
+            one(self.fs.read_errors.load(Relaxed)),
+        );
+        let phase = self.phase();
+        let phases = ["fetching", "unpacking", "complete", "handed_off", "failed"];
+        let current = match phase {
+            Phase::Fetching => 0,
+            Phase::Unpacking => 1,
+            Phase::Complete => 2,
+            Phase::HandedOff => 3,
+            Phase::Failed(_) => 4,
+        };
+        metric(
+            "vstor_image_phase",
+            "gauge",
+            "1 for the phase the mount is in.",
+            phases
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("{image_label},phase=\"{p}\""), u64::from(i == current)))
+                .collect(),
+        );
+        out
+    }
+}
+
+fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Indexes a layer, or takes its index from the cache.
+pub fn layer_index(cache: &BlobCache, desc: &Descriptor, blob: &Blob) -> Result<LayerIndex, MountError> {
+    let index_err = |source| MountError::Index { digest: desc.digest.clone(), source };
+    let cached = cache
+        .get_derived(&desc.digest, LAYER_INDEX)
+        .map_err(|source| MountError::Blob { digest: desc.digest.clone(), source })?;
+    if let Some(bytes) = cached {
+        match LayerIndex::from_bytes(&bytes) {
+            Ok(index) => return Ok(index),
+            Err(e) => {
+                tracing::warn!(layer = %desc.digest, error = %chain(&e), "cached layer index unreadable; indexing again")
+            }
+        }
+    }
+    let index = LayerIndex::build(desc, blob).map_err(index_err)?;
+    if let Err(e) = cache.put_derived(&desc.digest, LAYER_INDEX, &index.to_bytes()) {
+        tracing::warn!(layer = %desc.digest, error = %chain(&e), "could not keep the layer index in the cache");
+    }
+    Ok(index)
+}
+
+/// An image mounted at a target: FUSE first, overlayfs once the image is local.
+pub struct ImageMount {
+    target: PathBuf,
+    progress: Arc<Progress>,
+    stop: Arc<AtomicBool>,
+    fuse: FuseMount,
+    background: JoinHandle<Result<(), MountError>>,
+}
+
+impl ImageMount {
+    /// Mounts `reference` at `target` and starts fetching it in the background.
+    pub fn start(
+        cache: Arc<BlobCache>,
+        registry: Arc<Registry>,
+        reference: &ImageRef,
+        target: &Path,
+        options: MountOptions,
+    ) -> Result<ImageMount, MountError> {
+        if !target.is_dir() {
+            return Err(MountError::BadTarget(target.to_path_buf()));
+        }
+        let name = display_ref(reference);
+        let image =
+            registry.resolve(reference).map_err(|source| MountError::Resolve { reference: name.clone(), source })?;
+        tracing::info!(image = %name, manifest = %image.digest, layers = image.layers.len(), "resolved");
+        let mut layers = Vec::with_capacity(image.layers.len());
+        let mut indexes = Vec::with_capacity(image.layers.len());
+        for desc in &image.layers {
+            let blob = cache
+                .blob(&registry, reference, desc)
+                .map_err(|source| MountError::Blob { digest: desc.digest.clone(), source })?;
+            let index = layer_index(&cache, desc, &blob)?;
+            indexes.push(index);
+            layers.push(blob);
+        }
+        let tree = Tree::build(&indexes).map_err(|source| MountError::Tree { reference: name.clone(), source })?;
+        let indexes: Vec<Arc<LayerIndex>> = indexes.into_iter().map(Arc::new).collect();
+        let fs_stats = Arc::new(FsStats::default());
+        let layer_data = layers
+            .iter()
+            .zip(&indexes)
+            .map(|(blob, index)| LayerData {
+                index: Arc::clone(index),
+                source: Arc::clone(blob) as Arc<dyn BlobSource>,
+            })
+            .collect();
+        let fs = ImageFs::new(tree, layer_data, Arc::clone(&fs_stats))
+            .map_err(|source| MountError::Fuse { target: target.to_path_buf(), source })?;
+        let fuse =
+            FuseMount::mount(fs, target).map_err(|source| MountError::Fuse { target: target.to_path_buf(), source })?;
+        tracing::info!(image = %name, target = %target.display(), "mounted over FUSE");
+
+        let progress = Arc::new(Progress {
+            reference: name,
+            layers: image
+                .layers
+                .iter()
+                .zip(&layers)
+                .map(|(d, b)| LayerProgress { digest: d.digest.clone(), size: d.size, blob: Arc::clone(b) })
+                .collect(),
+            fs: fs_stats,
+            registry: Arc::clone(&registry),
+            phase: Mutex::new(Phase::Fetching),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let work = Background {
+            cache,
+            image,
+            blobs: layers,
+            indexes,
+            target: target.to_path_buf(),
+            options,
+            progress: Arc::clone(&progress),
+            stop: Arc::clone(&stop),
+        };
+        let background =
+            std::thread::Builder::new().name("image-fetch".into()).spawn(move || work.run()).map_err(|source| {
+                MountError::Io { what: "starting the fetch thread for", path: target.to_path_buf(), source }
+            })?;
+        Ok(ImageMount { target: target.to_path_buf(), progress, stop, fuse, background })
+    }
+
+    pub fn progress(&self) -> &Arc<Progress> {
+        &self.progress
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Stops the background work and detaches the FUSE mount if it is still at the target
+    /// (after a handoff the overlay stays: it no longer needs this process).
+    pub fn stop(&self) {
+        self.stop.store(true, Relaxed);
+        if !matches!(self.progress.phase(), Phase::HandedOff) {
+            if let Err(e) = handoff::detach(&self.target) {
+                tracing::warn!(target = %self.target.display(), error = %chain(&e), "detaching the FUSE mount");
+            }
+        }
+    }
+
+    /// Whether the background work has finished (handed off, complete, stopped or failed).
+    pub fn background_done(&self) -> bool {
+        self.background.is_finished()
+    }
+
+    /// Waits for the background work, then for the kernel to release the FUSE connection
+    /// (after a handoff: when the last file opened through FUSE is closed).
+    pub fn wait(self) -> Result<(), MountError> {
+        let background = match self.background.join() {
+            Ok(result) => result,
+            Err(_) => Err(MountError::Stopped),
+        };
+        if let Err(e) = &background {
+            tracing::error!(error = %chain(e), "background fetch ended");
+        }
+        self.fuse.join().map_err(|source| MountError::Fuse { target: self.target.clone(), source })?;
+        background
+    }
+}
+
+/// `registry/repository:tag@digest`, for logs and labels.
+pub fn display_ref(r: &ImageRef) -> String {
+    let mut s = format!("{}/{}", r.registry, r.repository);
+    if let Some(tag) = &r.tag {
+        s.push(':');
+        s.push_str(tag);
+    }
+    if let Some(digest) = &r.digest {
+        s.push('@');
+        s.push_str(digest.as_str());
+    }
+    s
+}
+
+/// The background fetch, unpack and handoff of one mount.
+struct Background {
+    cache: Arc<BlobCache>,
+    image: Image,
+    blobs: Vec<Arc<Blob>>,
+    indexes: Vec<Arc<LayerIndex>>,
+    target: PathBuf,
+    options: MountOptions,
+    progress: Arc<Progress>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Background {
+    fn run(self) -> Result<(), MountError> {
+        let result = self.fetch_and_hand_off();
+        match &result {
+            Ok(()) => {}
+            Err(MountError::Stopped) => tracing::info!("background fetch stopped"),
+            Err(e) => self.progress.set_phase(Phase::Failed(chain(e))),
+        }
+        result
+    }
+
+    fn fetch_and_hand_off(&self) -> Result<(), MountError> {
+        self.prefetch();
+        for (desc, blob) in self.image.layers.iter().zip(&self.blobs) {
+            self.retrying(&desc.digest, || blob.fetch_all())?;
+        }
+        tracing::info!(image = %self.progress.reference, "every layer is local");
+        if !self.options.handoff {
+            self.progress.set_phase(Phase::Complete);
+            return Ok(());
+        }
+        self.progress.set_phase(Phase::Unpacking);
+        let mut lowers = Vec::with_capacity(self.blobs.len());
+        for ((desc, blob), index) in self.image.layers.iter().zip(&self.blobs).zip(&self.indexes) {
+            lowers.push(unpack_once(&self.cache, &desc.digest, blob, index)?);
+        }
+        if self.stop.load(Relaxed) {
+            return Err(MountError::Stopped);
+        }
+        lowers.reverse(); // overlayfs wants the top layer first
+        handoff::hand_off(&self.target, &lowers)
+            .map_err(|source| MountError::Handoff { target: self.target.clone(), source })?;
+        self.progress.set_phase(Phase::HandedOff);
+        tracing::info!(target = %self.target.display(), "handed over to overlayfs");
+        Ok(())
+    }
+
+    /// Reads the eStargz prefetch ranges first, so the files a container starts with are local
+    /// early. Failures only cost time: the full fetch follows.
+    fn prefetch(&self) {
+        for (blob, index) in self.blobs.iter().zip(&self.indexes) {
+            for range in index.prefetch_ranges() {
+                let mut at = range.start;
+                while at < range.end && !self.stop.load(Relaxed) {
+                    let len = (range.end - at).min(PREFETCH_PIECE);
+                    let mut buf = vec![0; len as usize];
+                    if let Err(e) = blob.read_at(at, &mut buf) {
+                        tracing::warn!(layer = %blob.digest(), error = %chain(&e), "prefetch failed; the full fetch follows");
+                        break;
+                    }
+                    at += len;
+                }
+            }
+        }
+    }
+
+    /// Runs `fetch` until it succeeds or the mount is stopped, waiting longer after each failure.
+    fn retrying(&self, digest: &Digest, fetch: impl Fn() -> Result<(), CacheError>) -> Result<(), MountError> {
+        let mut wait = FIRST_RETRY_WAIT;
+        loop {
+            if self.stop.load(Relaxed) {
+                return Err(MountError::Stopped);
+            }
+            match fetch() {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(layer = %digest, error = %chain(&e), retry_in = ?wait, "background fetch failed; retrying");
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(MAX_RETRY_WAIT);
+                }
+            }
+        }
+    }
+}
+
+/// Unpacks a complete layer into the cache's directory for it, unless that exists already. The
+/// layer goes to a temporary directory first and is renamed into place, so a directory at the
+/// final path is always complete, whichever process or mount wrote it.
+pub fn unpack_once(cache: &BlobCache, digest: &Digest, blob: &Blob, index: &LayerIndex) -> Result<PathBuf, MountError> {
+    let dir = cache.unpacked_dir(digest);
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+    let tmp = parent.join(format!(".tmp-{}-{}", digest.hex(), std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io_err("removing", &tmp))?;
+    }
+    std::fs::create_dir(&tmp).map_err(io_err("creating", &tmp))?;
+    let blob_path = blob.path().ok_or_else(|| MountError::NotLocal(digest.clone()))?;
+    let unpacked = layer::unpack(index, &blob_path, &tmp);
+    if let Err(source) = unpacked {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(MountError::Unpack { digest: digest.clone(), dir: dir.clone(), source });
+    }
+    match std::fs::rename(&tmp, &dir) {
+        Ok(()) => Ok(dir),
+        // Another mount or process unpacked it meanwhile: keep theirs.
+        Err(_) if dir.is_dir() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(dir)
+        }
+        Err(source) => Err(MountError::Io { what: "renaming the unpacked layer to", path: dir, source }),
+    }
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> MountError {
+    let path = path.to_path_buf();
+    move |source| MountError::Io { what, path, source }
+}
