@@ -213,11 +213,10 @@ impl FtlHook for FlashBackend {
     }
 }
 
-/// A DMA region big enough for the FTL's largest batches: a full vector command per PU, plus
-/// two for garbage collection and admin, at least eight.
+/// A DMA region big enough for the FTL's largest batches and its lock-free reads (see
+/// `guest_ftl::io`).
 fn region_bytes(geo: &Geometry, pus: usize) -> u64 {
-    let per_cmd = 64 * (8 + u64::from(geo.block_size) + u64::from(geo.oob_size));
-    per_cmd * (pus as u64 + 2).max(8)
+    guest_ftl::io::region_bytes(geo, pus) as u64
 }
 
 /// An FTL shown at exactly the disk's configured size: its partition is whole parallel units,

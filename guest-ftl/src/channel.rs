@@ -62,10 +62,9 @@ impl DirectChannel {
         }
     }
 
-    /// A region big enough for the FTL's largest batches on `geo`.
+    /// A region big enough for the FTL on `geo` (see [`crate::io::region_bytes`]).
     pub fn default_region_bytes(geo: &Geometry) -> usize {
-        let per_cmd = 64 * (8 + geo.block_size as usize + geo.oob_size as usize);
-        per_cmd * (geo.total_pus() + 2).max(8)
+        crate::io::region_bytes(geo, geo.total_pus())
     }
 
     /// Runs commands under the device's timing model on a simulated clock.

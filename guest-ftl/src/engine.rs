@@ -165,6 +165,9 @@ pub struct Engine {
     pub opens_since_wl: u32,
     pub free: u32,
     pub metrics: Arc<Metrics>,
+    /// Held shared by reads in flight without the FTL's lock (see `Ftl`), exclusively by chunk
+    /// resets: a chunk is never erased (and rewritten) under a read of it.
+    pub erase_gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// Whether a command that failed with `status` left the device as it was (a media I/O error, a
@@ -214,6 +217,7 @@ impl Engine {
             opens_since_wl: 0,
             free: 0,
             metrics: Arc::new(Metrics::default()),
+            erase_gate: Arc::new(tokio::sync::RwLock::new(())),
             lay,
             cfg,
             store,
@@ -634,14 +638,19 @@ impl Engine {
             }
         }
         for slot in refresh {
-            if let Some(gen) = self.chunks[self.lay.chunk_of(slot) as usize].line {
-                if !self.urgent.contains(&gen) {
-                    tracing::info!(gen, slot, "high ECC warning; line queued for refresh");
-                    self.urgent.push_back(gen);
-                }
-            }
+            self.queue_refresh(slot);
         }
         Ok(out)
+    }
+
+    /// A read of `slot` warned of high ECC: its line is queued for relocation.
+    pub fn queue_refresh(&mut self, slot: u32) {
+        if let Some(gen) = self.chunks.get(self.lay.chunk_of(slot) as usize).and_then(|c| c.line) {
+            if !self.urgent.contains(&gen) {
+                tracing::info!(gen, slot, "high ECC warning; line queued for refresh");
+                self.urgent.push_back(gen);
+            }
+        }
     }
 
     /// The contents of logical blocks `first..first + n`.
@@ -706,6 +715,8 @@ impl Engine {
 
     /// Resets chunks (in parallel); returns each one's status.
     pub async fn reset_chunks(&mut self, chunks: &[u32]) -> Result<Vec<Status>> {
+        // Reads started before the reset finish first; new ones wait for the FTL's lock.
+        let _gate = self.erase_gate.write().await;
         let cmds = chunks.iter().map(|&c| Cmd::reset(vec![self.lay.chunk_ppa(c)])).collect();
         let done = io::run(&*self.ch, cmds).await?;
         Ok(done.iter().map(|d| d.cqe.status).collect())

@@ -11,7 +11,8 @@ use crate::checkpoint::{self, Format, Meta};
 use crate::config::FtlConfig;
 use crate::engine::{Engine, LineState, USER, USER_COLD};
 use crate::error::{FtlError, Result};
-use crate::layout::{Layout, LBA_BYTES};
+use crate::io::{Cmd, ReadArea, READ_SLOT_BLOCKS};
+use crate::layout::{Layout, LBA_BYTES, NO_SLOT};
 use crate::metrics::{Metrics, MetricsSnapshot};
 
 /// How the partition's space is used (see [`Ftl::space`]).
@@ -38,6 +39,11 @@ const WRITE_GROUP: u32 = 64;
 /// One guest FTL: a disk on a partition of an open-channel SSD.
 pub struct Ftl {
     eng: tokio::sync::Mutex<Engine>,
+    /// The channel and layout, for reads that run without the engine's lock.
+    ch: Arc<dyn FlashChannel>,
+    lay: Layout,
+    /// Where those reads put their commands; `None` when the region is too small for it.
+    reads: Option<ReadArea>,
     info: DeviceInfo,
     metrics: Arc<Metrics>,
 }
@@ -63,6 +69,7 @@ impl Ftl {
             )));
         }
         let saved = checkpoint::load(store.clone(), namespace.to_string()).await?;
+        let (channel, layout, reads) = (ch.clone(), lay.clone(), ReadArea::new(&*ch));
         let mut cfg = cfg;
         let mut eng = match saved.format {
             None => {
@@ -114,7 +121,7 @@ impl Ftl {
             read_only: false,
         };
         let metrics = eng.metrics.clone();
-        Ok(Ftl { eng: tokio::sync::Mutex::new(eng), info, metrics })
+        Ok(Ftl { eng: tokio::sync::Mutex::new(eng), ch: channel, lay: layout, reads, info, metrics })
     }
 
     /// The live counters.
@@ -170,12 +177,100 @@ impl Ftl {
         let len = buf.len() as u64;
         let first = (offset / LBA_BYTES as u64) as u32;
         let last = ((offset + len - 1) / LBA_BYTES as u64) as u32;
-        let mut eng = self.eng.lock().await;
-        maintain(&mut eng).await?;
-        let bytes = eng.read_lbas(first, last - first + 1).await?;
+        let n = last - first + 1;
+        let bytes = match &self.reads {
+            Some(area) if n <= READ_SLOT_BLOCKS => self.read_unlocked(area, first, n).await?,
+            _ => self.read_locked(first, n).await?,
+        };
         let skip = (offset % LBA_BYTES as u64) as usize;
         buf.as_mut_slice().copy_from_slice(&bytes[skip..skip + len as usize]);
         Ok(buf)
+    }
+
+    /// Reads logical blocks `first..first + n` with the engine locked throughout.
+    async fn read_locked(&self, first: u32, n: u32) -> Result<Vec<u8>> {
+        let mut eng = self.eng.lock().await;
+        maintain(&mut eng).await?;
+        eng.read_lbas(first, n).await
+    }
+
+    /// Reads logical blocks `first..first + n`, holding the engine's lock only to look them up
+    /// (map, write buffer), not across the flash reads: those run in a slot of the read area,
+    /// overlapping with other reads and with the engine's own commands. The erase gate, taken
+    /// before the lock is let go, keeps the chunks read from being reset meanwhile, so the slots
+    /// looked up still hold the blocks when the device reads them. A read the device fails is
+    /// done again under the lock, which knows offline chunks and lost blocks; a high-ECC warning
+    /// queues the line for refresh, as on the locked path.
+    async fn read_unlocked(&self, area: &ReadArea, first: u32, n: u32) -> Result<Vec<u8>> {
+        // Taken before the lock, so that the lock is never held waiting for a slot.
+        let dma = area.take().await?;
+        let mut out = vec![0u8; n as usize * LBA_BYTES];
+        // (block of the request, slot) of the blocks the device must return.
+        let mut dev: Vec<(usize, u32)> = Vec::new();
+        let gate = {
+            let mut eng = self.eng.lock().await;
+            maintain(&mut eng).await?;
+            for k in 0..n {
+                let lba = first + k;
+                if eng.lost.contains(&lba) {
+                    return Err(FtlError::Lost { lba, slot: NO_SLOT, status: host_ftl::Status::OFFLINE_CHUNK });
+                }
+                let e = eng.map.get(lba);
+                if !e.is_mapped() {
+                    continue;
+                }
+                let k = k as usize;
+                match eng.cache.get(&e.slot) {
+                    Some(c) => out[k * LBA_BYTES..(k + 1) * LBA_BYTES].copy_from_slice(&c.data),
+                    None => dev.push((k, e.slot)),
+                }
+            }
+            if dev.is_empty() {
+                return Ok(out);
+            }
+            // Resets take the gate only with the engine locked, so it is free now.
+            match eng.erase_gate.clone().try_read_owned() {
+                Ok(g) => g,
+                Err(_) => return eng.read_lbas(first, n).await,
+            }
+        };
+        let lay = &self.lay;
+        let per = lay.max_cmd_slots.max(1) as usize;
+        let cmds = dev
+            .chunks(per)
+            .map(|group| {
+                Cmd::read(group.iter().flat_map(|&(_, s)| lay.ppas(lay.chunk_of(s), lay.offset_of(s), 1)).collect())
+            })
+            .collect();
+        let done = dma.run(&*self.ch, cmds).await;
+        drop(gate);
+        let done = done?;
+        let spl = lay.spl as usize;
+        let (mut warned, mut failed) = (Vec::new(), false);
+        for (group, d) in dev.chunks(per).zip(&done) {
+            for (i, &(k, slot)) in group.iter().enumerate() {
+                let bad = (i * spl..(i + 1) * spl).any(|a| d.failed(a));
+                if !bad || d.cqe.status.data_valid() {
+                    out[k * LBA_BYTES..(k + 1) * LBA_BYTES]
+                        .copy_from_slice(&d.data[i * LBA_BYTES..(i + 1) * LBA_BYTES]);
+                    if bad {
+                        warned.push(slot);
+                    }
+                } else {
+                    failed = true;
+                }
+            }
+        }
+        if failed || !warned.is_empty() {
+            let mut eng = self.eng.lock().await;
+            for slot in warned {
+                eng.queue_refresh(slot);
+            }
+            if failed {
+                return eng.read_lbas(first, n).await;
+            }
+        }
+        Ok(out)
     }
 
     /// Writes `data` (or zeros when `None`) over `offset..offset + len`.

@@ -2,12 +2,22 @@
 //!
 //! Each command of a batch gets its own piece of the DMA region (address list, data, OOB), laid
 //! out one after the other; the batch is submitted at once and awaited together. A batch that
-//! does not fit the region is run in several rounds, in order, so commands that must follow each
-//! other (writes to one chunk) are never put in one batch by callers.
+//! does not fit its window of the region is run in several rounds, in order, so commands that
+//! must follow each other (writes to one chunk) are never put in one batch by callers.
+//!
+//! # Who uses which part of the region
+//!
+//! The engine (under the FTL's lock) uses the front of the region ([`engine_window`]). When the
+//! region is big enough, its tail is a [`ReadArea`]: [`READ_SLOTS`] fixed slots, each holding one
+//! read of up to [`READ_SLOT_BLOCKS`] blocks, which reads use *without* the lock, so that many
+//! reads have their flash I/O in flight at once, beside the engine's.
+
+use std::sync::Mutex;
 
 use futures_util::future::join_all;
 use host_ftl::command::FUA as FUA_BIT;
-use host_ftl::{opcode, Cqe, Sqe};
+use host_ftl::{opcode, Cqe, Geometry, Sqe};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::channel::{next_cid, FlashChannel};
 use crate::error::{FtlError, Result};
@@ -72,11 +82,113 @@ struct Placed {
     oob: u64,
 }
 
-/// Runs the commands, overlapping as many as the region holds; completions in command order.
+/// Reads in flight without the FTL's lock at most (the slots of the [`ReadArea`]).
+pub const READ_SLOTS: usize = 32;
+/// 4 KiB blocks one lock-free read may cover (128 KiB); longer reads take the lock.
+pub const READ_SLOT_BLOCKS: u32 = 32;
+
+/// Bytes of the region one read of `blocks` 4 KiB blocks needs at most (address lists, data,
+/// OOB of all its commands).
+fn read_bytes(geo: &Geometry, blocks: u32) -> usize {
+    let spl = (crate::layout::LBA_BYTES / geo.block_size.max(1) as usize).max(1);
+    let per_block = spl * 8 + crate::layout::LBA_BYTES + spl * geo.oob_size as usize;
+    blocks as usize * per_block
+}
+
+/// Bytes of the read area, when the region has one.
+fn read_area_bytes(geo: &Geometry) -> usize {
+    READ_SLOTS * read_bytes(geo, READ_SLOT_BLOCKS)
+}
+
+/// Bytes of one full vector command (64 addresses, their data and OOB).
+fn full_cmd_bytes(geo: &Geometry) -> usize {
+    64 * (8 + geo.block_size as usize + geo.oob_size as usize)
+}
+
+/// A region big enough for an FTL on `pus` parallel units of a device shaped like `geo`: a full
+/// vector command per PU plus two for garbage collection and admin (at least eight) for the
+/// engine, and the read area.
+pub fn region_bytes(geo: &Geometry, pus: usize) -> usize {
+    full_cmd_bytes(geo) * (pus + 2).max(8) + read_area_bytes(geo)
+}
+
+/// The bytes at the front of a region of `len` bytes that the engine uses: all of it, unless
+/// the region is big enough to give the read area its tail and keep eight full commands for the
+/// engine (regions made before the read area existed are all the engine's).
+pub fn engine_window(geo: &Geometry, len: usize) -> usize {
+    let area = read_area_bytes(geo);
+    if len >= area + 8 * full_cmd_bytes(geo) {
+        len - area
+    } else {
+        len
+    }
+}
+
+/// The slots of the region that reads use without the FTL's lock (see the module docs).
+pub struct ReadArea {
+    slot_bytes: usize,
+    free: Mutex<Vec<usize>>,
+    permits: Semaphore,
+}
+
+/// One slot of the read area, given back when dropped.
+pub struct ReadSlot<'a> {
+    area: &'a ReadArea,
+    at: usize,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl ReadArea {
+    /// The read area of `ch`'s region, if it is big enough to have one.
+    pub fn new(ch: &dyn FlashChannel) -> Option<ReadArea> {
+        let geo = ch.geometry();
+        let len = ch.region().len() as usize;
+        let base = engine_window(geo, len);
+        if base == len {
+            return None;
+        }
+        let slot_bytes = read_bytes(geo, READ_SLOT_BLOCKS);
+        Some(ReadArea {
+            slot_bytes,
+            free: Mutex::new((0..READ_SLOTS).map(|i| base + i * slot_bytes).collect()),
+            permits: Semaphore::new(READ_SLOTS),
+        })
+    }
+
+    /// Waits for a free slot.
+    pub async fn take(&self) -> Result<ReadSlot<'_>> {
+        let permit = self.permits.acquire().await.map_err(|_| FtlError::Config("read area closed".into()))?;
+        let at = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        // A permit is only ever held with a slot, so a permit always finds one.
+        let at = at.ok_or_else(|| FtlError::Config("read area out of slots".into()))?;
+        Ok(ReadSlot { area: self, at, _permit: permit })
+    }
+}
+
+impl ReadSlot<'_> {
+    /// Runs `cmds` (a read of at most [`READ_SLOT_BLOCKS`] blocks) in this slot.
+    pub async fn run(&self, ch: &dyn FlashChannel, cmds: Vec<Cmd>) -> Result<Vec<Done>> {
+        run_in(ch, self.at, self.area.slot_bytes, cmds).await
+    }
+}
+
+impl Drop for ReadSlot<'_> {
+    fn drop(&mut self) {
+        self.area.free.lock().unwrap_or_else(|p| p.into_inner()).push(self.at);
+    }
+}
+
+/// Runs the commands in the engine's window of the region, overlapping as many as it holds;
+/// completions in command order.
 pub async fn run(ch: &dyn FlashChannel, cmds: Vec<Cmd>) -> Result<Vec<Done>> {
+    let window = engine_window(ch.geometry(), ch.region().len() as usize);
+    run_in(ch, 0, window, cmds).await
+}
+
+/// Runs the commands in `cap` bytes of the region from `base`.
+async fn run_in(ch: &dyn FlashChannel, base: usize, cap: usize, cmds: Vec<Cmd>) -> Result<Vec<Done>> {
     let geo = ch.geometry();
     let (bs, os) = (geo.block_size as usize, geo.oob_size as usize);
-    let cap = ch.region().len() as usize;
     let mut out = Vec::with_capacity(cmds.len());
     let mut start = 0;
     while start < cmds.len() {
@@ -88,7 +200,8 @@ pub async fn run(ch: &dyn FlashChannel, cmds: Vec<Cmd>) -> Result<Vec<Done>> {
             if at + l + d + o > cap {
                 break;
             }
-            placed.push(Placed { list: at as u64, data: (at + l) as u64, oob: (at + l + d) as u64 });
+            let p = base + at;
+            placed.push(Placed { list: p as u64, data: (p + l) as u64, oob: (p + l + d) as u64 });
             at += l + d + o;
             end += 1;
         }

@@ -85,9 +85,14 @@
 //!
 //! # Concurrency
 //!
-//! Requests are serialized by one async lock; within a request, commands to different PUs are
-//! submitted together (a stripe, a GC batch, a set of resets) and overlap on the device. Reads
-//! therefore wait behind writes and garbage collection of the same disk.
+//! The engine (map, write buffer, lines, GC) is behind one async lock. A read holds it only to
+//! look its blocks up: the flash reads run after the lock is let go, in a slot of the DMA
+//! region's read area ([`io::ReadArea`]), so the reads of many requests are in flight at once,
+//! beside the engine's commands; an *erase gate* (held shared by those reads, exclusively by chunk
+//! resets) keeps a chunk from being reset under a read of it. Writes, trims and flushes hold the
+//! lock throughout; within one, commands to different PUs are submitted together (a stripe, a
+//! GC batch, a set of resets) and overlap on the device. So a read waits for the engine only
+//! while a write or garbage collection holds it, not for other reads.
 //!
 //! # Limits
 //!
