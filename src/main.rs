@@ -6,6 +6,7 @@ mod config;
 mod daemon;
 mod exports;
 mod ftl;
+mod image;
 mod metrics;
 
 use std::path::PathBuf;
@@ -56,6 +57,11 @@ enum Command {
     },
     /// Prints the daemon's metrics in Prometheus text format.
     Metrics,
+    /// Mounts OCI images lazily from a registry and manages the shared image cache.
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -165,6 +171,7 @@ fn main() -> ExitCode {
         Command::Disk { command } => client_command(cli.api, command),
         Command::Export { command } => export_command(cli.api, command),
         Command::Metrics => client_metrics(cli.api),
+        Command::Image { command } => image::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -355,12 +355,12 @@ impl ImageMount {
     /// Stops the background work and detaches the FUSE mount if it is still at the target
     /// (after a handoff the overlay stays: it no longer needs this process).
     pub fn stop(&self) {
-        self.stop.store(true, Relaxed);
-        if !matches!(self.progress.phase(), Phase::HandedOff) {
-            if let Err(e) = handoff::detach(&self.target) {
-                tracing::warn!(target = %self.target.display(), error = %chain(&e), "detaching the FUSE mount");
-            }
-        }
+        self.stopper().stop()
+    }
+
+    /// A handle that stops this mount from another thread (e.g. on a signal).
+    pub fn stopper(&self) -> MountStopper {
+        MountStopper { target: self.target.clone(), progress: Arc::clone(&self.progress), stop: Arc::clone(&self.stop) }
     }
 
     /// Whether the background work has finished (handed off, complete, stopped or failed).
@@ -380,6 +380,24 @@ impl ImageMount {
         }
         self.fuse.join().map_err(|source| MountError::Fuse { target: self.target.clone(), source })?;
         background
+    }
+}
+
+/// Stops a mount: see [`ImageMount::stop`].
+pub struct MountStopper {
+    target: PathBuf,
+    progress: Arc<Progress>,
+    stop: Arc<AtomicBool>,
+}
+
+impl MountStopper {
+    pub fn stop(&self) {
+        self.stop.store(true, Relaxed);
+        if !matches!(self.progress.phase(), Phase::HandedOff) {
+            if let Err(e) = handoff::detach(&self.target) {
+                tracing::warn!(target = %self.target.display(), error = %chain(&e), "detaching the FUSE mount");
+            }
+        }
     }
 }
 
