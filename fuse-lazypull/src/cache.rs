@@ -1,19 +1,108 @@
 //! The content-addressed blob cache, shared by every mount and by several daemons pointed at one
-//! directory. OWNER: H7a. SKELETON: keep these public signatures (H7b and H7c code against them);
-//! add what you need, and make this a directory module if it grows.
+//! directory.
+//!
+//! # Layout of the cache directory
+//! - `blobs/sha256/HEX`: complete blobs. A file appears here only by a rename after its bytes
+//!   matched the digest, so whatever is here is verified and shared by every process.
+//! - `partial/HEX.PID`: a blob being fetched by process PID: a sparse file whose present chunks
+//!   are kept in memory (a [`Blob`]'s chunk map). Partial blobs are per process: two daemons
+//!   fetching the same blob at once each fetch what they read, and whichever completes first
+//!   publishes the blob, which the other then adopts at its next miss or background step. A
+//!   partial file outlives its process only until the next [`BlobCache::open`] or
+//!   [`BlobCache::gc`], which remove partial files of processes that are gone (fetching restarts
+//!   from nothing after a restart).
+//! - `derived/HEX/KIND`: data derived from a blob (a layer's index), [`BlobCache::put_derived`].
+//! - `unpacked/HEX/`: a layer unpacked for overlayfs ([`BlobCache::unpacked_dir`]).
+//! - `index/`: the index in `state-store`, namespace [`INDEX_NAMESPACE`]: per blob its size, last
+//!   use and completeness (`blob/DIGEST`), and which images reference it (`ref/DIGEST/IMAGE` and
+//!   `image/IMAGE/DIGEST`). RocksDB lets one process open a database at a time, so the index is
+//!   opened briefly for each index operation (registering a blob, completing it, gc), retrying
+//!   while another process holds it.
+//!
+//! # Fetching
+//! A blob is cut into [`CHUNK`]-sized chunks, each missing, being fetched, or present. A read of
+//! missing chunks starts their fetch at once on a thread of its own (one ranged GET per run of
+//! missing chunks), so it never queues behind the background [`Blob::fetch_all`]; readers of
+//! chunks already being fetched wait for that fetch. A read waits at most the configured
+//! `fetch_timeout` and then fails with [`CacheError::Timeout`]; the fetch goes on and its bytes
+//! serve later reads. Bytes of a partial blob are served unverified: the layer code checks them
+//! against chunk digests and calls [`BlobSource::discard`] on a mismatch. `fetch_all` hashes the
+//! whole blob before publishing it; a blob that does not match is thrown away and fetched again.
+//!
+//! # Garbage collection
+//! [`BlobCache::gc`] removes, least recently used first, content that no image references and
+//! that no [`Blob`] in this process holds (the blob, its derived data and its unpacked directory),
+//! until the cache is within `size_limit`. Referenced content is never removed, even over the
+//! limit. [`BlobCache::blob`] records that the image it is called for references the blob;
+//! [`BlobCache::remove_image`] drops an image's references.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::digest::Digest;
+use state_store::{Batch, Store, StoreError};
+
+use crate::digest::{Digest, Hasher};
 use crate::reference::ImageRef;
-use crate::registry::{Descriptor, Registry};
+use crate::registry::{Descriptor, Image, Registry, RegistryError};
+
+/// The unit of fetching and of the present-chunk map.
+pub const CHUNK: u64 = 64 << 10;
+/// The background fetch asks for this much per ranged GET.
+const BACKGROUND_RUN: u64 = 4 << 20;
+/// How many times `fetch_all` fetches a blob whose digest does not match before giving up.
+const FETCH_ATTEMPTS: u32 = 3;
+/// How long an index operation waits for another process to release the index.
+const INDEX_WAIT: Duration = Duration::from_secs(30);
+/// The state-store namespace of the cache's index.
+pub const INDEX_NAMESPACE: &str = "blob-cache";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     /// The registry did not deliver a range in time (a read of missing data gets EIO).
     #[error("timed out after {secs} s waiting for bytes {start}..{end} of {digest}")]
     Timeout { digest: Digest, start: u64, end: u64, secs: u64 },
+    #[error("fetching bytes {start}..{end} of {digest} failed")]
+    Fetch {
+        digest: Digest,
+        start: u64,
+        end: u64,
+        #[source]
+        source: Arc<RegistryError>,
+    },
+    /// The whole blob did not match its digest, every time it was fetched.
+    #[error("blob {digest} is corrupt: fetched {attempts} times, its bytes hash to {actual}")]
+    Corrupt { digest: Digest, actual: Digest, attempts: u32 },
+    #[error("read of {len} bytes at {offset} is past the end of {digest} ({size} bytes)")]
+    OutOfRange { digest: Digest, offset: u64, len: u64, size: u64 },
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cache index at {}", path.display())]
+    Index {
+        path: PathBuf,
+        #[source]
+        source: StoreError,
+    },
+    #[error("bad derived-data kind {0:?} (lowercase letters, digits and '-')")]
+    BadKind(String),
+    #[error("blob {digest}: {detail}")]
+    BadBlob { digest: Digest, detail: String },
+    #[error("resolving {reference}")]
+    Resolve {
+        reference: String,
+        #[source]
+        source: RegistryError,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -24,63 +113,842 @@ pub struct CacheConfig {
     pub fetch_timeout: std::time::Duration,
 }
 
-pub struct BlobCache {}
+/// Where a blob's missing bytes come from. The registry is the real one; tests use others.
+pub trait RangeSource: Send + Sync {
+    fn fetch(&self, range: Range<u64>) -> Result<Vec<u8>, RegistryError>;
+}
+
+/// A blob in one repository of a registry.
+struct RegistrySource {
+    registry: Arc<Registry>,
+    image: ImageRef,
+    digest: Digest,
+}
+
+impl RangeSource for RegistrySource {
+    fn fetch(&self, range: Range<u64>) -> Result<Vec<u8>, RegistryError> {
+        self.registry.fetch_range(&self.image, &self.digest, range)
+    }
+}
+
+/// What [`BlobCache::gc`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Blobs removed (with their derived data and unpacked directories), oldest use first.
+    pub removed: Vec<Digest>,
+    pub freed_bytes: u64,
+    /// Bytes the cache holds after the collection.
+    pub total_bytes: u64,
+}
+
+/// The index entry of a blob.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct BlobRecord {
+    size: u64,
+    /// Seconds since the epoch.
+    last_use: u64,
+    complete: bool,
+}
+
+/// What every `BlobCache` of one directory in this process shares: one `Blob` per digest.
+struct Shared {
+    blobs: Mutex<HashMap<Digest, Weak<Blob>>>,
+    index: Index,
+}
+
+pub struct BlobCache {
+    dir: PathBuf,
+    config: CacheConfig,
+    shared: Arc<Shared>,
+}
 
 impl BlobCache {
     pub fn open(dir: &Path, config: CacheConfig) -> Result<Arc<BlobCache>, CacheError> {
-        todo!("H7a")
+        for sub in ["blobs/sha256", "partial", "derived", "unpacked", "tmp"] {
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path).map_err(io("creating", &path))?;
+        }
+        let dir = dir.canonicalize().map_err(io("resolving", dir))?;
+        static SHARED: OnceLock<Mutex<HashMap<PathBuf, Weak<Shared>>>> = OnceLock::new();
+        let shared = {
+            let mut all = lock(SHARED.get_or_init(Default::default));
+            all.retain(|_, s| s.strong_count() > 0);
+            match all.get(&dir).and_then(Weak::upgrade) {
+                Some(s) => s,
+                None => {
+                    let s = Arc::new(Shared { blobs: Mutex::default(), index: Index::new(dir.join("index")) });
+                    all.insert(dir.clone(), Arc::downgrade(&s));
+                    s
+                }
+            }
+        };
+        let cache = Arc::new(BlobCache { dir, config, shared });
+        cache.shared.index.with(|_| Ok(()))?;
+        cache.remove_dead_partials();
+        Ok(cache)
     }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The blob `desc` of `image`'s repository, shared by every caller in this process (and its
-    /// bytes by every process using this directory). Nothing is fetched yet.
+    /// bytes by every process using this directory). Nothing is fetched yet. Records that `image`
+    /// references the blob.
     pub fn blob(&self, registry: &Arc<Registry>, image: &ImageRef, desc: &Descriptor) -> Result<Arc<Blob>, CacheError> {
-        todo!("H7a")
+        let source = Arc::new(RegistrySource {
+            registry: Arc::clone(registry),
+            image: image.clone(),
+            digest: desc.digest.clone(),
+        });
+        self.blob_from(desc, source, Some(&image_key(image)))
     }
+
+    /// [`BlobCache::blob`] with any source of bytes; `image`, if given, is recorded as
+    /// referencing the blob. A second source for a blob already open is kept as a fallback.
+    pub fn blob_from(
+        &self,
+        desc: &Descriptor,
+        source: Arc<dyn RangeSource>,
+        image: Option<&str>,
+    ) -> Result<Arc<Blob>, CacheError> {
+        let blob = {
+            let mut blobs = lock(&self.shared.blobs);
+            blobs.retain(|_, b| b.strong_count() > 0);
+            match blobs.get(&desc.digest).and_then(Weak::upgrade) {
+                Some(blob) => {
+                    if blob.size != desc.size {
+                        return Err(CacheError::BadBlob {
+                            digest: desc.digest.clone(),
+                            detail: format!("size {} given, {} known", desc.size, blob.size),
+                        });
+                    }
+                    lock(&blob.sources).push(source);
+                    blob
+                }
+                None => {
+                    let blob = Blob::new(self, desc, source)?;
+                    blobs.insert(desc.digest.clone(), Arc::downgrade(&blob));
+                    blob
+                }
+            }
+        };
+        let complete = blob.is_complete();
+        self.shared.index.with(|store| {
+            let mut batch = Batch::new();
+            let record = BlobRecord { size: desc.size, last_use: now_secs(), complete };
+            batch.put(INDEX_NAMESPACE, blob_key(&desc.digest), json(&record));
+            if let Some(image) = image {
+                batch.put(INDEX_NAMESPACE, format!("ref/{}/{image}", desc.digest), b"");
+                batch.put(INDEX_NAMESPACE, format!("image/{image}/{}", desc.digest), b"");
+            }
+            store.commit(batch)
+        })?;
+        Ok(blob)
+    }
+
+    /// Drops `image`'s references; its blobs become collectable unless another image holds them.
+    pub fn remove_image(&self, image: &ImageRef) -> Result<(), CacheError> {
+        let key = image_key(image);
+        self.shared.index.with(|store| {
+            let mut batch = Batch::new();
+            for (k, _) in store.scan_prefix(INDEX_NAMESPACE, format!("image/{key}/"))? {
+                let digest = String::from_utf8_lossy(&k[format!("image/{key}/").len()..]).into_owned();
+                batch.delete(INDEX_NAMESPACE, format!("ref/{digest}/{key}"));
+                batch.delete(INDEX_NAMESPACE, k);
+            }
+            store.commit(batch)
+        })
+    }
+
+    /// The images the index knows, as `registry/repository:tag@digest` strings.
+    pub fn images(&self) -> Result<Vec<String>, CacheError> {
+        self.shared.index.with(|store| {
+            let mut out: Vec<String> = Vec::new();
+            for (k, _) in store.scan_prefix(INDEX_NAMESPACE, "image/")? {
+                let k = String::from_utf8_lossy(&k["image/".len()..]).into_owned();
+                if let Some((image, _)) = k.rsplit_once('/') {
+                    if out.last().map(String::as_str) != Some(image) {
+                        out.push(image.to_owned());
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
     /// Derived data kept beside a blob, e.g. a layer's index (`kind` = "layer-index").
     pub fn get_derived(&self, digest: &Digest, kind: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        todo!("H7a")
+        let path = self.derived_path(digest, kind)?;
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CacheError::Io { what: "reading", path, source: e }),
+        }
     }
+
     pub fn put_derived(&self, digest: &Digest, kind: &str, bytes: &[u8]) -> Result<(), CacheError> {
-        todo!("H7a")
+        let path = self.derived_path(digest, kind)?;
+        let parent = self.dir.join("derived").join(digest.hex());
+        std::fs::create_dir_all(&parent).map_err(io("creating", &parent))?;
+        let tmp = self.temp_path(&format!("derived-{}-{kind}", digest.hex()));
+        std::fs::write(&tmp, bytes).map_err(io("writing", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("renaming to", &path))
     }
+
     /// Where the layer `digest` is (or will be) unpacked for overlayfs.
     pub fn unpacked_dir(&self, digest: &Digest) -> PathBuf {
-        todo!("H7a")
+        self.dir.join("unpacked").join(digest.hex())
     }
+
+    /// A fresh path under the cache's `tmp/` (same file system as the blobs, for renames).
+    pub fn temp_path(&self, name: &str) -> PathBuf {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        self.dir.join("tmp").join(format!("{name}.{}.{n}", std::process::id()))
+    }
+
+    /// Bytes on disk for every blob the cache holds (blob, derived data, unpacked directory).
+    pub fn usage(&self) -> Result<BTreeMap<Digest, u64>, CacheError> {
+        let mut out = BTreeMap::new();
+        for sub in ["blobs/sha256", "derived", "unpacked"] {
+            let dir = self.dir.join(sub);
+            for entry in std::fs::read_dir(&dir).map_err(io("listing", &dir))? {
+                let entry = entry.map_err(io("listing", &dir))?;
+                let Ok(digest) = format!("sha256:{}", entry.file_name().to_string_lossy()).parse::<Digest>() else {
+                    continue;
+                };
+                *out.entry(digest).or_insert(0) += disk_usage(&entry.path());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes unreferenced content, least recently used first, until the cache holds at most
+    /// `size_limit` bytes; and partial files of processes that are gone.
+    pub fn gc(&self) -> Result<GcReport, CacheError> {
+        self.remove_dead_partials();
+        let usage = self.usage()?;
+        let mut total: u64 = usage.values().sum();
+        let (records, referenced) = self.shared.index.with(|store| {
+            let mut records = HashMap::new();
+            for (k, v) in store.scan_prefix(INDEX_NAMESPACE, "blob/")? {
+                let digest = String::from_utf8_lossy(&k["blob/".len()..]).parse::<Digest>();
+                if let (Ok(d), Ok(r)) = (digest, serde_json::from_slice::<BlobRecord>(&v)) {
+                    records.insert(d, r);
+                }
+            }
+            let mut referenced = HashSet::new();
+            for (k, _) in store.scan_prefix(INDEX_NAMESPACE, "ref/")? {
+                let rest = String::from_utf8_lossy(&k["ref/".len()..]).into_owned();
+                if let Some(d) = rest.split('/').next().and_then(|d| d.parse::<Digest>().ok()) {
+                    referenced.insert(d);
+                }
+            }
+            Ok((records, referenced))
+        })?;
+        let live: HashSet<Digest> = {
+            let blobs = lock(&self.shared.blobs);
+            blobs.iter().filter(|(_, b)| b.strong_count() > 0).map(|(d, _)| d.clone()).collect()
+        };
+        // Unreferenced and not open here; content the index does not know (left by a crash) is
+        // taken as the oldest.
+        let mut candidates: Vec<(u64, Digest, u64)> = usage
+            .iter()
+            .filter(|(d, _)| !referenced.contains(*d) && !live.contains(*d))
+            .map(|(d, bytes)| (records.get(d).map_or(0, |r| r.last_use), d.clone(), *bytes))
+            .collect();
+        candidates.sort();
+        let mut report = GcReport::default();
+        let mut batch = Batch::new();
+        for (_, digest, bytes) in candidates {
+            if total <= self.config.size_limit {
+                break;
+            }
+            self.remove_content(&digest)?;
+            batch.delete(INDEX_NAMESPACE, blob_key(&digest));
+            total = total.saturating_sub(bytes);
+            report.freed_bytes += bytes;
+            report.removed.push(digest);
+        }
+        // Index entries of blobs with nothing on disk and no reference go too.
+        for digest in records.keys() {
+            if !usage.contains_key(digest) && !referenced.contains(digest) && !live.contains(digest) {
+                batch.delete(INDEX_NAMESPACE, blob_key(digest));
+            }
+        }
+        self.shared.index.with(|store| store.commit(batch))?;
+        report.total_bytes = total;
+        if !report.removed.is_empty() {
+            tracing::info!(removed = report.removed.len(), freed = report.freed_bytes, total, "cache gc");
+        }
+        Ok(report)
+    }
+
+    fn remove_content(&self, digest: &Digest) -> Result<(), CacheError> {
+        let blob = self.complete_path(digest);
+        match std::fs::remove_file(&blob) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(CacheError::Io { what: "removing", path: blob, source: e }),
+        }
+        for dir in [self.dir.join("derived").join(digest.hex()), self.unpacked_dir(digest)] {
+            if dir.exists() {
+                make_removable(&dir);
+                std::fs::remove_dir_all(&dir).map_err(io("removing", &dir))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_dead_partials(&self) {
+        let dir = self.dir.join("partial");
+        let Ok(entries) = std::fs::read_dir(&dir) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.rsplit_once('.').and_then(|(_, p)| p.parse::<u32>().ok());
+            let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            if !alive {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    fn complete_path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join("blobs/sha256").join(digest.hex())
+    }
+
+    fn derived_path(&self, digest: &Digest, kind: &str) -> Result<PathBuf, CacheError> {
+        let ok = !kind.is_empty()
+            && kind.len() <= 64
+            && kind.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok {
+            return Err(CacheError::BadKind(kind.to_owned()));
+        }
+        Ok(self.dir.join("derived").join(digest.hex()).join(kind))
+    }
+}
+
+/// Fills the cache with a whole image ahead of time: its config and every layer, fetched and
+/// verified. Returns the resolved image.
+pub fn prefetch(cache: &BlobCache, registry: &Arc<Registry>, image: &ImageRef) -> Result<Image, CacheError> {
+    let resolved =
+        registry.resolve(image).map_err(|source| CacheError::Resolve { reference: image.to_string(), source })?;
+    let mut blobs = vec![cache.blob(registry, image, &resolved.config)?];
+    for layer in &resolved.layers {
+        blobs.push(cache.blob(registry, image, layer)?);
+    }
+    // A few layers at a time: enough to fill a fast link, few enough connections.
+    for group in blobs.chunks(3) {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = group.iter().map(|b| s.spawn(|| b.fetch_all())).collect();
+            handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        })?;
+    }
+    Ok(resolved)
+}
+
+/// How an image is named in the index: by the reference as given.
+fn image_key(image: &ImageRef) -> String {
+    image.to_string()
+}
+
+fn blob_key(digest: &Digest) -> String {
+    format!("blob/{digest}")
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CacheError {
+    let path = path.to_path_buf();
+    move |source| CacheError::Io { what, path, source }
+}
+
+/// Bytes of a file or of everything under a directory (symlinks not followed).
+fn disk_usage(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return 0 };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries.flatten().map(|e| disk_usage(&e.path())).sum()
+}
+
+/// Unpacked layers may hold read-only directories; give the owner write access so they can be
+/// removed.
+fn make_removable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return };
+    if meta.is_dir() {
+        let mode = meta.permissions().mode();
+        if mode & 0o700 != 0o700 {
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | 0o700));
+        }
+        if let Ok(entries) = std::fs::read_dir(path) {
+            for e in entries.flatten() {
+                make_removable(&e.path());
+            }
+        }
+    }
+}
+
+/// The index in `state-store`, opened for each operation (RocksDB admits one process at a time).
+struct Index {
+    path: PathBuf,
+    /// One opener at a time in this process.
+    busy: Mutex<()>,
+}
+
+impl Index {
+    fn new(path: PathBuf) -> Index {
+        Index { path, busy: Mutex::new(()) }
+    }
+
+    fn with<T>(&self, op: impl FnOnce(&Store) -> Result<T, StoreError>) -> Result<T, CacheError> {
+        let _busy = lock(&self.busy);
+        let err = |source| CacheError::Index { path: self.path.clone(), source };
+        let deadline = Instant::now() + INDEX_WAIT;
+        let mut wait = Duration::from_millis(5);
+        let store = loop {
+            match Store::open(&self.path) {
+                Ok(store) => break store,
+                // Another process has it open: wait for it to finish its operation.
+                Err(e) if is_lock_error(&e) && Instant::now() < deadline => {
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_millis(100));
+                }
+                Err(e) => return Err(err(e)),
+            }
+        };
+        if !store.has_namespace(INDEX_NAMESPACE) {
+            store.create_namespace(INDEX_NAMESPACE).map_err(err)?;
+        }
+        op(&store).map_err(err)
+    }
+}
+
+fn is_lock_error(e: &StoreError) -> bool {
+    let text = crate::error::chain(e).to_ascii_lowercase();
+    text.contains("lock")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chunk {
+    Missing,
+    Fetching,
+    Present,
+}
+
+/// Where a blob's bytes are locally.
+struct Local {
+    file: Arc<File>,
+    /// Empty once the blob is complete.
+    chunks: Vec<Chunk>,
+    complete: bool,
+    path: PathBuf,
+    /// The last failed fetch, for readers that waited on it.
+    last_error: Option<Arc<RegistryError>>,
 }
 
 /// Random access to one blob: missing ranges are fetched on demand (ahead of background work);
 /// `fetch_all` fills the rest. Bytes of a complete blob were checked against its digest.
-pub struct Blob {}
+pub struct Blob {
+    digest: Digest,
+    size: u64,
+    fetch_timeout: Duration,
+    complete_path: PathBuf,
+    sources: Mutex<Vec<Arc<dyn RangeSource>>>,
+    local: Mutex<Local>,
+    changed: Condvar,
+    local_bytes: AtomicU64,
+    /// One `fetch_all` at a time.
+    filling: Mutex<()>,
+    /// To mark the blob complete in the index.
+    shared: Weak<Shared>,
+    /// This blob, for the threads that fetch for readers.
+    me: Weak<Blob>,
+}
 
 impl Blob {
-    pub fn digest(&self) -> &Digest {
-        todo!("H7a")
+    fn new(cache: &BlobCache, desc: &Descriptor, source: Arc<dyn RangeSource>) -> Result<Arc<Blob>, CacheError> {
+        let complete_path = cache.complete_path(&desc.digest);
+        let partial_path = cache.dir.join("partial").join(format!("{}.{}", desc.digest.hex(), std::process::id()));
+        let local = match open_complete(&complete_path, desc)? {
+            Some(file) => Local {
+                file: Arc::new(file),
+                chunks: Vec::new(),
+                complete: true,
+                path: complete_path.clone(),
+                last_error: None,
+            },
+            None => {
+                let file = File::options()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&partial_path)
+                    .map_err(io("creating", &partial_path))?;
+                file.set_len(desc.size).map_err(io("sizing", &partial_path))?;
+                Local {
+                    file: Arc::new(file),
+                    chunks: vec![Chunk::Missing; desc.size.div_ceil(CHUNK) as usize],
+                    complete: false,
+                    path: partial_path,
+                    last_error: None,
+                }
+            }
+        };
+        let local_bytes = if local.complete { desc.size } else { 0 };
+        Ok(Arc::new_cyclic(|me| Blob {
+            digest: desc.digest.clone(),
+            size: desc.size,
+            fetch_timeout: cache.config.fetch_timeout,
+            complete_path,
+            sources: Mutex::new(vec![source]),
+            local: Mutex::new(local),
+            changed: Condvar::new(),
+            local_bytes: AtomicU64::new(local_bytes),
+            filling: Mutex::new(()),
+            shared: Arc::downgrade(&cache.shared),
+            me: me.clone(),
+        }))
     }
+
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
     /// Fetches every missing byte, verifies the whole blob against its digest and keeps it.
     pub fn fetch_all(&self) -> Result<(), CacheError> {
-        todo!("H7a")
+        let _one = lock(&self.filling);
+        for attempt in 1..=FETCH_ATTEMPTS {
+            if self.is_complete() || self.adopt_published()? {
+                return Ok(());
+            }
+            self.fill()?;
+            let file = Arc::clone(&lock(&self.local).file);
+            let actual = hash_file(&file, self.size).map_err(io("hashing", &self.complete_path))?;
+            if actual == self.digest {
+                self.publish(&file)?;
+                return Ok(());
+            }
+            tracing::warn!(digest = %self.digest, %actual, attempt, "blob does not match its digest; fetching it again");
+            self.forget_all();
+            if attempt == FETCH_ATTEMPTS {
+                return Err(CacheError::Corrupt { digest: self.digest.clone(), actual, attempts: attempt });
+            }
+        }
+        Ok(())
     }
+
     pub fn is_complete(&self) -> bool {
-        todo!("H7a")
+        lock(&self.local).complete
     }
+
     /// The local file of a complete, verified blob.
     pub fn path(&self) -> Option<PathBuf> {
-        todo!("H7a")
+        let local = lock(&self.local);
+        local.complete.then(|| local.path.clone())
     }
+
     /// Bytes held locally, for progress.
     pub fn local_bytes(&self) -> u64 {
-        todo!("H7a")
+        self.local_bytes.load(Ordering::Relaxed)
     }
+
+    /// Fetches every chunk not present, in large runs, waiting for runs readers are fetching.
+    fn fill(&self) -> Result<(), CacheError> {
+        loop {
+            let run = {
+                let mut local = lock(&self.local);
+                if local.complete {
+                    return Ok(());
+                }
+                match local.chunks.iter().position(|c| *c == Chunk::Missing) {
+                    Some(first) => {
+                        let max = (BACKGROUND_RUN / CHUNK) as usize;
+                        let len = local.chunks[first..].iter().take(max).take_while(|c| **c == Chunk::Missing).count();
+                        local.chunks[first..first + len].fill(Chunk::Fetching);
+                        first..first + len
+                    }
+                    None if local.chunks.iter().all(|c| *c == Chunk::Present) => return Ok(()),
+                    None => {
+                        // Readers are fetching the rest; their fetches end in bytes or an error.
+                        let _ = self.changed.wait_timeout(local, Duration::from_millis(200));
+                        continue;
+                    }
+                }
+            };
+            self.fetch_run(run.clone()).map_err(|source| {
+                let bytes = self.chunk_bytes(run);
+                CacheError::Fetch { digest: self.digest.clone(), start: bytes.start, end: bytes.end, source }
+            })?;
+        }
+    }
+
+    /// Byte range of chunks `run`.
+    fn chunk_bytes(&self, run: Range<usize>) -> Range<u64> {
+        (run.start as u64 * CHUNK)..(run.end as u64 * CHUNK).min(self.size)
+    }
+
+    /// Fetches chunks `run` (marked `Fetching` by the caller) from the first source that answers,
+    /// stores them and marks them present; on failure marks them missing again.
+    fn fetch_run(&self, run: Range<usize>) -> Result<(), Arc<RegistryError>> {
+        let bytes = self.chunk_bytes(run.clone());
+        let sources = lock(&self.sources).clone();
+        let mut result = Err(Arc::new(RegistryError::Config("no source for the blob".into())));
+        for source in &sources {
+            result = source.fetch(bytes.clone()).map_err(Arc::new);
+            if result.is_ok() {
+                break;
+            }
+        }
+        let stored = result.and_then(|data| {
+            if data.len() as u64 != bytes.end - bytes.start {
+                return Err(Arc::new(RegistryError::Config(format!(
+                    "source sent {} bytes for {}..{}",
+                    data.len(),
+                    bytes.start,
+                    bytes.end
+                ))));
+            }
+            let file = Arc::clone(&lock(&self.local).file);
+            file.write_all_at(&data, bytes.start).map_err(|source| {
+                Arc::new(RegistryError::Io { what: format!("writing blob {} to the cache", self.digest), source })
+            })
+        });
+        let mut local = lock(&self.local);
+        if !local.complete {
+            let mark = if stored.is_ok() { Chunk::Present } else { Chunk::Missing };
+            for c in &mut local.chunks[run.clone()] {
+                if *c == Chunk::Fetching {
+                    *c = mark;
+                }
+            }
+            if let Err(e) = &stored {
+                tracing::warn!(digest = %self.digest, start = bytes.start, end = bytes.end, error = %crate::error::chain(&**e), "fetch failed");
+                local.last_error = Some(Arc::clone(e));
+            }
+            // The last chunk may be short.
+            let held = local.chunks.iter().filter(|c| **c == Chunk::Present).count() as u64 * CHUNK;
+            self.local_bytes.store(held.min(self.size), Ordering::Relaxed);
+        }
+        drop(local);
+        self.changed.notify_all();
+        stored
+    }
+
+    /// Takes the blob another process (or an earlier run) published, if there is one.
+    fn adopt_published(&self) -> Result<bool, CacheError> {
+        let desc = Descriptor {
+            media_type: String::new(),
+            digest: self.digest.clone(),
+            size: self.size,
+            annotations: BTreeMap::new(),
+        };
+        let Some(file) = open_complete(&self.complete_path, &desc)? else { return Ok(false) };
+        self.become_complete(file, false);
+        Ok(true)
+    }
+
+    /// Moves the verified partial file to its published name.
+    fn publish(&self, file: &Arc<File>) -> Result<(), CacheError> {
+        file.sync_all().map_err(io("syncing", &self.complete_path))?;
+        let partial = lock(&self.local).path.clone();
+        std::fs::rename(&partial, &self.complete_path).map_err(io("publishing", &self.complete_path))?;
+        self.become_complete(Arc::clone(file), true);
+        if let Some(shared) = self.shared.upgrade() {
+            let record = BlobRecord { size: self.size, last_use: now_secs(), complete: true };
+            shared.index.with(|store| {
+                let mut batch = Batch::new();
+                batch.put(INDEX_NAMESPACE, blob_key(&self.digest), json(&record));
+                store.commit(batch)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn become_complete(&self, file: impl Into<Arc<File>>, ours: bool) {
+        let mut local = lock(&self.local);
+        if !local.complete {
+            if !ours {
+                let _ = std::fs::remove_file(&local.path);
+            }
+            local.file = file.into();
+            local.chunks = Vec::new();
+            local.complete = true;
+            local.path = self.complete_path.clone();
+            self.local_bytes.store(self.size, Ordering::Relaxed);
+        }
+        drop(local);
+        self.changed.notify_all();
+    }
+
+    /// Forgets every fetched byte of a partial blob.
+    fn forget_all(&self) {
+        let mut local = lock(&self.local);
+        if local.complete {
+            return;
+        }
+        for c in &mut local.chunks {
+            if *c == Chunk::Present {
+                *c = Chunk::Missing;
+            }
+        }
+        self.local_bytes.store(0, Ordering::Relaxed);
+    }
+
+    /// Starts fetching, each on a thread of its own, the missing runs of chunks `wanted`.
+    fn start_fetches(&self, local: &mut Local, wanted: Range<usize>) -> Vec<Range<usize>> {
+        let mut runs = Vec::new();
+        let mut i = wanted.start;
+        while i < wanted.end {
+            if local.chunks[i] != Chunk::Missing {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < wanted.end && local.chunks[i] == Chunk::Missing {
+                local.chunks[i] = Chunk::Fetching;
+                i += 1;
+            }
+            runs.push(start..i);
+        }
+        runs
+    }
+}
+
+/// Opens a published blob if it is there and has the right size (a wrong size means it is not
+/// this blob: it is removed).
+fn open_complete(path: &Path, desc: &Descriptor) -> Result<Option<File>, CacheError> {
+    match File::open(path) {
+        Ok(file) => {
+            let len = file.metadata().map_err(io("reading", path))?.len();
+            if len == desc.size {
+                Ok(Some(file))
+            } else {
+                tracing::warn!(path = %path.display(), len, expected = desc.size, "cached blob has the wrong size; removing it");
+                let _ = std::fs::remove_file(path);
+                Ok(None)
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(CacheError::Io { what: "opening", path: path.to_path_buf(), source: e }),
+    }
+}
+
+fn hash_file(file: &File, size: u64) -> std::io::Result<Digest> {
+    let mut hasher = Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(hasher.finish())
 }
 
 impl crate::layer::BlobSource for Blob {
     fn size(&self) -> u64 {
-        todo!("H7a")
+        self.size
     }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), CacheError> {
-        todo!("H7a")
+        let len = buf.len() as u64;
+        let end = offset.checked_add(len).filter(|&e| e <= self.size).ok_or_else(|| CacheError::OutOfRange {
+            digest: self.digest.clone(),
+            offset,
+            len,
+            size: self.size,
+        })?;
+        if len == 0 {
+            return Ok(());
+        }
+        let wanted = (offset / CHUNK) as usize..end.div_ceil(CHUNK) as usize;
+        let deadline = Instant::now() + self.fetch_timeout;
+        let mut local = lock(&self.local);
+        let mut rounds = 0;
+        let file = loop {
+            if local.complete || local.chunks[wanted.clone()].iter().all(|c| *c == Chunk::Present) {
+                break Arc::clone(&local.file);
+            }
+            if local.chunks[wanted.clone()].contains(&Chunk::Missing) {
+                // A second round of missing chunks means a fetch we waited for failed (or the
+                // bytes were discarded); fail rather than spin, unless another blob published.
+                if rounds > 0 {
+                    if let Some(e) = &local.last_error {
+                        return Err(CacheError::Fetch {
+                            digest: self.digest.clone(),
+                            start: offset,
+                            end,
+                            source: Arc::clone(e),
+                        });
+                    }
+                }
+                rounds += 1;
+                drop(local);
+                if self.adopt_published()? {
+                    local = lock(&self.local);
+                    continue;
+                }
+                local = lock(&self.local);
+                for run in self.start_fetches(&mut local, wanted.clone()) {
+                    let blob = self.me.upgrade();
+                    std::thread::Builder::new()
+                        .name("blob-fetch".into())
+                        .spawn(move || {
+                            if let Some(blob) = blob {
+                                let _ = blob.fetch_run(run);
+                            }
+                        })
+                        .map_err(io("starting a fetch thread for", &self.complete_path))?;
+                }
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(digest = %self.digest, offset, end, "read timed out waiting for the registry");
+                return Err(CacheError::Timeout {
+                    digest: self.digest.clone(),
+                    start: offset,
+                    end,
+                    secs: self.fetch_timeout.as_secs(),
+                });
+            }
+            local = self.changed.wait_timeout(local, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        };
+        drop(local);
+        file.read_exact_at(buf, offset).map_err(io("reading", &self.complete_path))
     }
+
     fn discard(&self, offset: u64, len: u64) {
-        todo!("H7a")
+        let mut local = lock(&self.local);
+        if local.complete || len == 0 {
+            return;
+        }
+        let end = offset.saturating_add(len).min(self.size);
+        let chunks = (offset / CHUNK) as usize..end.div_ceil(CHUNK) as usize;
+        let n = local.chunks.len();
+        for c in &mut local.chunks[chunks.start.min(n)..chunks.end.min(n)] {
+            if *c == Chunk::Present {
+                *c = Chunk::Missing;
+            }
+        }
+        let held = local.chunks.iter().filter(|c| **c == Chunk::Present).count() as u64 * CHUNK;
+        self.local_bytes.store(held.min(self.size), Ordering::Relaxed);
+        local.last_error = None;
     }
 }

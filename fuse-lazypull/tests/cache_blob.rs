@@ -1,0 +1,336 @@
+//! The blob cache against sources in memory: random ranged reads (single and concurrent) compared
+//! with the blob's bytes, each chunk fetched once, a corrupt blob refused and fetched again, a
+//! stalled source giving a timeout, one `Blob` per digest, derived data and gc under a limit.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use fuse_lazypull::cache::{BlobCache, CacheConfig, CacheError, RangeSource};
+use fuse_lazypull::digest::Digest;
+use fuse_lazypull::layer::BlobSource;
+use fuse_lazypull::registry::{Descriptor, RegistryError};
+use proptest::prelude::*;
+
+/// A blob in memory that can corrupt its first answers, stall, or fail, and records what it
+/// was asked for.
+#[derive(Default)]
+struct MemSource {
+    data: Vec<u8>,
+    /// This many fetches get one byte flipped.
+    corrupt_fetches: AtomicU32,
+    fail: std::sync::atomic::AtomicBool,
+    stalled: Mutex<bool>,
+    unstall: Condvar,
+    requests: Mutex<Vec<Range<u64>>>,
+    bytes: AtomicU64,
+}
+
+impl MemSource {
+    fn new(data: Vec<u8>) -> Arc<MemSource> {
+        Arc::new(MemSource { data, ..Default::default() })
+    }
+    fn stall(&self, on: bool) {
+        *self.stalled.lock().unwrap() = on;
+        self.unstall.notify_all();
+    }
+}
+
+impl RangeSource for MemSource {
+    fn fetch(&self, range: Range<u64>) -> Result<Vec<u8>, RegistryError> {
+        let mut stalled = self.stalled.lock().unwrap();
+        while *stalled {
+            stalled = self.unstall.wait(stalled).unwrap();
+        }
+        drop(stalled);
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(RegistryError::Config("source is down".into()));
+        }
+        self.requests.lock().unwrap().push(range.clone());
+        self.bytes.fetch_add(range.end - range.start, Ordering::SeqCst);
+        let mut out = self.data[range.start as usize..range.end as usize].to_vec();
+        if self.corrupt_fetches.load(Ordering::SeqCst) > 0 && !out.is_empty() {
+            self.corrupt_fetches.fetch_sub(1, Ordering::SeqCst);
+            out[0] ^= 0xff;
+        }
+        Ok(out)
+    }
+}
+
+fn desc(data: &[u8]) -> Descriptor {
+    Descriptor {
+        media_type: "application/octet-stream".into(),
+        digest: Digest::of(data),
+        size: data.len() as u64,
+        annotations: BTreeMap::new(),
+    }
+}
+
+fn config(timeout: Duration) -> CacheConfig {
+    CacheConfig { size_limit: u64::MAX, fetch_timeout: timeout }
+}
+
+fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn read(blob: &dyn BlobSource, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0; len];
+    blob.read_at(offset, &mut buf).unwrap();
+    buf
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Read(u64, usize),
+    Discard(u64, u64),
+    FetchAll,
+}
+
+fn op(size: u64) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0..=size, 0usize..200_000).prop_map(move |(o, l)| Op::Read(o, l.min((size - o) as usize))),
+        1 => (0..=size, 0u64..200_000).prop_map(|(o, l)| Op::Discard(o, l)),
+        1 => Just(Op::FetchAll),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Every read returns the blob's bytes, whatever was fetched, discarded or completed before.
+    #[test]
+    fn random_reads_match_the_blob((size, ops) in (0u64..700_000).prop_flat_map(|s| (Just(s), prop::collection::vec(op(s), 1..30)))) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
+        let data = bytes(size as usize, size + 7);
+        let source = MemSource::new(data.clone());
+        let blob = cache.blob_from(&desc(&data), source.clone(), None).unwrap();
+        for op in ops {
+            match op {
+                Op::Read(o, l) => prop_assert_eq!(&read(&*blob, o, l)[..], &data[o as usize..o as usize + l]),
+                Op::Discard(o, l) => blob.discard(o, l),
+                Op::FetchAll => {
+                    blob.fetch_all().unwrap();
+                    prop_assert!(blob.is_complete());
+                    let path = blob.path().unwrap();
+                    prop_assert_eq!(std::fs::read(path).unwrap(), data.clone());
+                }
+            }
+        }
+        // Past the end is an error, not a short read.
+        let mut one = [0u8; 1];
+        let past_end = matches!(blob.read_at(size, &mut one), Err(CacheError::OutOfRange { .. }));
+        prop_assert!(past_end);
+    }
+}
+
+/// Readers on several threads get the right bytes, and no byte is fetched twice.
+#[test]
+fn concurrent_readers_fetch_each_chunk_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
+    let data = bytes(3 << 20, 42);
+    let source = MemSource::new(data.clone());
+    let blob = cache.blob_from(&desc(&data), source.clone(), None).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..6u64 {
+            let (blob, data) = (&blob, &data);
+            s.spawn(move || {
+                let mut x = t * 7919 + 1;
+                for _ in 0..200 {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let off = (x >> 20) % data.len() as u64;
+                    let len = ((x >> 8) % 100_000).min(data.len() as u64 - off) as usize;
+                    assert_eq!(read(&**blob, off, len), &data[off as usize..off as usize + len]);
+                }
+            });
+        }
+        // The background fetch runs beside the readers.
+        s.spawn(|| blob.fetch_all().unwrap());
+    });
+    assert!(blob.is_complete());
+    let mut requests = source.requests.lock().unwrap().clone();
+    requests.sort_by_key(|r| r.start);
+    for pair in requests.windows(2) {
+        assert!(pair[0].end <= pair[1].start, "overlapping fetches {pair:?}");
+    }
+    assert_eq!(source.bytes.load(Ordering::SeqCst), data.len() as u64);
+    assert_eq!(blob.local_bytes(), data.len() as u64);
+}
+
+/// A blob whose bytes do not match its digest is thrown away and fetched again; one that never
+/// matches is refused and never published.
+#[test]
+fn corrupt_blob_is_refused_and_fetched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
+    let data = bytes(1 << 20, 3);
+    let source = MemSource::new(data.clone());
+    source.corrupt_fetches.store(1, Ordering::SeqCst);
+    let blob = cache.blob_from(&desc(&data), source.clone(), None).unwrap();
+    blob.fetch_all().unwrap();
+    assert_eq!(std::fs::read(blob.path().unwrap()).unwrap(), data);
+    assert_eq!(source.bytes.load(Ordering::SeqCst), 2 * data.len() as u64, "fetched twice");
+
+    let bad = bytes(200_000, 9);
+    let source = MemSource::new(bad.clone());
+    source.corrupt_fetches.store(u32::MAX, Ordering::SeqCst);
+    let blob = cache.blob_from(&desc(&bad), source, None).unwrap();
+    match blob.fetch_all() {
+        Err(CacheError::Corrupt { attempts, .. }) => assert_eq!(attempts, 3),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert!(!blob.is_complete());
+    assert!(blob.path().is_none());
+    assert!(!dir.path().join("blobs/sha256").join(Digest::of(&bad).hex()).exists());
+}
+
+/// A source that never answers makes a read fail with a timeout, not hang; the fetch completes
+/// later and serves the next read.
+#[test]
+fn stalled_source_times_out_then_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(dir.path(), config(Duration::from_millis(300))).unwrap();
+    let data = bytes(500_000, 5);
+    let source = MemSource::new(data.clone());
+    source.stall(true);
+    let blob = cache.blob_from(&desc(&data), source.clone(), None).unwrap();
+    let mut buf = vec![0u8; 1000];
+    match blob.read_at(100_000, &mut buf) {
+        Err(CacheError::Timeout { start, end, .. }) => assert_eq!((start, end), (100_000, 101_000)),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    source.stall(false);
+    assert_eq!(read(&*blob, 100_000, 1000), &data[100_000..101_000]);
+}
+
+/// A source that fails makes the read fail with the cause, at once.
+#[test]
+fn failing_source_gives_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(dir.path(), config(Duration::from_secs(60))).unwrap();
+    let data = bytes(100_000, 6);
+    let source = MemSource::new(data.clone());
+    source.fail.store(true, Ordering::SeqCst);
+    let blob = cache.blob_from(&desc(&data), source.clone(), None).unwrap();
+    let mut buf = vec![0u8; 10];
+    let err = blob.read_at(0, &mut buf).unwrap_err();
+    assert!(matches!(err, CacheError::Fetch { .. }), "{err:?}");
+    assert!(fuse_lazypull::error::chain(&err).contains("source is down"));
+    assert!(matches!(blob.fetch_all(), Err(CacheError::Fetch { .. })));
+    source.fail.store(false, Ordering::SeqCst);
+    assert_eq!(read(&*blob, 0, 10), &data[..10]);
+}
+
+/// One `Blob` per digest in a process, even through two caches of one directory; a published
+/// blob is found complete by a cache opened later (as another process would).
+#[test]
+fn one_blob_per_digest_and_published_blobs_are_shared() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = bytes(300_000, 8);
+    let source = MemSource::new(data.clone());
+    let a = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
+    let b = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
+    let x = a.blob_from(&desc(&data), source.clone(), Some("img-a")).unwrap();
+    let y = b.blob_from(&desc(&data), source.clone(), Some("img-b")).unwrap();
+    assert!(Arc::ptr_eq(&x, &y));
+    x.fetch_all().unwrap();
+    assert!(y.is_complete());
+    drop((x, y, a, b));
+
+    let other = MemSource::new(data.clone());
+    let c = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
+    let z = c.blob_from(&desc(&data), other.clone(), None).unwrap();
+    assert!(z.is_complete());
+    assert_eq!(read(&*z, 1000, 10), &data[1000..1010]);
+    assert_eq!(other.bytes.load(Ordering::SeqCst), 0, "a published blob is never fetched again");
+}
+
+/// A blob another process publishes while this one is partway is adopted at the next miss.
+#[test]
+fn partial_blob_adopts_one_published_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
+    let data = bytes(400_000, 10);
+    let source = MemSource::new(data.clone());
+    let blob = cache.blob_from(&desc(&data), source.clone(), None).unwrap();
+    assert_eq!(read(&*blob, 0, 10), &data[..10]);
+    // "Another process" publishes the whole blob.
+    std::fs::write(dir.path().join("blobs/sha256").join(Digest::of(&data).hex()), &data).unwrap();
+    let before = source.bytes.load(Ordering::SeqCst);
+    assert_eq!(read(&*blob, 300_000, 10), &data[300_000..300_010]);
+    assert!(blob.is_complete());
+    assert_eq!(source.bytes.load(Ordering::SeqCst), before);
+}
+
+#[test]
+fn derived_data_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(dir.path(), config(Duration::from_secs(1))).unwrap();
+    let d = Digest::of(b"x");
+    assert_eq!(cache.get_derived(&d, "layer-index").unwrap(), None);
+    cache.put_derived(&d, "layer-index", b"index bytes").unwrap();
+    assert_eq!(cache.get_derived(&d, "layer-index").unwrap().as_deref(), Some(&b"index bytes"[..]));
+    assert!(matches!(cache.put_derived(&d, "../escape", b""), Err(CacheError::BadKind(_))));
+}
+
+/// gc removes unreferenced content (blob, derived data, unpacked directory) least recently used
+/// first until the cache is within its limit, and never referenced or open content.
+#[test]
+fn gc_removes_unreferenced_content_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 250_000;
+    let cache =
+        BlobCache::open(dir.path(), CacheConfig { size_limit: limit, fetch_timeout: Duration::from_secs(30) }).unwrap();
+    let blobs: Vec<Vec<u8>> = (0..4).map(|i| bytes(100_000, 100 + 2 * i)).collect();
+    let digests: Vec<Digest> = blobs.iter().map(|b| Digest::of(b)).collect();
+    for (i, data) in blobs.iter().enumerate() {
+        // Blob 0 is referenced by an image; the others by none.
+        let image = (i == 0).then_some("127.0.0.1:1/keep:v1");
+        let blob = cache.blob_from(&desc(data), MemSource::new(data.clone()), image).unwrap();
+        blob.fetch_all().unwrap();
+        // Last-use times are in seconds: keep them apart.
+        if i < 3 {
+            std::thread::sleep(Duration::from_millis(1100));
+        }
+    }
+    cache.put_derived(&digests[1], "layer-index", &[0; 1000]).unwrap();
+    let unpacked = cache.unpacked_dir(&digests[1]);
+    std::fs::create_dir_all(unpacked.join("etc")).unwrap();
+    std::fs::write(unpacked.join("etc/file"), [1; 5000]).unwrap();
+    // Blob 3 stays open in this process.
+    let open = cache.blob_from(&desc(&blobs[3]), MemSource::new(blobs[3].clone()), None).unwrap();
+
+    let report = cache.gc().unwrap();
+    // 406 kB held; removing blob 1 (oldest unreferenced, 106 kB) and blob 2 gets under 250 kB.
+    assert_eq!(report.removed, vec![digests[1].clone(), digests[2].clone()]);
+    assert_eq!(report.freed_bytes, 206_000);
+    assert_eq!(report.total_bytes, 200_000);
+    assert!(!unpacked.exists());
+    assert_eq!(cache.get_derived(&digests[1], "layer-index").unwrap(), None);
+    let usage = cache.usage().unwrap();
+    assert!(usage.contains_key(&digests[0]) && usage.contains_key(&digests[3]));
+    assert_eq!(cache.images().unwrap(), vec!["127.0.0.1:1/keep:v1".to_owned()]);
+
+    // Once nothing holds them, everything goes down to the limit.
+    drop(open);
+    let image: fuse_lazypull::reference::ImageRef = "127.0.0.1:1/keep:v1".parse().unwrap();
+    cache.remove_image(&image).unwrap();
+    assert!(cache.images().unwrap().is_empty());
+    let small =
+        BlobCache::open(dir.path(), CacheConfig { size_limit: 0, fetch_timeout: Duration::from_secs(1) }).unwrap();
+    let report = small.gc().unwrap();
+    assert_eq!(report.removed, vec![digests[0].clone(), digests[3].clone()]);
+    assert_eq!(report.total_bytes, 0);
+}
