@@ -457,6 +457,10 @@ impl Background {
             return Err(MountError::Stopped);
         }
         lowers.reverse(); // overlayfs wants the top layer first
+        if lowers.len() == 1 {
+            // overlayfs without an upper directory needs two lower ones; an empty one is neutral.
+            lowers.push(empty_lower(&self.cache)?);
+        }
         handoff::hand_off(&self.target, &lowers)
             .map_err(|source| MountError::Handoff { target: self.target.clone(), source })?;
         self.progress.set_phase(Phase::HandedOff);
@@ -532,6 +536,14 @@ pub fn unpack_once(cache: &BlobCache, digest: &Digest, blob: &Blob, index: &Laye
         }
         Err(source) => Err(MountError::Io { what: "renaming the unpacked layer to", path: dir, source }),
     }
+}
+
+/// An empty directory beside the unpacked layers, for single-layer images.
+fn empty_lower(cache: &BlobCache) -> Result<PathBuf, MountError> {
+    let some_layer = cache.unpacked_dir(&Digest::of(b""));
+    let dir = some_layer.parent().unwrap_or(Path::new("/")).join(".empty-lower");
+    std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+    Ok(dir)
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> MountError {
