@@ -22,9 +22,10 @@ installed() {
 }
 
 # Build and test tools. busybox-static and cpio make the guest image of the VM tests
-# (tests/guest/build.sh); qemu-utils comes with qemu-system-x86 below.
+# (tests/guest/build.sh); qemu-utils comes with qemu-system-x86 below. docker-registry, umoci and
+# skopeo are the image tests' registry on loopback, image builder and pusher (fuse-lazypull).
 need=()
-for pkg in libclang-dev librocksdb-dev fio libnbd-bin busybox-static cpio; do
+for pkg in libclang-dev librocksdb-dev fio libnbd-bin busybox-static cpio docker-registry umoci skopeo; do
     installed "$pkg" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -122,7 +123,7 @@ if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-img >/dev/nul
         apt_quiet install qemu-system-x86 qemu-utils
     fi
 fi
-for tool in qemu-system-x86_64 qemu-img qemu-io qemu-storage-daemon busybox cpio; do
+for tool in qemu-system-x86_64 qemu-img qemu-io qemu-storage-daemon busybox cpio docker-registry umoci skopeo; do
     if ! command -v "$tool" >/dev/null; then
         echo "setup.sh: $tool is missing after installation" >&2
         exit 1

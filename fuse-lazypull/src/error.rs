@@ -16,6 +16,8 @@ pub enum Error {
     Layer(#[from] LayerError),
     #[error(transparent)]
     Mount(#[from] crate::mount::MountError),
+    #[error(transparent)]
+    Convert(#[from] crate::convert::ConvertError),
 }
 
 /// An error with its causes, `outer: inner: innermost`, for logs and messages.

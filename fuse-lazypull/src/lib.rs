@@ -3,6 +3,7 @@
 //! The pieces, from the network up:
 //! - [`reference`] and [`digest`]: image references (`host:port/repo:tag`) and content digests.
 //! - [`registry`]: the OCI distribution client (manifests, indexes, auth, ranged blob GETs, pushes).
+//! - [`convert`]: writes an eStargz copy of an image to a registry.
 //! - [`cache`]: the content-addressed blob cache shared by every mount and every daemon pointed
 //!   at one directory. A [`cache::Blob`] gives random access to a blob, fetching missing ranges
 //!   from the registry on demand and the rest in the background.
@@ -18,6 +19,7 @@
 //! whose digest the manifest names, or a gzip index built from a verified blob).
 
 pub mod cache;
+pub mod convert;
 pub mod digest;
 pub mod error;
 pub mod fs;

@@ -21,7 +21,7 @@
 //!   `umoci unpack`.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -288,7 +288,10 @@ struct Response {
     body: Vec<u8>,
 }
 
-fn read_head(r: &mut impl BufRead) -> std::io::Result<Option<(String, Vec<(String, String)>)>> {
+/// A request or status line and its headers.
+type Head = (String, Vec<(String, String)>);
+
+fn read_head(r: &mut impl BufRead) -> std::io::Result<Option<Head>> {
     let mut first = String::new();
     if r.read_line(&mut first)? == 0 {
         return Ok(None);
@@ -350,7 +353,10 @@ impl ProxyCtx {
             for (k, v) in &resp.headers {
                 head.push_str(&format!("{k}: {v}\r\n"));
             }
-            head.push_str(&format!("Content-Length: {}\r\n\r\n", resp.body.len()));
+            if !resp.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length")) {
+                head.push_str(&format!("Content-Length: {}\r\n", resp.body.len()));
+            }
+            head.push_str("\r\n");
             writer.write_all(head.as_bytes())?;
             if req.method == "HEAD" {
                 continue;
@@ -486,9 +492,11 @@ impl ProxyCtx {
         let own = format!("127.0.0.1:{}", self.port);
         let headers = headers
             .into_iter()
+            // A HEAD answer keeps the registry's Content-Length; others get their body's.
             .filter(|(k, _)| {
-                !["connection", "transfer-encoding"].iter().any(|s| k.eq_ignore_ascii_case(s))
-                    && !(k.eq_ignore_ascii_case("content-length") && req.method != "HEAD")
+                let hop = ["connection", "transfer-encoding"].iter().any(|s| k.eq_ignore_ascii_case(s));
+                let length = k.eq_ignore_ascii_case("content-length") && req.method != "HEAD";
+                !hop && !length
             })
             .map(|(k, v)| (k, v.replace(&upstream, &own)))
             .collect();
