@@ -1,0 +1,324 @@
+//! Unpacking a complete, verified layer blob into an overlayfs lower directory.
+//!
+//! Nothing is created by path: every parent directory is opened with `openat2` and
+//! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, and entries are made with the `*at` calls relative to
+//! it, so a symlink in the layer (or one planted by an earlier entry) can never redirect a write
+//! outside `dest`. Whiteouts become 0/0 character devices and opaque directories get
+//! `trusted.overlay.opaque=y`, as overlayfs expects. Directory times are set last, after their
+//! contents. Extended attributes are set on files and directories (Linux allows `user.*` only on
+//! those).
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io::{BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use super::tar::{Limits, TarReader};
+use super::{estargz, EntriesBuilder, EntryKind, LayerError, LayerIndex};
+
+/// `struct open_how` of openat2(2).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+const RESOLVE_BENEATH: u64 = 0x08;
+
+fn cstr(name: &OsStr) -> std::io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check(rc: libc::c_int) -> std::io::Result<()> {
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Opens `path` (relative; empty is the root itself) beneath `root` without following any
+/// symlink.
+fn open_beneath(root: &OwnedFd, path: &Path, flags: i32) -> std::io::Result<OwnedFd> {
+    let p = if path.as_os_str().is_empty() { cstr(OsStr::new("."))? } else { cstr(path.as_os_str())? };
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64,
+        mode: 0,
+        resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: `p` is a NUL-terminated string and `how` a valid open_how, both alive for the call;
+    // the size passed is the struct's.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            p.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+struct Unpacker {
+    root: OwnedFd,
+    dest: PathBuf,
+    /// Directories whose times are set at the end, with the entry's metadata.
+    dirs: Vec<(PathBuf, i64)>,
+}
+
+impl Unpacker {
+    fn err(&self, path: &Path) -> impl Fn(std::io::Error) -> LayerError {
+        let path = self.dest.join(path);
+        move |source| LayerError::Unpack { path: path.clone(), source }
+    }
+
+    /// The parent directory of `path`, created (0755, root-owned) if missing.
+    fn parent(&self, path: &Path) -> std::io::Result<OwnedFd> {
+        let parent = path.parent().unwrap_or(Path::new(""));
+        match open_beneath(&self.root, parent, libc::O_PATH | libc::O_DIRECTORY) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let mut at = PathBuf::new();
+                for c in parent.components() {
+                    let dir = open_beneath(&self.root, &at, libc::O_PATH | libc::O_DIRECTORY)?;
+                    let name = cstr(c.as_os_str())?;
+                    // SAFETY: `dir` is an open directory descriptor and `name` a NUL-terminated
+                    // single path component.
+                    let rc = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) };
+                    if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    at.push(c);
+                }
+                open_beneath(&self.root, parent, libc::O_PATH | libc::O_DIRECTORY)
+            }
+            other => other,
+        }
+    }
+
+    /// Removes whatever is at `path` unless it is a directory and `keep_dir`.
+    fn clear(&self, parent: &OwnedFd, path: &Path, keep_dir: bool) -> std::io::Result<()> {
+        let name = cstr(path.file_name().unwrap_or_default())?;
+        // SAFETY: `st` is plain data filled by fstatat; `name` is NUL-terminated.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; AT_SYMLINK_NOFOLLOW so a symlink is looked at, not followed.
+        let rc = unsafe { libc::fstatat(parent.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENOENT) { Ok(()) } else { Err(e) };
+        }
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            if keep_dir {
+                return Ok(());
+            }
+            // `path` was reached without symlinks, and remove_dir_all does not follow them.
+            return std::fs::remove_dir_all(self.dest.join(path));
+        }
+        // SAFETY: `parent` is an open directory and `name` a NUL-terminated component.
+        check(unsafe { libc::unlinkat(parent.as_raw_fd(), name.as_ptr(), 0) })
+    }
+
+    fn apply(&mut self, e: &super::Entry, tar: &mut TarReader<impl std::io::Read>) -> Result<(), LayerError> {
+        let path = e.path.clone();
+        let err = self.err(&path);
+        if path.as_os_str().is_empty() {
+            // The root directory's own attributes.
+            let fd = open_beneath(&self.root, &path, libc::O_RDONLY | libc::O_DIRECTORY).map_err(&err)?;
+            if let EntryKind::Opaque = e.kind {
+                set_xattr(&fd, b"trusted.overlay.opaque", b"y").map_err(&err)?;
+            } else {
+                set_attrs(&fd, e).map_err(&err)?;
+                self.dirs.push((path, e.mtime));
+            }
+            return Ok(());
+        }
+        let parent = self.parent(&path).map_err(&err)?;
+        let name = cstr(path.file_name().unwrap_or_default()).map_err(&err)?;
+        let pfd = parent.as_raw_fd();
+        let keep_dir = matches!(e.kind, EntryKind::Dir | EntryKind::Opaque);
+        self.clear(&parent, &path, keep_dir).map_err(&err)?;
+        match &e.kind {
+            EntryKind::File(_) => {
+                // SAFETY: `pfd` is an open directory, `name` a NUL-terminated component; O_EXCL
+                // and O_NOFOLLOW make sure a new file is created, never an existing one opened.
+                let fd = unsafe {
+                    libc::openat(
+                        pfd,
+                        name.as_ptr(),
+                        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                        0o600,
+                    )
+                };
+                if fd < 0 {
+                    return Err(err(std::io::Error::last_os_error()));
+                }
+                // SAFETY: openat returned a new descriptor that nothing else owns.
+                let mut file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+                tar.copy_data(e.size, &mut file)?;
+                file.flush().map_err(&err)?;
+                let fd = OwnedFd::from(file);
+                set_attrs(&fd, e).map_err(&err)?;
+                set_times(pfd, &name, e.mtime).map_err(&err)?;
+            }
+            EntryKind::Dir | EntryKind::Opaque => {
+                // SAFETY: `pfd` is an open directory, `name` a NUL-terminated component.
+                let rc = unsafe { libc::mkdirat(pfd, name.as_ptr(), 0o700) };
+                if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+                    return Err(err(std::io::Error::last_os_error()));
+                }
+                let fd = open_beneath(&self.root, &path, libc::O_RDONLY | libc::O_DIRECTORY).map_err(&err)?;
+                if let EntryKind::Opaque = e.kind {
+                    set_xattr(&fd, b"trusted.overlay.opaque", b"y").map_err(&err)?;
+                } else {
+                    set_attrs(&fd, e).map_err(&err)?;
+                    self.dirs.push((path, e.mtime));
+                }
+            }
+            EntryKind::Symlink(target) => {
+                let t = cstr(target.as_os_str()).map_err(&err)?;
+                // SAFETY: both strings are NUL-terminated; `pfd` is an open directory.
+                check(unsafe { libc::symlinkat(t.as_ptr(), pfd, name.as_ptr()) }).map_err(&err)?;
+                chown_at(pfd, &name, e).map_err(&err)?;
+                set_times(pfd, &name, e.mtime).map_err(&err)?;
+            }
+            EntryKind::HardLink(target) => {
+                let tparent = self.parent(target).map_err(self.err(target))?;
+                let tname = cstr(target.file_name().unwrap_or_default()).map_err(&err)?;
+                // SAFETY: both directories are open, both names NUL-terminated components; flags
+                // 0 means a symlink target is linked itself, never followed.
+                let rc = unsafe { libc::linkat(tparent.as_raw_fd(), tname.as_ptr(), pfd, name.as_ptr(), 0) };
+                if rc < 0 {
+                    let source = std::io::Error::last_os_error();
+                    if source.raw_os_error() == Some(libc::ENOENT) {
+                        return Err(LayerError::Malicious {
+                            path: path.display().to_string(),
+                            why: format!("hard link to {}, which is not in this layer", target.display()),
+                        });
+                    }
+                    return Err(err(source));
+                }
+            }
+            EntryKind::CharDev { major, minor } | EntryKind::BlockDev { major, minor } => {
+                let kind = if matches!(e.kind, EntryKind::CharDev { .. }) { libc::S_IFCHR } else { libc::S_IFBLK };
+                mknod(pfd, &name, kind | (e.mode & 0o7777), libc::makedev(*major, *minor)).map_err(&err)?;
+                chown_at(pfd, &name, e).map_err(&err)?;
+                chmod_at(pfd, &name, e.mode).map_err(&err)?;
+                set_times(pfd, &name, e.mtime).map_err(&err)?;
+            }
+            EntryKind::Fifo => {
+                mknod(pfd, &name, libc::S_IFIFO | (e.mode & 0o7777), 0).map_err(&err)?;
+                chown_at(pfd, &name, e).map_err(&err)?;
+                chmod_at(pfd, &name, e.mode).map_err(&err)?;
+                set_times(pfd, &name, e.mtime).map_err(&err)?;
+            }
+            EntryKind::Whiteout => {
+                mknod(pfd, &name, libc::S_IFCHR, libc::makedev(0, 0)).map_err(&err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn mknod(dir: i32, name: &CString, mode: u32, dev: libc::dev_t) -> std::io::Result<()> {
+    // SAFETY: `dir` is an open directory and `name` a NUL-terminated component.
+    check(unsafe { libc::mknodat(dir, name.as_ptr(), mode, dev) })
+}
+
+fn chown_at(dir: i32, name: &CString, e: &super::Entry) -> std::io::Result<()> {
+    // SAFETY: as in `mknod`; AT_SYMLINK_NOFOLLOW changes a symlink itself.
+    check(unsafe { libc::fchownat(dir, name.as_ptr(), e.uid, e.gid, libc::AT_SYMLINK_NOFOLLOW) })
+}
+
+fn chmod_at(dir: i32, name: &CString, mode: u32) -> std::io::Result<()> {
+    // SAFETY: as in `mknod`; the name was just created as a non-symlink by us.
+    check(unsafe { libc::fchmodat(dir, name.as_ptr(), mode & 0o7777, 0) })
+}
+
+fn set_times(dir: i32, name: &CString, mtime: i64) -> std::io::Result<()> {
+    let t = libc::timespec { tv_sec: mtime as libc::time_t, tv_nsec: 0 };
+    let times = [t, t];
+    // SAFETY: `times` holds two timespecs; AT_SYMLINK_NOFOLLOW never follows a symlink.
+    check(unsafe { libc::utimensat(dir, name.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
+}
+
+fn set_xattr(fd: &OwnedFd, name: &[u8], value: &[u8]) -> std::io::Result<()> {
+    let n = CString::new(name).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `fd` is open, `n` NUL-terminated, `value` valid for its length.
+    check(unsafe { libc::fsetxattr(fd.as_raw_fd(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
+}
+
+/// Owner, then mode (chown clears setuid bits), then xattrs, of an open file or directory.
+fn set_attrs(fd: &OwnedFd, e: &super::Entry) -> std::io::Result<()> {
+    // SAFETY: `fd` is an open descriptor.
+    check(unsafe { libc::fchown(fd.as_raw_fd(), e.uid, e.gid) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::fchmod(fd.as_raw_fd(), e.mode & 0o7777) })?;
+    for (k, v) in &e.xattrs {
+        set_xattr(fd, k, v)?;
+    }
+    Ok(())
+}
+
+/// Unpacks a complete, verified layer blob into `dest` as an overlayfs lower directory
+/// (whiteouts as 0/0 character devices, opaque directories with `trusted.overlay.opaque=y`),
+/// refusing anything that would write outside `dest`. `index` must be the blob's own index; the
+/// entries met while streaming the blob are checked against it.
+pub fn unpack(index: &LayerIndex, blob: &Path, dest: &Path) -> Result<(), LayerError> {
+    let io = |source| LayerError::Unpack { path: dest.to_path_buf(), source };
+    std::fs::create_dir_all(dest).map_err(io)?;
+    let root = File::open(dest).map_err(io)?;
+    let mut u = Unpacker { root: OwnedFd::from(root), dest: dest.to_path_buf(), dirs: Vec::new() };
+    let file = File::open(blob).map_err(|source| LayerError::Unpack { path: blob.to_path_buf(), source })?;
+    let gz = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, file));
+    let mut tar = TarReader::new(gz, Limits::default());
+    let mut seen = 0usize;
+    while let Some(raw) = tar.next_entry()? {
+        if index.is_estargz() {
+            let name = raw.path.as_os_str();
+            if name == estargz::TOC_NAME || name == estargz::PREFETCH_LANDMARK || name == estargz::NO_PREFETCH_LANDMARK
+            {
+                continue;
+            }
+        }
+        let mut one = EntriesBuilder::default();
+        let loc = super::FileLoc::Tar(raw.data_offset);
+        one.push(raw, loc)?;
+        for e in one.entries {
+            let expected = index.entries.get(seen);
+            if expected.map(|x| &x.path) != Some(&e.path) {
+                return Err(LayerError::Index(format!(
+                    "blob entry {} does not match the layer index",
+                    e.path.display()
+                )));
+            }
+            seen += 1;
+            u.apply(&e, &mut tar)?;
+        }
+    }
+    if seen != index.entries.len() {
+        return Err(LayerError::Index(format!("blob has {seen} entries, the index {}", index.entries.len())));
+    }
+    // Directory times last (deepest first), since creating their contents changed them.
+    let dirs = std::mem::take(&mut u.dirs);
+    for (path, mtime) in dirs.iter().rev() {
+        if path.as_os_str().is_empty() {
+            let fd = open_beneath(&u.root, path, libc::O_RDONLY | libc::O_DIRECTORY).map_err(u.err(path))?;
+            let t = libc::timespec { tv_sec: *mtime as libc::time_t, tv_nsec: 0 };
+            // SAFETY: `fd` is open and the array holds two timespecs.
+            check(unsafe { libc::futimens(fd.as_raw_fd(), [t, t].as_ptr()) }).map_err(u.err(path))?;
+        } else {
+            let parent = u.parent(path).map_err(u.err(path))?;
+            let name = cstr(path.file_name().unwrap_or_default()).map_err(u.err(path))?;
+            set_times(parent.as_raw_fd(), &name, *mtime).map_err(u.err(path))?;
+        }
+    }
+    Ok(())
+}
