@@ -35,7 +35,7 @@ pub enum ConvertError {
     Layer {
         digest: Digest,
         #[source]
-        source: LayerError,
+        source: Box<LayerError>,
     },
     #[error("layer {digest} is {media_type}; only gzip tar layers can be converted")]
     NotGzip { digest: Digest, media_type: String },
@@ -126,7 +126,7 @@ fn convert_layer(
     let file = File::create(out).map_err(io("creating", out))?;
     let mut writer = BufWriter::new(file);
     let converted = layer::convert_to_estargz(&mut reader, &mut writer, prefetch)
-        .map_err(|source| ConvertError::Layer { digest: desc.digest.clone(), source })?;
+        .map_err(|source| ConvertError::Layer { digest: desc.digest.clone(), source: Box::new(source) })?;
     writer.flush().map_err(io("writing", out))?;
     let mut hasher = Hasher::new();
     let mut written = File::open(out).map_err(io("opening", out))?;
@@ -159,7 +159,8 @@ mod tests {
         let src: ImageRef = "127.0.0.1:1/a:b".parse().unwrap();
         let old = br#"{"architecture":"amd64","os":"linux","config":{"Env":["A=1"]},"rootfs":{"type":"layers","diff_ids":["sha256:1111111111111111111111111111111111111111111111111111111111111111"]},"history":[{"created_by":"x"}]}"#;
         let d = Digest::of(b"new");
-        let new: serde_json::Value = serde_json::from_slice(&new_config(&src, old, &[d.clone()]).unwrap()).unwrap();
+        let new: serde_json::Value =
+            serde_json::from_slice(&new_config(&src, old, std::slice::from_ref(&d)).unwrap()).unwrap();
         assert_eq!(new["rootfs"]["diff_ids"][0], d.as_str());
         assert_eq!(new["config"]["Env"][0], "A=1");
         assert_eq!(new["history"][0]["created_by"], "x");
