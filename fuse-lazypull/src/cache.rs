@@ -4,7 +4,7 @@
 //! # Layout of the cache directory
 //! - `blobs/sha256/HEX`: complete blobs. A file appears here only by a rename after its bytes
 //!   matched the digest, so whatever is here is verified and shared by every process.
-//! - `partial/HEX.PID`: a blob being fetched by process PID: a sparse file whose present chunks
+//! - `partial/HEX.PID.N`: a blob being fetched by process PID: a sparse file whose present chunks
 //!   are kept in memory (a [`Blob`]'s chunk map). Partial blobs are per process: two daemons
 //!   fetching the same blob at once each fetch what they read, and whichever completes first
 //!   publishes the blob, which the other then adopts at its next miss or background step. A
@@ -406,7 +406,7 @@ impl BlobCache {
         let Ok(entries) = std::fs::read_dir(&dir) else { return };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name.rsplit_once('.').and_then(|(_, p)| p.parse::<u32>().ok());
+            let pid = name.split('.').nth(1).and_then(|p| p.parse::<u32>().ok());
             let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
             if !alive {
                 let _ = std::fs::remove_file(entry.path());
@@ -582,7 +582,10 @@ pub struct Blob {
 impl Blob {
     fn new(cache: &BlobCache, desc: &Descriptor, source: Arc<dyn RangeSource>) -> Result<Arc<Blob>, CacheError> {
         let complete_path = cache.complete_path(&desc.digest);
-        let partial_path = cache.dir.join("partial").join(format!("{}.{}", desc.digest.hex(), std::process::id()));
+        // Unique per Blob: a Blob being dropped removes its file while a new one may start.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let partial_path = cache.dir.join("partial").join(format!("{}.{}.{n}", desc.digest.hex(), std::process::id()));
         let local = match open_complete(&complete_path, desc)? {
             Some(file) => Local {
                 file: Arc::new(file),
@@ -859,6 +862,16 @@ fn hash_file(file: &File, size: u64) -> std::io::Result<Digest> {
         at += n as u64;
     }
     Ok(hasher.finish())
+}
+
+impl Drop for Blob {
+    /// A partial blob's bytes go with it (fetching starts again from nothing next time).
+    fn drop(&mut self) {
+        let local = self.local.get_mut().unwrap_or_else(|e| e.into_inner());
+        if !local.complete {
+            let _ = std::fs::remove_file(&local.path);
+        }
+    }
 }
 
 impl crate::layer::BlobSource for Blob {

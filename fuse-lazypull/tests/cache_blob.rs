@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -333,4 +334,41 @@ fn gc_removes_unreferenced_content_oldest_first() {
     let report = small.gc().unwrap();
     assert_eq!(report.removed, vec![digests[0].clone(), digests[3].clone()]);
     assert_eq!(report.total_bytes, 0);
+}
+
+/// Two processes use one cache directory at once: the index (RocksDB, one process at a time) is
+/// opened per operation with retries, so both register their blobs and references, and a blob
+/// one publishes the other finds complete.
+#[test]
+fn cache_index_is_shared_by_two_processes() {
+    const CHILD: &str = "FUSE_LAZYPULL_TEST_CACHE_CHILD";
+    let work = |dir: &Path, who: &str| {
+        let cache = BlobCache::open(dir, config(Duration::from_secs(30))).unwrap();
+        for i in 0..15u64 {
+            let data = bytes(70_000, 1000 + 2 * i);
+            let blob =
+                cache.blob_from(&desc(&data), MemSource::new(data.clone()), Some(&format!("{who}-{i}"))).unwrap();
+            blob.fetch_all().unwrap();
+            cache.gc().unwrap();
+        }
+    };
+    if let Ok(dir) = std::env::var(CHILD) {
+        work(Path::new(&dir), "child");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "cache_index_is_shared_by_two_processes", "--test-threads=1"])
+        .env(CHILD, dir.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    work(dir.path(), "parent");
+    assert!(child.wait().unwrap().success(), "the child process failed");
+    let cache = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
+    let images = cache.images().unwrap();
+    assert_eq!(images.len(), 30, "{images:?}");
+    // Both processes fetched the same 15 blobs; whichever published first, all are complete.
+    assert_eq!(cache.usage().unwrap().len(), 15);
+    assert_eq!(std::fs::read_dir(dir.path().join("partial")).unwrap().count(), 0);
 }

@@ -143,6 +143,7 @@ fn registry_basic_auth_through_the_proxy() {
     assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err:?}");
 }
 
+/// Bearer tokens from the realm, cached; blob GETs that redirect.
 #[test]
 fn registry_bearer_token_auth_through_the_proxy() {
     let reg = support::Registry::start();
@@ -159,6 +160,11 @@ fn registry_bearer_token_auth_through_the_proxy() {
     assert_eq!(bytes, layout_blob(&b, &layer.digest));
     client.fetch_blob(&reference, &image.config.digest).unwrap();
     assert_eq!(proxy.auth_failures(), failures);
+    // Blob GETs redirected elsewhere (as to a registry's storage) keep their range.
+    proxy.set_faults(|f| f.redirect_blobs = true);
+    let part = client.fetch_range(&reference, &layer.digest, 10..110).unwrap();
+    assert_eq!(part, &bytes[10..110]);
+    client.fetch_blob(&reference, &image.config.digest).unwrap();
     let err = client_with(&proxy.host(), "bob", "nope").resolve(&reference).unwrap_err();
     assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err:?}");
 }

@@ -172,6 +172,9 @@ pub struct Faults {
     pub corrupt_blobs: u32,
     /// Send half of this many blob bodies, then close the connection.
     pub truncate_blobs: u32,
+    /// Answer blob GETs with a 307 to another path on the proxy that serves them without auth,
+    /// as registries send blob GETs to their storage.
+    pub redirect_blobs: bool,
 }
 
 #[derive(Default)]
@@ -390,12 +393,33 @@ impl ProxyCtx {
         if req.path.starts_with("/token") {
             return Ok((self.token(req), false));
         }
-        if let Some(refused) = self.check_auth(req) {
-            self.state.auth_failures.fetch_add(1, Ordering::SeqCst);
-            return Ok((refused, false));
+        let redirected = req.path.strip_prefix("/storage");
+        if redirected.is_none() {
+            if let Some(refused) = self.check_auth(req) {
+                self.state.auth_failures.fetch_add(1, Ordering::SeqCst);
+                return Ok((refused, false));
+            }
         }
-        let mut resp = self.forward(req)?;
         let is_blob = req.method == "GET" && req.path.contains("/blobs/sha256:");
+        if is_blob && redirected.is_none() && self.state.faults.lock().unwrap().redirect_blobs {
+            let mut r = simple(307, "redirect");
+            r.headers.push(("Location".into(), format!("http://127.0.0.1:{}/storage{}", self.port, req.path)));
+            return Ok((r, false));
+        }
+        let forwarded;
+        let req = match redirected {
+            Some(path) => {
+                forwarded = Request {
+                    method: req.method.clone(),
+                    path: path.to_owned(),
+                    headers: req.headers.clone(),
+                    body: req.body.clone(),
+                };
+                &forwarded
+            }
+            None => req,
+        };
+        let mut resp = self.forward(req)?;
         let mut truncate = false;
         if is_blob && (resp.status == 200 || resp.status == 206) {
             let mut f = self.state.faults.lock().unwrap();
@@ -513,8 +537,24 @@ fn simple(status: u16, msg: &str) -> Response {
 }
 
 fn basic(user: &str, password: &str) -> String {
-    use base64::Engine as _;
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+    format!("Basic {}", base64(format!("{user}:{password}").as_bytes()))
+}
+
+/// Standard base64 with padding (here so that users of this module need no base64 crate).
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for group in bytes.chunks(3) {
+        let n = group.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= group.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// An OCI image layout holding one image (tag `latest`) built layer by layer.
