@@ -1,0 +1,263 @@
+//! Gzip tar layers indexed and read through `LayerIndex`, and every refusal of malicious input.
+
+mod layer_support;
+
+use std::path::{Path, PathBuf};
+
+use fuse_lazypull::layer::tar::{Limits, RawKind};
+use fuse_lazypull::layer::{EntryKind, LayerError, LayerIndex};
+use layer_support::{descriptor, gzip, header_block, MemSource, Tar, E};
+
+fn build(tar: Vec<u8>) -> Result<(LayerIndex, MemSource), LayerError> {
+    build_limited(tar, &Limits::default())
+}
+
+fn build_limited(tar: Vec<u8>, limits: &Limits) -> Result<(LayerIndex, MemSource), LayerError> {
+    let blob = gzip(&tar);
+    let source = MemSource::new(blob.clone());
+    let index = LayerIndex::build_with_limits(&descriptor(&blob, &[]), &source, limits)?;
+    Ok((index, source))
+}
+
+fn read_all(index: &LayerIndex, source: &MemSource, path: &str) -> Vec<u8> {
+    let e = index.entries.iter().rev().find(|e| e.path == Path::new(path)).unwrap();
+    let EntryKind::File(data) = &e.kind else { panic!("{path} is not a file") };
+    let mut buf = vec![0u8; e.size as usize + 10];
+    let n = index.read(source, data, 0, &mut buf).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+fn refused(result: Result<(LayerIndex, MemSource), LayerError>, name: &str) -> String {
+    match result {
+        Err(e @ (LayerError::Malicious { .. } | LayerError::Unsupported { .. })) => {
+            let text = e.to_string();
+            assert!(text.contains(name), "error {text:?} does not name {name:?}");
+            text
+        }
+        Err(other) => panic!("wrong error for {name}: {other:?}"),
+        Ok(_) => panic!("{name} was accepted"),
+    }
+}
+
+#[test]
+fn entries_and_file_bytes() {
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let long = format!("{}/file", "d".repeat(150));
+    let mut tar = Tar::default();
+    tar.add(E::dir("./"))
+        .add(E::dir("etc/"))
+        .add(E { uid: 1000, gid: 3_000_000, mtime: 1_234_567_890, ..E::file("/etc/hosts", b"127.0.0.1 localhost\n") })
+        .add(E::file("big", &big))
+        .add(E { xattrs: vec![(b"user.note".to_vec(), b"\x00bin\xff".to_vec())], ..E::file(&long, b"long") })
+        .add(E::symlink("etc/link", "/absolute/elsewhere"))
+        .add(E::hardlink("etc/hosts2", "etc/hosts"))
+        .add(E { kind: RawKind::CharDev { major: 1, minor: 3 }, ..E::file("dev/null", b"") })
+        .add(E { kind: RawKind::Fifo, ..E::file("fifo", b"") })
+        .add(E::file("etc/.wh.gone", b""))
+        .add(E::file("etc/.wh..wh..opq", b""));
+    let (index, source) = build(tar.finish()).unwrap();
+    let paths: Vec<&Path> = index.entries.iter().map(|e| e.path.as_path()).collect();
+    assert_eq!(paths[..4], [Path::new(""), Path::new("etc"), Path::new("etc/hosts"), Path::new("big")]);
+    let hosts = &index.entries[2];
+    assert_eq!((hosts.uid, hosts.gid, hosts.mtime, hosts.size), (1000, 3_000_000, 1_234_567_890, 20));
+    assert_eq!(read_all(&index, &source, "etc/hosts"), b"127.0.0.1 localhost\n");
+    assert_eq!(read_all(&index, &source, "big"), big);
+    assert_eq!(read_all(&index, &source, &long), b"long");
+    let long_entry = index.entries.iter().find(|e| e.path == Path::new(&long)).unwrap();
+    assert_eq!(long_entry.xattrs, vec![(b"user.note".to_vec(), b"\x00bin\xff".to_vec())]);
+    let kinds: Vec<String> = index.entries[5..].iter().map(|e| format!("{:?} {:?}", e.path, e.kind)).collect();
+    assert_eq!(
+        kinds,
+        [
+            "\"etc/link\" Symlink(\"/absolute/elsewhere\")",
+            "\"etc/hosts2\" HardLink(\"etc/hosts\")",
+            "\"dev/null\" CharDev { major: 1, minor: 3 }",
+            "\"fifo\" Fifo",
+            "\"etc/gone\" Whiteout",
+            "\"etc\" Opaque",
+        ]
+    );
+    // Reads in the middle of the big file.
+    let EntryKind::File(data) = &index.entries[3].kind else { panic!() };
+    let mut buf = vec![0u8; 5000];
+    assert_eq!(index.read(&source, data, 2_999_000, &mut buf).unwrap(), 1000);
+    assert_eq!(&buf[..1000], &big[2_999_000..]);
+    // The index survives serialization.
+    let again = LayerIndex::from_bytes(&index.to_bytes()).unwrap();
+    assert_eq!(read_all(&again, &source, "big"), big);
+}
+
+#[test]
+fn gnu_long_names_and_links() {
+    let name = format!("{}/n", "x".repeat(200));
+    let target = format!("{}/t", "y".repeat(200));
+    let mut tar = Tar::default();
+    for (flag, value) in [(b'L', &name), (b'K', &target)] {
+        let mut data = value.as_bytes().to_vec();
+        data.push(0);
+        tar.raw_header(header_block(b"././@LongLink", flag, data.len() as u64, b""));
+        data.resize(512, 0);
+        tar.raw(&data);
+    }
+    tar.raw_header(header_block(b"truncated", b'2', 0, b"trunc"));
+    let (index, _) = build(tar.finish()).unwrap();
+    assert_eq!(index.entries[0].path, PathBuf::from(&name));
+    assert!(matches!(&index.entries[0].kind, EntryKind::Symlink(t) if t == Path::new(&target)));
+}
+
+#[test]
+fn absolute_paths_are_made_relative() {
+    let mut tar = Tar::default();
+    tar.add(E::file("/etc/passwd", b"x")).add(E::file("./a/./b/../c", b"y"));
+    let (index, _) = build(tar.finish()).unwrap();
+    assert_eq!(index.entries[0].path, Path::new("etc/passwd"));
+    assert_eq!(index.entries[1].path, Path::new("a/c"));
+}
+
+#[test]
+fn dot_dot_escaping_the_root_is_refused() {
+    for name in ["../escape", "a/../../escape", "/../../etc/shadow"] {
+        let mut tar = Tar::default();
+        tar.add(E::file(name, b"x"));
+        refused(build(tar.finish()), name);
+    }
+}
+
+#[test]
+fn pax_path_escaping_the_root_is_refused() {
+    let name = format!("{}/../../../../x", "a");
+    let long = format!("{}{}", "b/".repeat(60), "../".repeat(62));
+    for n in [name, long] {
+        let mut tar = Tar::default();
+        tar.add(E::file(&n, b"x"));
+        refused(build(tar.finish()), "..");
+    }
+}
+
+#[test]
+fn hard_link_escaping_the_root_is_refused() {
+    let mut tar = Tar::default();
+    tar.add(E::hardlink("innocent", "../../etc/shadow"));
+    let text = refused(build(tar.finish()), "innocent");
+    assert!(text.contains("hard link target"), "{text}");
+}
+
+#[test]
+fn hard_link_to_a_later_entry_is_refused() {
+    let mut tar = Tar::default();
+    tar.add(E::hardlink("first", "second")).add(E::file("second", b"x"));
+    refused(build(tar.finish()), "first");
+}
+
+#[test]
+fn hard_link_to_itself_is_refused() {
+    let mut tar = Tar::default();
+    tar.add(E::hardlink("me", "me"));
+    refused(build(tar.finish()), "me");
+}
+
+#[test]
+fn huge_pax_header_is_refused() {
+    let mut tar = Tar::default();
+    tar.raw_header(header_block(b"PaxHeaders/huge", b'x', 100 << 20, b""));
+    refused(build(tar.finish()), "PaxHeaders/huge");
+}
+
+#[test]
+fn huge_gnu_long_name_is_refused() {
+    let mut tar = Tar::default();
+    tar.raw_header(header_block(b"././@LongLink", b'L', 50 << 20, b""));
+    refused(build(tar.finish()), "@LongLink");
+}
+
+#[test]
+fn too_many_entries_is_refused() {
+    let mut tar = Tar::default();
+    let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
+    for n in &names {
+        tar.add(E::file(n, b""));
+    }
+    let limits = Limits { max_entries: 10, ..Limits::default() };
+    let text = refused(build_limited(tar.finish(), &limits), "f10");
+    assert!(text.contains("entries"), "{text}");
+}
+
+#[test]
+fn too_many_bytes_is_refused() {
+    let data = vec![7u8; 4096];
+    let mut tar = Tar::default();
+    for i in 0..10 {
+        tar.add(E::file(&format!("bomb{i}"), &data));
+    }
+    let limits = Limits { max_total_size: 20_000, ..Limits::default() };
+    refused(build_limited(tar.finish(), &limits), "bomb4");
+}
+
+#[test]
+fn gnu_sparse_files_are_refused() {
+    let mut tar = Tar::default();
+    tar.raw_header(header_block(b"sparse", b'S', 0, b""));
+    let text = refused(build(tar.finish()), "sparse");
+    assert!(text.contains("sparse"), "{text}");
+
+    let mut tar = Tar::default();
+    let records = b"22 GNU.sparse.major=1\n";
+    tar.raw_header(header_block(b"PaxHeaders/s", b'x', records.len() as u64, b""));
+    let mut data = records.to_vec();
+    data.resize(512, 0);
+    tar.raw(&data).add(E::file("pax-sparse", b""));
+    refused(build(tar.finish()), "pax-sparse");
+}
+
+#[test]
+fn nul_in_a_pax_path_is_refused() {
+    let mut tar = Tar::default();
+    let records = b"16 path=a\x00/../x\n";
+    tar.raw_header(header_block(b"PaxHeaders/n", b'x', records.len() as u64, b""));
+    let mut data = records.to_vec();
+    data.resize(512, 0);
+    tar.raw(&data).add(E::file("plain", b""));
+    let text = refused(build(tar.finish()), "a");
+    assert!(text.contains("NUL"), "{text}");
+}
+
+#[test]
+fn bad_whiteout_names_are_refused() {
+    let mut tar = Tar::default();
+    tar.add(E::file("dir/.wh..", b""));
+    refused(build(tar.finish()), ".wh..");
+}
+
+#[test]
+fn bad_checksum_and_truncation_are_errors() {
+    let mut tar = Tar::default();
+    tar.add(E::file("ok", b"data"));
+    let mut bytes = tar.finish();
+    bytes[0] ^= 1;
+    assert!(matches!(build(bytes), Err(LayerError::BadHeader { offset: 0, .. })));
+
+    let mut tar = Tar::default();
+    tar.add(E::file("cut", &[1u8; 3000]));
+    let bytes = tar.finish();
+    assert!(matches!(build(bytes[..2000].to_vec()), Err(LayerError::Truncated { .. })));
+}
+
+#[test]
+fn a_blob_that_does_not_match_its_digest_is_refused() {
+    let mut tar = Tar::default();
+    tar.add(E::file("x", b"data"));
+    let blob = gzip(&tar.finish());
+    let desc = descriptor(b"something else", &[]);
+    let source = MemSource::new(blob);
+    assert!(matches!(LayerIndex::build(&desc, &source), Err(LayerError::BlobDigest { .. })));
+}
+
+#[test]
+fn zstd_layers_are_refused_clearly() {
+    let mut desc = descriptor(b"", &[]);
+    desc.media_type = "application/vnd.oci.image.layer.v1.tar+zstd".into();
+    let source = MemSource::new(Vec::new());
+    let err = LayerIndex::build(&desc, &source).unwrap_err();
+    assert!(err.to_string().contains("zstd"), "{err}");
+}
