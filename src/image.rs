@@ -105,7 +105,9 @@ fn mount(
     // Block SIGINT and SIGTERM in every thread started from here on; one thread waits for them.
     let signals = block_stop_signals()?;
     let (cache, registry) = open(args)?;
-    let mount = ImageMount::start(cache, registry, &image, &target, MountOptions { handoff }).map_err(|e| chain(&e))?;
+    let mount =
+        ImageMount::start(cache, registry, &image, &target, MountOptions { handoff, ..MountOptions::default() })
+            .map_err(|e| chain(&e))?;
     let progress = Arc::clone(mount.progress());
     if let Some(addr) = metrics {
         serve_metrics(addr, Arc::clone(&progress))?;

@@ -95,6 +95,8 @@ pub enum MountError {
         #[source]
         source: HandoffError,
     },
+    #[error("cannot hand off in phase {0:?}: the image must be complete")]
+    NotComplete(Phase),
     #[error("the mount was stopped before the image was complete")]
     Stopped,
 }
@@ -103,11 +105,14 @@ pub enum MountError {
 pub struct MountOptions {
     /// Hand the target over to overlayfs once the image is local.
     pub handoff: bool,
+    /// Fetch the whole image in the background; without it only what is read is fetched (and
+    /// there is no handoff).
+    pub background_fetch: bool,
 }
 
 impl Default for MountOptions {
     fn default() -> MountOptions {
-        MountOptions { handoff: true }
+        MountOptions { handoff: true, background_fetch: true }
     }
 }
 
@@ -269,6 +274,7 @@ pub struct ImageMount {
     stop: Arc<AtomicBool>,
     fuse: FuseMount,
     background: JoinHandle<Result<(), MountError>>,
+    work: Arc<Background>,
 }
 
 impl ImageMount {
@@ -327,7 +333,7 @@ impl ImageMount {
             phase: Mutex::new(Phase::Fetching),
         });
         let stop = Arc::new(AtomicBool::new(false));
-        let work = Background {
+        let work = Arc::new(Background {
             cache,
             image,
             blobs: layers,
@@ -336,12 +342,13 @@ impl ImageMount {
             options,
             progress: Arc::clone(&progress),
             stop: Arc::clone(&stop),
-        };
+        });
+        let worker = Arc::clone(&work);
         let background =
-            std::thread::Builder::new().name("image-fetch".into()).spawn(move || work.run()).map_err(|source| {
+            std::thread::Builder::new().name("image-fetch".into()).spawn(move || worker.run()).map_err(|source| {
                 MountError::Io { what: "starting the fetch thread for", path: target.to_path_buf(), source }
             })?;
-        Ok(ImageMount { target: target.to_path_buf(), progress, stop, fuse, background })
+        Ok(ImageMount { target: target.to_path_buf(), progress, stop, fuse, background, work })
     }
 
     pub fn progress(&self) -> &Arc<Progress> {
@@ -361,6 +368,12 @@ impl ImageMount {
     /// A handle that stops this mount from another thread (e.g. on a signal).
     pub fn stopper(&self) -> MountStopper {
         MountStopper { target: self.target.clone(), progress: Arc::clone(&self.progress), stop: Arc::clone(&self.stop) }
+    }
+
+    /// Hands the target over to overlayfs now, for a mount started without `handoff` whose
+    /// image is complete ([`Phase::Complete`]).
+    pub fn hand_off(&self) -> Result<(), MountError> {
+        self.work.hand_off()
     }
 
     /// Whether the background work has finished (handed off, complete, stopped or failed).
@@ -428,7 +441,7 @@ struct Background {
 }
 
 impl Background {
-    fn run(self) -> Result<(), MountError> {
+    fn run(&self) -> Result<(), MountError> {
         let result = self.fetch_and_hand_off();
         match &result {
             Ok(()) => {}
@@ -439,16 +452,40 @@ impl Background {
     }
 
     fn fetch_and_hand_off(&self) -> Result<(), MountError> {
+        if !self.options.background_fetch {
+            return Ok(());
+        }
         self.prefetch();
         for (desc, blob) in self.image.layers.iter().zip(&self.blobs) {
             self.retrying(&desc.digest, || blob.fetch_all())?;
         }
         tracing::info!(image = %self.progress.reference, "every layer is local");
-        if !self.options.handoff {
-            self.progress.set_phase(Phase::Complete);
-            return Ok(());
+        self.progress.set_phase(Phase::Complete);
+        if self.options.handoff {
+            self.hand_off()?;
         }
-        self.progress.set_phase(Phase::Unpacking);
+        Ok(())
+    }
+
+    /// Unpacks every layer (once) and hands the target over to overlayfs. Only one caller at a
+    /// time gets past the phase check.
+    fn hand_off(&self) -> Result<(), MountError> {
+        {
+            let mut phase = self.progress.phase.lock().unwrap_or_else(|e| e.into_inner());
+            if *phase != Phase::Complete {
+                return Err(MountError::NotComplete(phase.clone()));
+            }
+            *phase = Phase::Unpacking;
+        }
+        let result = self.unpack_and_hand_off();
+        self.progress.set_phase(match &result {
+            Ok(()) => Phase::HandedOff,
+            Err(e) => Phase::Failed(chain(e)),
+        });
+        result
+    }
+
+    fn unpack_and_hand_off(&self) -> Result<(), MountError> {
         let mut lowers = Vec::with_capacity(self.blobs.len());
         for ((desc, blob), index) in self.image.layers.iter().zip(&self.blobs).zip(&self.indexes) {
             lowers.push(unpack_once(&self.cache, &desc.digest, blob, index)?);
@@ -463,7 +500,6 @@ impl Background {
         }
         handoff::hand_off(&self.target, &lowers)
             .map_err(|source| MountError::Handoff { target: self.target.clone(), source })?;
-        self.progress.set_phase(Phase::HandedOff);
         tracing::info!(target = %self.target.display(), "handed over to overlayfs");
         Ok(())
     }
