@@ -62,6 +62,7 @@ const INDEX_WAIT: Duration = Duration::from_secs(30);
 /// The state-store namespace of the cache's index.
 pub const INDEX_NAMESPACE: &str = "blob-cache";
 
+/// Large causes are boxed to keep the error small: it is returned on every read.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     /// The registry did not deliver a range in time (a read of missing data gets EIO).
@@ -91,7 +92,7 @@ pub enum CacheError {
     Index {
         path: PathBuf,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     #[error("bad derived-data kind {0:?} (lowercase letters, digits and '-')")]
     BadKind(String),
@@ -101,7 +102,7 @@ pub enum CacheError {
     Resolve {
         reference: String,
         #[source]
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
 }
 
@@ -432,8 +433,9 @@ impl BlobCache {
 /// Fills the cache with a whole image ahead of time: its config and every layer, fetched and
 /// verified. Returns the resolved image.
 pub fn prefetch(cache: &BlobCache, registry: &Arc<Registry>, image: &ImageRef) -> Result<Image, CacheError> {
-    let resolved =
-        registry.resolve(image).map_err(|source| CacheError::Resolve { reference: image.to_string(), source })?;
+    let resolved = registry
+        .resolve(image)
+        .map_err(|source| CacheError::Resolve { reference: image.to_string(), source: Box::new(source) })?;
     let mut blobs = vec![cache.blob(registry, image, &resolved.config)?];
     for layer in &resolved.layers {
         blobs.push(cache.blob(registry, image, layer)?);
@@ -516,7 +518,7 @@ impl Index {
 
     fn with<T>(&self, op: impl FnOnce(&Store) -> Result<T, StoreError>) -> Result<T, CacheError> {
         let _busy = lock(&self.busy);
-        let err = |source| CacheError::Index { path: self.path.clone(), source };
+        let err = |source| CacheError::Index { path: self.path.clone(), source: Box::new(source) };
         let deadline = Instant::now() + INDEX_WAIT;
         let mut wait = Duration::from_millis(5);
         let store = loop {

@@ -20,8 +20,6 @@ use crate::registry::{
     BlobBody, Descriptor, Registry, RegistryError, DOCKER_LAYER_GZIP, OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST,
 };
 
-/// The layer annotation naming the digest of an eStargz layer's table of contents.
-pub const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
 /// The layer annotation giving the size of an eStargz layer's uncompressed tar.
 pub const UNCOMPRESSED_SIZE: &str = "io.containers.estargz.uncompressed-size";
 
@@ -85,7 +83,7 @@ pub fn convert(
         let c = pushed?;
         tracing::info!(layer = %desc.digest, estargz = %c.digest, size = c.size, "layer converted");
         let annotations = BTreeMap::from([
-            (TOC_DIGEST.to_owned(), c.toc_digest.to_string()),
+            (layer::TOC_DIGEST_ANNOTATION.to_owned(), c.toc_digest.to_string()),
             (UNCOMPRESSED_SIZE.to_owned(), c.uncompressed_size.to_string()),
         ]);
         layers.push(Descriptor { media_type: OCI_LAYER_GZIP.to_owned(), digest: c.digest, size: c.size, annotations });
