@@ -484,6 +484,17 @@ fn name_str(raw: &RawEntry) -> Result<String, LayerError> {
 
 /// Writes an eStargz copy of the gzip tar `input`; see [`super::convert_to_estargz`].
 pub fn convert(input: &mut dyn Read, out: &mut dyn Write, prefetch: &[PathBuf]) -> Result<Converted, LayerError> {
+    convert_with_chunk_size(input, out, prefetch, CHUNK_SIZE)
+}
+
+/// [`convert`] with files cut into chunks of `chunk_size` bytes (tests use small ones).
+pub fn convert_with_chunk_size(
+    input: &mut dyn Read,
+    out: &mut dyn Write,
+    prefetch: &[PathBuf],
+    chunk_size: u64,
+) -> Result<Converted, LayerError> {
+    let chunk_size = chunk_size.clamp(1, MAX_CHUNK_SIZE);
     use std::os::unix::fs::FileExt as _;
 
     let mut tmp = temp_file()?;
@@ -592,7 +603,7 @@ pub fn convert(input: &mut dyn Read, out: &mut dyn Write, prefetch: &[PathBuf]) 
         let mut written = 0u64;
         let mut chunk_entries = Vec::new();
         while written < e.size {
-            let len = (e.size - written).min(CHUNK_SIZE);
+            let len = (e.size - written).min(chunk_size);
             buf.resize(len as usize, 0);
             if e.data_offset == u64::MAX {
                 buf.fill(0xf);
