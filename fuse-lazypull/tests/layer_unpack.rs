@@ -1,0 +1,147 @@
+//! Unpacking a layer into an overlayfs lower directory: every kind of entry as in the image,
+//! whiteouts and opaque directories in overlayfs' form, and no write outside the destination.
+
+mod layer_support;
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use fuse_lazypull::layer::tar::RawKind;
+use fuse_lazypull::layer::{unpack, LayerError, LayerIndex};
+use layer_support::{descriptor, gzip, MemSource, Tar, E};
+
+fn unpack_tar(tar: Vec<u8>, dest: &Path) -> Result<(), LayerError> {
+    let blob = gzip(&tar);
+    let source = MemSource::new(blob.clone());
+    let index = LayerIndex::build(&descriptor(&blob, &[]), &source)?;
+    let file = dest.parent().unwrap().join(format!("{}.blob", dest.file_name().unwrap().to_str().unwrap()));
+    std::fs::write(&file, &blob).unwrap();
+    unpack(&index, &file, dest)
+}
+
+fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid C strings and a buffer of the length given.
+    let len = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if len < 0 {
+        return None;
+    }
+    buf.truncate(len as usize);
+    Some(buf)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn every_kind_of_entry_lands_as_in_the_image() {
+    if !is_root() {
+        eprintln!("skipped: unpacking owners and device nodes needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("lower");
+    let mut tar = Tar::default();
+    tar.add(E { mode: 0o750, mtime: 1_000_000, ..E::dir("./") })
+        .add(E { mode: 0o711, uid: 7, gid: 8, mtime: 1_500_000_000, ..E::dir("etc/") })
+        .add(E { mode: 0o4755, uid: 1000, gid: 1001, mtime: 1_600_000_000, ..E::file("etc/prog", b"binary") })
+        .add(E { xattrs: vec![(b"user.note".to_vec(), b"hello".to_vec())], ..E::file("deep/er/file", b"x") })
+        .add(E { uid: 3, gid: 4, mtime: 1_234, ..E::symlink("etc/link", "/etc/passwd") })
+        .add(E::hardlink("etc/prog2", "etc/prog"))
+        .add(E { kind: RawKind::CharDev { major: 1, minor: 3 }, mode: 0o666, ..E::file("dev/null", b"") })
+        .add(E { kind: RawKind::BlockDev { major: 7, minor: 0 }, mode: 0o660, ..E::file("dev/loop0", b"") })
+        .add(E { kind: RawKind::Fifo, mode: 0o600, ..E::file("fifo", b"") })
+        .add(E::file("etc/.wh.removed", b""))
+        .add(E::dir("opq/"))
+        .add(E::file("opq/.wh..wh..opq", b""))
+        .add(E::file("opq/kept", b"k"));
+    unpack_tar(tar.finish(), &dest).unwrap();
+
+    let meta = |p: &str| std::fs::symlink_metadata(dest.join(p)).unwrap();
+    let prog = meta("etc/prog");
+    assert_eq!(std::fs::read(dest.join("etc/prog")).unwrap(), b"binary");
+    assert_eq!((prog.mode() & 0o7777, prog.uid(), prog.gid(), prog.mtime()), (0o4755, 1000, 1001, 1_600_000_000));
+    assert_eq!(prog.nlink(), 2);
+    assert_eq!(meta("etc/prog2").ino(), prog.ino());
+    let etc = meta("etc");
+    assert_eq!((etc.mode() & 0o7777, etc.uid(), etc.gid(), etc.mtime()), (0o711, 7, 8, 1_500_000_000));
+    let root = meta("");
+    assert_eq!((root.permissions().mode() & 0o7777, root.mtime()), (0o750, 1_000_000));
+    assert_eq!(xattr(&dest.join("deep/er/file"), "user.note").as_deref(), Some(&b"hello"[..]));
+    assert_eq!(meta("deep/er").mode() & 0o7777, 0o755);
+    let link = meta("etc/link");
+    assert!(link.file_type().is_symlink());
+    assert_eq!(std::fs::read_link(dest.join("etc/link")).unwrap(), Path::new("/etc/passwd"));
+    assert_eq!((link.uid(), link.gid(), link.mtime()), (3, 4, 1_234));
+    let null = meta("dev/null");
+    assert!(null.file_type().is_char_device());
+    assert_eq!((null.rdev(), null.mode() & 0o7777), (libc::makedev(1, 3), 0o666));
+    assert!(meta("dev/loop0").file_type().is_block_device());
+    assert!(meta("fifo").file_type().is_fifo());
+    let wh = meta("etc/removed");
+    assert!(wh.file_type().is_char_device());
+    assert_eq!(wh.rdev(), 0);
+    assert_eq!(xattr(&dest.join("opq"), "trusted.overlay.opaque").as_deref(), Some(&b"y"[..]));
+    assert_eq!(std::fs::read(dest.join("opq/kept")).unwrap(), b"k");
+    assert!(!dest.join("opq/.wh..wh..opq").exists());
+}
+
+#[test]
+fn a_symlinked_parent_is_never_followed() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let outside = dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    for (i, target) in [outside.to_str().unwrap(), "../outside", "."].into_iter().enumerate() {
+        let dest = dir.path().join(format!("lower{i}"));
+        let mut tar = Tar::default();
+        tar.add(E::symlink("evil", target)).add(E::file("evil/planted", b"gotcha"));
+        let err = unpack_tar(tar.finish(), &dest).unwrap_err();
+        assert!(matches!(err, LayerError::Unpack { .. }), "{err:?}");
+        assert!(err.to_string().contains("evil/planted"), "{err}");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "wrote outside through {target}");
+        assert!(!dest.join("planted").exists());
+    }
+}
+
+#[test]
+fn a_hard_link_to_a_symlink_links_the_symlink_itself() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let outside = dir.path().join("secret");
+    std::fs::write(&outside, b"secret").unwrap();
+    let dest = dir.path().join("lower");
+    let mut tar = Tar::default();
+    tar.add(E::symlink("s", outside.to_str().unwrap())).add(E::hardlink("h", "s"));
+    unpack_tar(tar.finish(), &dest).unwrap();
+    assert!(std::fs::symlink_metadata(dest.join("h")).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::symlink_metadata(&outside).unwrap().nlink(), 1);
+}
+
+#[test]
+fn a_later_entry_replaces_an_earlier_one() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("lower");
+    let mut tar = Tar::default();
+    tar.add(E::file("x", b"first"))
+        .add(E::file("x", b"second"))
+        .add(E::file("d/in", b""))
+        .add(E::file("d", b"file now"));
+    unpack_tar(tar.finish(), &dest).unwrap();
+    assert_eq!(std::fs::read(dest.join("x")).unwrap(), b"second");
+    assert_eq!(std::fs::read(dest.join("d")).unwrap(), b"file now");
+}
