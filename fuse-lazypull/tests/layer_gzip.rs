@@ -67,6 +67,27 @@ fn a_read_near_the_end_fetches_only_its_spans() {
 }
 
 #[test]
+fn reads_in_order_continue_the_stream() {
+    let plain = data(2 << 20, 11);
+    let blob = gzip(&plain);
+    let (source, index, _) = index(&blob, 1 << 20);
+    let before = source.bytes_read();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 32 << 10];
+    loop {
+        let n = index.read_at(&source, got.len() as u64, &mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, plain);
+    // Each span is fetched (and inflated) once, not once per read.
+    let fetched = source.bytes_read() - before;
+    assert!(fetched <= blob.len() as u64 + 2, "fetched {fetched} for a blob of {}", blob.len());
+}
+
+#[test]
 fn multi_member_streams_are_followed() {
     let parts: Vec<Vec<u8>> = (0..5).map(|i| data(300_000 + i * 1000, i as u64 + 1)).collect();
     let mut blob = Vec::new();

@@ -41,6 +41,30 @@ impl Checkpoint {
 pub struct GzipIndex {
     pub checkpoints: Vec<Checkpoint>,
     pub uncompressed_size: u64,
+    #[serde(skip)]
+    cursors: Cursors,
+}
+
+/// Streams left where the last reads ended, so that a file read in order (as a reader does, in
+/// pieces of 128 KiB) continues inflating instead of starting again from a checkpoint each time.
+#[derive(Clone, Default)]
+struct Cursors(std::sync::Arc<std::sync::Mutex<Vec<Cursor>>>);
+
+const MAX_CURSORS: usize = 8;
+
+impl std::fmt::Debug for Cursors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Cursors")
+    }
+}
+
+/// A suspended read: the stream and the verified span bytes it was reading.
+struct Cursor {
+    stream: Stream,
+    span: usize,
+    bytes: Vec<u8>,
+    offset: u64,
+    pos: usize,
 }
 
 mod b64 {
@@ -545,11 +569,33 @@ impl GzipIndex {
         let Some(cp) = i.checked_sub(1).and_then(|i| self.checkpoints.get(i)) else {
             return Err(LayerError::Gzip { offset: 0, why: "index has no checkpoint".into() });
         };
-        let bytes = verified_read(source, cp.span_start(), cp.span_end, &cp.span_sha256)?;
-        let prev = if cp.bits > 0 { bytes[0] } else { 0 };
-        let mut input =
-            SpanInput { index: self, span: i - 1, bytes, offset: cp.span_start(), pos: usize::from(cp.bits > 0) };
-        let mut stream = Stream::at_checkpoint(cp, prev)?;
+        // A suspended stream between the checkpoint and `offset` is never worse than the checkpoint.
+        let resumed = self.cursors.0.lock().ok().and_then(|mut cursors| {
+            let best = cursors
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.stream.out <= offset && c.stream.out >= cp.out)
+                .max_by_key(|(_, c)| c.stream.out)
+                .map(|(at, _)| at)?;
+            Some(cursors.swap_remove(best))
+        });
+        let (mut stream, mut input) = match resumed {
+            Some(c) => {
+                (c.stream, SpanInput { index: self, span: c.span, bytes: c.bytes, offset: c.offset, pos: c.pos })
+            }
+            None => {
+                let bytes = verified_read(source, cp.span_start(), cp.span_end, &cp.span_sha256)?;
+                let prev = if cp.bits > 0 { bytes[0] } else { 0 };
+                let input = SpanInput {
+                    index: self,
+                    span: i - 1,
+                    bytes,
+                    offset: cp.span_start(),
+                    pos: usize::from(cp.bits > 0),
+                };
+                (Stream::at_checkpoint(cp, prev)?, input)
+            }
+        };
         let mut scratch = vec![0u8; 64 << 10];
         // Inflate and drop everything before `offset`.
         while stream.out < offset {
@@ -566,6 +612,15 @@ impl GzipIndex {
             filled += step.produced;
             if step.produced == 0 && stream.state == State::Done {
                 break;
+            }
+        }
+        if stream.state != State::Done {
+            if let Ok(mut cursors) = self.cursors.0.lock() {
+                if cursors.len() >= MAX_CURSORS {
+                    cursors.remove(0);
+                }
+                let SpanInput { span, bytes, offset, pos, .. } = input;
+                cursors.push(Cursor { stream, span, bytes, offset, pos });
             }
         }
         Ok(filled)
