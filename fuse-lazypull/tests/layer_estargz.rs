@@ -130,6 +130,11 @@ fn round_trip_through_writer_and_reader() {
     assert_eq!(ranges.len(), 1);
     assert!(ranges[0].start == 0 && ranges[0].end > 890_000 && ranges[0].end < blob.len() as u64, "{ranges:?}");
 
+    // The index survives serialization (as the cache keeps it).
+    let again = LayerIndex::from_bytes(&index.to_bytes()).unwrap();
+    assert_eq!(read_file(&again, &source, "big"), big);
+    assert_eq!(again.prefetch_ranges(), index.prefetch_ranges());
+
     // Reading a small file fetches its chunk, not the blob.
     let fresh = MemSource::new(blob.clone());
     let before = fresh.bytes_read();
@@ -153,6 +158,28 @@ fn real_chunk_size_cuts_large_files_in_4_mib_chunks() {
     flate2::read::MultiGzDecoder::new(&blob[..]).read_to_end(&mut plain).unwrap();
     let toc = String::from_utf8_lossy(&plain);
     assert_eq!(toc.matches("\"type\":\"chunk\"").count(), 2, "two chunk entries after the first");
+}
+
+#[test]
+fn an_estargz_blob_unpacks_without_its_toc_and_landmark() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: unpacking owners needs root");
+        return;
+    }
+    let layer = source_layer(b"contents");
+    let (blob, c) = convert(&layer, &["etc/hosts"]);
+    let (index, _) = index_of(&blob, c.toc_digest.as_str()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("blob");
+    std::fs::write(&file, &blob).unwrap();
+    let dest = dir.path().join("lower");
+    fuse_lazypull::layer::unpack(&index, &file, &dest).unwrap();
+    assert_eq!(std::fs::read(dest.join("big")).unwrap(), b"contents");
+    assert_eq!(std::fs::read(dest.join("etc/hosts")).unwrap(), b"127.0.0.1 localhost\n");
+    for hidden in ["stargz.index.json", ".prefetch.landmark", ".no.prefetch.landmark"] {
+        assert!(!dest.join(hidden).exists(), "{hidden}");
+    }
 }
 
 #[test]
