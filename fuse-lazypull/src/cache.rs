@@ -59,6 +59,8 @@ const BACKGROUND_RUN: u64 = 4 << 20;
 const FETCH_ATTEMPTS: u32 = 3;
 /// How long an index operation waits for another process to release the index.
 const INDEX_WAIT: Duration = Duration::from_secs(30);
+/// Blobs larger than this are refused (a manifest must not make us map petabytes).
+const MAX_BLOB_SIZE: u64 = 1 << 40;
 /// The state-store namespace of the cache's index.
 pub const INDEX_NAMESPACE: &str = "blob-cache";
 
@@ -583,6 +585,12 @@ pub struct Blob {
 
 impl Blob {
     fn new(cache: &BlobCache, desc: &Descriptor, source: Arc<dyn RangeSource>) -> Result<Arc<Blob>, CacheError> {
+        if desc.size > MAX_BLOB_SIZE {
+            return Err(CacheError::BadBlob {
+                digest: desc.digest.clone(),
+                detail: format!("size {} is over the limit of {MAX_BLOB_SIZE}", desc.size),
+            });
+        }
         let complete_path = cache.complete_path(&desc.digest);
         // Unique per Blob: a Blob being dropped removes its file while a new one may start.
         static NEXT: AtomicU64 = AtomicU64::new(0);

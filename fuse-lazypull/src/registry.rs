@@ -265,7 +265,14 @@ impl Registry {
         let url = format!("{}/manifests/{}", self.repo_url(image), image.manifest_reference());
         let accept = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST].join(", ");
         let reply = self
-            .exchange(&self.scope(image, false), "GET", &url, &[("Accept", accept)], Body::Empty, MAX_MANIFEST_BYTES)
+            .exchange(
+                &self.scope(image, false),
+                "GET",
+                &url,
+                &[("Accept", accept)],
+                Body::Empty,
+                Limit::Refuse(MAX_MANIFEST_BYTES),
+            )
             .map_err(|e| not_found_as(e, image, "no such manifest, tag or repository"))?;
         let actual = Digest::of(&reply.body);
         let expected = match (&image.digest, &reply.docker_digest) {
@@ -287,7 +294,7 @@ impl Registry {
     pub fn fetch_blob(&self, image: &ImageRef, digest: &Digest) -> Result<Vec<u8>, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.repo_url(image));
         let reply = self
-            .exchange(&self.scope(image, false), "GET", &url, &[], Body::Empty, MAX_WHOLE_BLOB_BYTES)
+            .exchange(&self.scope(image, false), "GET", &url, &[], Body::Empty, Limit::Refuse(MAX_WHOLE_BLOB_BYTES))
             .map_err(|e| not_found_as(e, image, &format!("no blob {digest}")))?;
         self.bytes_fetched.fetch_add(reply.body.len() as u64, Ordering::Relaxed);
         let actual = Digest::of(&reply.body);
@@ -314,7 +321,7 @@ impl Registry {
         let mut attempt = 0;
         loop {
             let reply = self
-                .exchange(&scope, "GET", &url, &header, Body::Empty, range.end.max(want))
+                .exchange(&scope, "GET", &url, &header, Body::Empty, Limit::Prefix(range.end.max(want)))
                 .map_err(|e| not_found_as(e, image, &format!("no blob {digest}")))?;
             self.bytes_fetched.fetch_add(reply.body.len() as u64, Ordering::Relaxed);
             let got = match reply.status {
@@ -355,7 +362,7 @@ impl Registry {
     /// Whether the repository already has a blob (a HEAD).
     pub fn blob_exists(&self, image: &ImageRef, digest: &Digest) -> Result<bool, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.repo_url(image));
-        match self.exchange(&self.scope(image, true), "HEAD", &url, &[], Body::Empty, 0) {
+        match self.exchange(&self.scope(image, true), "HEAD", &url, &[], Body::Empty, Limit::Refuse(0)) {
             Ok(_) => Ok(true),
             Err(RegistryError::Http { status: 404, .. }) => Ok(false),
             Err(e) => Err(e),
@@ -370,7 +377,7 @@ impl Registry {
         }
         let scope = self.scope(image, true);
         let url = format!("{}/blobs/uploads/", self.repo_url(image));
-        let reply = self.exchange(&scope, "POST", &url, &[], Body::Empty, 1 << 16)?;
+        let reply = self.exchange(&scope, "POST", &url, &[], Body::Empty, Limit::Refuse(1 << 16))?;
         let Some(location) = reply.location else {
             return Err(RegistryError::Http {
                 method: "POST".into(),
@@ -387,7 +394,7 @@ impl Registry {
             BlobBody::Bytes(b) => Body::Bytes(b),
             BlobBody::File(p) => Body::File(p),
         };
-        self.exchange(&scope, "PUT", &put_url, &headers, body, 1 << 16)?;
+        self.exchange(&scope, "PUT", &put_url, &headers, body, Limit::Refuse(1 << 16))?;
         Ok(())
     }
 
@@ -395,7 +402,7 @@ impl Registry {
     pub fn push_manifest(&self, image: &ImageRef, media_type: &str, bytes: &[u8]) -> Result<Digest, RegistryError> {
         let url = format!("{}/manifests/{}", self.repo_url(image), image.manifest_reference());
         let headers = [("Content-Type", media_type.to_owned())];
-        self.exchange(&self.scope(image, true), "PUT", &url, &headers, Body::Bytes(bytes), 1 << 16)?;
+        self.exchange(&self.scope(image, true), "PUT", &url, &headers, Body::Bytes(bytes), Limit::Refuse(1 << 16))?;
         Ok(Digest::of(bytes))
     }
 
@@ -432,7 +439,7 @@ impl Registry {
         url: &str,
         headers: &[(&str, String)],
         body: Body<'_>,
-        limit: u64,
+        limit: Limit,
     ) -> Result<Reply, RegistryError> {
         let mut attempt = 0;
         let mut auth_rounds = 0;
@@ -554,7 +561,7 @@ impl Registry {
                         return Err(RegistryError::Transport { method: "GET".into(), url, source: Box::new(t) });
                     }
                 };
-                let reply = read_reply("GET", resp, 1 << 20)?;
+                let reply = read_reply("GET", resp, Limit::Refuse(1 << 20))?;
                 #[derive(serde::Deserialize)]
                 struct TokenReply {
                     token: Option<String>,
@@ -588,7 +595,17 @@ fn basic_header(c: &Credentials) -> String {
     format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
 }
 
-fn read_reply(method: &str, resp: ureq::Response, limit: u64) -> Result<Reply, RegistryError> {
+/// How much of a body to read.
+#[derive(Clone, Copy)]
+enum Limit {
+    /// Refuse a longer body.
+    Refuse(u64),
+    /// Read at most this many bytes of a whole-blob answer (200) to a ranged GET and drop the
+    /// rest: a registry that ignores `Range` must not make us read the whole blob.
+    Prefix(u64),
+}
+
+fn read_reply(method: &str, resp: ureq::Response, limit: Limit) -> Result<Reply, RegistryError> {
     let header = |name: &str| resp.header(name).map(str::to_owned);
     let status = resp.status();
     let content_type = header("content-type").unwrap_or_default();
@@ -598,7 +615,17 @@ fn read_reply(method: &str, resp: ureq::Response, limit: u64) -> Result<Reply, R
     let url = resp.get_url().to_owned();
     let declared = header("content-length").and_then(|v| v.parse::<u64>().ok());
     let mut body = Vec::new();
-    if method != "HEAD" {
+    let (limit, prefix) = match limit {
+        Limit::Refuse(n) => (n, false),
+        Limit::Prefix(n) => (n, status == 200),
+    };
+    if method != "HEAD" && prefix {
+        resp.into_reader().take(limit).read_to_end(&mut body).map_err(|source| RegistryError::Body {
+            method: method.to_owned(),
+            url: url.clone(),
+            source,
+        })?;
+    } else if method != "HEAD" {
         if declared.is_some_and(|n| n > limit) {
             return Err(RegistryError::Http {
                 method: method.to_owned(),

@@ -265,3 +265,22 @@ fn cache_shared_base_layer_is_fetched_once_and_gc_keeps_referenced_images() {
     assert_eq!(report.removed.len(), 3);
     assert_eq!(report.total_bytes, 0);
 }
+
+/// A registry that ignores `Range` (answers 200 with the whole blob) still gives the range.
+#[test]
+fn registry_range_ignored_by_the_server_still_gives_the_range() {
+    let reg = support::Registry::start();
+    let b = two_layer_image();
+    b.push(&reg.host(), "test/norange:v1");
+    let proxy = Proxy::start(&reg, Auth::None);
+    proxy.set_faults(|f| f.ignore_range = true);
+    let reference = parse(&proxy.reference("test/norange:v1"));
+    let client = client();
+    let image = client.resolve(&reference).unwrap();
+    let big = &image.layers[1];
+    let whole = layout_blob(&b, &big.digest);
+    let part = client.fetch_range(&reference, &big.digest, 1000..5000).unwrap();
+    assert_eq!(part, &whole[1000..5000]);
+    // Only the bytes up to the range's end were read.
+    assert!(client.bytes_fetched() <= 5000, "{}", client.bytes_fetched());
+}

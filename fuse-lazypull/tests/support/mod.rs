@@ -175,6 +175,9 @@ pub struct Faults {
     /// Answer blob GETs with a 307 to another path on the proxy that serves them without auth,
     /// as registries send blob GETs to their storage.
     pub redirect_blobs: bool,
+    /// Drop the `Range` header, so blob GETs get the whole blob (200), as from a registry that
+    /// does not do ranges.
+    pub ignore_range: bool,
 }
 
 #[derive(Default)]
@@ -494,9 +497,11 @@ impl ProxyCtx {
     fn forward(&self, req: &Request) -> std::io::Result<Response> {
         let mut up = TcpStream::connect(("127.0.0.1", self.upstream))?;
         let mut head = format!("{} {} HTTP/1.1\r\n", req.method, req.path);
+        let ignore_range = self.state.faults.lock().unwrap().ignore_range;
         for (k, v) in &req.headers {
             let skip = ["authorization", "connection", "host", "content-length", "transfer-encoding"];
-            if !skip.iter().any(|s| k.eq_ignore_ascii_case(s)) {
+            let dropped = ignore_range && k.eq_ignore_ascii_case("range");
+            if !skip.iter().any(|s| k.eq_ignore_ascii_case(s)) && !dropped {
                 head.push_str(&format!("{k}: {v}\r\n"));
             }
         }
