@@ -261,3 +261,28 @@ fn zstd_layers_are_refused_clearly() {
     let err = LayerIndex::build(&desc, &source).unwrap_err();
     assert!(err.to_string().contains("zstd"), "{err}");
 }
+
+#[test]
+fn a_global_pax_path_does_not_rename_every_entry() {
+    let mut tar = Tar::default();
+    let records = b"16 path=../evil\n16 uid=12345678\n";
+    tar.raw_header(header_block(b"pax_global_header", b'g', records.len() as u64, b""));
+    let mut data = records.to_vec();
+    data.resize(512, 0);
+    tar.raw(&data).add(E::file("one", b"1")).add(E::file("two", b"2"));
+    let (index, _) = build(tar.finish()).unwrap();
+    let got: Vec<(&Path, u32)> = index.entries.iter().map(|e| (e.path.as_path(), e.uid)).collect();
+    assert_eq!(got, [(Path::new("one"), 12345678), (Path::new("two"), 12345678)]);
+}
+
+#[test]
+fn a_damaged_stored_index_is_refused() {
+    let mut tar = Tar::default();
+    tar.add(E::file("x", b"data"));
+    let (index, _) = build(tar.finish()).unwrap();
+    let text = String::from_utf8(index.to_bytes()).unwrap();
+    assert!(LayerIndex::from_bytes(&text.as_bytes()[..text.len() / 2]).is_err());
+    let damaged = text.replacen("\"bits\":0", "\"bits\":9", 1);
+    assert_ne!(damaged, text);
+    assert!(matches!(LayerIndex::from_bytes(damaged.as_bytes()), Err(LayerError::Index(_))));
+}

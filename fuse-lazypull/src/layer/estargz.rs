@@ -190,7 +190,6 @@ fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<
             if file.path != tar::normalize(e.name.as_bytes()).unwrap_or_default() {
                 return Err(bad(format!("chunk of {} after another file", e.name)));
             }
-            let _ = file;
             chunks.push(Chunk {
                 offset: e.offset,
                 end: end_of(e.offset)?,
@@ -294,7 +293,10 @@ fn digest_hex(d: &str) -> Result<String, LayerError> {
 /// The chunk's bytes, inflated from its gzip member and checked against its digest; a mismatch
 /// discards the member's range and fetches it once more before failing.
 fn fetch_chunk(source: &dyn BlobSource, c: &Chunk) -> Result<Vec<u8>, LayerError> {
-    let mut compressed = vec![0u8; (c.end - c.offset) as usize];
+    // The member ends before `end` (other entries' headers may follow it); deflate never grows
+    // data by more than a few bytes per 16 KiB block, so this bound holds the whole member.
+    let len = (c.end - c.offset).min(c.size + c.size / 64 + (64 << 10));
+    let mut compressed = vec![0u8; len as usize];
     for attempt in 0..2 {
         source.read_at(c.offset, &mut compressed)?;
         let mut data = Vec::with_capacity(c.size as usize);
@@ -303,9 +305,9 @@ fn fetch_chunk(source: &dyn BlobSource, c: &Chunk) -> Result<Vec<u8>, LayerError
             return Ok(data);
         }
         tracing::warn!(offset = c.offset, end = c.end, attempt, "eStargz chunk failed verification; discarding it");
-        source.discard(c.offset, c.end - c.offset);
+        source.discard(c.offset, len);
     }
-    Err(LayerError::Corrupt { start: c.offset, end: c.end })
+    Err(LayerError::Corrupt { start: c.offset, end: c.offset + len })
 }
 
 /// Reads file bytes at `offset` from its chunks into `buf` (already cut at the file's end).

@@ -560,6 +560,29 @@ impl Input for SpanInput<'_> {
 }
 
 impl GzipIndex {
+    /// Checks what a read relies on, for an index that comes back from storage.
+    pub fn validate(&self) -> Result<(), LayerError> {
+        let bad = |why: &str| Err(LayerError::Index(format!("gzip checkpoints: {why}")));
+        let Some(first) = self.checkpoints.first() else { return bad("none") };
+        if first.out != 0 {
+            return bad("the first is not at the start");
+        }
+        for (i, cp) in self.checkpoints.iter().enumerate() {
+            if cp.bits > 7 || (cp.bits > 0 && cp.input == 0) || cp.span_end <= cp.span_start() {
+                return bad("a checkpoint is malformed");
+            }
+            if cp.span_sha256.len() != 64 || cp.window.len() > WINDOW {
+                return bad("a span digest or window is malformed");
+            }
+            if let Some(next) = self.checkpoints.get(i + 1) {
+                if next.out <= cp.out || next.input < cp.input {
+                    return bad("out of order");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads uncompressed bytes at `offset` into `buf`; short only at the end of the stream.
     pub fn read_at(&self, source: &dyn BlobSource, offset: u64, buf: &mut [u8]) -> Result<usize, LayerError> {
         if buf.is_empty() || offset >= self.uncompressed_size {

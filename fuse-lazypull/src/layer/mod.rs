@@ -216,7 +216,11 @@ impl LayerIndex {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<LayerIndex, LayerError> {
-        serde_json::from_slice(bytes).map_err(|e| LayerError::Index(e.to_string()))
+        let index: LayerIndex = serde_json::from_slice(bytes).map_err(|e| LayerError::Index(e.to_string()))?;
+        if let Format::Gzip(gzip) = &index.format {
+            gzip.validate()?;
+        }
+        Ok(index)
     }
 
     /// Reads a file's bytes at `offset` into `buf`; returns how many (short only at EOF). Every

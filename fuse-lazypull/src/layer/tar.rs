@@ -94,7 +94,7 @@ impl<R: Read> TarReader<R> {
             return Err(LayerError::Truncated { offset: self.pos + data.len() as u64 });
         }
         self.pos += size;
-        self.unread -= size;
+        self.unread = self.unread.saturating_sub(size);
         Ok(data)
     }
 
@@ -105,7 +105,7 @@ impl<R: Read> TarReader<R> {
             return Err(LayerError::Truncated { offset: self.pos + copied });
         }
         self.pos += size;
-        self.unread -= size;
+        self.unread = self.unread.saturating_sub(size);
         Ok(())
     }
 
@@ -206,9 +206,16 @@ impl<R: Read> TarReader<R> {
                     continue;
                 }
                 b'g' => {
+                    // Global records apply to every later entry; a global path, link or size
+                    // would make every entry the same, so those are ignored.
                     let data = self.read_meta(size, &name_for_errors)?;
-                    parse_pax(&data, &mut self.global_pax, &name_for_errors)?;
-                    parse_pax(&data, &mut pax, &name_for_errors)?;
+                    let mut global = BTreeMap::new();
+                    parse_pax(&data, &mut global, &name_for_errors)?;
+                    global.retain(|k, _| !matches!(k.as_str(), "path" | "linkpath" | "size"));
+                    for (k, v) in global {
+                        self.global_pax.insert(k.clone(), v.clone());
+                        pax.insert(k, v);
+                    }
                     continue;
                 }
                 _ => {}
