@@ -286,3 +286,37 @@ fn a_damaged_stored_index_is_refused() {
     assert_ne!(damaged, text);
     assert!(matches!(LayerIndex::from_bytes(damaged.as_bytes()), Err(LayerError::Index(_))));
 }
+
+#[test]
+fn uncompressed_tar_layers_are_read_in_verified_spans() {
+    let big: Vec<u8> = (0..2_600_000u32).map(|i| (i % 253) as u8).collect();
+    let mut tar = Tar::default();
+    tar.add(E::file("small", b"hello")).add(E::file("big", &big));
+    let blob = tar.finish();
+    let mut desc = descriptor(&blob, &[]);
+    desc.media_type = "application/vnd.oci.image.layer.v1.tar".into();
+    let source = MemSource::new(blob.clone());
+    let index = LayerIndex::build(&desc, &source).unwrap();
+    assert!(!index.is_compressed());
+    assert_eq!(read_all(&index, &source, "small"), b"hello");
+    assert_eq!(read_all(&index, &source, "big"), big);
+    let index = LayerIndex::from_bytes(&index.to_bytes()).unwrap();
+
+    let EntryKind::File(data) = &index.entries[1].kind else { panic!() };
+    source.corrupt(1_500_000..1_500_001, 1);
+    let mut buf = vec![0u8; 100_000];
+    assert_eq!(index.read(&source, data, 1_450_000, &mut buf).unwrap(), 100_000);
+    assert_eq!(buf, big[1_450_000..1_550_000]);
+    assert_eq!(source.discards.lock().unwrap().len(), 1);
+    source.corrupt(2_200_000..2_200_001, 2);
+    assert!(matches!(index.read(&source, data, 2_150_000, &mut buf), Err(LayerError::Corrupt { .. })));
+
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("blob");
+        std::fs::write(&file, &blob).unwrap();
+        fuse_lazypull::layer::unpack(&index, &file, &dir.path().join("lower")).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("lower/big")).unwrap(), big);
+    }
+}

@@ -5,10 +5,12 @@
 //! - [`tar`]: the tar reader (bounded, paths normalized, malicious input refused).
 //! - [`gzip`]: inflate checkpoints, so a gzip layer is read from the nearest one.
 //! - [`estargz`]: footer, table of contents, chunk reads, and the writer.
+//! - [`plain`]: uncompressed tar layers, verified in 1 MiB spans.
 //! - [`unpack`]: a verified blob into an overlayfs lower directory.
 
 pub mod estargz;
 pub mod gzip;
+pub mod plain;
 pub mod tar;
 pub mod unpack;
 
@@ -97,6 +99,8 @@ enum FileLoc {
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 enum Format {
     Gzip(gzip::GzipIndex),
+    /// An uncompressed tar.
+    Tar(plain::PlainIndex),
     Estargz {
         /// End of the blob range before the prefetch landmark, if there is one.
         prefetch_end: Option<u64>,
@@ -163,6 +167,33 @@ fn is_gzip(media_type: &str) -> bool {
     media_type.ends_with("tar+gzip") || media_type.ends_with("tar.gzip")
 }
 
+/// Uncompressed tar layers (OCI `...layer.v1.tar`, Docker `...rootfs.diff.tar`).
+fn is_plain_tar(media_type: &str) -> bool {
+    media_type.ends_with(".tar")
+}
+
+/// The layer's entries from a tar stream read in order.
+fn read_entries(stream: &mut dyn std::io::Read, limits: &tar::Limits) -> Result<Vec<Entry>, LayerError> {
+    let mut reader = tar::TarReader::new(stream, limits.clone());
+    let mut builder = EntriesBuilder::default();
+    while let Some(raw) = reader.next_entry()? {
+        let loc = FileLoc::Tar(raw.data_offset);
+        builder.push(raw, loc)?;
+    }
+    builder.finish()
+}
+
+fn check_blob_digest(desc: &Descriptor, sha256_hex: &str) -> Result<(), LayerError> {
+    let expected = desc.digest.as_str().strip_prefix("sha256:").unwrap_or_default();
+    if expected != sha256_hex {
+        return Err(LayerError::BlobDigest {
+            expected: desc.digest.to_string(),
+            actual: format!("sha256:{sha256_hex}"),
+        });
+    }
+    Ok(())
+}
+
 impl LayerIndex {
     /// Indexes the layer `desc`: an eStargz layer from its footer and table of contents (a few
     /// ranged reads), a gzip layer by streaming it once.
@@ -175,6 +206,13 @@ impl LayerIndex {
         source: &dyn BlobSource,
         limits: &tar::Limits,
     ) -> Result<LayerIndex, LayerError> {
+        if is_plain_tar(&desc.media_type) {
+            let mut indexer = plain::PlainIndexer::new(source);
+            let entries = read_entries(&mut indexer, limits)?;
+            let (index, blob_sha256) = indexer.finish()?;
+            check_blob_digest(desc, &blob_sha256)?;
+            return Ok(LayerIndex::new(entries, Format::Tar(index)));
+        }
         if !is_gzip(&desc.media_type) {
             return Err(LayerError::MediaType(desc.media_type.clone()));
         }
@@ -245,6 +283,13 @@ impl LayerIndex {
                 }
                 Ok(n)
             }
+            (FileLoc::Tar(start), Format::Tar(index)) => {
+                let n = index.read_at(source, &self.chunk_cache, start + offset, buf)?;
+                if n < len {
+                    return Err(LayerError::Truncated { offset: start + offset + n as u64 });
+                }
+                Ok(n)
+            }
             (FileLoc::Chunks(chunks), Format::Estargz { .. }) => {
                 estargz::read_chunks(source, chunks, &self.chunk_cache, offset, buf)
             }
@@ -258,6 +303,11 @@ impl LayerIndex {
             Format::Estargz { prefetch_end: Some(end) } if end > 0 => std::iter::once(0..end).collect(),
             _ => Vec::new(),
         }
+    }
+
+    /// Whether the blob is gzip-compressed (plain gzip or eStargz) rather than an uncompressed tar.
+    pub fn is_compressed(&self) -> bool {
+        !matches!(self.format, Format::Tar(_))
     }
 
     /// Whether the layer was read as eStargz (by its table of contents).

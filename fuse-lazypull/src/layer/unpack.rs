@@ -277,8 +277,10 @@ pub fn unpack(index: &LayerIndex, blob: &Path, dest: &Path) -> Result<(), LayerE
     let root = File::open(dest).map_err(io)?;
     let mut u = Unpacker { root: OwnedFd::from(root), dest: dest.to_path_buf(), dirs: Vec::new() };
     let file = File::open(blob).map_err(|source| LayerError::Unpack { path: blob.to_path_buf(), source })?;
-    let gz = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, file));
-    let mut tar = TarReader::new(gz, Limits::default());
+    let buffered = BufReader::with_capacity(1 << 20, file);
+    let stream: Box<dyn std::io::Read> =
+        if index.is_compressed() { Box::new(flate2::read::MultiGzDecoder::new(buffered)) } else { Box::new(buffered) };
+    let mut tar = TarReader::new(stream, Limits::default());
     let mut seen = 0usize;
     while let Some(raw) = tar.next_entry()? {
         if index.is_estargz() {
