@@ -312,19 +312,16 @@ fn handoff_shows_overlay_in_mountinfo_and_an_open_descriptor_still_reads_needs_r
 fn two_images_sharing_a_base_layer_fetch_it_once_needs_root_fuse() {
     let registry = support::Registry::start();
     let proxy = support::Proxy::start(&registry, support::Auth::None);
-    let base = |l: &mut Layer| {
+    // One layout: pushed with its base layer only, then again with an app layer on top.
+    let mut image = ImageBuilder::new();
+    image.layer(|l| {
         l.large_file("usr/lib/base.so", 8 << 20, 11).file("etc/os-release", b"base", 0o644);
-    };
-    let mut first = ImageBuilder::new();
-    first.layer(base).layer(|l| {
-        l.file("app/one", b"first app", 0o755);
     });
-    let mut second = ImageBuilder::new();
-    second.layer(base).layer(|l| {
+    image.push(&registry.host(), "shared/one:v1");
+    image.layer(|l| {
         l.file("app/two", b"second app", 0o755);
     });
-    first.push(&registry.host(), "shared/one:v1");
-    second.push(&registry.host(), "shared/two:v1");
+    image.push(&registry.host(), "shared/two:v1");
     let work = tempfile::tempdir().unwrap();
     let cache = cache_at(&work.path().join("cache"));
     let (t1, t2) = (work.path().join("one"), work.path().join("two"));
