@@ -60,6 +60,29 @@ pub enum ImageCommand {
         #[command(flatten)]
         cache: CacheArgs,
     },
+    /// Writes an eStargz copy of image SRC to DST (a registry reference), so mounts of DST
+    /// fetch single files and start with the prefetch list.
+    Convert {
+        src: String,
+        dst: String,
+        /// A file listing the paths (one a line) a container reads first; they go before the
+        /// prefetch landmark.
+        #[arg(long)]
+        prefetch: Option<PathBuf>,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Forgets that REF is wanted: its content becomes garbage unless another image uses it.
+    Remove {
+        reference: String,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Removes unreferenced content from the cache until it fits --size-limit.
+    Gc {
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
 }
 
 pub fn run(command: ImageCommand) -> Result<(), String> {
@@ -68,6 +91,25 @@ pub fn run(command: ImageCommand) -> Result<(), String> {
             mount(&reference, &target, &cache, !no_handoff, metrics)
         }
         ImageCommand::Prefetch { reference, cache } => prefetch(&reference, &cache),
+        ImageCommand::Convert { src, dst, prefetch, cache } => convert(&src, &dst, prefetch.as_deref(), &cache),
+        ImageCommand::Remove { reference, cache } => {
+            let image = parse_ref(&reference)?;
+            let (cache, _) = open(&cache)?;
+            cache.remove_image(&image).map_err(|e| chain(&e))?;
+            println!("{reference} is no longer kept in the cache");
+            Ok(())
+        }
+        ImageCommand::Gc { cache: args } => {
+            let (cache, _) = open(&args)?;
+            let report = cache.gc().map_err(|e| chain(&e))?;
+            println!(
+                "removed {} blobs, freed {}; the cache holds {}",
+                report.removed.len(),
+                format_size(report.freed_bytes),
+                format_size(report.total_bytes)
+            );
+            Ok(())
+        }
     }
 }
 
@@ -204,20 +246,39 @@ fn serve_metrics(addr: SocketAddr, progress: Arc<Progress>) -> Result<(), String
 fn prefetch(reference: &str, args: &CacheArgs) -> Result<(), String> {
     let image = parse_ref(reference)?;
     let (cache, registry) = open(args)?;
-    let resolved = registry.resolve(&image).map_err(|e| chain(&e))?;
+    let resolved = fuse_lazypull::cache::prefetch(&cache, &registry, &image).map_err(|e| chain(&e))?;
+    // Index the layers too, so a mount starts without reading them again.
     for desc in &resolved.layers {
         let blob = cache.blob(&registry, &image, desc).map_err(|e| chain(&e))?;
-        blob.fetch_all().map_err(|e| format!("fetching layer {}: {}", desc.digest, chain(&e)))?;
         mount::layer_index(&cache, desc, &blob).map_err(|e| chain(&e))?;
-        eprintln!("layer {} ({}) is in the cache", desc.digest, format_size(desc.size));
     }
+    let size: u64 = resolved.layers.iter().map(|l| l.size).sum();
     println!(
-        "{} ({}): {} layers, {} fetched",
-        reference,
+        "{reference} ({}): {} layers, {} in the cache, {} fetched now",
         resolved.digest,
         resolved.layers.len(),
+        format_size(size),
         format_size(registry.bytes_fetched())
     );
+    Ok(())
+}
+
+fn convert(src: &str, dst: &str, prefetch: Option<&Path>, args: &CacheArgs) -> Result<(), String> {
+    let (src_ref, dst_ref) = (parse_ref(src)?, parse_ref(dst)?);
+    let prefetch: Vec<PathBuf> = match prefetch {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(PathBuf::from)
+            .collect(),
+        None => Vec::new(),
+    };
+    let (cache, registry) = open(args)?;
+    let digest =
+        fuse_lazypull::convert::convert(&registry, &cache, &src_ref, &dst_ref, &prefetch).map_err(|e| chain(&e))?;
+    println!("{dst} ({digest}): eStargz copy of {src}");
     Ok(())
 }
 
