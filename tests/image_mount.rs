@@ -491,3 +491,88 @@ fn bad_reference_and_missing_tag_get_clear_messages_needs_root() {
     assert!(missing.contains("not found"), "{missing}");
     assert!(missing.contains("nothing/here:nope"), "{missing}");
 }
+
+/// `vstor image convert` of the rich image: its eStargz copy mounts to the same tree, and a
+/// first read of a small file fetches a small part of it with no index known beforehand.
+#[test]
+fn estargz_copy_mounts_to_the_same_tree_and_reads_lazily_needs_root_fuse() {
+    let registry = support::Registry::start();
+    let proxy = support::Proxy::start(&registry, support::Auth::None);
+    let mut image = rich_image();
+    image.layer(|l| {
+        l.large_file("opt/huge", 48 << 20, 31).file("zz/small", b"small and late", 0o644);
+    });
+    let src = image.push(&registry.host(), "rich/image:gzip");
+    let dst = registry.reference("rich/image:estargz");
+    let work = tempfile::tempdir().unwrap();
+    let out = vstor()
+        .args(["image", "convert", &src, &dst, "--cache"])
+        .arg(work.path().join("convert-cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "convert: {}", String::from_utf8_lossy(&out.stderr));
+    let expected = image.unpack(&work.path().join("bundle"));
+    let target = work.path().join("mnt");
+    std::fs::create_dir(&target).unwrap();
+
+    let cache = cache_at(&work.path().join("cache"));
+    let mount = start_with(&proxy.reference("rich/image:estargz"), &target, &cache, ON_DEMAND);
+    assert_eq!(std::fs::read(target.join("zz/small")).unwrap(), b"small and late");
+    let fetched = proxy.blob_bytes();
+    let total = mount.progress().total_bytes();
+    assert!(fetched * 4 < total, "fetched {fetched} of {total} bytes to mount and read one small file");
+    assert_same_tree(&expected, &target);
+    finish(mount);
+
+    let cache = cache_at(&work.path().join("cache2"));
+    let mount = start(&proxy.reference("rich/image:estargz"), &target, &cache, true);
+    wait_phase(&mount, Phase::HandedOff);
+    assert_same_tree(&expected, &target);
+    finish(mount);
+}
+
+/// A layer whose tar names `../` paths is refused with an error, and nothing is written
+/// outside the mount.
+#[test]
+fn malicious_layer_gets_an_error_needs_root_fuse() {
+    let server = support::Registry::start();
+    let image = ImageBuilder::new();
+    let staging = tempfile::tempdir().unwrap();
+    std::fs::write(staging.path().join("evil"), b"escaped").unwrap();
+    let tar = staging.path().join("evil.tar");
+    support::run(
+        Command::new("tar")
+            .args(["--create", "--format=pax", "--absolute-names", "--transform=s,^evil,../../escaped-by-layer,"])
+            .arg("--file")
+            .arg(&tar)
+            .arg("-C")
+            .arg(staging.path())
+            .arg("evil"),
+    );
+    let listing = support::run(Command::new("tar").arg("-tvf").arg(&tar).arg("--absolute-names"));
+    assert!(listing.contains("../../escaped-by-layer"), "{listing}");
+    support::run(
+        Command::new("umoci")
+            .args(["raw", "add-layer", "--image"])
+            .arg(format!("{}:latest", image.layout().display()))
+            .arg(&tar),
+    );
+    let reference = image.push(&server.host(), "evil/image:v1");
+    let work = tempfile::tempdir().unwrap();
+    let target = work.path().join("a/b/mnt");
+    std::fs::create_dir_all(&target).unwrap();
+    let cache = cache_at(&work.path().join("cache"));
+    let image_ref: ImageRef = reference.parse().unwrap();
+    let result = ImageMount::start(Arc::clone(&cache), registry(), &image_ref, &target, MountOptions::default());
+    let err = match result {
+        Ok(mount) => {
+            finish(mount);
+            panic!("a layer with ../ paths was mounted");
+        }
+        Err(e) => fuse_lazypull::error::chain(&e),
+    };
+    assert!(err.contains("escaped-by-layer"), "{err}");
+    assert!(!work.path().join("a/escaped-by-layer").exists());
+    assert!(!work.path().join("escaped-by-layer").exists());
+    assert_eq!(handoff::mounted_fs_type(&target).unwrap(), None, "nothing mounted");
+}
