@@ -16,8 +16,9 @@
 //! - `index/`: the index in `state-store`, namespace [`INDEX_NAMESPACE`]: per blob its size, last
 //!   use and completeness (`blob/DIGEST`), and which images reference it (`ref/DIGEST/IMAGE` and
 //!   `image/IMAGE/DIGEST`). RocksDB lets one process open a database at a time, so the index is
-//!   opened briefly for each index operation (registering a blob, completing it, gc), retrying
-//!   while another process holds it.
+//!   opened briefly for each index operation, retrying while another process holds it. Records
+//!   of blobs opened and completed are written behind by a thread, so no read waits on the index;
+//!   gc and listings write what is pending first.
 //!
 //! # Fetching
 //! A blob is cut into [`CHUNK`]-sized chunks, each missing, being fetched, or present. A read of
@@ -186,7 +187,6 @@ impl BlobCache {
             }
         };
         let cache = Arc::new(BlobCache { dir, config, shared });
-        cache.shared.index.with(|_| Ok(()))?;
         cache.remove_dead_partials();
         Ok(cache)
     }
@@ -236,17 +236,13 @@ impl BlobCache {
                 }
             }
         };
-        let complete = blob.is_complete();
-        self.shared.index.with(|store| {
-            let mut batch = Batch::new();
-            let record = BlobRecord { size: desc.size, last_use: now_secs(), complete };
-            batch.put(INDEX_NAMESPACE, blob_key(&desc.digest), json(&record));
-            if let Some(image) = image {
-                batch.put(INDEX_NAMESPACE, format!("ref/{}/{image}", desc.digest), b"");
-                batch.put(INDEX_NAMESPACE, format!("image/{image}/{}", desc.digest), b"");
-            }
-            store.commit(batch)
-        })?;
+        let record = BlobRecord { size: desc.size, last_use: now_secs(), complete: blob.is_complete() };
+        let mut puts = vec![(blob_key(&desc.digest), json(&record))];
+        if let Some(image) = image {
+            puts.push((format!("ref/{}/{image}", desc.digest), Vec::new()));
+            puts.push((format!("image/{image}/{}", desc.digest), Vec::new()));
+        }
+        Index::record(&self.shared, puts);
         Ok(blob)
     }
 
@@ -507,17 +503,75 @@ fn make_removable(path: &Path) {
 }
 
 /// The index in `state-store`, opened for each operation (RocksDB admits one process at a time).
+///
+/// Opening it takes tens of milliseconds (more under load), so what opening a blob or completing
+/// one records is written behind, by a thread of its own: [`Index::record`] returns at once. Every
+/// operation that reads the index ([`Index::with`]) first writes what is pending, so gc and
+/// listings see it. What is pending when the process dies is lost: at worst a blob looks older or
+/// unreferenced, and gc may remove it (it is fetched again when needed).
 struct Index {
     path: PathBuf,
     /// One opener at a time in this process.
     busy: Mutex<()>,
+    pending: Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    puts: Vec<(String, Vec<u8>)>,
+    writer_running: bool,
 }
 
 impl Index {
     fn new(path: PathBuf) -> Index {
-        Index { path, busy: Mutex::new(()) }
+        Index { path, busy: Mutex::new(()), pending: Mutex::default() }
     }
 
+    /// Queues index writes; a writer thread makes them soon.
+    fn record(shared: &Arc<Shared>, puts: Vec<(String, Vec<u8>)>) {
+        let mut pending = lock(&shared.index.pending);
+        pending.puts.extend(puts);
+        if pending.writer_running {
+            return;
+        }
+        pending.writer_running = true;
+        let writer = Arc::clone(shared);
+        let spawned =
+            std::thread::Builder::new().name("cache-index".into()).spawn(move || writer.index.write_pending());
+        if let Err(e) = spawned {
+            // The next index operation writes them instead.
+            tracing::warn!(error = %e, "cannot start the cache index writer");
+            pending.writer_running = false;
+        }
+    }
+
+    fn write_pending(&self) {
+        let mut failures = 0;
+        loop {
+            match self.with(|_| Ok(())) {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %crate::error::chain(&e), failures, "cache index write failed");
+                    if failures >= 5 {
+                        let mut pending = lock(&self.pending);
+                        tracing::warn!(dropped = pending.puts.len(), "giving up on cache index writes");
+                        pending.puts.clear();
+                        pending.writer_running = false;
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            let mut pending = lock(&self.pending);
+            if pending.puts.is_empty() {
+                pending.writer_running = false;
+                return;
+            }
+        }
+    }
+
+    /// Runs `op` on the opened index, after writing what is pending.
     fn with<T>(&self, op: impl FnOnce(&Store) -> Result<T, StoreError>) -> Result<T, CacheError> {
         let _busy = lock(&self.busy);
         let err = |source| CacheError::Index { path: self.path.clone(), source: Box::new(source) };
@@ -536,6 +590,20 @@ impl Index {
         };
         if !store.has_namespace(INDEX_NAMESPACE) {
             store.create_namespace(INDEX_NAMESPACE).map_err(err)?;
+        }
+        let puts = std::mem::take(&mut lock(&self.pending).puts);
+        if !puts.is_empty() {
+            let mut batch = Batch::new();
+            for (k, v) in &puts {
+                batch.put(INDEX_NAMESPACE, k, v);
+            }
+            if let Err(e) = store.commit(batch) {
+                // Keep them for the next try, before anything queued since.
+                let mut pending = lock(&self.pending);
+                let newer = std::mem::replace(&mut pending.puts, puts);
+                pending.puts.extend(newer);
+                return Err(err(e));
+            }
         }
         op(&store).map_err(err)
     }
@@ -783,11 +851,7 @@ impl Blob {
         self.become_complete(Arc::clone(file), true);
         if let Some(shared) = self.shared.upgrade() {
             let record = BlobRecord { size: self.size, last_use: now_secs(), complete: true };
-            shared.index.with(|store| {
-                let mut batch = Batch::new();
-                batch.put(INDEX_NAMESPACE, blob_key(&self.digest), json(&record));
-                store.commit(batch)
-            })?;
+            Index::record(&shared, vec![(blob_key(&self.digest), json(&record))]);
         }
         Ok(())
     }
