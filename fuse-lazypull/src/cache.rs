@@ -630,6 +630,8 @@ struct Local {
     path: PathBuf,
     /// The last failed fetch, for readers that waited on it.
     last_error: Option<Arc<RegistryError>>,
+    /// Counts changes to the chunk map, so `fetch_all` knows the bytes it hashed are still there.
+    changes: u64,
 }
 
 /// Random access to one blob: missing ranges are fetched on demand (ahead of background work);
@@ -671,6 +673,7 @@ impl Blob {
                 complete: true,
                 path: complete_path.clone(),
                 last_error: None,
+                changes: 0,
             },
             None => {
                 let file = File::options()
@@ -687,6 +690,7 @@ impl Blob {
                     complete: false,
                     path: partial_path,
                     last_error: None,
+                    changes: 0,
                 }
             }
         };
@@ -713,24 +717,31 @@ impl Blob {
     /// Fetches every missing byte, verifies the whole blob against its digest and keeps it.
     pub fn fetch_all(&self) -> Result<(), CacheError> {
         let _one = lock(&self.filling);
-        for attempt in 1..=FETCH_ATTEMPTS {
+        let mut attempt = 0;
+        loop {
             if self.is_complete() || self.adopt_published()? {
                 return Ok(());
             }
             self.fill()?;
-            let file = Arc::clone(&lock(&self.local).file);
+            let (file, changes) = {
+                let local = lock(&self.local);
+                (Arc::clone(&local.file), local.changes)
+            };
             let actual = hash_file(&file, self.size).map_err(io("hashing", &self.complete_path))?;
             if actual == self.digest {
-                self.publish(&file)?;
-                return Ok(());
+                if self.publish(&file, changes)? {
+                    return Ok(());
+                }
+                // Readers discarded or refetched bytes while they were hashed: again.
+                continue;
             }
+            attempt += 1;
             tracing::warn!(digest = %self.digest, %actual, attempt, "blob does not match its digest; fetching it again");
             self.forget_all();
             if attempt == FETCH_ATTEMPTS {
                 return Err(CacheError::Corrupt { digest: self.digest.clone(), actual, attempts: attempt });
             }
         }
-        Ok(())
     }
 
     pub fn is_complete(&self) -> bool {
@@ -812,6 +823,7 @@ impl Blob {
         let mut local = lock(&self.local);
         if !local.complete {
             let mark = if stored.is_ok() { Chunk::Present } else { Chunk::Missing };
+            local.changes += 1;
             for c in &mut local.chunks[run.clone()] {
                 if *c == Chunk::Fetching {
                     *c = mark;
@@ -839,30 +851,44 @@ impl Blob {
             annotations: BTreeMap::new(),
         };
         let Some(file) = open_complete(&self.complete_path, &desc)? else { return Ok(false) };
-        self.become_complete(file, false);
+        self.become_complete(file);
         Ok(true)
     }
 
     /// Moves the verified partial file to its published name.
-    fn publish(&self, file: &Arc<File>) -> Result<(), CacheError> {
+    /// Publishes the partial file whose bytes, as of `changes`, matched the digest; false if the
+    /// chunk map changed since (the bytes must be hashed again). Under the lock with every chunk
+    /// present no fetch is writing, so what is renamed is what was hashed.
+    fn publish(&self, file: &Arc<File>, changes: u64) -> Result<bool, CacheError> {
         file.sync_all().map_err(io("syncing", &self.complete_path))?;
-        let partial = lock(&self.local).path.clone();
-        std::fs::rename(&partial, &self.complete_path).map_err(io("publishing", &self.complete_path))?;
-        self.become_complete(Arc::clone(file), true);
+        {
+            let mut local = lock(&self.local);
+            if local.complete {
+                return Ok(true);
+            }
+            if local.changes != changes || local.chunks.iter().any(|c| *c != Chunk::Present) {
+                return Ok(false);
+            }
+            std::fs::rename(&local.path, &self.complete_path).map_err(io("publishing", &self.complete_path))?;
+            local.chunks = Vec::new();
+            local.complete = true;
+            local.path = self.complete_path.clone();
+            self.local_bytes.store(self.size, Ordering::Relaxed);
+        }
+        self.changed.notify_all();
         if let Some(shared) = self.shared.upgrade() {
             let record = BlobRecord { size: self.size, last_use: now_secs(), complete: true };
             Index::record(&shared, vec![(blob_key(&self.digest), json(&record))]);
         }
-        Ok(())
+        Ok(true)
     }
 
-    fn become_complete(&self, file: impl Into<Arc<File>>, ours: bool) {
+    /// Switches to a blob another process published.
+    fn become_complete(&self, file: File) {
         let mut local = lock(&self.local);
         if !local.complete {
-            if !ours {
-                let _ = std::fs::remove_file(&local.path);
-            }
-            local.file = file.into();
+            let _ = std::fs::remove_file(&local.path);
+            local.file = Arc::new(file);
             local.chunks = Vec::new();
             local.complete = true;
             local.path = self.complete_path.clone();
@@ -883,6 +909,7 @@ impl Blob {
                 *c = Chunk::Missing;
             }
         }
+        local.changes += 1;
         self.local_bytes.store(0, Ordering::Relaxed);
     }
 
@@ -1037,5 +1064,6 @@ impl crate::layer::BlobSource for Blob {
         let held = local.chunks.iter().filter(|c| **c == Chunk::Present).count() as u64 * CHUNK;
         self.local_bytes.store(held.min(self.size), Ordering::Relaxed);
         local.last_error = None;
+        local.changes += 1;
     }
 }
