@@ -435,10 +435,12 @@ impl<'a> GzipIndexer<'a> {
             self.pending = pending;
             let step = step?;
             let produced = step.produced;
-            for &b in &self.pending[..produced] {
-                self.ring[self.ring_pos] = b;
-                self.ring_pos = (self.ring_pos + 1) % WINDOW;
-            }
+            // Keep the last 32 KiB of output: copy at most a window's worth, in up to two pieces.
+            let recent = &self.pending[produced - produced.min(WINDOW)..produced];
+            let first = recent.len().min(WINDOW - self.ring_pos);
+            self.ring[self.ring_pos..self.ring_pos + first].copy_from_slice(&recent[..first]);
+            self.ring[..recent.len() - first].copy_from_slice(&recent[first..]);
+            self.ring_pos = (self.ring_pos + recent.len()) % WINDOW;
             if let Some(bits) = step.boundary {
                 let due = match self.index.checkpoints.last() {
                     None => true,

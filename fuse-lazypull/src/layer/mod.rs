@@ -15,6 +15,7 @@ pub mod tar;
 pub mod unpack;
 
 use std::ops::Range;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -398,8 +399,6 @@ impl EntriesBuilder {
         Ok(self.entries)
     }
 }
-
-use std::os::unix::ffi::OsStrExt as _;
 
 /// What converting one gzip layer to eStargz gave.
 pub struct Converted {
