@@ -4,8 +4,9 @@
 //! The public API is blocking (the FUSE side runs on threads). It is built on `ureq`: pooled
 //! keep-alive connections, redirects followed (registries send blob GETs to storage elsewhere;
 //! the `Authorization` header goes along only to the same host), TLS through rustls with the
-//! `ring` provider and the webpki roots. Plain HTTP is used for loopback registries (127.0.0.0/8,
-//! `::1`, `localhost`, as Docker does) and for those listed in [`RegistryConfig::insecure`].
+//! `ring` provider and the webpki roots (plus [`RegistryConfig::ca_files`]). Plain HTTP is used
+//! for loopback registries (127.0.0.0/8, `::1`, `localhost`, as Docker does) unless listed in
+//! [`RegistryConfig::https`], and for those listed in [`RegistryConfig::insecure`].
 //!
 //! Every request has bounded connect and read timeouts; transport errors, 5xx/429 answers and
 //! short bodies are retried with exponential backoff. Manifests and whole blobs are checked
@@ -109,6 +110,10 @@ impl std::fmt::Debug for Credentials {
 pub struct RegistryConfig {
     /// Registry hosts (`host[:port]`) reached over plain HTTP.
     pub insecure: Vec<String>,
+    /// Registry hosts reached over HTTPS even on loopback.
+    pub https: Vec<String>,
+    /// PEM files of CA certificates trusted besides the webpki roots (a private registry's CA).
+    pub ca_files: Vec<PathBuf>,
     /// Credentials per registry host (`docker.io` for Docker Hub).
     pub credentials: BTreeMap<String, Credentials>,
     /// A Docker `config.json` or containers `auth.json` to take credentials from.
@@ -123,6 +128,8 @@ impl Default for RegistryConfig {
     fn default() -> RegistryConfig {
         RegistryConfig {
             insecure: Vec::new(),
+            https: Vec::new(),
+            ca_files: Vec::new(),
             credentials: BTreeMap::new(),
             auth_file: None,
             timeout_secs: 30,
@@ -224,6 +231,7 @@ impl Registry {
         credentials.extend(config.credentials.iter().map(|(k, v)| (k.clone(), v.clone())));
         let timeout = Duration::from_secs(config.timeout_secs.max(1));
         let agent = ureq::AgentBuilder::new()
+            .tls_config(tls_config(&config.ca_files)?)
             .timeout_connect(timeout)
             .timeout_read(timeout)
             .timeout_write(timeout)
@@ -422,11 +430,9 @@ impl Registry {
         } else {
             image.registry.as_str()
         };
-        let scheme = if is_loopback(host) || self.config.insecure.iter().any(|h| h == &image.registry) {
-            "http"
-        } else {
-            "https"
-        };
+        let listed = |hosts: &[String]| hosts.iter().any(|h| h == &image.registry);
+        let plain = (is_loopback(host) && !listed(&self.config.https)) || listed(&self.config.insecure);
+        let scheme = if plain { "http" } else { "https" };
         format!("{scheme}://{host}/v2/{}", image.repository)
     }
 
@@ -584,6 +590,33 @@ impl Registry {
             other => Err(unauthorized(format!("unsupported auth scheme {other:?}"))),
         }
     }
+}
+
+/// rustls with the ring provider, trusting the webpki roots and the given CA files.
+fn tls_config(ca_files: &[PathBuf]) -> Result<Arc<rustls::ClientConfig>, RegistryError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    for path in ca_files {
+        let pem = std::fs::read(path)
+            .map_err(|source| RegistryError::Io { what: format!("reading CA file {}", path.display()), source })?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| RegistryError::Config(format!("CA file {}: {e}", path.display())))?;
+            roots.add(cert).map_err(|e| RegistryError::Config(format!("CA file {}: {e}", path.display())))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(RegistryError::Config(format!("CA file {} holds no certificate", path.display())));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| RegistryError::Config(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 fn backoff(attempt: u32) {

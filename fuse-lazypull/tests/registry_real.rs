@@ -284,3 +284,26 @@ fn registry_range_ignored_by_the_server_still_gives_the_range() {
     // Only the bytes up to the range's end were read.
     assert!(client.bytes_fetched() <= 5000, "{}", client.bytes_fetched());
 }
+
+/// HTTPS with rustls/ring: a registry whose certificate a configured CA signed is reached; without
+/// that CA the certificate is refused.
+#[test]
+fn registry_https_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = support::TlsFiles::make(dir.path());
+    let reg = support::Registry::start_tls(&tls);
+    two_layer_image().push(&reg.host(), "test/tls:v1");
+    let reference = parse(&reg.reference("test/tls:v1"));
+    let config = RegistryConfig { https: vec![reg.host()], ca_files: vec![tls.ca.clone()], ..Default::default() };
+    let client = Registry::new(config).unwrap();
+    let image = client.resolve(&reference).unwrap();
+    assert_eq!(image.layers.len(), 2);
+    let part = client.fetch_range(&reference, &image.layers[1].digest, 0..100).unwrap();
+    assert_eq!(part.len(), 100);
+
+    let untrusting =
+        Registry::new(RegistryConfig { https: vec![reg.host()], retries: 0, ..Default::default() }).unwrap();
+    let err = untrusting.resolve(&reference).unwrap_err();
+    let msg = fuse_lazypull::error::chain(&err);
+    assert!(msg.to_lowercase().contains("certificate"), "{msg}");
+}

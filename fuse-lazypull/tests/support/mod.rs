@@ -56,20 +56,71 @@ pub struct Registry {
     storage: tempfile::TempDir,
 }
 
+/// A test CA and a server certificate it signed for 127.0.0.1 (made with openssl).
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    pub fn make(dir: &Path) -> TlsFiles {
+        let f = |n: &str| dir.join(n);
+        let openssl = || {
+            let mut c = Command::new("openssl");
+            c.current_dir(dir);
+            c
+        };
+        run(openssl()
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=vstor test CA"])
+            .args(["-keyout", "ca.key", "-out", "ca.pem"]));
+        run(openssl().args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1"]).args([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]));
+        std::fs::write(f("ext.cnf"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").expect("ext file");
+        run(openssl().args(["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key"]).args([
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.pem",
+        ]));
+        TlsFiles { ca: f("ca.pem"), cert: f("server.pem"), key: f("server.key") }
+    }
+}
+
 impl Registry {
     pub fn start() -> Registry {
+        Registry::start_with(None)
+    }
+
+    /// A registry that speaks HTTPS only, with this certificate and key.
+    pub fn start_tls(tls: &TlsFiles) -> Registry {
+        Registry::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&TlsFiles>) -> Registry {
         let storage = tempfile::tempdir().expect("temp dir");
         for _ in 0..5 {
             let port = free_port();
             let config = storage.path().join("config.yml");
-            std::fs::write(
-                &config,
-                format!(
-                    "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                    storage.path().join("data").display()
-                ),
-            )
-            .expect("writing the registry config");
+            let mut yaml = format!(
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                storage.path().join("data").display()
+            );
+            if let Some(tls) = tls {
+                yaml.push_str(&format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    tls.cert.display(),
+                    tls.key.display()
+                ));
+            }
+            std::fs::write(&config, yaml).expect("writing the registry config");
             let mut child = Command::new("docker-registry")
                 .arg("serve")
                 .arg(&config)
@@ -82,7 +133,9 @@ impl Registry {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // Port taken meanwhile: try another.
                 }
-                if http_status(port, "/v2/") == Some(200) {
+                // Over TLS, a plain request gets 400: the registry is up.
+                let ready = if tls.is_some() { Some(400) } else { Some(200) };
+                if http_status(port, "/v2/") == ready {
                     return Registry { child, port, storage };
                 }
                 std::thread::sleep(Duration::from_millis(50));
