@@ -180,7 +180,7 @@ fn progress_bar(progress: &Progress) {
     loop {
         let phase = progress.phase();
         let (local, total) = (progress.local_bytes(), progress.total_bytes());
-        let percent = if total == 0 { 100 } else { local * 100 / total };
+        let percent = local.saturating_mul(100).checked_div(total).unwrap_or(100);
         let complete_layers = progress.layers.iter().filter(|l| l.local_bytes() >= l.size).count();
         let state = match &phase {
             Phase::Fetching => "fetching",
