@@ -289,11 +289,8 @@ fn handoff_shows_overlay_in_mountinfo_and_an_open_descriptor_still_reads_needs_r
     wait_phase(&mount, Phase::Complete);
     mount.hand_off().expect("handing off");
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let line = info
-        .lines()
-        .filter(|l| l.split(' ').nth(4) == Some(target.to_str().unwrap()))
-        .last()
-        .expect("a mount at the target");
+    let line =
+        info.lines().rfind(|l| l.split(' ').nth(4) == Some(target.to_str().unwrap())).expect("a mount at the target");
     assert!(line.contains(" - overlay "), "mountinfo: {line}");
     assert_eq!(std::fs::read(target.join("hello")).unwrap(), b"hello from the image");
 
