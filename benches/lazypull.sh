@@ -219,7 +219,8 @@ for round in $(seq "$ROUNDS"); do
     "$VSTOR" image mount "$REG/bench/big:estargz" "$target" --cache "$WORK/cache-estargz" --no-handoff \
         >/dev/null 2>"$WORK/mount-fuse.log" &
     MOUNT_PID=$!
-    for _ in $(seq 3000); do fuse_at "$target" && break; sleep 0.01; done
+    for _ in $(seq 3000); do fuse_at "$target" && break; kill -0 $MOUNT_PID || break; sleep 0.01; done
+    fuse_at "$target" || { tail "$WORK/mount-fuse.log" >&2; die "no FUSE mount at $target"; }
     R[fuse_tput]+="$(tput "$target") "
     while mountpoint -q "$target"; do umount -l "$target"; done
     kill "$MOUNT_PID" 2>/dev/null || true

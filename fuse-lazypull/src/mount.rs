@@ -510,7 +510,8 @@ impl Background {
     fn unpack_and_hand_off(&self) -> Result<(), MountError> {
         let mut lowers = Vec::with_capacity(self.blobs.len());
         for ((desc, blob), index) in self.image.layers.iter().zip(&self.blobs).zip(&self.indexes) {
-            lowers.push(unpack_once(&self.cache, &desc.digest, blob, index)?);
+            let dir = unpack_once(&self.cache, &desc.digest, blob, index, &lowers)?;
+            lowers.push(dir);
         }
         if self.stop.load(Relaxed) {
             return Err(MountError::Stopped);
@@ -567,7 +568,14 @@ impl Background {
 /// Unpacks a complete layer into the cache's directory for it, unless that exists already. The
 /// layer goes to a temporary directory first and is renamed into place, so a directory at the
 /// final path is always complete, whichever process or mount wrote it.
-pub fn unpack_once(cache: &BlobCache, digest: &Digest, blob: &Blob, index: &LayerIndex) -> Result<PathBuf, MountError> {
+/// `lowers` are the layers below it, bottom first, already unpacked.
+pub fn unpack_once(
+    cache: &BlobCache,
+    digest: &Digest,
+    blob: &Blob,
+    index: &LayerIndex,
+    lowers: &[PathBuf],
+) -> Result<PathBuf, MountError> {
     let dir = cache.unpacked_dir(digest);
     if dir.is_dir() {
         return Ok(dir);
@@ -580,7 +588,7 @@ pub fn unpack_once(cache: &BlobCache, digest: &Digest, blob: &Blob, index: &Laye
     }
     std::fs::create_dir(&tmp).map_err(io_err("creating", &tmp))?;
     let blob_path = blob.path().ok_or_else(|| MountError::NotLocal(digest.clone()))?;
-    let unpacked = layer::unpack(index, &blob_path, &tmp);
+    let unpacked = layer::unpack(index, &blob_path, &tmp, lowers);
     if let Err(source) = unpacked {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(MountError::Unpack { digest: digest.clone(), dir: dir.clone(), source });

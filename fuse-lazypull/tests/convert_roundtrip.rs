@@ -54,7 +54,7 @@ fn describe(root: &Path) -> BTreeMap<PathBuf, String> {
 }
 
 #[test]
-fn convert_round_trip_gives_the_same_tree_with_stargz_annotations() {
+fn convert_round_trip_gives_the_same_tree_with_stargz_annotations_needs_root() {
     let reg = support::Registry::start();
     let mut b = ImageBuilder::new();
     b.layer(|l| {

@@ -316,7 +316,7 @@ fn uncompressed_tar_layers_are_read_in_verified_spans() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("blob");
         std::fs::write(&file, &blob).unwrap();
-        fuse_lazypull::layer::unpack(&index, &file, &dir.path().join("lower")).unwrap();
+        fuse_lazypull::layer::unpack(&index, &file, &dir.path().join("lower"), &[]).unwrap();
         assert_eq!(std::fs::read(dir.path().join("lower/big")).unwrap(), big);
     }
 }

@@ -16,7 +16,7 @@ fn unpack_tar(tar: Vec<u8>, dest: &Path) -> Result<(), LayerError> {
     let index = LayerIndex::build(&descriptor(&blob, &[]), &source)?;
     let file = dest.parent().unwrap().join(format!("{}.blob", dest.file_name().unwrap().to_str().unwrap()));
     std::fs::write(&file, &blob).unwrap();
-    unpack(&index, &file, dest)
+    unpack(&index, &file, dest, &[])
 }
 
 fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
@@ -32,17 +32,15 @@ fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     Some(buf)
 }
 
-fn is_root() -> bool {
+/// Owners, device nodes and `trusted.*` xattrs need root; CI runs as root.
+fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root");
 }
 
 #[test]
-fn every_kind_of_entry_lands_as_in_the_image() {
-    if !is_root() {
-        eprintln!("skipped: unpacking owners and device nodes needs root");
-        return;
-    }
+fn every_kind_of_entry_lands_as_in_the_image_needs_root() {
+    require_root();
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("lower");
     let mut tar = Tar::default();
@@ -91,11 +89,8 @@ fn every_kind_of_entry_lands_as_in_the_image() {
 }
 
 #[test]
-fn a_symlinked_parent_is_never_followed() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+fn a_symlinked_parent_is_never_followed_needs_root() {
+    require_root();
     let dir = tempfile::tempdir().unwrap();
     let outside = dir.path().join("outside");
     std::fs::create_dir(&outside).unwrap();
@@ -112,11 +107,8 @@ fn a_symlinked_parent_is_never_followed() {
 }
 
 #[test]
-fn a_hard_link_to_a_symlink_links_the_symlink_itself() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+fn a_hard_link_to_a_symlink_links_the_symlink_itself_needs_root() {
+    require_root();
     let dir = tempfile::tempdir().unwrap();
     let outside = dir.path().join("secret");
     std::fs::write(&outside, b"secret").unwrap();
@@ -129,11 +121,8 @@ fn a_hard_link_to_a_symlink_links_the_symlink_itself() {
 }
 
 #[test]
-fn a_later_entry_replaces_an_earlier_one() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+fn a_later_entry_replaces_an_earlier_one_needs_root() {
+    require_root();
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("lower");
     let mut tar = Tar::default();
@@ -144,4 +133,43 @@ fn a_later_entry_replaces_an_earlier_one() {
     unpack_tar(tar.finish(), &dest).unwrap();
     assert_eq!(std::fs::read(dest.join("x")).unwrap(), b"second");
     assert_eq!(std::fs::read(dest.join("d")).unwrap(), b"file now");
+}
+
+#[test]
+fn a_hard_link_to_a_lower_layers_file_is_a_copy_and_hidden_files_are_refused_needs_root() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let mut tar = Tar::default();
+    tar.add(E { mode: 0o4751, uid: 5, gid: 6, mtime: 1_700_000_000, ..E::file("bin/tool", b"tool bytes") })
+        .add(E { xattrs: vec![(b"user.k".to_vec(), b"v".to_vec())], ..E::file("gone/file", b"g") })
+        .add(E::file("opq/hidden", b"h"))
+        .add(E { kind: RawKind::Fifo, mode: 0o600, ..E::file("fifo", b"") });
+    unpack_tar(tar.finish(), &base).unwrap();
+    let mid = dir.path().join("mid");
+    let mut tar = Tar::default();
+    tar.add(E::file("gone/.wh.file", b"")).add(E::dir("opq/")).add(E::file("opq/.wh..wh..opq", b""));
+    unpack_tar(tar.finish(), &mid).unwrap();
+
+    let top = |name: &str, mut tar: Tar| {
+        let blob = gzip(&tar.finish());
+        let index = LayerIndex::build(&descriptor(&blob, &[]), &MemSource::new(blob.clone())).unwrap();
+        let file = dir.path().join(format!("{name}.blob"));
+        std::fs::write(&file, &blob).unwrap();
+        unpack(&index, &file, &dir.path().join(name), &[base.clone(), mid.clone()])
+    };
+    let mut tar = Tar::default();
+    tar.add(E::hardlink("usr/tool2", "bin/tool"));
+    top("top", tar).unwrap();
+    let copy = std::fs::symlink_metadata(dir.path().join("top/usr/tool2")).unwrap();
+    assert_eq!(std::fs::read(dir.path().join("top/usr/tool2")).unwrap(), b"tool bytes");
+    assert_eq!((copy.mode() & 0o7777, copy.uid(), copy.gid(), copy.mtime()), (0o4751, 5, 6, 1_700_000_000));
+    assert_eq!(std::fs::symlink_metadata(base.join("bin/tool")).unwrap().nlink(), 1, "the lower file is untouched");
+
+    for (name, target) in [("t1", "gone/file"), ("t2", "opq/hidden"), ("t3", "fifo"), ("t4", "nowhere")] {
+        let mut tar = Tar::default();
+        tar.add(E::hardlink("link", target));
+        let e = top(name, tar).expect_err(target);
+        assert!(matches!(e, LayerError::Malicious { .. }), "{target}: {e}");
+    }
 }

@@ -71,6 +71,8 @@ fn open_beneath(root: &OwnedFd, path: &Path, flags: i32) -> std::io::Result<Owne
 struct Unpacker {
     root: OwnedFd,
     dest: PathBuf,
+    /// The unpacked layers below this one, top first, for hard links to their files.
+    lowers: Vec<OwnedFd>,
     /// Directories whose times are set at the end, with the entry's metadata.
     dirs: Vec<(PathBuf, i64)>,
 }
@@ -102,6 +104,44 @@ impl Unpacker {
             }
             other => other,
         }
+    }
+
+    /// The file a hard link to `target` means when this layer does not hold it: the topmost
+    /// lower layer's, unless a whiteout or an opaque directory above hides it. `None` when no
+    /// lower layer shows a regular file there.
+    fn find_lower(&self, target: &Path) -> std::io::Result<Option<OwnedFd>> {
+        for lower in &self.lowers {
+            // O_PATH first: a device node or FIFO there must not be opened for real.
+            match open_beneath(lower, target, libc::O_PATH) {
+                Ok(fd) => {
+                    // SAFETY: `st` is plain data filled by fstat on an open descriptor.
+                    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                    // SAFETY: as above.
+                    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+                    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                        return Ok(None);
+                    }
+                    return open_beneath(lower, target, libc::O_RDONLY).map(Some);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                // A symlink on the way (ELOOP), or a path through a non-directory: not a file.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV)) => {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e),
+            }
+            // Not here: an opaque directory on the way hides every layer further down.
+            let mut at = PathBuf::new();
+            for c in target.parent().unwrap_or(Path::new("")).components() {
+                at.push(c);
+                match open_beneath(lower, &at, libc::O_RDONLY | libc::O_DIRECTORY) {
+                    Ok(dir) if get_xattr(&dir, b"trusted.overlay.opaque")?.as_deref() == Some(b"y") => return Ok(None),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Removes whatever is at `path` unless it is a directory and `keep_dir`.
@@ -197,13 +237,21 @@ impl Unpacker {
                 let rc = unsafe { libc::linkat(tparent.as_raw_fd(), tname.as_ptr(), pfd, name.as_ptr(), 0) };
                 if rc < 0 {
                     let source = std::io::Error::last_os_error();
-                    if source.raw_os_error() == Some(libc::ENOENT) {
+                    if source.raw_os_error() != Some(libc::ENOENT) {
+                        return Err(err(source));
+                    }
+                    // A link to a file of a lower layer: an overlayfs layer cannot share an inode
+                    // with another, so it gets a copy (as a copy-up would make it).
+                    let Some(from) = self.find_lower(target).map_err(&err)? else {
                         return Err(LayerError::Malicious {
                             path: path.display().to_string(),
-                            why: format!("hard link to {}, which is not in this layer", target.display()),
+                            why: format!(
+                                "hard link to {}, which is in neither this layer nor a lower one",
+                                target.display()
+                            ),
                         });
-                    }
-                    return Err(err(source));
+                    };
+                    copy_file(&from, pfd, &name).map_err(&err)?;
                 }
             }
             EntryKind::CharDev { major, minor } | EntryKind::BlockDev { major, minor } => {
@@ -249,6 +297,58 @@ fn set_times(dir: i32, name: &CString, mtime: i64) -> std::io::Result<()> {
     check(unsafe { libc::utimensat(dir, name.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
 }
 
+/// The value of extended attribute `name` of an open file, `None` if it has none.
+fn get_xattr(fd: &OwnedFd, name: &[u8]) -> std::io::Result<Option<Vec<u8>>> {
+    let n = CString::new(name).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut buf = vec![0u8; 64 << 10];
+    // SAFETY: `fd` is open, `n` NUL-terminated, `buf` writable for its length.
+    let len = unsafe { libc::fgetxattr(fd.as_raw_fd(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if len < 0 {
+        let e = std::io::Error::last_os_error();
+        return if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::ENOTSUP)) { Ok(None) } else { Err(e) };
+    }
+    buf.truncate(len as usize);
+    Ok(Some(buf))
+}
+
+/// Copies the open regular file `from` (data, owner, mode, extended attributes, mtime) to a
+/// new file `name` in directory `dir`.
+fn copy_file(from: &OwnedFd, dir: i32, name: &CString) -> std::io::Result<()> {
+    // SAFETY: `st` is plain data filled by fstat on an open descriptor.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    check(unsafe { libc::fstat(from.as_raw_fd(), &mut st) })?;
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `dir` is an open directory and `name` a NUL-terminated component.
+    let fd = unsafe { libc::openat(dir, name.as_ptr(), flags, 0o600) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: openat returned a new descriptor that nothing else owns.
+    let to = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut src = File::from(from.try_clone()?);
+    let mut dst = File::from(to.try_clone()?);
+    std::io::copy(&mut src, &mut dst)?;
+    // SAFETY: `to` is open.
+    check(unsafe { libc::fchown(to.as_raw_fd(), st.st_uid, st.st_gid) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::fchmod(to.as_raw_fd(), st.st_mode & 0o7777) })?;
+    let mut names = vec![0u8; 64 << 10];
+    // SAFETY: `from` is open and `names` writable for its length.
+    let len = unsafe { libc::flistxattr(from.as_raw_fd(), names.as_mut_ptr().cast(), names.len()) };
+    if len < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    for xname in names[..len as usize].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        if let Some(value) = get_xattr(from, xname)? {
+            set_xattr(&to, xname, &value)?;
+        }
+    }
+    let t = libc::timespec { tv_sec: st.st_mtime, tv_nsec: st.st_mtime_nsec };
+    // SAFETY: `to` is open and the array holds two timespecs.
+    check(unsafe { libc::futimens(to.as_raw_fd(), [t, t].as_ptr()) })
+}
+
 fn set_xattr(fd: &OwnedFd, name: &[u8], value: &[u8]) -> std::io::Result<()> {
     let n = CString::new(name).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: `fd` is open, `n` NUL-terminated, `value` valid for its length.
@@ -270,12 +370,19 @@ fn set_attrs(fd: &OwnedFd, e: &super::Entry) -> std::io::Result<()> {
 /// Unpacks a complete, verified layer blob into `dest` as an overlayfs lower directory
 /// (whiteouts as 0/0 character devices, opaque directories with `trusted.overlay.opaque=y`),
 /// refusing anything that would write outside `dest`. `index` must be the blob's own index; the
-/// entries met while streaming the blob are checked against it.
-pub fn unpack(index: &LayerIndex, blob: &Path, dest: &Path) -> Result<(), LayerError> {
+/// entries met while streaming the blob are checked against it. `lowers` are the unpacked
+/// layers below it, bottom first: a hard link to a file of theirs becomes a copy (so the
+/// unpacked layer depends on them, a corner OCI allows and images rarely use).
+pub fn unpack(index: &LayerIndex, blob: &Path, dest: &Path, lowers: &[PathBuf]) -> Result<(), LayerError> {
     let io = |source| LayerError::Unpack { path: dest.to_path_buf(), source };
     std::fs::create_dir_all(dest).map_err(io)?;
     let root = File::open(dest).map_err(io)?;
-    let mut u = Unpacker { root: OwnedFd::from(root), dest: dest.to_path_buf(), dirs: Vec::new() };
+    let mut opened = Vec::with_capacity(lowers.len());
+    for lower in lowers.iter().rev() {
+        let dir = File::open(lower).map_err(|source| LayerError::Unpack { path: lower.clone(), source })?;
+        opened.push(OwnedFd::from(dir));
+    }
+    let mut u = Unpacker { root: OwnedFd::from(root), dest: dest.to_path_buf(), lowers: opened, dirs: Vec::new() };
     let file = File::open(blob).map_err(|source| LayerError::Unpack { path: blob.to_path_buf(), source })?;
     let buffered = BufReader::with_capacity(1 << 20, file);
     let stream: Box<dyn std::io::Read> =
