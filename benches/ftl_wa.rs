@@ -264,7 +264,7 @@ fn main() {
         row(Workload::Uniform, op, "1 stream, greedy", &o, Some(model_wa(op)));
     }
     let mut skew = Vec::new();
-    for op in [0.14, 0.28].into_iter().filter(|_| skewed) {
+    for op in [0.07, 0.14, 0.28].into_iter().filter(|_| skewed) {
         for w in [Workload::Zipf(0.99), Workload::HotCold { blocks: 0.2, writes: 0.8 }] {
             let base = rt.block_on(run(&geo, single_greedy(op), w, warm, measure));
             row(w, op, "1 stream, greedy", &base, None);

@@ -7,9 +7,10 @@ use crate::error::{FtlError, Result};
 pub enum VictimPolicy {
     /// The closed line with the fewest valid blocks.
     Greedy,
-    /// The closed line with the best `(1 - u) * age / (1 + u)` (Rosenblum and Ousterhout's
-    /// cost-benefit): old, mostly invalid lines first, so that cold data is not moved again and
-    /// again just because its line is a little emptier than a hot one.
+    /// The closed line with the best `(1 - u) * age^a / (1 + u)` (Rosenblum and Ousterhout's
+    /// cost-benefit, `a` = [`FtlConfig::age_exponent`]): old, mostly invalid lines first, so
+    /// that cold data is not moved again and again just because its line is a little emptier
+    /// than a hot one.
     CostBenefit,
 }
 
@@ -22,9 +23,16 @@ pub struct FtlConfig {
     /// The disk's logical block size: 512 or 4096.
     pub block_size: u32,
     pub victim: VictimPolicy,
+    /// How much a line's age counts in cost-benefit victims. 1 is the classic formula; below
+    /// 1 hot lines are cleaned a little fuller and cold lines a little emptier, which suits
+    /// workloads with many temperatures (Zipf) better and costs two-temperature ones little.
+    pub age_exponent: f64,
     /// Separate streams (open lines) for hot and cold user writes and for recently and long
     /// ago written relocated data, instead of one stream for everything.
     pub hot_cold: bool,
+    /// With `hot_cold`: the bound between hot and cold lifetimes, in disk's worth of writes
+    /// (see [`crate::streams`]).
+    pub hot_lifespan: f64,
     /// A map checkpoint is taken after this many lines have been opened: recovery scans at most
     /// about this many lines (plus those open at the checkpoint).
     pub checkpoint_lines: u32,
@@ -44,7 +52,9 @@ impl Default for FtlConfig {
             over_provisioning: 0.11,
             block_size: 4096,
             victim: VictimPolicy::CostBenefit,
+            age_exponent: 0.7,
             hot_cold: true,
+            hot_lifespan: 1.0,
             checkpoint_lines: 16,
             gc_free_lines: 1,
             wear_spread: 64,
@@ -60,6 +70,12 @@ impl FtlConfig {
         }
         if self.block_size != 512 && self.block_size != 4096 {
             return Err(FtlError::Config(format!("block size {} is not 512 or 4096", self.block_size)));
+        }
+        if !(self.hot_lifespan.is_finite() && self.hot_lifespan > 0.0) {
+            return Err(FtlError::Config(format!("hot_lifespan {} is not a positive number", self.hot_lifespan)));
+        }
+        if !(self.age_exponent.is_finite() && (0.0..=4.0).contains(&self.age_exponent)) {
+            return Err(FtlError::Config(format!("age_exponent {} is not in [0, 4]", self.age_exponent)));
         }
         if self.checkpoint_lines == 0 {
             return Err(FtlError::Config("checkpoint_lines must be at least 1".into()));

@@ -5,9 +5,8 @@
 //! Space is handed out in *lines*: one free chunk from each parallel unit, opened together and
 //! written in stripes, [`Layout::unit`] slots on one member after the other, so consecutive
 //! writes spread over every PU in `ws_opt` pieces. Each *stream* has one open line. With
-//! `hot_cold` there are four: user writes of blocks whose previous version was written within
-//! the last disk's worth of writes (hot: a short previous life predicts a short next one), other
-//! user writes (cold), and data relocated by GC, young and old. A line is written in full, then
+//! `hot_cold` there are four: hot and cold user writes and hot and cold relocated data, chosen
+//! by each block's inferred lifetime ([`crate::streams`]). A line is written in full, then
 //! *closed*; GC cleans it, and its members are reset and return to the free pool.
 //!
 //! # Write buffer
@@ -32,6 +31,7 @@ use crate::io::{self, Cmd};
 use crate::layout::{Layout, Oob, LBA_BYTES, NO_SLOT, OOB_BYTES, PAD_LBA};
 use crate::map::{Entry, Map};
 use crate::metrics::Metrics;
+use crate::streams::Lifetimes;
 
 /// Stream of user writes (with `hot_cold`: of blocks rewritten soon after their last write).
 pub const USER: usize = 0;
@@ -168,6 +168,8 @@ pub struct Engine {
     /// Held shared by reads in flight without the FTL's lock (see `Ftl`), exclusively by chunk
     /// resets: a chunk is never erased (and rewritten) under a read of it.
     pub erase_gate: Arc<tokio::sync::RwLock<()>>,
+    /// What is known of each logical block's lifetime, to choose its stream.
+    pub lifetimes: Lifetimes,
 }
 
 /// Whether a command that failed with `status` left the device as it was (a media I/O error, a
@@ -217,6 +219,7 @@ impl Engine {
             opens_since_wl: 0,
             free: 0,
             metrics: Arc::new(Metrics::default()),
+            lifetimes: Lifetimes::new(user_lbas),
             erase_gate: Arc::new(tokio::sync::RwLock::new(())),
             lay,
             cfg,
@@ -284,21 +287,6 @@ impl Engine {
     /// Chunks kept free for garbage collection alone: a line for each GC stream.
     pub fn reserve_chunks(&self) -> u32 {
         self.lay.pus * if self.cfg.hot_cold { 2 } else { 1 }
-    }
-
-    /// The user stream for a write of `lba`: with `hot_cold`, blocks rewritten within the last
-    /// disk's worth of writes are hot (their previous life was short, so will this one be: the
-    /// idea of SepBIT), the rest cold.
-    pub fn user_stream(&self, lba: u32) -> usize {
-        if !self.cfg.hot_cold {
-            return USER;
-        }
-        let prev = self.map.get(lba);
-        if prev.is_mapped() && self.next_seq.saturating_sub(prev.seq) <= u64::from(self.user_lbas) {
-            USER
-        } else {
-            USER_COLD
-        }
     }
 
     /// Below this many free chunks, user writes pay for garbage collection.

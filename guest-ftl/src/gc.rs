@@ -5,11 +5,11 @@
 //! Lines queued as *urgent* go first: lines whose writes failed, lines left open by a crash,
 //! lines holding blocks that warned of high ECC or sit on a chunk reported offline, and lines
 //! picked by static wear levelling. Otherwise a closed line is picked by the configured
-//! [`VictimPolicy`]: greedy (fewest valid blocks) or cost-benefit (`(1 - u) * age / (1 + u)`,
-//! age counted in writes since the line closed).
+//! [`VictimPolicy`]: greedy (fewest valid blocks) or cost-benefit (`(1 - u) * age^a / (1 + u)`,
+//! age counted in writes since the line closed, `a` = `FtlConfig::age_exponent`).
 //!
 //! Relocated blocks keep their logical block and sequence number; with `hot_cold` they go to
-//! one of two GC streams by age (rewritten within the last disk's worth of writes or not), so
+//! one of two GC streams by the line they come from and their age ([`crate::streams`]), so
 //! data that survived GC lands with data like it, apart from the user streams. A cleaned victim
 //! is *drained*: it is reset only once the current version of every logical block it held is
 //! on the device and the device has been flushed: the copies of the blocks moved out of it, and
@@ -42,7 +42,9 @@ use std::time::Instant;
 use host_ftl::Status;
 
 use crate::config::VictimPolicy;
-use crate::engine::{Engine, LineState, Victim, GC, GC_OLD, USER};
+use crate::engine::{Engine, LineState, Victim, USER};
+#[cfg(test)]
+use crate::engine::{GC, GC_OLD, USER_COLD};
 use crate::error::{FtlError, Result};
 use crate::layout::NO_SLOT;
 use crate::map::Entry;
@@ -82,24 +84,15 @@ impl Engine {
                 let u = f64::from(l.valid) / cap;
                 let score = match self.cfg.victim {
                     VictimPolicy::Greedy => -u,
-                    VictimPolicy::CostBenefit => (1.0 - u) * (now.saturating_sub(l.close_seq) + 1) as f64 / (1.0 + u),
+                    VictimPolicy::CostBenefit => {
+                        let age = (now.saturating_sub(l.close_seq) + 1) as f64;
+                        (1.0 - u) * age.powf(self.cfg.age_exponent) / (1.0 + u)
+                    }
                 };
                 (score, l.gen)
             })
             .max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
         best.map(|(_, g)| g)
-    }
-
-    /// The stream a block last written at `seq` is relocated to: with `hot_cold`, by whether
-    /// it was written within the last disk's worth of writes.
-    fn gc_stream(&self, seq: u64) -> usize {
-        if !self.cfg.hot_cold {
-            USER
-        } else if self.next_seq.saturating_sub(seq) <= u64::from(self.user_lbas) {
-            GC
-        } else {
-            GC_OLD
-        }
     }
 
     /// Relocates up to `budget` valid blocks; returns how many it moved. Cleans (resets)
@@ -136,6 +129,7 @@ impl Engine {
             };
             let Some(line) = self.lines.get(&v.gen) else { break };
             let cap = line.capacity(&self.lay);
+            let from = line.stream;
             let members = line.members.clone();
             let mut cursor = v.cursor;
             let mut batch = Vec::new();
@@ -175,7 +169,7 @@ impl Engine {
                 }
                 match r {
                     Ok(d) => {
-                        let stream = self.gc_stream(e.seq);
+                        let stream = self.gc_stream(e.seq, from);
                         self.append(stream, lba, e.seq, d.into_boxed_slice())?;
                         Metrics::add(&self.metrics.gc_slots, 1);
                     }
@@ -558,7 +552,10 @@ mod tests {
     fn relocated_blocks_are_split_by_age() {
         let (mut e, _d) = engine(VictimPolicy::CostBenefit);
         e.next_seq = 1000;
-        assert_eq!(e.gc_stream(950), GC);
-        assert_eq!(e.gc_stream(10), GC_OLD);
+        assert_eq!(e.gc_stream(950, USER), GC);
+        assert_eq!(e.gc_stream(950, GC), GC);
+        assert_eq!(e.gc_stream(10, USER), GC_OLD, "old");
+        assert_eq!(e.gc_stream(950, USER_COLD), GC_OLD, "from a cold line");
+        assert_eq!(e.gc_stream(950, GC_OLD), GC_OLD, "from a cold line");
     }
 }

@@ -23,9 +23,10 @@
 //! # Modules
 //!
 //! [`layout`] (slots, units, OOB), [`map`] (the L2P map), [`engine`] (lines, write buffer,
-//! write and read paths), [`gc`] (victims, rate limiter, wear levelling), [`checkpoint`] (what
-//! is stored where), [`recovery`] (format and recovery), [`ftl`] (the `BlockDevice`),
-//! [`channel`] (the boundary), [`sim`] (power-loss media for tests).
+//! write and read paths), [`streams`] (which stream a block is written to), [`gc`] (victims,
+//! rate limiter, wear levelling), [`checkpoint`] (what is stored where), [`recovery`] (format
+//! and recovery), [`ftl`] (the `BlockDevice`), [`channel`] (the boundary), [`sim`] (power-loss
+//! media for tests).
 //!
 //! # Durability and crash recovery
 //!
@@ -119,6 +120,7 @@ pub mod map;
 pub mod metrics;
 pub mod recovery;
 pub mod sim;
+pub mod streams;
 
 pub use channel::{CmdFuture, DirectChannel, FlashChannel};
 pub use config::{FtlConfig, VictimPolicy};

@@ -1,0 +1,96 @@
+//! Which stream (open line) a block is written to: hot/cold separation by inferred lifetime.
+//!
+//! With `hot_cold` there are four streams: hot and cold user writes ([`USER`], [`USER_COLD`])
+//! and hot and cold relocated blocks ([`GC`], [`GC_OLD`]). Lines then hold blocks that die at
+//! about the same time, so GC finds hot lines nearly empty and leaves cold lines alone, and
+//! cost-benefit victims split the spare space between the two (cold lines are cleaned fuller
+//! than hot ones, which is what minimises the total write amplification).
+//!
+//! The lifetime of a block is inferred as SepBIT (FAST'22) does, from the lifespans of the
+//! versions it replaces (a block that lived briefly last time will again), smoothed over its
+//! recent writes so that one short or long life by chance does not move it: each logical
+//! block keeps an estimate, the average of its last lifespan and its previous estimate
+//! (lifespans counted in writes). A user write is hot when the estimate is below
+//! `hot_lifespan` disk's worth of writes. A relocated block stays hot only when it comes from
+//! a hot line and is younger than that bound: following the line's class keeps the survivors
+//! of cold lines (cleaned long after they were written, but usually before a disk's worth of
+//! writes) out of the hot stream, and the age bound moves out the cold blocks a hot line caught.
+//!
+//! The estimates live in memory only: after a restart every block starts unknown (cold until
+//! it is rewritten), which costs some separation for a while, never correctness.
+
+use crate::engine::{Engine, GC, GC_OLD, USER, USER_COLD};
+
+/// Per logical block, the smoothed lifespan of its recent versions, in writes.
+pub struct Lifetimes {
+    estimate: Vec<f32>,
+}
+
+/// No lifespan seen yet.
+const UNKNOWN: f32 = f32::INFINITY;
+
+impl Lifetimes {
+    pub fn new(user_lbas: u32) -> Lifetimes {
+        Lifetimes { estimate: vec![UNKNOWN; user_lbas as usize] }
+    }
+
+    /// Records that a version of `lba` lived `lifespan` writes; returns the new estimate.
+    fn observe(&mut self, lba: u32, lifespan: u64) -> f32 {
+        let Some(e) = self.estimate.get_mut(lba as usize) else { return UNKNOWN };
+        let l = lifespan as f32;
+        *e = if e.is_finite() { (*e + l) / 2.0 } else { l };
+        *e
+    }
+}
+
+impl Engine {
+    /// The bound between hot and cold lifetimes, in writes.
+    fn hot_bound(&self) -> f64 {
+        self.cfg.hot_lifespan * f64::from(self.user_lbas)
+    }
+
+    /// The user stream for a write of `lba`, about to replace its current version.
+    pub fn user_stream(&mut self, lba: u32) -> usize {
+        if !self.cfg.hot_cold {
+            return USER;
+        }
+        let prev = self.map.get(lba);
+        if !prev.is_mapped() {
+            return USER_COLD;
+        }
+        let estimate = self.lifetimes.observe(lba, self.next_seq.saturating_sub(prev.seq));
+        if f64::from(estimate) <= self.hot_bound() {
+            USER
+        } else {
+            USER_COLD
+        }
+    }
+
+    /// The stream a block last written at `seq` is relocated to from a line of stream `from`.
+    pub fn gc_stream(&self, seq: u64, from: usize) -> usize {
+        if !self.cfg.hot_cold {
+            return USER;
+        }
+        let hot_line = from == USER || from == GC;
+        let age = self.next_seq.saturating_sub(seq) as f64;
+        if hot_line && age <= self.hot_bound() {
+            GC
+        } else {
+            GC_OLD
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_estimate_averages_recent_lifespans() {
+        let mut l = Lifetimes::new(4);
+        assert_eq!(l.observe(1, 100), 100.0, "the first lifespan is the estimate");
+        assert_eq!(l.observe(1, 300), 200.0);
+        assert_eq!(l.observe(1, 0), 100.0);
+        assert_eq!(l.observe(9, 5), UNKNOWN, "beyond the disk");
+    }
+}
