@@ -79,7 +79,7 @@ fn a_frontend_can_disconnect_and_reconnect() {
         let mut c = VhostClient::connect(&socket, 2).expect("reconnect");
         if round > 0 {
             let back = c.read(1, 0, 4096).expect("read what the last connection wrote");
-            assert!(back.iter().all(|&b| b == round - 1), "round {round}");
+            assert!(back.iter().all(|&b| b == round - 1), "round {round}: first bytes {:?}", &back[..8]);
         }
         assert_eq!(c.write(0, 0, &[round; 4096], false), 0);
         assert_eq!(c.flush(0), 0);

@@ -13,9 +13,10 @@
 
 use std::future::Future;
 use std::io;
+use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Acquire, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -197,12 +198,14 @@ impl BlkBackend {
         c
     }
 
+    /// The guest memory as the frontend has mapped it so far.
+    fn memory(&self) -> Option<Arc<GuestMemoryMmap>> {
+        self.mem.read().ok().and_then(|m| m.as_ref().map(|m| m.memory().into_inner()))
+    }
+
     /// Pops every available request of a queue and starts it. Requests that finish at once (the
     /// page cache often completes them inside io_uring_enter) go straight back to the guest.
     fn process_queue(&self, q: usize, vring: &VringRwLock) -> io::Result<()> {
-        let Some(mem) = self.mem.read().ok().and_then(|m| m.as_ref().map(|m| m.memory().into_inner())) else {
-            return Ok(());
-        };
         // Requests are first polled on this thread; anything they touch of tokio needs its context.
         let _runtime = self.runtime.enter();
         let _ring = self.queues[q].ring.enter();
@@ -212,8 +215,31 @@ impl BlkBackend {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
+            // A frontend maps a buffer (ADD_MEM_REG, acknowledged) before it makes a request on
+            // it available, and may do so while this thread runs: the memory the requests are
+            // read with is loaded only after the available index that shows them, so that it
+            // holds every buffer they use. (libblkio maps its buffers just after the queues start.)
+            let Some(ring_mem) = self.memory() else { break };
+            let avail = {
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                // As popping would: nothing to do on a queue the frontend has not set up.
+                if !queue.ready() || queue.avail_ring() == 0 {
+                    break;
+                }
+                queue.avail_idx(&*ring_mem, Acquire).map_err(io::Error::other)?
+            };
+            let Some(mem) = self.memory() else { break };
             loop {
-                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+                let chain = {
+                    let mut state = vring.get_mut();
+                    let queue = state.get_queue_mut();
+                    // Requests made available after `avail` wait for the next round.
+                    if Wrapping(queue.next_avail()) == avail {
+                        break;
+                    }
+                    queue.pop_descriptor_chain(mem.clone())
+                };
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 let descs = chain.map(|d| Desc { addr: d.addr(), len: d.len(), write_only: d.is_write_only() });
