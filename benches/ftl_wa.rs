@@ -1,15 +1,13 @@
 //! Write amplification of the guest FTL, measured on the real FTL code over the OCSSD device
-//! model on memory media, under the device's timing model (a simulated clock).
+//! model on memory media (throughput is `benches/ftl_throughput.rs`'s).
 //!
 //! Rows:
 //! * uniform random 4 KiB overwrites of a full disk at 7 %, 14 % and 28 % over-provisioning,
 //!   single-stream greedy GC, against the model `WA = 1 / (1 - u)`, `u = exp(-(1 - u) / r)`,
 //!   `r = user / physical` (target: within 10 %);
-//! * skewed overwrites (Zipf 0.99, and 80 % of writes to 20 % of the blocks) at 14 % and 28 %
+//! * skewed overwrites (Zipf 0.99, and 80 % of writes to 20 % of the blocks) at 7 %, 14 % and 28 %
 //!   over-provisioning, single-stream greedy against hot/cold streams with cost-benefit
-//!   (target: at least 30 % lower);
-//! * for every row, the simulated sustained write throughput against the media bandwidth
-//!   divided by the measured write amplification (target: at least 0.9x).
+//!   (target: at least 30 % lower).
 //!
 //! Each run fills the disk sequentially, overwrites it `WARM` times over to reach steady state,
 //! then measures over `MEASURE` more passes. Run with `cargo bench --bench ftl_wa` (add
@@ -129,8 +127,6 @@ struct Outcome {
     wa_gc: f64,
     wa_total: f64,
     gc_runs: u64,
-    sim_mbps: f64,
-    media_mbps: f64,
     secs: f64,
 }
 
@@ -155,7 +151,7 @@ fn geometry(quick: bool) -> Geometry {
 async fn run(geo: &Geometry, cfg: FtlConfig, w: Workload, warm: u64, measure: u64) -> Outcome {
     let started = Instant::now();
     let dev = Device::in_memory(geo.clone()).expect("device");
-    let ch = Arc::new(DirectChannel::new(dev, DirectChannel::default_region_bytes(geo)).timed());
+    let ch = Arc::new(DirectChannel::new(dev, DirectChannel::default_region_bytes(geo)));
     let dir = tempfile::tempdir().expect("tempdir");
     let store = state_store::Store::open(dir.path()).expect("store");
     let dyn_ch: Arc<dyn FlashChannel> = ch.clone();
@@ -175,7 +171,6 @@ async fn run(geo: &Geometry, cfg: FtlConfig, w: Workload, warm: u64, measure: u6
         buf = ftl.write(gen.next() * 4096, buf, false).await.expect("warm-up write");
     }
     let m0 = ftl.metrics();
-    let t0 = ch.now_ns();
     for _ in 0..measure * lbas {
         buf = ftl.write(gen.next() * 4096, buf, false).await.expect("write");
     }
@@ -184,18 +179,13 @@ async fn run(geo: &Geometry, cfg: FtlConfig, w: Workload, warm: u64, measure: u6
         eprintln!("{:?} {:?}", ftl.space().await, ftl.metrics());
     }
     let m1 = ftl.metrics();
-    let t1 = ch.now_ns();
     let user = (m1.user_slots - m0.user_slots) as f64;
     let gc = (m1.gc_slots - m0.gc_slots) as f64;
     let pad = (m1.pad_slots - m0.pad_slots) as f64;
-    let media_bytes_per_ns =
-        geo.total_pus() as f64 * f64::from(geo.ws_min * geo.block_size) / f64::from(geo.program_ns);
     Outcome {
         wa_gc: (user + gc) / user,
         wa_total: (user + gc + pad) / user,
         gc_runs: m1.gc_runs - m0.gc_runs,
-        sim_mbps: user * 4096.0 / (t1 - t0).max(1) as f64 * 1e3,
-        media_mbps: media_bytes_per_ns * 1e3,
         secs: started.elapsed().as_secs_f64(),
     }
 }
@@ -238,23 +228,19 @@ fn main() {
         geo.total_pus() as u32 * geo.clba
     );
     println!();
-    println!("| workload | OP | FTL | WA (GC) | WA (total) | model WA | WA / model | sim MB/s | media MB/s / WA | ratio | GC runs | wall s |");
-    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| workload | OP | FTL | WA (GC) | WA (total) | model WA | WA / model | GC runs | wall s |");
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
     let row = |w: Workload, op: f64, label: &str, o: &Outcome, model: Option<f64>| {
-        let bound = o.media_mbps / o.wa_total;
         let (m, r) = match model {
             Some(m) => (format!("{m:.2}"), format!("{:.2}", o.wa_gc / m)),
             None => ("".into(), "".into()),
         };
         println!(
-            "| {} | {:.0}% | {label} | {:.2} | {:.2} | {m} | {r} | {:.1} | {:.1} | {:.2}x | {} | {:.1} |",
+            "| {} | {:.0}% | {label} | {:.2} | {:.2} | {m} | {r} | {} | {:.1} |",
             w.name(),
             op * 100.0,
             o.wa_gc,
             o.wa_total,
-            o.sim_mbps,
-            bound,
-            o.sim_mbps / bound,
             o.gc_runs,
             o.secs
         );

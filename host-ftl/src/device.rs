@@ -102,6 +102,8 @@ struct Work {
     reads: BTreeMap<usize, u32>,
     programs: BTreeMap<usize, u32>,
     resets: BTreeMap<usize, u32>,
+    /// A flush: done when the media has everything (see the timing model's write buffer).
+    flush: bool,
 }
 
 /// A run of list entries `entries` going to (or coming from) consecutive blocks from `blk` of
@@ -265,9 +267,16 @@ impl Device {
         let schedule = |ops: &BTreeMap<usize, u32>, kind: OpKind, start: u64| {
             ops.iter().map(|(&pu, &n)| self.timing.schedule(pu, kind, n, start)).max().unwrap_or(start)
         };
+        if work.flush {
+            return self.timing.flush_completes(now_ns);
+        }
         let read_done = schedule(&work.reads, OpKind::Read, now_ns);
-        // A copy programs after its reads; a write has no reads, so it starts at now.
-        let program_done = schedule(&work.programs, OpKind::Program, read_done);
+        // A copy programs after its reads; a write has no reads, so it starts at now and
+        // completes when its data is in the write buffer.
+        let mut program_done = schedule(&work.programs, OpKind::Program, read_done);
+        if work.reads.is_empty() {
+            program_done = self.timing.write_completes(program_done, now_ns);
+        }
         let reset_done = schedule(&work.resets, OpKind::Reset, now_ns);
         read_done.max(program_done).max(reset_done)
     }
@@ -535,7 +544,7 @@ impl Device {
             }
             opcode::FLUSH => {
                 let status = if self.media.flush().is_ok() { Status::SUCCESS } else { Status::INTERNAL_ERROR };
-                return done(Cqe::new(sqe.cid, status, 0));
+                return (Cqe::new(sqe.cid, status, 0), Work { flush: true, ..Work::default() });
             }
             op if !is_vector(op) => return done(Cqe::new(sqe.cid, Status::INVALID_OPCODE, 0)),
             _ if sqe.nsid != NSID => return done(fail_all(sqe.cid, n, Status::INVALID_NAMESPACE)),

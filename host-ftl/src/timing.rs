@@ -25,7 +25,22 @@
 //!
 //! Booked transfers that end at or before a call's `now` are forgotten; callers give times that
 //! do not go backwards (a call with an earlier `now` would not see the forgotten ones).
+//!
+//! # Read suspend
+//!
+//! With [`TimingModel::set_read_suspend`], a read does not queue behind the programs and resets
+//! booked on its PU: it suspends them, as NAND dies with program/erase suspend do, and runs at
+//! once; everything booked on the PU ends that much later. Off by default.
+//!
+//! # Write buffer
+//!
+//! With [`TimingModel::set_write_buffer`], each PU has a buffer in front of its media, as an
+//! SSD's write cache is (OCSSD 2.0's `mw_cunits` exists because of it): a write completes once
+//! its data is in the buffer, that is as soon as no more than the buffer's worth of programs is
+//! left booked on its PU after it, and a flush completes when every PU has programmed all it
+//! was given. Off (write-through) by default.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::geometry::Geometry;
@@ -48,6 +63,9 @@ pub struct TimingModel {
     /// Nanoseconds per block on a channel; 0 when channels are not modelled.
     xfer_ns: u64,
     num_pu: usize,
+    read_suspend: AtomicBool,
+    /// Nanoseconds of programs a PU's write buffer holds; 0: write-through.
+    buffer_ns: AtomicU64,
 }
 
 struct State {
@@ -109,7 +127,32 @@ impl TimingModel {
             ws_min: u64::from(geo.ws_min.max(1)),
             xfer_ns: geo.transfer_ns(),
             num_pu: usize::from(geo.num_pu.max(1)),
+            read_suspend: AtomicBool::new(false),
+            buffer_ns: AtomicU64::new(0),
         }
+    }
+
+    /// Gives each PU a write buffer of `blocks` blocks, 0 for none (see the module docs).
+    pub fn set_write_buffer(&self, blocks: u32) {
+        self.buffer_ns.store(self.cost(OpKind::Program, blocks), Ordering::Relaxed);
+    }
+
+    /// When a write issued at `now` whose programs end at `programmed` completes to the host.
+    pub fn write_completes(&self, programmed: u64, now: u64) -> u64 {
+        programmed.saturating_sub(self.buffer_ns.load(Ordering::Relaxed)).max(now)
+    }
+
+    /// When a flush issued at `now` completes: once every buffered program is done.
+    pub fn flush_completes(&self, now: u64) -> u64 {
+        if self.buffer_ns.load(Ordering::Relaxed) == 0 {
+            return now;
+        }
+        self.lock().busy_until.iter().copied().fold(now, u64::max)
+    }
+
+    /// Lets reads suspend the programs and resets queued on their PU (see the module docs).
+    pub fn set_read_suspend(&self, on: bool) {
+        self.read_suspend.store(on, Ordering::Relaxed);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -139,13 +182,15 @@ impl TimingModel {
         let mut state = self.lock();
         let State { busy_until, channels } = &mut *state;
         let Some(until) = busy_until.get_mut(pu) else { return now };
-        let start = (*until).max(now);
+        let suspend = op == OpKind::Read && self.read_suspend.load(Ordering::Relaxed);
+        let start = if suspend { now } else { (*until).max(now) };
         let channel = channels.get_mut(pu / self.num_pu).filter(|_| self.xfer_ns > 0 && op != OpKind::Reset);
         let done = match channel {
             None => start.saturating_add(self.cost(op, count)),
             Some(ch) => self.by_units(ch, op, count, start, now),
         };
-        *until = done;
+        // A suspending read pushes back what was booked by as long as it took.
+        *until = if suspend { (*until).max(now).saturating_add(done - start) } else { done };
         done
     }
 
@@ -248,6 +293,32 @@ mod tests {
         let t = TimingModel::new(&g);
         t.schedule(0, OpKind::Read, 2, 0); // channel 100..120
         assert_eq!(t.schedule(1, OpKind::Program, 2, 90), 120 + 20 + 1000);
+    }
+
+    #[test]
+    fn a_write_buffer_completes_writes_early_and_flushes_when_programmed() {
+        let g = Geometry { program_ns: 1000, ws_min: 4, ..Geometry::default() };
+        let t = TimingModel::new(&g);
+        assert_eq!(t.write_completes(t.schedule(0, OpKind::Program, 8, 0), 0), 2000, "write-through");
+        assert_eq!(t.flush_completes(10), 10, "nothing buffered without a buffer");
+        t.set_write_buffer(8); // two units: 2000 ns of programs
+        let done = t.schedule(0, OpKind::Program, 4, 0); // PU 0 busy until 3000
+        assert_eq!(t.write_completes(done, 0), 1000, "waits until 2000 ns are left");
+        assert_eq!(t.write_completes(t.schedule(1, OpKind::Program, 4, 0), 0), 0, "fits in PU 1's buffer");
+        assert_eq!(t.flush_completes(5), 3000, "a flush waits for every PU");
+    }
+
+    #[test]
+    fn a_suspending_read_runs_at_once_and_delays_what_was_booked() {
+        let g = Geometry { read_ns: 100, program_ns: 1000, reset_ns: 5000, ..Geometry::default() };
+        let t = TimingModel::new(&g);
+        t.set_read_suspend(true);
+        assert_eq!(t.schedule(0, OpKind::Program, 4, 0), 1000);
+        assert_eq!(t.schedule(0, OpKind::Read, 4, 10), 110, "does not wait for the program");
+        assert_eq!(t.busy_until(0), 1100, "the program ends a read later");
+        assert_eq!(t.schedule(0, OpKind::Program, 4, 20), 2100, "programs still queue");
+        assert_eq!(t.schedule(1, OpKind::Read, 4, 5000), 5100, "an idle PU reads as before");
+        assert_eq!(t.busy_until(1), 5100);
     }
 
     #[test]
