@@ -17,6 +17,7 @@
 # docker-registry, umoci, skopeo, curl. Drops the page cache (vm.drop_caches) between sides.
 
 set -euo pipefail
+shopt -s inherit_errexit # a failing step inside $(...) stops the run too
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
@@ -53,7 +54,7 @@ cleanup() {
     done
     [[ -n "$REG_PID" ]] && kill "$REG_PID" 2>/dev/null
     wait 2>/dev/null || true
-    rm -rf "$WORK"
+    if [[ -n "${KEEP_WORK:-}" ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -138,6 +139,7 @@ overlay_at() { awk -v t="$1" '$5 == t' /proc/self/mountinfo | tail -n1 | grep -q
 full_pull() { # prints: first startup bytes
     local dir=$WORK/full t0 first startup
     rm -rf "$dir"
+    mkdir -p "$dir"
     drop_caches
     t0=$(now)
     skopeo copy -q --src-tls-verify=false "docker://$REG/bench/big:gzip" "oci:$dir/oci:big"
@@ -169,7 +171,8 @@ lazy_mount() { # TAG -> sets LAZY="first startup bytes handoff_s" (not in a subs
     read_startup "$target"
     startup=$(since "$t0")
     bytes=$(fetched_bytes "127.0.0.1:$mport")
-    for _ in $(seq 6000); do phase_is "127.0.0.1:$mport" handed_off && break; sleep 0.1; done
+    # The mount process may exit as soon as it has handed off (nothing holds FUSE open).
+    for _ in $(seq 6000); do phase_is "127.0.0.1:$mport" handed_off && break; kill -0 $MOUNT_PID || break; sleep 0.1; done
     handoff=$(since "$t0")
     overlay_at "$target" || { tail "$WORK/mount-$tag.log" >&2; die "no overlay at $target after the handoff"; }
     LAZY="$first $startup $bytes $handoff"
@@ -207,8 +210,11 @@ for round in $(seq "$ROUNDS"); do
         R[${tag}_first]+="$a "; R[${tag}_startup]+="$b "; R[${tag}_bytes]+="$c "; R[${tag}_handoff]+="$d "
         if [[ $tag == estargz ]]; then
             log "round $round/$ROUNDS: throughput after handoff vs plain overlayfs ..."
+            # ABBA order, so neither side always reads first after the handoff's writes.
             R[plain_tput]+="$(tput "$WORK/plain") "
             R[handoff_tput]+="$(tput "$WORK/mnt-$tag") "
+            R[handoff_tput]+="$(tput "$WORK/mnt-$tag") "
+            R[plain_tput]+="$(tput "$WORK/plain") "
         fi
         unmount_lazy $tag
     done

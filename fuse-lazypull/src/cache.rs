@@ -716,13 +716,19 @@ impl Blob {
 
     /// Fetches every missing byte, verifies the whole blob against its digest and keeps it.
     pub fn fetch_all(&self) -> Result<(), CacheError> {
+        self.fetch_all_paced(&|| {})
+    }
+
+    /// As [`Blob::fetch_all`], calling `pace` before each run of chunks it fetches, which may
+    /// wait to let other work go first.
+    pub fn fetch_all_paced(&self, pace: &dyn Fn()) -> Result<(), CacheError> {
         let _one = lock(&self.filling);
         let mut attempt = 0;
         loop {
             if self.is_complete() || self.adopt_published()? {
                 return Ok(());
             }
-            self.fill()?;
+            self.fill(pace)?;
             let (file, changes) = {
                 let local = lock(&self.local);
                 (Arc::clone(&local.file), local.changes)
@@ -760,8 +766,9 @@ impl Blob {
     }
 
     /// Fetches every chunk not present, in large runs, waiting for runs readers are fetching.
-    fn fill(&self) -> Result<(), CacheError> {
+    fn fill(&self, pace: &dyn Fn()) -> Result<(), CacheError> {
         loop {
+            pace();
             let run = {
                 let mut local = lock(&self.local);
                 if local.complete {

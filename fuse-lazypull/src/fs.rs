@@ -1,4 +1,4 @@
-//! The FUSE file system over a merged [`crate::tree::Tree`]. OWNER: H7c.
+//! The FUSE file system over a merged [`crate::tree::Tree`].
 //!
 //! The image is immutable, so attributes and entries are cached by the kernel for a long time
 //! and open files keep their page cache. Metadata answers come straight from the tree on the
@@ -42,12 +42,36 @@ pub struct LayerData {
     pub source: Arc<dyn BlobSource>,
 }
 
-/// Counters for metrics and tests.
+/// Counters for metrics and tests, and when the file system was last read (so background work
+/// can keep out of the way of a starting container).
 #[derive(Default, Debug)]
 pub struct FsStats {
     pub reads: AtomicU64,
     pub bytes_read: AtomicU64,
     pub read_errors: AtomicU64,
+    /// When the last read arrived, in nanoseconds since [`FsStats::clock`]'s start; 0: never.
+    last_read_ns: AtomicU64,
+}
+
+impl FsStats {
+    /// Nanoseconds on a process-wide monotonic clock, never 0.
+    fn clock() -> u64 {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        START.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64 + 1
+    }
+
+    /// Notes that a read arrived now.
+    pub fn read_arrived(&self) {
+        self.last_read_ns.store(Self::clock(), Relaxed);
+    }
+
+    /// How long no read has arrived; `None` before the first read.
+    pub fn idle_for(&self) -> Option<std::time::Duration> {
+        match self.last_read_ns.load(Relaxed) {
+            0 => None,
+            at => Some(std::time::Duration::from_nanos(Self::clock().saturating_sub(at))),
+        }
+    }
 }
 
 /// What the session thread and the read workers share.
@@ -210,6 +234,7 @@ impl Filesystem for ImageFs {
         reply: ReplyData,
     ) {
         let Ok(offset) = u64::try_from(offset) else { return reply.error(libc::EINVAL) };
+        self.shared.stats.read_arrived();
         let shared = Arc::clone(&self.shared);
         let job: Job = Box::new(move || match read_file(&shared, ino, offset, size) {
             Ok(data) => {

@@ -1,4 +1,4 @@
-//! Putting overlayfs beneath the FUSE mount at the same path, then detaching FUSE. OWNER: H7c.
+//! Putting overlayfs beneath the FUSE mount at the same path, then detaching FUSE.
 //!
 //! The overlay is built with the new mount API (`fsopen("overlay")`, one `lowerdir+` per layer,
 //! `fsmount`) so it never appears at any path before it is in place. `move_mount` with

@@ -1,10 +1,11 @@
-//! One image mount, from resolving the reference to the handoff. OWNER: H7c.
+//! One image mount, from resolving the reference to the handoff.
 //!
 //! [`ImageMount::start`] resolves the reference, opens every layer blob through the shared
 //! cache, indexes each layer (the index is kept in the cache as derived data, so a second mount
 //! of the same layer does not index it again), merges them into a tree and mounts the FUSE file
 //! system at the target. A background thread then fetches the layers (eStargz prefetch ranges
-//! first, then every missing byte, retrying while the registry fails), unpacks each layer into
+//! first, then every missing byte while the file system is not being read, retrying while the
+//! registry fails), unpacks each layer into
 //! the cache (once per layer, atomically through a temporary directory), and hands the target to
 //! overlayfs. The FUSE session keeps serving files opened before the handoff until the kernel
 //! drops the connection.
@@ -35,6 +36,12 @@ const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
 const INDEX_ATTEMPTS: u32 = 3;
 /// Prefetch ranges are read in pieces of at most this many bytes.
 const PREFETCH_PIECE: u64 = 4 << 20;
+/// The background fetch waits until the file system has not been read for this long, so that a
+/// starting container has the link (and the CPU) to itself...
+const BACKGROUND_IDLE: Duration = Duration::from_millis(250);
+/// ...but never more than this per run of chunks, so a file system that is read all the time
+/// still gets its image local.
+const BACKGROUND_MAX_DEFER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -479,7 +486,7 @@ impl Background {
         }
         self.prefetch();
         for (desc, blob) in self.image.layers.iter().zip(&self.blobs) {
-            self.retrying(&desc.digest, || blob.fetch_all())?;
+            self.retrying(&desc.digest, || blob.fetch_all_paced(&|| self.yield_to_readers()))?;
         }
         tracing::info!(image = %self.progress.reference, "every layer is local");
         self.progress.set_phase(Phase::Complete);
@@ -525,6 +532,18 @@ impl Background {
             .map_err(|source| MountError::Handoff { target: self.target.clone(), source })?;
         tracing::info!(target = %self.target.display(), "handed over to overlayfs");
         Ok(())
+    }
+
+    /// Waits while the file system is being read (see [`BACKGROUND_IDLE`]); demand reads fetch
+    /// what they need themselves, ahead of this.
+    fn yield_to_readers(&self) {
+        let started = std::time::Instant::now();
+        while !self.stop.load(Relaxed) && started.elapsed() < BACKGROUND_MAX_DEFER {
+            match self.progress.fs.idle_for() {
+                Some(idle) if idle < BACKGROUND_IDLE => std::thread::sleep(BACKGROUND_IDLE - idle),
+                _ => return,
+            }
+        }
     }
 
     /// Reads the eStargz prefetch ranges first, so the files a container starts with are local
