@@ -164,7 +164,7 @@ lazy_mount() { # TAG -> sets LAZY="first startup bytes handoff_s" (not in a subs
     "$VSTOR" image mount "$REG/bench/big:$tag" "$target" --cache "$cache" --metrics "127.0.0.1:$mport" \
         >/dev/null 2>"$WORK/mount-$tag.log" &
     MOUNT_PID=$!
-    for _ in $(seq 3000); do fuse_at "$target" && break; kill -0 $MOUNT_PID || break; sleep 0.01; done
+    for _ in $(seq 3000); do fuse_at "$target" && break; kill -0 $MOUNT_PID 2>/dev/null || break; sleep 0.01; done
     fuse_at "$target" || { tail "$WORK/mount-$tag.log" >&2; die "no FUSE mount at $target"; }
     cat "$target/$SMALL" >/dev/null
     first=$(since "$t0")
@@ -172,7 +172,7 @@ lazy_mount() { # TAG -> sets LAZY="first startup bytes handoff_s" (not in a subs
     startup=$(since "$t0")
     bytes=$(fetched_bytes "127.0.0.1:$mport")
     # The mount process may exit as soon as it has handed off (nothing holds FUSE open).
-    for _ in $(seq 6000); do phase_is "127.0.0.1:$mport" handed_off && break; kill -0 $MOUNT_PID || break; sleep 0.1; done
+    for _ in $(seq 6000); do phase_is "127.0.0.1:$mport" handed_off && break; kill -0 $MOUNT_PID 2>/dev/null || break; sleep 0.1; done
     handoff=$(since "$t0")
     overlay_at "$target" || { tail "$WORK/mount-$tag.log" >&2; die "no overlay at $target after the handoff"; }
     LAZY="$first $startup $bytes $handoff"
@@ -225,7 +225,7 @@ for round in $(seq "$ROUNDS"); do
     "$VSTOR" image mount "$REG/bench/big:estargz" "$target" --cache "$WORK/cache-estargz" --no-handoff \
         >/dev/null 2>"$WORK/mount-fuse.log" &
     MOUNT_PID=$!
-    for _ in $(seq 3000); do fuse_at "$target" && break; kill -0 $MOUNT_PID || break; sleep 0.01; done
+    for _ in $(seq 3000); do fuse_at "$target" && break; kill -0 $MOUNT_PID 2>/dev/null || break; sleep 0.01; done
     fuse_at "$target" || { tail "$WORK/mount-fuse.log" >&2; die "no FUSE mount at $target"; }
     R[fuse_tput]+="$(tput "$target") "
     while mountpoint -q "$target"; do umount -l "$target"; done

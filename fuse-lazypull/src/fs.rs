@@ -49,11 +49,18 @@ pub struct FsStats {
     pub reads: AtomicU64,
     pub bytes_read: AtomicU64,
     pub read_errors: AtomicU64,
-    /// When the last read arrived, in nanoseconds since [`FsStats::clock`]'s start; 0: never.
+    /// When the last read arrived (at first: when the file system was made), in nanoseconds
+    /// since [`FsStats::clock`]'s start.
     last_read_ns: AtomicU64,
 }
 
 impl FsStats {
+    /// Counters at zero; the file system counts as just read, so background work waits for a
+    /// first quiet moment after the mount too.
+    pub fn new() -> FsStats {
+        FsStats { last_read_ns: AtomicU64::new(Self::clock()), ..FsStats::default() }
+    }
+
     /// Nanoseconds on a process-wide monotonic clock, never 0.
     fn clock() -> u64 {
         static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -65,12 +72,9 @@ impl FsStats {
         self.last_read_ns.store(Self::clock(), Relaxed);
     }
 
-    /// How long no read has arrived; `None` before the first read.
-    pub fn idle_for(&self) -> Option<std::time::Duration> {
-        match self.last_read_ns.load(Relaxed) {
-            0 => None,
-            at => Some(std::time::Duration::from_nanos(Self::clock().saturating_sub(at))),
-        }
+    /// How long no read has arrived.
+    pub fn idle_for(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(Self::clock().saturating_sub(self.last_read_ns.load(Relaxed)))
     }
 }
 

@@ -334,7 +334,7 @@ impl ImageMount {
         }
         let tree = Tree::build(&indexes).map_err(|source| MountError::Tree { reference: name.clone(), source })?;
         let indexes: Vec<Arc<LayerIndex>> = indexes.into_iter().map(Arc::new).collect();
-        let fs_stats = Arc::new(FsStats::default());
+        let fs_stats = Arc::new(FsStats::new());
         let layer_data = layers
             .iter()
             .zip(&indexes)
@@ -540,7 +540,7 @@ impl Background {
         let started = std::time::Instant::now();
         while !self.stop.load(Relaxed) && started.elapsed() < BACKGROUND_MAX_DEFER {
             match self.progress.fs.idle_for() {
-                Some(idle) if idle < BACKGROUND_IDLE => std::thread::sleep(BACKGROUND_IDLE - idle),
+                idle if idle < BACKGROUND_IDLE => std::thread::sleep(BACKGROUND_IDLE - idle),
                 _ => return,
             }
         }
