@@ -32,74 +32,12 @@ use guest_ftl::{DirectChannel, FlashChannel, Ftl, FtlConfig, VictimPolicy};
 use host_ftl::{Device, Geometry};
 use vdisk::{BlockDevice, IoBuf};
 
+#[path = "support/ftl_workload.rs"]
+mod ftl_workload;
+use ftl_workload::{Gen, Workload};
+
 /// Blocks of write buffer per PU (512 KiB).
 const BUFFER_BLOCKS: u32 = 128;
-
-/// xorshift64*: small, fast, deterministic.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Workload {
-    Uniform,
-    Zipf(f64),
-}
-
-/// Draws logical blocks of a workload over `n` blocks.
-struct Gen {
-    zipf: Option<Vec<f64>>,
-    perm: Vec<u32>,
-    rng: Rng,
-}
-
-impl Gen {
-    fn new(w: Workload, n: u64, seed: u64) -> Gen {
-        let mut rng = Rng(seed | 1);
-        let mut perm: Vec<u32> = (0..n as u32).collect();
-        for i in (1..perm.len()).rev() {
-            perm.swap(i, (rng.next() % (i as u64 + 1)) as usize);
-        }
-        let zipf = match w {
-            Workload::Uniform => None,
-            Workload::Zipf(s) => {
-                let mut acc = 0.0;
-                let mut c: Vec<f64> = (1..=n)
-                    .map(|k| {
-                        acc += 1.0 / (k as f64).powf(s);
-                        acc
-                    })
-                    .collect();
-                c.iter_mut().for_each(|x| *x /= acc);
-                Some(c)
-            }
-        };
-        Gen { zipf, perm, rng }
-    }
-
-    fn next(&mut self) -> u64 {
-        let n = self.perm.len();
-        let rank = match &self.zipf {
-            None => (self.rng.next() % n as u64) as usize,
-            Some(cdf) => {
-                let u = self.rng.unit();
-                cdf.partition_point(|&c| c < u).min(n - 1)
-            }
-        };
-        u64::from(self.perm[rank])
-    }
-}
 
 struct Outcome {
     wa: f64,

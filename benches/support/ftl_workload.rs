@@ -1,0 +1,97 @@
+//! Random 4 KiB overwrite workloads for the guest FTL benchmarks (`ftl_wa`, `ftl_throughput`):
+//! uniform, Zipf and hot/cold, over a shuffled block order, from a fixed seed.
+
+// Each benchmark uses a part of this.
+#![allow(dead_code)]
+
+/// xorshift64*: small, fast, deterministic.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Workload {
+    Uniform,
+    Zipf(f64),
+    /// `writes` of the writes go to the first `blocks` of the blocks (shuffled).
+    HotCold {
+        blocks: f64,
+        writes: f64,
+    },
+}
+
+impl Workload {
+    pub fn name(&self) -> String {
+        match self {
+            Workload::Uniform => "uniform".into(),
+            Workload::Zipf(s) => format!("zipf {s}"),
+            Workload::HotCold { blocks, writes } => format!("{:.0}/{:.0}", writes * 100.0, blocks * 100.0),
+        }
+    }
+}
+
+/// Draws logical blocks for a workload over `n` blocks.
+pub struct Gen {
+    w: Workload,
+    n: u64,
+    cdf: Vec<f64>,
+    perm: Vec<u32>,
+    rng: Rng,
+}
+
+impl Gen {
+    pub fn new(w: Workload, n: u64, seed: u64) -> Gen {
+        let mut rng = Rng(seed | 1);
+        let mut perm: Vec<u32> = (0..n as u32).collect();
+        for i in (1..perm.len()).rev() {
+            let j = (rng.next() % (i as u64 + 1)) as usize;
+            perm.swap(i, j);
+        }
+        let cdf = match w {
+            Workload::Zipf(s) => {
+                let mut acc = 0.0;
+                let mut c: Vec<f64> = (1..=n)
+                    .map(|k| {
+                        acc += 1.0 / (k as f64).powf(s);
+                        acc
+                    })
+                    .collect();
+                let total = acc;
+                c.iter_mut().for_each(|x| *x /= total);
+                c
+            }
+            _ => Vec::new(),
+        };
+        Gen { w, n, cdf, perm, rng }
+    }
+
+    pub fn next(&mut self) -> u64 {
+        let rank = match self.w {
+            Workload::Uniform => self.rng.next() % self.n,
+            Workload::Zipf(_) => {
+                let u = self.rng.unit();
+                self.cdf.partition_point(|&c| c < u).min(self.n as usize - 1) as u64
+            }
+            Workload::HotCold { blocks, writes } => {
+                let hot = ((self.n as f64 * blocks) as u64).max(1);
+                if self.rng.unit() < writes {
+                    self.rng.next() % hot
+                } else {
+                    hot + self.rng.next() % (self.n - hot).max(1)
+                }
+            }
+        };
+        u64::from(self.perm[rank as usize])
+    }
+}
