@@ -174,39 +174,53 @@ impl Ftl {
     }
 
     async fn do_read(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
+        let lb = LBA_BYTES as u64;
         let len = buf.len() as u64;
-        let first = (offset / LBA_BYTES as u64) as u32;
-        let last = ((offset + len - 1) / LBA_BYTES as u64) as u32;
+        let first = (offset / lb) as u32;
+        let last = ((offset + len - 1) / lb) as u32;
         let n = last - first + 1;
-        let bytes = match &self.reads {
-            Some(area) if n <= READ_SLOT_BLOCKS => self.read_unlocked(area, first, n).await?,
-            _ => self.read_locked(first, n).await?,
-        };
-        let skip = (offset % LBA_BYTES as u64) as usize;
-        buf.as_mut_slice().copy_from_slice(&bytes[skip..skip + len as usize]);
+        if offset % lb == 0 && len % lb == 0 {
+            // Whole blocks: straight into the request's buffer.
+            self.read_blocks(first, n, buf.as_mut_slice()).await?;
+            return Ok(buf);
+        }
+        let mut blocks = vec![0u8; n as usize * LBA_BYTES];
+        self.read_blocks(first, n, &mut blocks).await?;
+        let skip = (offset % lb) as usize;
+        buf.as_mut_slice().copy_from_slice(&blocks[skip..skip + len as usize]);
         Ok(buf)
     }
 
-    /// Reads logical blocks `first..first + n` with the engine locked throughout.
-    async fn read_locked(&self, first: u32, n: u32) -> Result<Vec<u8>> {
-        let mut eng = self.eng.lock().await;
-        maintain(&mut eng).await?;
-        eng.read_lbas(first, n).await
+    /// Reads logical blocks `first..first + n` into `out` (`n` blocks long).
+    async fn read_blocks(&self, first: u32, n: u32, out: &mut [u8]) -> Result<()> {
+        match &self.reads {
+            Some(area) if n <= READ_SLOT_BLOCKS => self.read_unlocked(area, first, n, out).await,
+            _ => self.read_locked(first, n, out).await,
+        }
     }
 
-    /// Reads logical blocks `first..first + n`, holding the engine's lock only to look them up
-    /// (map, write buffer), not across the flash reads: those run in a slot of the read area,
-    /// overlapping with other reads and with the engine's own commands. The erase gate, taken
-    /// before the lock is let go, keeps the chunks read from being reset meanwhile, so the slots
-    /// looked up still hold the blocks when the device reads them. A read the device fails is
-    /// done again under the lock, which knows offline chunks and lost blocks; a high-ECC warning
-    /// queues the line for refresh, as on the locked path.
-    async fn read_unlocked(&self, area: &ReadArea, first: u32, n: u32) -> Result<Vec<u8>> {
+    /// Reads logical blocks `first..first + n` with the engine locked throughout.
+    async fn read_locked(&self, first: u32, n: u32, out: &mut [u8]) -> Result<()> {
+        let mut eng = self.eng.lock().await;
+        maintain(&mut eng).await?;
+        out.copy_from_slice(&eng.read_lbas(first, n).await?);
+        Ok(())
+    }
+
+    /// Reads logical blocks `first..first + n` into `out`, holding the engine's lock only to
+    /// look them up (map, write buffer), not across the flash reads: those run in a slot of the
+    /// read area, overlapping with other reads and with the engine's own commands, and their data
+    /// is copied from the slot straight into `out`. The erase gate, taken before the lock is let
+    /// go, keeps the chunks read from being reset meanwhile, so the slots looked up still hold
+    /// the blocks when the device reads them. A read the device fails is done again under the
+    /// lock, which knows offline chunks and lost blocks; a high-ECC warning queues the line for
+    /// refresh, as on the locked path.
+    async fn read_unlocked(&self, area: &ReadArea, first: u32, n: u32, out: &mut [u8]) -> Result<()> {
         // Taken before the lock, so that the lock is never held waiting for a slot.
         let dma = area.take().await?;
-        let mut out = vec![0u8; n as usize * LBA_BYTES];
         // (block of the request, slot) of the blocks the device must return.
         let mut dev: Vec<(usize, u32)> = Vec::new();
+        let block = |k: usize| k * LBA_BYTES..(k + 1) * LBA_BYTES;
         let gate = {
             let mut eng = self.eng.lock().await;
             maintain(&mut eng).await?;
@@ -216,43 +230,47 @@ impl Ftl {
                     return Err(FtlError::Lost { lba, slot: NO_SLOT, status: host_ftl::Status::OFFLINE_CHUNK });
                 }
                 let e = eng.map.get(lba);
+                let k = k as usize;
                 if !e.is_mapped() {
+                    out[block(k)].fill(0);
                     continue;
                 }
-                let k = k as usize;
                 match eng.cache.get(&e.slot) {
-                    Some(c) => out[k * LBA_BYTES..(k + 1) * LBA_BYTES].copy_from_slice(&c.data),
+                    Some(c) => out[block(k)].copy_from_slice(&c.data),
                     None => dev.push((k, e.slot)),
                 }
             }
             if dev.is_empty() {
-                return Ok(out);
+                return Ok(());
             }
             // Resets take the gate only with the engine locked, so it is free now.
             match eng.erase_gate.clone().try_read_owned() {
                 Ok(g) => g,
-                Err(_) => return eng.read_lbas(first, n).await,
+                Err(_) => {
+                    out.copy_from_slice(&eng.read_lbas(first, n).await?);
+                    return Ok(());
+                }
             }
         };
         let lay = &self.lay;
         let per = lay.max_cmd_slots.max(1) as usize;
-        let cmds = dev
+        let cmds: Vec<Cmd> = dev
             .chunks(per)
             .map(|group| {
                 Cmd::read(group.iter().flat_map(|&(_, s)| lay.ppas(lay.chunk_of(s), lay.offset_of(s), 1)).collect())
             })
             .collect();
-        let done = dma.run(&*self.ch, cmds).await;
+        let done = dma.read(&*self.ch, &cmds).await;
         drop(gate);
         let done = done?;
         let spl = lay.spl as usize;
+        let region = self.ch.region();
         let (mut warned, mut failed) = (Vec::new(), false);
         for (group, d) in dev.chunks(per).zip(&done) {
             for (i, &(k, slot)) in group.iter().enumerate() {
                 let bad = (i * spl..(i + 1) * spl).any(|a| d.failed(a));
                 if !bad || d.cqe.status.data_valid() {
-                    out[k * LBA_BYTES..(k + 1) * LBA_BYTES]
-                        .copy_from_slice(&d.data[i * LBA_BYTES..(i + 1) * LBA_BYTES]);
+                    region.read(d.data_at + (i * LBA_BYTES) as u64, &mut out[block(k)]).map_err(FtlError::Dma)?;
                     if bad {
                         warned.push(slot);
                     }
@@ -267,10 +285,10 @@ impl Ftl {
                 eng.queue_refresh(slot);
             }
             if failed {
-                return eng.read_lbas(first, n).await;
+                out.copy_from_slice(&eng.read_lbas(first, n).await?);
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Writes `data` (or zeros when `None`) over `offset..offset + len`.

@@ -69,11 +69,29 @@ pub struct Done {
     pub oob: Vec<u8>,
 }
 
+/// A read's completion whose data was left in the region, at `data_at`.
+#[derive(Debug)]
+pub struct InPlace {
+    pub cqe: Cqe,
+    pub data_at: u64,
+}
+
 impl Done {
     /// Whether address `i` failed (or warned).
     pub fn failed(&self, i: usize) -> bool {
-        i < 64 && self.cqe.bitmap() & (1 << i) != 0
+        address_failed(&self.cqe, i)
     }
+}
+
+impl InPlace {
+    /// Whether address `i` failed (or warned).
+    pub fn failed(&self, i: usize) -> bool {
+        address_failed(&self.cqe, i)
+    }
+}
+
+fn address_failed(cqe: &Cqe, i: usize) -> bool {
+    i < 64 && cqe.bitmap() & (1 << i) != 0
 }
 
 struct Placed {
@@ -166,9 +184,14 @@ impl ReadArea {
 }
 
 impl ReadSlot<'_> {
-    /// Runs `cmds` (a read of at most [`READ_SLOT_BLOCKS`] blocks) in this slot.
-    pub async fn run(&self, ch: &dyn FlashChannel, cmds: Vec<Cmd>) -> Result<Vec<Done>> {
-        run_in(ch, self.at, self.area.slot_bytes, cmds).await
+    /// Runs the read commands `cmds` (of at most [`READ_SLOT_BLOCKS`] blocks in all) in this
+    /// slot and leaves their data there, for the caller to copy straight to where it goes.
+    pub async fn read(&self, ch: &dyn FlashChannel, cmds: &[Cmd]) -> Result<Vec<InPlace>> {
+        let (placed, cqes) = submit_round(ch, self.at, self.area.slot_bytes, cmds).await?;
+        if placed.len() < cmds.len() {
+            return Err(FtlError::Config(format!("a read of {} commands does not fit a read slot", cmds.len())));
+        }
+        Ok(placed.iter().zip(cqes).map(|(p, cqe)| InPlace { cqe, data_at: p.data }).collect())
     }
 }
 
@@ -185,56 +208,15 @@ pub async fn run(ch: &dyn FlashChannel, cmds: Vec<Cmd>) -> Result<Vec<Done>> {
     run_in(ch, 0, window, cmds).await
 }
 
-/// Runs the commands in `cap` bytes of the region from `base`.
+/// Runs the commands in `cap` bytes of the region from `base`, in as many rounds as it takes.
 async fn run_in(ch: &dyn FlashChannel, base: usize, cap: usize, cmds: Vec<Cmd>) -> Result<Vec<Done>> {
     let geo = ch.geometry();
     let (bs, os) = (geo.block_size as usize, geo.oob_size as usize);
     let mut out = Vec::with_capacity(cmds.len());
     let mut start = 0;
     while start < cmds.len() {
-        let mut at = 0usize;
-        let mut placed = Vec::new();
-        let mut end = start;
-        while end < cmds.len() {
-            let (l, d, o) = cmds[end].bytes(bs, os);
-            if at + l + d + o > cap {
-                break;
-            }
-            let p = base + at;
-            placed.push(Placed { list: p as u64, data: (p + l) as u64, oob: (p + l + d) as u64 });
-            at += l + d + o;
-            end += 1;
-        }
-        if end == start {
-            return Err(FtlError::Config(format!("the DMA region of {cap} bytes cannot hold one command")));
-        }
-        let mut futs = Vec::with_capacity(end - start);
-        for (cmd, p) in cmds[start..end].iter().zip(&placed) {
-            let mem = ch.region();
-            let sqe = if cmd.op == opcode::FLUSH {
-                Sqe::flush(next_cid())
-            } else {
-                let lba = if cmd.addrs.len() == 1 {
-                    cmd.addrs[0]
-                } else {
-                    mem.write_u64s(p.list, &cmd.addrs).map_err(FtlError::Dma)?;
-                    p.list
-                };
-                if cmd.op == opcode::VECTOR_WRITE {
-                    mem.write(p.data, &cmd.data).map_err(FtlError::Dma)?;
-                    mem.write(p.oob, &cmd.oob).map_err(FtlError::Dma)?;
-                }
-                let mut s = Sqe::vector(cmd.op, next_cid(), cmd.addrs.len(), lba, p.data, p.oob)
-                    .map_err(|e| FtlError::Config(e.to_string()))?;
-                if cmd.fua {
-                    s.cdw12 |= FUA_BIT;
-                }
-                s
-            };
-            futs.push(ch.submit(sqe));
-        }
-        let cqes = join_all(futs).await;
-        for ((cmd, p), cqe) in cmds[start..end].iter().zip(&placed).zip(cqes) {
+        let (placed, cqes) = submit_round(ch, base, cap, &cmds[start..]).await?;
+        for ((cmd, p), cqe) in cmds[start..].iter().zip(&placed).zip(cqes) {
             let (_, d, o) = cmd.bytes(bs, os);
             let (data, oob) = if cmd.op == opcode::VECTOR_READ {
                 let mem = ch.region();
@@ -244,7 +226,62 @@ async fn run_in(ch: &dyn FlashChannel, base: usize, cap: usize, cmds: Vec<Cmd>) 
             };
             out.push(Done { cqe, data, oob });
         }
-        start = end;
+        start += placed.len();
     }
     Ok(out)
+}
+
+/// Places as many of `cmds` as fit in `cap` bytes of the region from `base` (at least one),
+/// submits them together and waits for all of them; returns where each went and its completion.
+async fn submit_round(ch: &dyn FlashChannel, base: usize, cap: usize, cmds: &[Cmd]) -> Result<(Vec<Placed>, Vec<Cqe>)> {
+    let geo = ch.geometry();
+    let (bs, os) = (geo.block_size as usize, geo.oob_size as usize);
+    let mut at = 0usize;
+    let mut placed = Vec::with_capacity(cmds.len());
+    for cmd in cmds {
+        let (l, d, o) = cmd.bytes(bs, os);
+        if at + l + d + o > cap {
+            break;
+        }
+        let p = base + at;
+        placed.push(Placed { list: p as u64, data: (p + l) as u64, oob: (p + l + d) as u64 });
+        at += l + d + o;
+    }
+    if placed.is_empty() {
+        return Err(FtlError::Config(format!("the DMA region of {cap} bytes cannot hold one command")));
+    }
+    let mut futs = Vec::with_capacity(placed.len());
+    for (cmd, p) in cmds.iter().zip(&placed) {
+        futs.push(ch.submit(sqe_of(ch, cmd, p)?));
+    }
+    // One command (a small read) needs no joining.
+    let cqes = match futs.len() {
+        1 => vec![futs.remove(0).await],
+        _ => join_all(futs).await,
+    };
+    Ok((placed, cqes))
+}
+
+/// Writes a command's address list and data into the region and makes its 64-byte command.
+fn sqe_of(ch: &dyn FlashChannel, cmd: &Cmd, p: &Placed) -> Result<Sqe> {
+    if cmd.op == opcode::FLUSH {
+        return Ok(Sqe::flush(next_cid()));
+    }
+    let mem = ch.region();
+    let lba = if cmd.addrs.len() == 1 {
+        cmd.addrs[0]
+    } else {
+        mem.write_u64s(p.list, &cmd.addrs).map_err(FtlError::Dma)?;
+        p.list
+    };
+    if cmd.op == opcode::VECTOR_WRITE {
+        mem.write(p.data, &cmd.data).map_err(FtlError::Dma)?;
+        mem.write(p.oob, &cmd.oob).map_err(FtlError::Dma)?;
+    }
+    let mut s = Sqe::vector(cmd.op, next_cid(), cmd.addrs.len(), lba, p.data, p.oob)
+        .map_err(|e| FtlError::Config(e.to_string()))?;
+    if cmd.fua {
+        s.cdw12 |= FUA_BIT;
+    }
+    Ok(s)
 }

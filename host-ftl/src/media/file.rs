@@ -16,6 +16,13 @@
 //! real SSD keeps its chunk table in its own flash; a flush (`fdatasync`) makes both durable.
 //! The file is sparse: unwritten data costs no disk, and an erased chunk's ranges are punched
 //! out of the file.
+//!
+//! The OOB bytes of a chunk are also kept in memory from the first time the chunk is read or
+//! written (16 KiB for a chunk of 1024 blocks with 16 OOB bytes each: at most `oob_size /
+//! block_size` of the device, 0.4% by default). Flash returns a page's spare bytes with its data
+//! in one read; here they live elsewhere in the file, and reading them from there would cost every
+//! block read a second file read. Writes still store them in the file, in the same batch as the
+//! data, so the file alone is what survives.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -124,6 +131,8 @@ pub struct FileMedia {
     /// A ring is `None` once it failed in a way that could leave stale entries in it.
     rings: Vec<Mutex<Option<IoUring>>>,
     next_ring: AtomicUsize,
+    /// Each chunk's OOB bytes, once loaded (see the module docs).
+    oob: Vec<Mutex<Option<Box<[u8]>>>>,
 }
 
 impl FileMedia {
@@ -205,7 +214,8 @@ impl FileMedia {
             let ring = IoUring::new(RING_ENTRIES).map_err(|e| Error::io("create io_uring", e))?;
             rings.push(Mutex::new(Some(ring)));
         }
-        Ok(FileMedia { path, file, geo, layout, rings, next_ring: AtomicUsize::new(0) })
+        let oob = (0..geo.total_chunks()).map(|_| Mutex::new(None)).collect();
+        Ok(FileMedia { path, file, geo, layout, rings, next_ring: AtomicUsize::new(0), oob })
     }
 
     /// The file's path.
@@ -232,6 +242,53 @@ impl FileMedia {
 
     fn oob_offset(&self, chunk: usize, blk: u32) -> u64 {
         self.layout.oob_at + (chunk as u64 * u64::from(self.geo.clba) + u64::from(blk)) * u64::from(self.geo.oob_size)
+    }
+
+    /// The in-memory OOB bytes of `chunk`, read from the file the first time.
+    fn chunk_oob(&self, chunk: usize) -> Result<MutexGuard<'_, Option<Box<[u8]>>>> {
+        // Plain bytes: a poisoned lock leaves them usable.
+        let mut guard = self.oob[chunk].lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            let mut bytes = vec![0u8; self.geo.clba as usize * self.geo.oob_size as usize];
+            self.file
+                .read_exact_at(&mut bytes, self.oob_offset(chunk, 0))
+                .map_err(|e| Error::io(format!("read the OOB of chunk {chunk} from {}", self.path.display()), e))?;
+            *guard = Some(bytes.into_boxed_slice());
+        }
+        Ok(guard)
+    }
+
+    /// Copies the OOB bytes of blocks `blk..` of `chunk` into `out`.
+    fn read_oob(&self, chunk: usize, blk: u32, out: &mut [u8]) -> Result<()> {
+        let at = blk as usize * self.geo.oob_size as usize;
+        let guard = self.chunk_oob(chunk)?;
+        let src = guard.as_deref().and_then(|b| b.get(at..at + out.len()));
+        out.copy_from_slice(src.ok_or_else(|| Error::MediaRange(format!("OOB of chunk {chunk} block {blk}")))?);
+        Ok(())
+    }
+
+    /// Brings the in-memory OOB bytes in line with a batch that completed, or forgets those of
+    /// the chunks a failed batch may have left different in the file.
+    fn mirror_oob(&self, ops: &[MediaOp<'_>], ok: bool) {
+        let os = self.geo.oob_size as usize;
+        for op in ops {
+            let chunk = match op {
+                MediaOp::Write { chunk, .. } | MediaOp::Erase { chunk } => *chunk,
+                _ => continue,
+            };
+            let mut guard = self.oob[chunk].lock().unwrap_or_else(|p| p.into_inner());
+            let Some(mirror) = guard.as_deref_mut() else { continue };
+            match op {
+                _ if !ok => *guard = None,
+                MediaOp::Write { blk, oob, .. } => {
+                    let at = *blk as usize * os;
+                    if let Some(dst) = mirror.get_mut(at..at + oob.len()) {
+                        dst.copy_from_slice(oob);
+                    }
+                }
+                _ => mirror.fill(0),
+            }
+        }
     }
 }
 
@@ -308,15 +365,12 @@ impl Media for FileMedia {
                     }
                 }
                 MediaOp::Read { chunk, blk, data, oob } => {
-                    let (d_at, o_at) = (self.data_offset(*chunk, *blk), self.oob_offset(*chunk, *blk));
-                    let r = |buf: &mut [u8], at: u64| {
-                        let e = opcode::Read::new(fd, buf.as_mut_ptr(), buf.len() as u32).offset(at).build();
-                        (e, Expect::Bytes(buf.len() as u32))
-                    };
-                    entries.push(r(data, d_at));
                     if !oob.is_empty() {
-                        entries.push(r(oob, o_at));
+                        self.read_oob(*chunk, *blk, oob)?;
                     }
+                    let at = self.data_offset(*chunk, *blk);
+                    let e = opcode::Read::new(fd, data.as_mut_ptr(), data.len() as u32).offset(at).build();
+                    entries.push((e, Expect::Bytes(data.len() as u32)));
                 }
                 MediaOp::Erase { chunk } => {
                     let at = self.data_offset(*chunk, 0);
@@ -354,21 +408,24 @@ impl Media for FileMedia {
                 // Entries the kernel never took may still sit in the ring: drop it (closing it
                 // discards them) and use a fresh one from now on.
                 *guard = IoUring::new(RING_ENTRIES).ok();
+                drop(guard);
+                self.mirror_oob(ops, false);
                 return Err(Error::io(format!("io_uring on {}", self.path.display()), e));
             }
         };
         drop(guard);
-        for (expect, res) in expects.iter().zip(results) {
+        let failed = expects.iter().zip(results).find_map(|(expect, res)| {
             let ok = match expect {
                 Expect::Bytes(n) => res >= 0 && res as u32 == *n,
                 Expect::Punch => res == 0 || res == -libc::EOPNOTSUPP,
             };
-            if !ok {
-                let err = if res < 0 { io::Error::from_raw_os_error(-res) } else { io::Error::other("short transfer") };
-                return Err(Error::io(format!("media I/O on {}", self.path.display()), err));
-            }
+            (!ok).then(|| if res < 0 { io::Error::from_raw_os_error(-res) } else { io::Error::other("short transfer") })
+        });
+        self.mirror_oob(ops, failed.is_none());
+        match failed {
+            Some(err) => Err(Error::io(format!("media I/O on {}", self.path.display()), err)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn flush(&self) -> Result<()> {
@@ -473,6 +530,33 @@ mod tests {
         m.submit(&mut [MediaOp::Erase { chunk: 5 }]).unwrap();
         m.submit(&mut [MediaOp::Read { chunk: 5, blk: 2, data: &mut rd, oob: &mut ro }]).unwrap();
         assert!(rd.iter().all(|&b| b == 0) && ro.iter().all(|&b| b == 0), "erased ranges read as zeros");
+    }
+
+    #[test]
+    fn oob_kept_in_memory_follows_writes_and_erases_and_matches_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("media");
+        let geo = Geometry::tiny();
+        let read = |m: &FileMedia| {
+            let (mut d, mut o) = (vec![0u8; 4 * 64], vec![0u8; 4 * 8]);
+            m.submit(&mut [MediaOp::Read { chunk: 2, blk: 0, data: &mut d, oob: &mut o }]).unwrap();
+            o
+        };
+        let write = |m: &FileMedia, o: &[u8]| {
+            m.submit(&mut [MediaOp::Write { chunk: 2, blk: 0, data: &data(1, 4 * 64), oob: o }]).unwrap();
+        };
+        {
+            let m = FileMedia::create(&path, &geo).unwrap();
+            assert_eq!(read(&m), vec![0u8; 32], "loaded before anything was written");
+            write(&m, &data(50, 32));
+            assert_eq!(read(&m), data(50, 32));
+            m.submit(&mut [MediaOp::Erase { chunk: 2 }]).unwrap();
+            assert_eq!(read(&m), vec![0u8; 32]);
+            write(&m, &data(90, 32));
+            m.flush().unwrap();
+        }
+        let m = FileMedia::open(&path, &geo).unwrap();
+        assert_eq!(read(&m), data(90, 32), "what memory said is what the file holds");
     }
 
     #[test]
