@@ -350,18 +350,23 @@ impl Media for FileMedia {
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let chunk_data = self.geo.chunk_bytes();
         let chunk_oob = u64::from(self.geo.clba) * u64::from(self.geo.oob_size);
-        let mut entries: Vec<(squeue::Entry, Expect)> = Vec::new();
+        let (mut sqes, mut expects) = (Vec::with_capacity(2 * ops.len()), Vec::with_capacity(2 * ops.len()));
+        // Each entry's user data is its index, under which run_batch returns its result.
+        let mut push = |e: squeue::Entry, x: Expect| {
+            sqes.push(e.user_data(sqes.len() as u64));
+            expects.push(x);
+        };
         let mut rec = records.iter();
         for op in ops.iter_mut() {
             match op {
                 MediaOp::Write { chunk, blk, data, oob } => {
-                    let w = |buf: &[u8], at: u64| {
+                    let mut w = |buf: &[u8], at: u64| {
                         let e = opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32).offset(at).build();
-                        (e, Expect::Bytes(buf.len() as u32))
+                        push(e, Expect::Bytes(buf.len() as u32));
                     };
-                    entries.push(w(data, self.data_offset(*chunk, *blk)));
+                    w(data, self.data_offset(*chunk, *blk));
                     if !oob.is_empty() {
-                        entries.push(w(oob, self.oob_offset(*chunk, *blk)));
+                        w(oob, self.oob_offset(*chunk, *blk));
                     }
                 }
                 MediaOp::Read { chunk, blk, data, oob } => {
@@ -370,28 +375,25 @@ impl Media for FileMedia {
                     }
                     let at = self.data_offset(*chunk, *blk);
                     let e = opcode::Read::new(fd, data.as_mut_ptr(), data.len() as u32).offset(at).build();
-                    entries.push((e, Expect::Bytes(data.len() as u32)));
+                    push(e, Expect::Bytes(data.len() as u32));
                 }
                 MediaOp::Erase { chunk } => {
                     let at = self.data_offset(*chunk, 0);
-                    entries
-                        .push((opcode::Fallocate::new(fd, chunk_data).offset(at).mode(punch).build(), Expect::Punch));
+                    push(opcode::Fallocate::new(fd, chunk_data).offset(at).mode(punch).build(), Expect::Punch);
                     if chunk_oob > 0 {
                         let at = self.oob_offset(*chunk, 0);
                         let e = opcode::Fallocate::new(fd, chunk_oob).offset(at).mode(punch).build();
-                        entries.push((e, Expect::Punch));
+                        push(e, Expect::Punch);
                     }
                 }
                 MediaOp::SaveChunk { chunk, .. } => {
                     let Some(buf) = rec.next() else { continue };
                     let at = self.layout.table_at + *chunk as u64 * self.layout.record_size;
                     let e = opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32).offset(at).build();
-                    entries.push((e, Expect::Bytes(buf.len() as u32)));
+                    push(e, Expect::Bytes(buf.len() as u32));
                 }
             }
         }
-        let (sqes, expects): (Vec<squeue::Entry>, Vec<Expect>) =
-            entries.into_iter().enumerate().map(|(i, (e, x))| (e.user_data(i as u64), x)).unzip();
 
         let mut guard = self.ring();
         let Some(ring) = guard.as_mut() else {
