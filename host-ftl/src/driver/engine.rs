@@ -263,12 +263,40 @@ impl Engine {
 
     fn execute(&mut self, d: Dispatched<Job>, now: u64) {
         let Job { checked, region, reply } = d.item;
-        let sqe = &checked.sqe;
-        let device = &self.device;
         let guest = match &reply {
-            Reply::Guest { guest, .. } => self.guests.get_mut(&guest.id),
+            Reply::Guest { guest, .. } => Some(guest.id),
             Reply::Reclaim { .. } => None,
         };
+        let (cqe, done_at) = self.on_device(guest, &checked, &region, now);
+        self.seq += 1;
+        let f = InFlight { flow: d.flow, reply, est: d.est, cqe, bytes: checked.bytes };
+        self.inflight.insert((done_at.max(now), self.seq), f);
+    }
+
+    /// Runs a guest's command on the device right away when the scheduler would let it go at
+    /// once and its completion is due at once (no timing model): booked, executed and completed
+    /// as [`Engine::handle`] and [`Engine::run`] would do it, without the queue, the in-flight
+    /// table and the reply channel; `None` (nothing done) otherwise.
+    pub(crate) fn run_now(&mut self, guest: &GuestShared, checked: &Checked, now: u64) -> Option<Cqe> {
+        if self.cfg.timing || !self.inflight.is_empty() || !self.guests.contains_key(&guest.id) {
+            return None;
+        }
+        if !self.sched.admit(guest.id, &checked.est, checked.bytes, now) {
+            return None;
+        }
+        let (cqe, _) = self.on_device(Some(guest.id), checked, &guest.region, now);
+        self.sched.complete(guest.id, &checked.est);
+        guest.stats.record(&cqe, checked.bytes);
+        self.router.poll(&self.device);
+        Some(cqe)
+    }
+
+    /// Executes a checked command on the device, keeping the open chunks of a guest whose share
+    /// of them the driver enforces; returns the completion and when it is due.
+    fn on_device(&mut self, guest: Option<u64>, checked: &Checked, region: &DmaRegion, now: u64) -> (Cqe, u64) {
+        let sqe = &checked.sqe;
+        let device = &self.device;
+        let guest = guest.and_then(|id| self.guests.get_mut(&id));
         let targets = match sqe.opcode {
             opcode::VECTOR_WRITE | opcode::VECTOR_RESET => &checked.addrs[..],
             opcode::VECTOR_COPY => &checked.dst[..],
@@ -279,12 +307,12 @@ impl Engine {
             Some(_) => chunk_indexes(device, targets),
             None => BTreeSet::new(),
         };
-        let (cqe, done_at) = match tracked {
+        match tracked {
             Some((open, limit)) if sqe.opcode != opcode::VECTOR_RESET && !may_open(device, open, limit, &chunks) => {
                 (aborted_with(sqe.cid, checked.addrs.len(), Status::TOO_MANY_OPEN_CHUNKS), now)
             }
             tracked => {
-                let out = run_on_device(device, self.cfg.timing, &checked, &region, now);
+                let out = run_on_device(device, self.cfg.timing, checked, region, now);
                 if let Some((open, _)) = tracked {
                     for &c in &chunks {
                         match device.chunk_info(c..c + 1).first().map(|d| d.state) {
@@ -295,10 +323,7 @@ impl Engine {
                 }
                 out
             }
-        };
-        self.seq += 1;
-        let f = InFlight { flow: d.flow, reply, est: d.est, cqe, bytes: checked.bytes };
-        self.inflight.insert((done_at.max(now), self.seq), f);
+        }
     }
 
     fn open_chunks_of(&self, pus: &[usize]) -> BTreeSet<usize> {

@@ -298,6 +298,44 @@ impl<T> Scheduler<T> {
         Ok(())
     }
 
+    /// Lets a command of flow `id` go at once, booked exactly as a pass over a queue holding
+    /// only it would book it (tags, virtual time, budgets, token buckets), when nothing at all
+    /// is queued (so there is nothing it could overtake), its flow may go and it fits the
+    /// budgets. Returns false, changing nothing, otherwise: the caller then enqueues it. (With
+    /// nothing queued the flow is not held back, so no throttled time starts.)
+    pub fn admit(&mut self, id: u64, est: &Estimate, bytes: u64, now: u64) -> bool {
+        if self.flows.values().any(|f| !f.queue.is_empty()) {
+            return false;
+        }
+        let pus_fit = est.pus.iter().all(|&(p, ns)| fits(&self.pu_load, p, ns, self.cfg.pu_budget));
+        let chans_fit = est.channels.iter().all(|&(g, ns)| fits(&self.chan_load, g, ns, self.cfg.channel_budget));
+        let Some(f) = self.flows.get_mut(&id) else { return false };
+        for b in [&mut f.ops, &mut f.bytes].into_iter().flatten() {
+            b.refill(now);
+        }
+        if !f.ready() || !pus_fit || !chans_fit {
+            return false;
+        }
+        let start = self.vtime.max(f.finish);
+        f.finish = start + u128::from(est.cost) * TAG_SCALE / u128::from(f.weight);
+        self.vtime = start;
+        self.seq += 1;
+        if let Some(b) = &mut f.ops {
+            b.take(1);
+        }
+        if let Some(b) = &mut f.bytes {
+            b.take(bytes);
+        }
+        for &(p, ns) in &est.pus {
+            add(&mut self.pu_load, p, ns);
+        }
+        for &(g, ns) in &est.channels {
+            add(&mut self.chan_load, g, ns);
+            *self.flow_chans.entry((id, g)).or_default() += 1;
+        }
+        true
+    }
+
     /// Commands queued by flow `id`.
     pub fn queued(&self, id: u64) -> usize {
         self.flows.get(&id).map_or(0, |f| f.queue.len())
@@ -558,6 +596,60 @@ mod tests {
         }
         let first = order.iter().filter(|&&f| f == 1).count();
         assert!((74..=76).contains(&first), "3:1 weights give 75 of 100 dispatches: {order:?}");
+    }
+
+    #[test]
+    fn admitting_at_once_books_as_queueing_and_dispatching_would() {
+        let cfg = SchedConfig { channel_budget: Some(10), ..SchedConfig::default() };
+        let limits = Limits { iops: Some(1000), bytes_per_sec: None };
+        let (mut admitted, mut queued) = (Scheduler::new(cfg.clone()), Scheduler::new(cfg));
+        for s in [&mut admitted, &mut queued] {
+            s.add_flow(1, 1, limits, 0);
+            s.add_flow(2, 2, Limits::default(), 0);
+        }
+        // Flow 1 runs alone for a while: one path admits, the other queues and dispatches.
+        for i in 0..30u64 {
+            let e = est(&[(0, 10)], &[(0, 10)]);
+            assert!(admitted.admit(1, &e, 4096, i * 1_000_000));
+            admitted.complete(1, &e);
+            queued.enqueue(1, e, 4096, i, i * 1_000_000).unwrap();
+            let d = queued.dispatch(i * 1_000_000);
+            assert_eq!(d.len(), 1);
+            queued.complete(1, &d[0].est);
+        }
+        // Then both contend: the order is the same either way.
+        let mut orders = Vec::new();
+        for s in [&mut admitted, &mut queued] {
+            for i in 0..20 {
+                s.enqueue(1, est(&[(0, 10)], &[(0, 10)]), 4096, i, 30_000_000).unwrap();
+                s.enqueue(2, est(&[(1, 10)], &[(0, 10)]), 4096, 100 + i, 30_000_000).unwrap();
+            }
+            let mut order = Vec::new();
+            for k in 0..20 {
+                let d = s.dispatch(30_000_000 + k * 1_000_000);
+                order.extend(d.iter().map(|d| d.item));
+                d.iter().for_each(|d| s.complete(d.flow, &d.est));
+            }
+            orders.push(order);
+        }
+        assert_eq!(orders[0], orders[1]);
+    }
+
+    #[test]
+    fn admitting_refuses_behind_a_queue_a_throttled_flow_or_a_full_budget() {
+        let mut s = Scheduler::new(SchedConfig { pu_budget: Some(10), ..SchedConfig::default() });
+        s.add_flow(1, 1, Limits { iops: Some(1), bytes_per_sec: None }, 0);
+        s.add_flow(2, 1, Limits::default(), 0);
+        let e = est(&[(0, 10)], &[]);
+        assert!(s.admit(2, &e, 0, 0));
+        assert!(!s.admit(2, &e, 0, 0), "PU 0's budget is in use");
+        s.complete(2, &e);
+        assert!(s.admit(1, &e, 0, 0));
+        s.complete(1, &e);
+        assert!(!s.admit(1, &e, 0, 0), "flow 1 spent its one command per second");
+        s.enqueue(1, e.clone(), 0, (), 0).unwrap();
+        assert!(!s.admit(2, &e, 0, 0), "flow 1's queued command goes first");
+        assert!(!s.admit(3, &e, 0, 0), "no such flow");
     }
 
     #[test]
