@@ -50,7 +50,7 @@
 //! chunk updates, so commands on different PUs run in parallel and commands on one PU are
 //! atomic with respect to each other.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -99,11 +99,29 @@ struct Loc {
 /// Blocks (or chunks, for resets) a command had the media work on, per PU.
 #[derive(Default)]
 struct Work {
-    reads: BTreeMap<usize, u32>,
-    programs: BTreeMap<usize, u32>,
-    resets: BTreeMap<usize, u32>,
+    reads: PerPu,
+    programs: PerPu,
+    resets: PerPu,
     /// A flush: done when the media has everything (see the timing model's write buffer).
     flush: bool,
+}
+
+/// Counts per PU. A command names few PUs, so a short list beats a map (and allocates nothing
+/// until the first count).
+#[derive(Default)]
+struct PerPu(Vec<(usize, u32)>);
+
+impl PerPu {
+    fn add(&mut self, pu: usize, n: u32) {
+        match self.0.iter_mut().find(|e| e.0 == pu) {
+            Some(e) => e.1 += n,
+            None => self.0.push((pu, n)),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// A run of list entries `entries` going to (or coming from) consecutive blocks from `blk` of
@@ -264,8 +282,8 @@ impl Device {
 
     /// Books a command's media work on the timing model; returns when it is done.
     fn book(&self, work: &Work, now_ns: u64) -> u64 {
-        let schedule = |ops: &BTreeMap<usize, u32>, kind: OpKind, start: u64| {
-            ops.iter().map(|(&pu, &n)| self.timing.schedule(pu, kind, n, start)).max().unwrap_or(start)
+        let schedule = |ops: &PerPu, kind: OpKind, start: u64| {
+            ops.0.iter().map(|&(pu, n)| self.timing.schedule(pu, kind, n, start)).max().unwrap_or(start)
         };
         if work.flush {
             return self.timing.flush_completes(now_ns);
@@ -422,7 +440,9 @@ impl Device {
 
     /// Locks the PUs of `locs`, in PU order.
     fn lock_pus<'a>(&'a self, locs: impl IntoIterator<Item = &'a Option<Loc>>) -> Locked<'a> {
-        let pus: BTreeSet<usize> = locs.into_iter().flatten().map(|l| l.pu).collect();
+        let mut pus: Vec<usize> = locs.into_iter().flatten().map(|l| l.pu).collect();
+        pus.sort_unstable();
+        pus.dedup();
         Locked { guards: pus.into_iter().map(|p| (p, self.lock_pu(p))).collect() }
     }
 
@@ -604,7 +624,7 @@ impl Device {
             }
             plan.touch(loc, meta);
             plan.attempted.push(i..i + 1);
-            *work.resets.entry(loc.pu).or_default() += 1;
+            work.resets.add(loc.pu, 1);
             let meta = &mut pu.chunks[loc.local];
             meta.wear = meta.wear.saturating_add(1);
             meta.wp = 0;
@@ -758,7 +778,7 @@ impl Device {
         for u in 0..len / ws {
             let e0 = run.start + (u * ws) as usize;
             let blk0 = first.addr.blk + u * ws;
-            *work.programs.entry(first.pu).or_default() += ws;
+            work.programs.add(first.pu, ws);
             let fault = (0..ws).find_map(|k| self.faults.fire_program(Addr { blk: blk0 + k, ..first.addr }));
             match fault {
                 None => {
@@ -853,7 +873,7 @@ impl Device {
                 statuses[i] = Status::UNWRITTEN;
                 continue;
             }
-            *work.reads.entry(loc.pu).or_default() += 1;
+            work.reads.add(loc.pu, 1);
             if self.faults.fire(FaultKind::HighEcc, loc.addr) {
                 statuses[i] = Status::HIGH_ECC;
                 let ppa = loc.addr.to_ppa(&self.geo).unwrap_or_default();
