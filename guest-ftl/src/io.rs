@@ -250,16 +250,16 @@ async fn submit_round(ch: &dyn FlashChannel, base: usize, cap: usize, cmds: &[Cm
     if placed.is_empty() {
         return Err(FtlError::Config(format!("the DMA region of {cap} bytes cannot hold one command")));
     }
+    // One command (a small read) needs no joining.
+    if let ([cmd], [p]) = (cmds, &placed[..]) {
+        let cqe = ch.submit(sqe_of(ch, cmd, p)?).await;
+        return Ok((placed, vec![cqe]));
+    }
     let mut futs = Vec::with_capacity(placed.len());
     for (cmd, p) in cmds.iter().zip(&placed) {
         futs.push(ch.submit(sqe_of(ch, cmd, p)?));
     }
-    // One command (a small read) needs no joining.
-    let cqes = match futs.len() {
-        1 => vec![futs.remove(0).await],
-        _ => join_all(futs).await,
-    };
-    Ok((placed, cqes))
+    Ok((placed, join_all(futs).await))
 }
 
 /// Writes a command's address list and data into the region and makes its 64-byte command.
