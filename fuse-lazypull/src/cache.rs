@@ -920,17 +920,19 @@ impl Blob {
         self.local_bytes.store(0, Ordering::Relaxed);
     }
 
-    /// Starts fetching, each on a thread of its own, the missing runs of chunks `wanted`.
+    /// Marks the missing chunks of `wanted` as being fetched and returns them as runs, for the
+    /// caller to fetch. A complete blob (no chunk map) has nothing to fetch.
     fn start_fetches(&self, local: &mut Local, wanted: Range<usize>) -> Vec<Range<usize>> {
         let mut runs = Vec::new();
+        let end = wanted.end.min(local.chunks.len());
         let mut i = wanted.start;
-        while i < wanted.end {
+        while i < end {
             if local.chunks[i] != Chunk::Missing {
                 i += 1;
                 continue;
             }
             let start = i;
-            while i < wanted.end && local.chunks[i] == Chunk::Missing {
+            while i < end && local.chunks[i] == Chunk::Missing {
                 local.chunks[i] = Chunk::Fetching;
                 i += 1;
             }
@@ -1021,11 +1023,13 @@ impl crate::layer::BlobSource for Blob {
                 }
                 rounds += 1;
                 drop(local);
-                if self.adopt_published()? {
-                    local = lock(&self.local);
+                let adopted = self.adopt_published()?;
+                local = lock(&self.local);
+                // Another reader may have adopted the published blob while the lock was free
+                // (then there is no chunk map left to fetch into).
+                if adopted || local.complete {
                     continue;
                 }
-                local = lock(&self.local);
                 for run in self.start_fetches(&mut local, wanted.clone()) {
                     let blob = self.me.upgrade();
                     std::thread::Builder::new()

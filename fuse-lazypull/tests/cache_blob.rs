@@ -1,6 +1,7 @@
 //! The blob cache against sources in memory: random ranged reads (single and concurrent) compared
 //! with the blob's bytes, each chunk fetched once, a corrupt blob refused and fetched again, a
-//! stalled source giving a timeout, one `Blob` per digest, derived data and gc under a limit.
+//! stalled source giving a timeout, one `Blob` per digest, readers racing the adoption of a blob
+//! another process published, derived data and gc under a limit.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -9,7 +10,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use fuse_lazypull::cache::{BlobCache, CacheConfig, CacheError, RangeSource};
+use fuse_lazypull::cache::{BlobCache, CacheConfig, CacheError, RangeSource, CHUNK};
 use fuse_lazypull::digest::Digest;
 use fuse_lazypull::layer::BlobSource;
 use fuse_lazypull::registry::{Descriptor, RegistryError};
@@ -273,6 +274,44 @@ fn partial_blob_adopts_one_published_meanwhile() {
     assert_eq!(read(&*blob, 300_000, 10), &data[300_000..300_010]);
     assert!(blob.is_complete());
     assert_eq!(source.bytes.load(Ordering::SeqCst), before);
+}
+
+/// Readers of a partial blob race with another process publishing it. Whichever reader adopts
+/// the published file first empties the chunk map; the readers that had looked for the file just
+/// before must see that and read the adopted file, not fetch into the emptied map (which once
+/// panicked, killing a FUSE worker or the background fetch).
+#[test]
+fn readers_racing_the_adoption_of_a_published_blob_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = bytes(8 * CHUNK as usize, 200);
+    let published = dir.path().join("blobs/sha256").join(Digest::of(&data).hex());
+    for round in 0..150u64 {
+        let cache = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
+        // Fetches fail at once, so readers keep looking for a published blob, many times a
+        // millisecond.
+        let source = MemSource::new(data.clone());
+        source.fail.store(true, Ordering::SeqCst);
+        let blob = cache.blob_from(&desc(&data), source, None).unwrap();
+        let staged = dir.path().join("staged");
+        std::fs::write(&staged, &data).unwrap();
+        std::thread::scope(|s| {
+            // One reader per chunk.
+            for t in 0..8u64 {
+                let (blob, data) = (&blob, &data);
+                s.spawn(move || {
+                    let offset = t * CHUNK + round % 1000;
+                    let mut buf = vec![0u8; 100];
+                    while blob.read_at(offset, &mut buf).is_err() {}
+                    assert_eq!(&buf[..], &data[offset as usize..offset as usize + 100]);
+                });
+            }
+            std::thread::sleep(Duration::from_micros(300 + round * 37 % 2000));
+            std::fs::rename(&staged, &published).unwrap();
+        });
+        assert!(blob.is_complete());
+        drop(blob);
+        std::fs::remove_file(&published).unwrap();
+    }
 }
 
 #[test]
