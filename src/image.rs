@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use fuse_lazypull::cache::{BlobCache, CacheConfig};
 use fuse_lazypull::error::chain;
+use fuse_lazypull::layer::Limits;
 use fuse_lazypull::mount::{self, ImageMount, MountOptions, Phase, Progress};
 use fuse_lazypull::reference::ImageRef;
 use fuse_lazypull::registry::{Registry, RegistryConfig};
@@ -33,6 +34,11 @@ pub struct CacheArgs {
     /// Unreferenced cache content is garbage-collected down to this size, e.g. 20G.
     #[arg(long, default_value = "20G")]
     size_limit: String,
+    /// Limits on what a layer may hold, as TOML, for images the defaults refuse: any of
+    /// `max_entries`, `max_total_size`, `max_meta_size`, `max_total_meta`, `max_entry_xattrs`,
+    /// `max_expansion`, `expansion_allowance`.
+    #[arg(long)]
+    layer_limits: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -135,6 +141,17 @@ fn open(args: &CacheArgs) -> Result<(Arc<BlobCache>, Arc<Registry>), String> {
     Ok((cache, registry))
 }
 
+/// The layer limits: the defaults, or those of `--layer-limits`.
+fn layer_limits(args: &CacheArgs) -> Result<Limits, String> {
+    match &args.layer_limits {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+        }
+        None => Ok(Limits::DEFAULT),
+    }
+}
+
 fn mount(
     reference: &str,
     target: &Path,
@@ -147,9 +164,8 @@ fn mount(
     // Block SIGINT and SIGTERM in every thread started from here on; one thread waits for them.
     let signals = block_stop_signals()?;
     let (cache, registry) = open(args)?;
-    let mount =
-        ImageMount::start(cache, registry, &image, &target, MountOptions { handoff, ..MountOptions::default() })
-            .map_err(|e| chain(&e))?;
+    let options = MountOptions { handoff, limits: layer_limits(args)?, ..MountOptions::default() };
+    let mount = ImageMount::start(cache, registry, &image, &target, options).map_err(|e| chain(&e))?;
     let progress = Arc::clone(mount.progress());
     if let Some(addr) = metrics {
         serve_metrics(addr, Arc::clone(&progress))?;
@@ -245,12 +261,13 @@ fn serve_metrics(addr: SocketAddr, progress: Arc<Progress>) -> Result<(), String
 
 fn prefetch(reference: &str, args: &CacheArgs) -> Result<(), String> {
     let image = parse_ref(reference)?;
+    let limits = layer_limits(args)?;
     let (cache, registry) = open(args)?;
     let resolved = fuse_lazypull::cache::prefetch(&cache, &registry, &image).map_err(|e| chain(&e))?;
     // Index the layers too, so a mount starts without reading them again.
     for desc in &resolved.layers {
         let blob = cache.blob(&registry, &image, desc).map_err(|e| chain(&e))?;
-        mount::layer_index(&cache, desc, &blob).map_err(|e| chain(&e))?;
+        mount::layer_index(&cache, desc, &blob, &limits).map_err(|e| chain(&e))?;
     }
     let size: u64 = resolved.layers.iter().map(|l| l.size).sum();
     println!(
@@ -275,9 +292,10 @@ fn convert(src: &str, dst: &str, prefetch: Option<&Path>, args: &CacheArgs) -> R
             .collect(),
         None => Vec::new(),
     };
+    let limits = layer_limits(args)?;
     let (cache, registry) = open(args)?;
-    let digest =
-        fuse_lazypull::convert::convert(&registry, &cache, &src_ref, &dst_ref, &prefetch).map_err(|e| chain(&e))?;
+    let digest = fuse_lazypull::convert::convert(&registry, &cache, &src_ref, &dst_ref, &prefetch, &limits)
+        .map_err(|e| chain(&e))?;
     println!("{dst} ({digest}): eStargz copy of {src}");
     Ok(())
 }

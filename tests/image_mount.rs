@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use fuse_lazypull::cache::{BlobCache, CacheConfig};
 use fuse_lazypull::handoff;
+use fuse_lazypull::layer::Limits;
 use fuse_lazypull::mount::{ImageMount, MountOptions, Phase};
 use fuse_lazypull::reference::ImageRef;
 use fuse_lazypull::registry::{Registry, RegistryConfig};
@@ -34,7 +35,7 @@ fn registry() -> Arc<Registry> {
 }
 
 fn start(reference: &str, target: &Path, cache: &Arc<BlobCache>, handoff: bool) -> ImageMount {
-    start_with(reference, target, cache, MountOptions { handoff, background_fetch: true })
+    start_with(reference, target, cache, MountOptions { handoff, ..MountOptions::default() })
 }
 
 fn start_with(reference: &str, target: &Path, cache: &Arc<BlobCache>, options: MountOptions) -> ImageMount {
@@ -42,7 +43,7 @@ fn start_with(reference: &str, target: &Path, cache: &Arc<BlobCache>, options: M
     ImageMount::start(Arc::clone(cache), registry(), &image, target, options).expect("mounting")
 }
 
-const ON_DEMAND: MountOptions = MountOptions { handoff: false, background_fetch: false };
+const ON_DEMAND: MountOptions = MountOptions { handoff: false, background_fetch: false, limits: Limits::DEFAULT };
 
 /// A cache at `dir` that knows the index of every layer of `reference` (learnt through a
 /// throwaway cache that fetched the layers) but holds none of their bytes.
@@ -55,7 +56,7 @@ fn cache_with_indexes_only(reference: &str, dir: &Path) -> Arc<BlobCache> {
     let cache = cache_at(dir);
     for desc in &resolved.layers {
         let blob = first.blob(&client, &image_ref, desc).unwrap();
-        let index = fuse_lazypull::mount::layer_index(&first, desc, &blob).unwrap();
+        let index = fuse_lazypull::mount::layer_index(&first, desc, &blob, &Limits::DEFAULT).unwrap();
         cache.put_derived(&desc.digest, fuse_lazypull::mount::LAYER_INDEX, &index.to_bytes()).unwrap();
     }
     cache

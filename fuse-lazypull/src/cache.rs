@@ -195,6 +195,31 @@ impl BlobCache {
         &self.dir
     }
 
+    pub fn size_limit(&self) -> u64 {
+        self.config.size_limit
+    }
+
+    /// Bytes free for us on the cache's file system.
+    pub fn available_bytes(&self) -> Result<u64, CacheError> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let path = std::ffi::CString::new(self.dir.as_os_str().as_bytes()).map_err(|_| CacheError::Io {
+            what: "checking free space of",
+            path: self.dir.clone(),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        })?;
+        // SAFETY: `st` is plain data that statvfs fills; `path` is NUL-terminated.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; both pointers are valid for the call.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Err(CacheError::Io {
+                what: "checking free space of",
+                path: self.dir.clone(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
     /// The blob `desc` of `image`'s repository, shared by every caller in this process (and its
     /// bytes by every process using this directory). Nothing is fetched yet. Records that `image`
     /// references the blob.

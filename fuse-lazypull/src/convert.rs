@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use crate::cache::{BlobCache, CacheError};
 use crate::digest::{Digest, Hasher};
-use crate::layer::{self, LayerError};
+use crate::layer::{self, LayerError, Limits};
 use crate::reference::ImageRef;
 use crate::registry::{
     BlobBody, Descriptor, Registry, RegistryError, DOCKER_LAYER_GZIP, OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST,
@@ -51,13 +51,15 @@ pub enum ConvertError {
 }
 
 /// Converts `src` to eStargz and pushes it as `dst`; files named in `prefetch` go first in each
-/// layer, before the prefetch landmark. Returns the new manifest's digest.
+/// layer, before the prefetch landmark. Layers are read within `limits`. Returns the new
+/// manifest's digest.
 pub fn convert(
     registry: &Arc<Registry>,
     cache: &BlobCache,
     src: &ImageRef,
     dst: &ImageRef,
     prefetch: &[PathBuf],
+    limits: &Limits,
 ) -> Result<Digest, ConvertError> {
     let image = registry.resolve(src)?;
     let config = registry.fetch_blob(src, &image.config.digest)?;
@@ -74,7 +76,7 @@ pub fn convert(
             detail: "complete but without a file".into(),
         })?;
         let out = cache.temp_path("estargz");
-        let converted = convert_layer(desc, &input, &out, prefetch);
+        let converted = convert_layer(desc, &input, &out, prefetch, limits);
         let pushed = converted.and_then(|c| {
             registry.push_blob(dst, &c.digest, BlobBody::File(&out))?;
             Ok(c)
@@ -115,6 +117,7 @@ fn convert_layer(
     input: &Path,
     out: &Path,
     prefetch: &[PathBuf],
+    limits: &Limits,
 ) -> Result<layer::Converted, ConvertError> {
     let io = |what: &'static str, path: &Path| {
         let path = path.to_path_buf();
@@ -123,7 +126,7 @@ fn convert_layer(
     let mut reader = BufReader::new(File::open(input).map_err(io("opening", input))?);
     let file = File::create(out).map_err(io("creating", out))?;
     let mut writer = BufWriter::new(file);
-    let converted = layer::convert_to_estargz(&mut reader, &mut writer, prefetch)
+    let converted = layer::convert_to_estargz(&mut reader, &mut writer, prefetch, limits)
         .map_err(|source| ConvertError::Layer { digest: desc.digest.clone(), source: Box::new(source) })?;
     writer.flush().map_err(io("writing", out))?;
     let mut hasher = Hasher::new();

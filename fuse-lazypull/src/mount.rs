@@ -21,7 +21,7 @@ use crate::digest::Digest;
 use crate::error::chain;
 use crate::fs::{FsStats, FuseMount, ImageFs, LayerData};
 use crate::handoff::{self, HandoffError};
-use crate::layer::{self, BlobSource, LayerError, LayerIndex};
+use crate::layer::{self, BlobSource, LayerError, LayerIndex, Limits};
 use crate::reference::ImageRef;
 use crate::registry::{Descriptor, Image, Registry, RegistryError};
 use crate::tree::Tree;
@@ -105,6 +105,8 @@ pub enum MountError {
         #[source]
         source: HandoffError,
     },
+    #[error("layer {digest} unpacks to about {needed} bytes, more than {what} ({room} bytes)")]
+    TooLarge { digest: Digest, needed: u64, what: &'static str, room: u64 },
     #[error("cannot hand off in phase {0:?}: the image must be complete")]
     NotComplete(Phase),
     #[error("the mount was stopped before the image was complete")]
@@ -118,11 +120,13 @@ pub struct MountOptions {
     /// Fetch the whole image in the background; without it only what is read is fetched (and
     /// there is no handoff).
     pub background_fetch: bool,
+    /// What a layer may make the mount hold or write.
+    pub limits: Limits,
 }
 
 impl Default for MountOptions {
     fn default() -> MountOptions {
-        MountOptions { handoff: true, background_fetch: true }
+        MountOptions { handoff: true, background_fetch: true, limits: Limits::DEFAULT }
     }
 }
 
@@ -256,8 +260,13 @@ fn escape_label(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-/// Indexes a layer, or takes its index from the cache.
-pub fn layer_index(cache: &BlobCache, desc: &Descriptor, blob: &Blob) -> Result<LayerIndex, MountError> {
+/// Indexes a layer within `limits`, or takes its index from the cache.
+pub fn layer_index(
+    cache: &BlobCache,
+    desc: &Descriptor,
+    blob: &Blob,
+    limits: &Limits,
+) -> Result<LayerIndex, MountError> {
     let index_err = |source| MountError::Index { digest: desc.digest.clone(), source };
     let cached = cache
         .get_derived(&desc.digest, LAYER_INDEX)
@@ -273,7 +282,7 @@ pub fn layer_index(cache: &BlobCache, desc: &Descriptor, blob: &Blob) -> Result<
     // A blob that failed its digest was discarded by the cache; indexing again refetches it.
     let mut attempt = 1;
     let index = loop {
-        match LayerIndex::build(desc, blob) {
+        match LayerIndex::build(desc, blob, limits) {
             Ok(index) => break index,
             // A verified blob's errors are its own; others may come from a bad download.
             Err(e) if attempt < INDEX_ATTEMPTS && !blob.is_complete() && may_be_transfer_error(&e) => {
@@ -328,7 +337,7 @@ impl ImageMount {
             let blob = cache
                 .blob(&registry, reference, desc)
                 .map_err(|source| MountError::Blob { digest: desc.digest.clone(), source })?;
-            let index = layer_index(&cache, desc, &blob)?;
+            let index = layer_index(&cache, desc, &blob, &options.limits)?;
             indexes.push(index);
             layers.push(blob);
         }
@@ -517,7 +526,7 @@ impl Background {
     fn unpack_and_hand_off(&self) -> Result<(), MountError> {
         let mut lowers = Vec::with_capacity(self.blobs.len());
         for ((desc, blob), index) in self.image.layers.iter().zip(&self.blobs).zip(&self.indexes) {
-            let dir = unpack_once(&self.cache, &desc.digest, blob, index, &lowers)?;
+            let dir = unpack_once(&self.cache, &desc.digest, blob, index, &lowers, &self.options.limits)?;
             lowers.push(dir);
         }
         if self.stop.load(Relaxed) {
@@ -587,17 +596,26 @@ impl Background {
 /// Unpacks a complete layer into the cache's directory for it, unless that exists already. The
 /// layer goes to a temporary directory first and is renamed into place, so a directory at the
 /// final path is always complete, whichever process or mount wrote it.
-/// `lowers` are the layers below it, bottom first, already unpacked.
+/// `lowers` are the layers below it, bottom first, already unpacked. A layer that would not fit
+/// the free space or the cache's size limit is refused before anything is written.
 pub fn unpack_once(
     cache: &BlobCache,
     digest: &Digest,
     blob: &Blob,
     index: &LayerIndex,
     lowers: &[PathBuf],
+    limits: &Limits,
 ) -> Result<PathBuf, MountError> {
     let dir = cache.unpacked_dir(digest);
     if dir.is_dir() {
         return Ok(dir);
+    }
+    let needed = index.unpacked_bytes();
+    let free = cache.available_bytes().map_err(|source| MountError::Blob { digest: digest.clone(), source })?;
+    for (what, room) in [("the free space", free), ("the cache's size limit", cache.size_limit())] {
+        if needed > room {
+            return Err(MountError::TooLarge { digest: digest.clone(), needed, what, room });
+        }
     }
     let parent = dir.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
@@ -607,7 +625,7 @@ pub fn unpack_once(
     }
     std::fs::create_dir(&tmp).map_err(io_err("creating", &tmp))?;
     let blob_path = blob.path().ok_or_else(|| MountError::NotLocal(digest.clone()))?;
-    let unpacked = layer::unpack(index, &blob_path, &tmp, lowers);
+    let unpacked = layer::unpack(index, &blob_path, &tmp, lowers, limits);
     if let Err(source) = unpacked {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(MountError::Unpack { digest: digest.clone(), dir: dir.clone(), source });

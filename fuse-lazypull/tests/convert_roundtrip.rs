@@ -14,7 +14,7 @@ use std::time::Duration;
 use fuse_lazypull::cache::{BlobCache, CacheConfig};
 use fuse_lazypull::convert::{self, UNCOMPRESSED_SIZE};
 use fuse_lazypull::digest::Digest;
-use fuse_lazypull::layer::{EntryKind, LayerIndex, TOC_DIGEST_ANNOTATION};
+use fuse_lazypull::layer::{EntryKind, LayerIndex, Limits, TOC_DIGEST_ANNOTATION};
 use fuse_lazypull::reference::ImageRef;
 use fuse_lazypull::registry::{Registry, RegistryConfig, OCI_LAYER_GZIP};
 use support::ImageBuilder;
@@ -87,7 +87,8 @@ fn convert_round_trip_gives_the_same_tree_with_stargz_annotations_needs_root() {
     )
     .unwrap();
 
-    let digest = convert::convert(&registry, &cache, &src, &dst, &[PathBuf::from("bin/start")]).unwrap();
+    let digest =
+        convert::convert(&registry, &cache, &src, &dst, &[PathBuf::from("bin/start")], &Limits::DEFAULT).unwrap();
     let converted = registry.resolve(&dst).unwrap();
     assert_eq!(converted.digest, digest);
     assert_eq!(converted.layers.len(), 2);
@@ -113,7 +114,7 @@ fn convert_round_trip_gives_the_same_tree_with_stargz_annotations_needs_root() {
     let client = Registry::new(RegistryConfig::default()).unwrap();
     let top = &converted.layers[1];
     let blob = lazy.blob(&client, &dst, top).unwrap();
-    let index = LayerIndex::build(top, &*blob).unwrap();
+    let index = LayerIndex::build(top, &*blob, &Limits::DEFAULT).unwrap();
     assert!(index.is_estargz());
     let entry = index.entries.iter().find(|e| e.path == Path::new("var/cache/c")).unwrap();
     let EntryKind::File(data) = &entry.kind else { panic!("{entry:?}") };

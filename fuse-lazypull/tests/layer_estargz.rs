@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use fuse_lazypull::layer::estargz;
 use fuse_lazypull::layer::tar::RawKind;
-use fuse_lazypull::layer::{convert_to_estargz, Converted, EntryKind, LayerError, LayerIndex, TOC_DIGEST_ANNOTATION};
+use fuse_lazypull::layer::{
+    convert_to_estargz, Converted, EntryKind, LayerError, LayerIndex, Limits, TOC_DIGEST_ANNOTATION,
+};
 use layer_support::{descriptor, gzip, sha256_digest, MemSource, Tar, E};
 
 /// Bytes that do not compress: three chunks (4 + 4 + 0.5 MiB) at the real chunk size, many at
@@ -47,7 +49,8 @@ fn source_layer(big: &[u8]) -> Vec<u8> {
 fn convert(layer: &[u8], prefetch: &[&str]) -> (Vec<u8>, Converted) {
     let mut out = Vec::new();
     let prefetch: Vec<PathBuf> = prefetch.iter().map(PathBuf::from).collect();
-    let converted = estargz::convert_with_chunk_size(&mut &layer[..], &mut out, &prefetch, CHUNK).unwrap();
+    let converted =
+        estargz::convert_with_chunk_size(&mut &layer[..], &mut out, &prefetch, CHUNK, &Limits::DEFAULT).unwrap();
     (out, converted)
 }
 
@@ -57,7 +60,7 @@ const CHUNK: u64 = 4 << 20 >> 4;
 fn index_of(blob: &[u8], toc_digest: &str) -> Result<(LayerIndex, MemSource), LayerError> {
     let source = MemSource::new(blob.to_vec());
     let desc = descriptor(blob, &[(TOC_DIGEST_ANNOTATION, toc_digest)]);
-    Ok((LayerIndex::build(&desc, &source)?, source))
+    Ok((LayerIndex::build(&desc, &source, &Limits::DEFAULT)?, source))
 }
 
 fn read_file(index: &LayerIndex, source: &MemSource, path: &str) -> Vec<u8> {
@@ -105,7 +108,7 @@ fn round_trip_through_writer_and_reader() {
     assert!(index.is_estargz());
     // The same entries as the plain gzip layer, prefetched files first.
     let plain_source = MemSource::new(layer.clone());
-    let plain_index = LayerIndex::build(&descriptor(&layer, &[]), &plain_source).unwrap();
+    let plain_index = LayerIndex::build(&descriptor(&layer, &[]), &plain_source, &Limits::DEFAULT).unwrap();
     let mut want = summary(&plain_index);
     let got = summary(&index);
     assert!(got[0].starts_with("\"etc/hosts\" file 20"), "{got:?}");
@@ -146,7 +149,7 @@ fn round_trip_through_writer_and_reader() {
 fn real_chunk_size_cuts_large_files_in_4_mib_chunks() {
     let layer = source_layer(&[7u8; 9 << 20]);
     let mut blob = Vec::new();
-    let c = convert_to_estargz(&mut &layer[..], &mut blob, &[]).unwrap();
+    let c = convert_to_estargz(&mut &layer[..], &mut blob, &[], &Limits::DEFAULT).unwrap();
     let (index, source) = index_of(&blob, c.toc_digest.as_str()).unwrap();
     let e = index.entries.iter().find(|e| e.path == Path::new("big")).unwrap();
     let EntryKind::File(data) = &e.kind else { panic!() };
@@ -171,7 +174,7 @@ fn an_estargz_blob_unpacks_without_its_toc_and_landmark_needs_root() {
     let file = dir.path().join("blob");
     std::fs::write(&file, &blob).unwrap();
     let dest = dir.path().join("lower");
-    fuse_lazypull::layer::unpack(&index, &file, &dest, &[]).unwrap();
+    fuse_lazypull::layer::unpack(&index, &file, &dest, &[], &Limits::DEFAULT).unwrap();
     assert_eq!(std::fs::read(dest.join("big")).unwrap(), b"contents");
     assert_eq!(std::fs::read(dest.join("etc/hosts")).unwrap(), b"127.0.0.1 localhost\n");
     for hidden in ["stargz.index.json", ".prefetch.landmark", ".no.prefetch.landmark"] {
@@ -203,7 +206,7 @@ fn output_is_a_plain_tar_gz_for_other_tools() {
     }
     // And our own gzip reader reads it as a plain gzip layer too.
     let source = MemSource::new(blob.clone());
-    let index = LayerIndex::build(&descriptor(&blob, &[]), &source).unwrap();
+    let index = LayerIndex::build(&descriptor(&blob, &[]), &source, &Limits::DEFAULT).unwrap();
     assert!(!index.is_estargz());
     assert_eq!(read_file(&index, &source, "big"), b"small big file");
 }
@@ -243,4 +246,17 @@ fn annotation_without_footer_reads_as_gzip() {
     let layer = source_layer(b"x");
     let (index, _) = index_of(&layer, &format!("sha256:{}", "1".repeat(64))).unwrap();
     assert!(!index.is_estargz());
+}
+
+/// Converting a decompression bomb stops at the default expansion limit.
+#[test]
+fn converting_a_gzip_bomb_is_refused_by_the_default_limits() {
+    let bomb = layer_support::zero_bomb("bomb", 256);
+    let mut out = Vec::new();
+    match convert_to_estargz(&mut &bomb[..], &mut out, &[], &Limits::DEFAULT) {
+        Err(LayerError::Expansion { .. }) => {}
+        Err(other) => panic!("wrong error: {other:?}"),
+        Ok(_) => panic!("the bomb was converted"),
+    }
+    assert!(out.is_empty(), "nothing was written");
 }

@@ -7,6 +7,7 @@ use std::io::Read;
 
 use fuse_lazypull::layer::gzip::GzipIndexer;
 use fuse_lazypull::layer::LayerError;
+use fuse_lazypull::layer::Limits;
 use layer_support::{gzip, MemSource};
 use proptest::prelude::*;
 
@@ -31,7 +32,7 @@ fn data(len: usize, seed: u64) -> Vec<u8> {
 
 fn index(blob: &[u8], span: u64) -> (MemSource, fuse_lazypull::layer::gzip::GzipIndex, Vec<u8>) {
     let source = MemSource::new(blob.to_vec());
-    let mut indexer = GzipIndexer::with_span(&source, span).unwrap();
+    let mut indexer = GzipIndexer::with_span(&source, span, &Limits::DEFAULT).unwrap();
     let mut plain = Vec::new();
     indexer.read_to_end(&mut plain).unwrap();
     let (index, _) = indexer.finish().unwrap();
@@ -128,7 +129,7 @@ fn a_truncated_stream_is_an_error() {
     let plain = data(200_000, 5);
     let blob = gzip(&plain);
     let source = MemSource::new(blob[..blob.len() / 2].to_vec());
-    let mut indexer = GzipIndexer::new(&source).unwrap();
+    let mut indexer = GzipIndexer::new(&source, &Limits::DEFAULT).unwrap();
     let mut out = Vec::new();
     assert!(indexer.read_to_end(&mut out).is_err());
 }

@@ -4,9 +4,9 @@ mod layer_support;
 
 use std::path::{Path, PathBuf};
 
-use fuse_lazypull::layer::tar::{Limits, RawKind};
-use fuse_lazypull::layer::{EntryKind, LayerError, LayerIndex};
-use layer_support::{descriptor, gzip, header_block, MemSource, Tar, E};
+use fuse_lazypull::layer::tar::RawKind;
+use fuse_lazypull::layer::{EntryKind, LayerError, LayerIndex, Limits};
+use layer_support::{descriptor, global_pax, gzip, header_block, zero_bomb, MemSource, Tar, E};
 
 fn build(tar: Vec<u8>) -> Result<(LayerIndex, MemSource), LayerError> {
     build_limited(tar, &Limits::default())
@@ -15,7 +15,7 @@ fn build(tar: Vec<u8>) -> Result<(LayerIndex, MemSource), LayerError> {
 fn build_limited(tar: Vec<u8>, limits: &Limits) -> Result<(LayerIndex, MemSource), LayerError> {
     let blob = gzip(&tar);
     let source = MemSource::new(blob.clone());
-    let index = LayerIndex::build_with_limits(&descriptor(&blob, &[]), &source, limits)?;
+    let index = LayerIndex::build(&descriptor(&blob, &[]), &source, limits)?;
     Ok((index, source))
 }
 
@@ -194,6 +194,84 @@ fn too_many_bytes_is_refused() {
     refused(build_limited(tar.finish(), &limits), "bomb4");
 }
 
+/// A 3 KB layer: one global PAX header with a 1000 KiB extended attribute, then 300 empty
+/// files. Copied onto every file, it once made 292 MiB of attributes in memory; the default
+/// limits refuse the first file that would carry it.
+#[test]
+fn a_global_pax_xattr_bomb_is_refused_by_the_default_limits() {
+    let big = vec![b'x'; 1000 << 10];
+    let mut tar = Tar::default();
+    tar.raw(&global_pax(&[("SCHILY.xattr.user.bomb", &big)]));
+    let names: Vec<String> = (0..300).map(|i| format!("f{i}")).collect();
+    for n in &names {
+        tar.add(E::file(n, b""));
+    }
+    let tar = tar.finish();
+    assert!(gzip(&tar).len() < 8 << 10, "the bomb is small: {} bytes", gzip(&tar).len());
+    let text = refused(build(tar), "f0");
+    assert!(text.contains("extended attributes of 1024009 bytes (limit 65536)"), "{text}");
+}
+
+/// Global attributes under the per-entry limit still add up, entry after entry, to the layer's
+/// metadata limit.
+#[test]
+fn global_pax_xattrs_add_up_to_the_default_metadata_limit() {
+    let attr = vec![b'y'; 60 << 10];
+    let mut tar = Tar::default();
+    tar.raw(&global_pax(&[("SCHILY.xattr.user.a", &attr)]));
+    let names: Vec<String> = (0..2500).map(|i| format!("f{i}")).collect();
+    for n in &names {
+        tar.add(E::file(n, b""));
+    }
+    let text = refused(build(tar.finish()), "f2");
+    assert!(text.contains("bytes of metadata in the layer"), "{text}");
+}
+
+/// Global records still apply to every later entry, and an entry's own empty record hides one.
+#[test]
+fn global_pax_records_apply_to_later_entries() {
+    let mut tar = Tar::default();
+    tar.add(E::file("before", b""));
+    tar.raw(&global_pax(&[("SCHILY.xattr.user.g", b"global"), ("uid", b"42")]));
+    tar.add(E::file("after", b""));
+    tar.add(E { xattrs: vec![(b"user.own".to_vec(), b"mine".to_vec())], ..E::file("own", b"") });
+    let (index, _) = build(tar.finish()).unwrap();
+    let e = |i: usize| (&index.entries[i].xattrs, index.entries[i].uid);
+    assert_eq!(e(0), (&vec![], 0));
+    assert_eq!(e(1), (&vec![(b"user.g".to_vec(), b"global".to_vec())], 42));
+    assert_eq!(e(2).0, &vec![(b"user.g".to_vec(), b"global".to_vec()), (b"user.own".to_vec(), b"mine".to_vec())]);
+}
+
+/// A 2 MB layer that inflates to a 2 GiB file (1000:1) is refused by the default limits long
+/// before it is all inflated.
+#[test]
+fn a_gzip_bomb_is_refused_by_the_default_limits() {
+    let blob = zero_bomb("bomb", 2048);
+    assert!(blob.len() < 3 << 20, "{} bytes", blob.len());
+    let source = MemSource::new(blob.clone());
+    match LayerIndex::build(&descriptor(&blob, &[]), &source, &Limits::DEFAULT) {
+        Err(e @ LayerError::Expansion { .. }) => {
+            assert!(e.to_string().contains("inflates to more than 100 times"), "{e}");
+        }
+        Err(other) => panic!("wrong error: {other:?}"),
+        Ok(_) => panic!("the bomb was indexed"),
+    }
+    assert!(source.bytes_read() < blob.len() as u64, "refused before the end of the blob");
+}
+
+/// The index keeps extended attributes as base64 text, not as JSON arrays of numbers.
+#[test]
+fn the_index_keeps_xattrs_compactly() {
+    let value = vec![0xabu8; 30_000];
+    let mut tar = Tar::default();
+    tar.add(E { xattrs: vec![(b"user.big".to_vec(), value.clone())], ..E::file("f", b"") });
+    let (index, _) = build(tar.finish()).unwrap();
+    let bytes = index.to_bytes();
+    assert!(bytes.len() < 45_000, "{} bytes for a 30 kB attribute", bytes.len());
+    let again = LayerIndex::from_bytes(&bytes).unwrap();
+    assert_eq!(again.entries[0].xattrs, vec![(b"user.big".to_vec(), value)]);
+}
+
 #[test]
 fn gnu_sparse_files_are_refused() {
     let mut tar = Tar::default();
@@ -250,7 +328,7 @@ fn a_blob_that_does_not_match_its_digest_is_refused() {
     let blob = gzip(&tar.finish());
     let desc = descriptor(b"something else", &[]);
     let source = MemSource::new(blob);
-    assert!(matches!(LayerIndex::build(&desc, &source), Err(LayerError::BlobDigest { .. })));
+    assert!(matches!(LayerIndex::build(&desc, &source, &Limits::DEFAULT), Err(LayerError::BlobDigest { .. })));
 }
 
 #[test]
@@ -258,7 +336,7 @@ fn zstd_layers_are_refused_clearly() {
     let mut desc = descriptor(b"", &[]);
     desc.media_type = "application/vnd.oci.image.layer.v1.tar+zstd".into();
     let source = MemSource::new(Vec::new());
-    let err = LayerIndex::build(&desc, &source).unwrap_err();
+    let err = LayerIndex::build(&desc, &source, &Limits::DEFAULT).unwrap_err();
     assert!(err.to_string().contains("zstd"), "{err}");
 }
 
@@ -296,7 +374,7 @@ fn uncompressed_tar_layers_are_read_in_verified_spans() {
     let mut desc = descriptor(&blob, &[]);
     desc.media_type = "application/vnd.oci.image.layer.v1.tar".into();
     let source = MemSource::new(blob.clone());
-    let index = LayerIndex::build(&desc, &source).unwrap();
+    let index = LayerIndex::build(&desc, &source, &Limits::DEFAULT).unwrap();
     assert!(!index.is_compressed());
     assert_eq!(read_all(&index, &source, "small"), b"hello");
     assert_eq!(read_all(&index, &source, "big"), big);
@@ -316,7 +394,7 @@ fn uncompressed_tar_layers_are_read_in_verified_spans() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("blob");
         std::fs::write(&file, &blob).unwrap();
-        fuse_lazypull::layer::unpack(&index, &file, &dir.path().join("lower"), &[]).unwrap();
+        fuse_lazypull::layer::unpack(&index, &file, &dir.path().join("lower"), &[], &Limits::DEFAULT).unwrap();
         assert_eq!(std::fs::read(dir.path().join("lower/big")).unwrap(), big);
     }
 }

@@ -10,7 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use fuse_lazypull::layer::{unpack, LayerIndex};
+use fuse_lazypull::layer::{unpack, LayerIndex, Limits};
 use fuse_lazypull::registry::Descriptor;
 use fuse_lazypull::tree::{Ino, NodeKind, Tree, ROOT};
 use layer_support::MemSource;
@@ -189,7 +189,7 @@ fn umoci_layers_match_umoci_unpack_needs_root() {
     for desc in &layers {
         let blob = std::fs::read(blobs.join(desc.digest.as_str().strip_prefix("sha256:").unwrap())).unwrap();
         let source = MemSource::new(blob);
-        indexes.push(LayerIndex::build(desc, &source).unwrap());
+        indexes.push(LayerIndex::build(desc, &source, &Limits::DEFAULT).unwrap());
         sources.push(source);
     }
 
@@ -202,7 +202,7 @@ fn umoci_layers_match_umoci_unpack_needs_root() {
     for (i, desc) in layers.iter().enumerate() {
         let lower = dir.join(format!("lower{i}"));
         let blob = blobs.join(desc.digest.as_str().strip_prefix("sha256:").unwrap());
-        unpack(&indexes[i], &blob, &lower, &lowers).unwrap();
+        unpack(&indexes[i], &blob, &lower, &lowers, &Limits::DEFAULT).unwrap();
         lowers.push(lower);
     }
     let mnt = dir.join("merged");

@@ -6,17 +6,19 @@ mod layer_support;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
+use fuse_lazypull::cache::{BlobCache, CacheConfig};
 use fuse_lazypull::layer::tar::RawKind;
-use fuse_lazypull::layer::{unpack, LayerError, LayerIndex};
-use layer_support::{descriptor, gzip, MemSource, Tar, E};
+use fuse_lazypull::layer::{unpack, LayerError, LayerIndex, Limits};
+use fuse_lazypull::mount::{unpack_once, MountError};
+use layer_support::{complete_blob, descriptor, gzip, zero_bomb, MemSource, Tar, E};
 
 fn unpack_tar(tar: Vec<u8>, dest: &Path) -> Result<(), LayerError> {
     let blob = gzip(&tar);
     let source = MemSource::new(blob.clone());
-    let index = LayerIndex::build(&descriptor(&blob, &[]), &source)?;
+    let index = LayerIndex::build(&descriptor(&blob, &[]), &source, &Limits::DEFAULT)?;
     let file = dest.parent().unwrap().join(format!("{}.blob", dest.file_name().unwrap().to_str().unwrap()));
     std::fs::write(&file, &blob).unwrap();
-    unpack(&index, &file, dest, &[])
+    unpack(&index, &file, dest, &[], &Limits::DEFAULT)
 }
 
 fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
@@ -153,10 +155,11 @@ fn a_hard_link_to_a_lower_layers_file_is_a_copy_and_hidden_files_are_refused_nee
 
     let top = |name: &str, mut tar: Tar| {
         let blob = gzip(&tar.finish());
-        let index = LayerIndex::build(&descriptor(&blob, &[]), &MemSource::new(blob.clone())).unwrap();
+        let index =
+            LayerIndex::build(&descriptor(&blob, &[]), &MemSource::new(blob.clone()), &Limits::DEFAULT).unwrap();
         let file = dir.path().join(format!("{name}.blob"));
         std::fs::write(&file, &blob).unwrap();
-        unpack(&index, &file, &dir.path().join(name), &[base.clone(), mid.clone()])
+        unpack(&index, &file, &dir.path().join(name), &[base.clone(), mid.clone()], &Limits::DEFAULT)
     };
     let mut tar = Tar::default();
     tar.add(E::hardlink("usr/tool2", "bin/tool"));
@@ -172,4 +175,47 @@ fn a_hard_link_to_a_lower_layers_file_is_a_copy_and_hidden_files_are_refused_nee
         let e = top(name, tar).expect_err(target);
         assert!(matches!(e, LayerError::Malicious { .. }), "{target}: {e}");
     }
+}
+
+fn cache_at(dir: &Path, size_limit: u64) -> std::sync::Arc<BlobCache> {
+    BlobCache::open(dir, CacheConfig { size_limit, fetch_timeout: std::time::Duration::from_secs(5) }).unwrap()
+}
+
+/// A layer of 256 MiB of zeros in 260 kB, with an index made under limits that let it through
+/// (an index made by another configuration, say): unpacking it under the default limits stops
+/// at the expansion limit, and nothing stays in the cache or goes anywhere else.
+#[test]
+fn a_gzip_bomb_is_refused_when_unpacked_and_leaves_nothing_needs_root() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = cache_at(&dir.path().join("cache"), u64::MAX);
+    let bytes = zero_bomb("bomb", 256);
+    let blob = complete_blob(&cache, &bytes);
+    let lax = Limits { max_expansion: u64::MAX, ..Limits::DEFAULT };
+    let index = LayerIndex::build(&descriptor(&bytes, &[]), &*blob, &lax).unwrap();
+    match unpack_once(&cache, blob.digest(), &blob, &index, &[], &Limits::DEFAULT) {
+        Err(MountError::Unpack { source: LayerError::Expansion { .. }, .. }) => {}
+        other => panic!("expected an expansion error, got {other:?}"),
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("cache/unpacked")).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let top: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(top, ["cache"]);
+}
+
+/// A layer that would not fit the cache's size limit is refused before anything is written.
+#[test]
+fn a_layer_larger_than_the_cache_limit_is_not_unpacked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = cache_at(dir.path(), 1 << 20);
+    let data = vec![7u8; 2 << 20];
+    let mut tar = Tar::default();
+    tar.add(E::file("big", &data));
+    let bytes = gzip(&tar.finish());
+    let blob = complete_blob(&cache, &bytes);
+    let index = LayerIndex::build(&descriptor(&bytes, &[]), &*blob, &Limits::DEFAULT).unwrap();
+    let err = unpack_once(&cache, blob.digest(), &blob, &index, &[], &Limits::DEFAULT).unwrap_err();
+    assert!(matches!(err, MountError::TooLarge { .. }), "{err:?}");
+    assert!(err.to_string().contains("size limit"), "{err}");
+    assert_eq!(std::fs::read_dir(dir.path().join("unpacked")).unwrap().count(), 0);
 }

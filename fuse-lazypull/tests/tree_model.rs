@@ -5,7 +5,7 @@ mod layer_support;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use fuse_lazypull::layer::LayerIndex;
+use fuse_lazypull::layer::{LayerIndex, Limits};
 use fuse_lazypull::tree::{Ino, NodeKind, Tree, ROOT};
 use layer_support::{descriptor, gzip, MemSource, Tar, E};
 use proptest::prelude::*;
@@ -51,7 +51,7 @@ fn layer(ops: &[Op]) -> Result<LayerIndex, String> {
     }
     let blob = gzip(&tar.finish());
     let source = MemSource::new(blob.clone());
-    LayerIndex::build(&descriptor(&blob, &[]), &source).map_err(|e| e.to_string())
+    LayerIndex::build(&descriptor(&blob, &[]), &source, &Limits::DEFAULT).map_err(|e| e.to_string())
 }
 
 #[derive(Clone, Debug, PartialEq)]

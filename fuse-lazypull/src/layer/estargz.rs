@@ -12,8 +12,9 @@ use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 
 use super::gzip::hex;
-use super::tar::{self, Limits, NewHeader, RawEntry, RawKind};
-use super::{BlobSource, ChunkCache, Converted, EntriesBuilder, Entry, FileLoc, LayerError};
+use super::gzip::Inflate;
+use super::tar::{self, NewHeader, RawEntry, RawKind};
+use super::{BlobSource, ChunkCache, Converted, EntriesBuilder, Entry, FileLoc, LayerError, Limits};
 use crate::digest::Digest;
 
 pub const FOOTER_SIZE: u64 = 51;
@@ -176,6 +177,7 @@ fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<
     let mut files: Vec<(RawEntry, Vec<Chunk>)> = Vec::new();
     let mut prefetch_end = None;
     let mut total: u64 = 0;
+    let mut meta_total: u64 = 0;
     for e in &toc.entries {
         let shown = || e.name.clone();
         if e.name == PREFETCH_LANDMARK {
@@ -238,6 +240,7 @@ fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<
                 .map_err(|_| bad(format!("xattr {k} of {}", e.name)))?;
             xattrs.push((k.as_bytes().to_vec(), value));
         }
+        limits.check_xattrs(&e.name, &xattrs, &mut meta_total)?;
         let chunks = if kind == RawKind::File && size > 0 {
             vec![Chunk {
                 offset: e.offset,
@@ -485,8 +488,13 @@ fn name_str(raw: &RawEntry) -> Result<String, LayerError> {
 }
 
 /// Writes an eStargz copy of the gzip tar `input`; see [`super::convert_to_estargz`].
-pub fn convert(input: &mut dyn Read, out: &mut dyn Write, prefetch: &[PathBuf]) -> Result<Converted, LayerError> {
-    convert_with_chunk_size(input, out, prefetch, CHUNK_SIZE)
+pub fn convert(
+    input: &mut dyn Read,
+    out: &mut dyn Write,
+    prefetch: &[PathBuf],
+    limits: &Limits,
+) -> Result<Converted, LayerError> {
+    convert_with_chunk_size(input, out, prefetch, CHUNK_SIZE, limits)
 }
 
 /// [`convert`] with files cut into chunks of `chunk_size` bytes (tests use small ones).
@@ -495,18 +503,20 @@ pub fn convert_with_chunk_size(
     out: &mut dyn Write,
     prefetch: &[PathBuf],
     chunk_size: u64,
+    limits: &Limits,
 ) -> Result<Converted, LayerError> {
     let chunk_size = chunk_size.clamp(1, MAX_CHUNK_SIZE);
     use std::os::unix::fs::FileExt as _;
 
+    // The uncompressed input goes to a temporary file, as much as the expansion limit allows.
     let mut tmp = temp_file()?;
-    std::io::copy(&mut flate2::read::MultiGzDecoder::new(input), &mut tmp)
-        .map_err(io("decompressing the input layer"))?;
+    std::io::copy(&mut Inflate::new(input, limits), &mut tmp)
+        .map_err(|e| super::from_io(e, || "decompressing the input layer".into()))?;
     std::io::Seek::rewind(&mut tmp).map_err(io("rewinding"))?;
     let mut entries = Vec::new();
     {
         let reader = std::io::BufReader::new(&tmp);
-        let mut tr = tar::TarReader::new(reader, Limits::default());
+        let mut tr = tar::TarReader::new(reader, limits.clone());
         while let Some(e) = tr.next_entry()? {
             entries.push(e);
         }

@@ -8,7 +8,7 @@
 
 use sha2::{Digest as _, Sha256};
 
-use super::{BlobSource, LayerError};
+use super::{b64, BlobSource, LayerError, Limits};
 
 /// Output bytes between checkpoints.
 pub const SPAN: u64 = 4 << 20;
@@ -65,17 +65,6 @@ struct Cursor {
     bytes: Vec<u8>,
     offset: u64,
     pos: usize,
-}
-
-mod b64 {
-    use base64::Engine as _;
-    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
-    }
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s: String = serde::Deserialize::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom)
-    }
 }
 
 /// A raw-deflate inflater (zlib-rs through its zlib API).
@@ -375,17 +364,20 @@ pub struct GzipIndexer<'a> {
     pending_pos: usize,
     pending_valid: usize,
     span: u64,
+    limits: Limits,
 }
 
 impl<'a> GzipIndexer<'a> {
-    pub fn new(source: &'a dyn BlobSource) -> Result<GzipIndexer<'a>, LayerError> {
-        GzipIndexer::with_span(source, SPAN)
+    /// Refuses a stream that inflates beyond `limits`.
+    pub fn new(source: &'a dyn BlobSource, limits: &Limits) -> Result<GzipIndexer<'a>, LayerError> {
+        GzipIndexer::with_span(source, SPAN, limits)
     }
 
     /// Checkpoints about every `span` bytes of output (tests use small spans).
-    pub fn with_span(source: &'a dyn BlobSource, span: u64) -> Result<GzipIndexer<'a>, LayerError> {
+    pub fn with_span(source: &'a dyn BlobSource, span: u64, limits: &Limits) -> Result<GzipIndexer<'a>, LayerError> {
         Ok(GzipIndexer {
             span,
+            limits: limits.clone(),
             source,
             input: StreamingInput {
                 buf: Vec::new(),
@@ -434,6 +426,7 @@ impl<'a> GzipIndexer<'a> {
             let step = self.stream.step(&mut self.input, self.source, &mut pending);
             self.pending = pending;
             let step = step?;
+            self.limits.check_expansion(self.input.position(), self.stream.out)?;
             let produced = step.produced;
             // Keep the last 32 KiB of output: copy at most a window's worth, in up to two pieces.
             let recent = &self.pending[produced - produced.min(WINDOW)..produced];
@@ -506,6 +499,44 @@ impl std::io::Read for GzipIndexer<'_> {
 impl GzipIndexer<'_> {
     fn pending_len(&self) -> usize {
         self.pending_valid
+    }
+}
+
+/// A multi-member gzip stream read in order (unpacking, converting), refused once it inflates
+/// beyond [`Limits::max_expansion`].
+pub struct Inflate<R: std::io::Read> {
+    decoder: flate2::read::MultiGzDecoder<Counted<R>>,
+    out: u64,
+    limits: Limits,
+}
+
+/// Counts the compressed bytes the decoder takes.
+struct Counted<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: std::io::Read> Inflate<R> {
+    pub fn new(compressed: R, limits: &Limits) -> Inflate<R> {
+        let decoder = flate2::read::MultiGzDecoder::new(Counted { inner: compressed, n: 0 });
+        Inflate { decoder, out: 0, limits: limits.clone() }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Inflate<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.decoder.read(buf)?;
+        self.out += n as u64;
+        self.limits.check_expansion(self.decoder.get_ref().n, self.out).map_err(std::io::Error::other)?;
+        Ok(n)
     }
 }
 

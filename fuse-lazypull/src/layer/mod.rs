@@ -2,6 +2,7 @@
 //! contents), reading a file's bytes with every byte verified, unpacking for overlayfs, and
 //! writing eStargz copies.
 //!
+//! - [`limits`]: the bounds every reader of a layer keeps to.
 //! - [`tar`]: the tar reader (bounded, paths normalized, malicious input refused).
 //! - [`gzip`]: inflate checkpoints, so a gzip layer is read from the nearest one.
 //! - [`estargz`]: footer, table of contents, chunk reads, and the writer.
@@ -10,6 +11,7 @@
 
 pub mod estargz;
 pub mod gzip;
+pub mod limits;
 pub mod plain;
 pub mod tar;
 pub mod unpack;
@@ -23,6 +25,7 @@ use crate::cache::CacheError;
 use crate::digest::Digest;
 use crate::registry::Descriptor;
 
+pub use limits::Limits;
 pub use unpack::unpack;
 
 /// The annotation that names an eStargz layer's table-of-contents digest.
@@ -51,6 +54,9 @@ pub enum LayerError {
     MediaType(String),
     #[error("bad gzip data at compressed byte {offset}: {why}")]
     Gzip { offset: u64, why: String },
+    /// A decompression bomb: see [`Limits::max_expansion`].
+    #[error("the layer inflates to more than {max} times its size ({uncompressed} bytes from {compressed})")]
+    Expansion { compressed: u64, uncompressed: u64, max: u64 },
     /// Bytes of the blob that failed verification twice.
     #[error("blob bytes {start}..{end} failed verification twice")]
     Corrupt { start: u64, end: u64 },
@@ -132,7 +138,45 @@ pub struct Entry {
     pub gid: u32,
     pub mtime: i64,
     pub size: u64,
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    #[serde(with = "b64::pairs")]
+    pub xattrs: Xattrs,
+}
+
+/// Extended attributes: (name, value) pairs.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Bytes kept in the serialized index as base64 text (JSON would spend ~4 bytes per byte).
+pub(crate) mod b64 {
+    use base64::Engine as _;
+
+    fn encode(v: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(v)
+    }
+
+    fn decode<E: serde::de::Error>(s: &str) -> Result<Vec<u8>, E> {
+        base64::engine::general_purpose::STANDARD.decode(s).map_err(E::custom)
+    }
+
+    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&encode(v))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        decode(&<String as serde::Deserialize>::deserialize(d)?)
+    }
+
+    /// Name/value pairs (extended attributes) as pairs of base64 strings.
+    pub mod pairs {
+        pub fn serialize<S: serde::Serializer>(v: &[(Vec<u8>, Vec<u8>)], s: S) -> Result<S::Ok, S::Error> {
+            let text: Vec<(String, String)> = v.iter().map(|(k, v)| (super::encode(k), super::encode(v))).collect();
+            serde::Serialize::serialize(&text, s)
+        }
+
+        pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<super::super::Xattrs, D::Error> {
+            let text = <Vec<(String, String)> as serde::Deserialize>::deserialize(d)?;
+            text.iter().map(|(k, v)| Ok((super::decode(k)?, super::decode(v)?))).collect()
+        }
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -174,7 +218,7 @@ fn is_plain_tar(media_type: &str) -> bool {
 }
 
 /// The layer's entries from a tar stream read in order.
-fn read_entries(stream: &mut dyn std::io::Read, limits: &tar::Limits) -> Result<Vec<Entry>, LayerError> {
+fn read_entries(stream: &mut dyn std::io::Read, limits: &Limits) -> Result<Vec<Entry>, LayerError> {
     let mut reader = tar::TarReader::new(stream, limits.clone());
     let mut builder = EntriesBuilder::default();
     while let Some(raw) = reader.next_entry()? {
@@ -182,6 +226,16 @@ fn read_entries(stream: &mut dyn std::io::Read, limits: &tar::Limits) -> Result<
         builder.push(raw, loc)?;
     }
     builder.finish()
+}
+
+/// A read error of a stream the layer code reads through: one the layer code below raised (a
+/// timeout of the blob, bad gzip data, an inflate bomb) comes back as itself, so callers can tell
+/// a transfer problem from damage or a refusal.
+fn from_io(e: std::io::Error, what: impl FnOnce() -> String) -> LayerError {
+    match e.downcast::<LayerError>() {
+        Ok(inner) => inner,
+        Err(e) => LayerError::Io { what: what(), source: e },
+    }
 }
 
 fn check_blob_digest(desc: &Descriptor, sha256_hex: &str) -> Result<(), LayerError> {
@@ -197,16 +251,8 @@ fn check_blob_digest(desc: &Descriptor, sha256_hex: &str) -> Result<(), LayerErr
 
 impl LayerIndex {
     /// Indexes the layer `desc`: an eStargz layer from its footer and table of contents (a few
-    /// ranged reads), a gzip layer by streaming it once.
-    pub fn build(desc: &Descriptor, source: &dyn BlobSource) -> Result<LayerIndex, LayerError> {
-        LayerIndex::build_with_limits(desc, source, &tar::Limits::default())
-    }
-
-    pub fn build_with_limits(
-        desc: &Descriptor,
-        source: &dyn BlobSource,
-        limits: &tar::Limits,
-    ) -> Result<LayerIndex, LayerError> {
+    /// ranged reads), a gzip or plain tar layer by streaming it once; within `limits`.
+    pub fn build(desc: &Descriptor, source: &dyn BlobSource, limits: &Limits) -> Result<LayerIndex, LayerError> {
         if is_plain_tar(&desc.media_type) {
             let mut indexer = plain::PlainIndexer::new(source);
             let entries = read_entries(&mut indexer, limits)?;
@@ -224,24 +270,10 @@ impl LayerIndex {
             }
             tracing::info!(digest = %desc.digest, "layer has a TOC annotation but no eStargz footer; reading it as gzip");
         }
-        let mut indexer = gzip::GzipIndexer::new(source)?;
-        let entries = {
-            let mut reader = tar::TarReader::new(&mut indexer, limits.clone());
-            let mut builder = EntriesBuilder::default();
-            while let Some(raw) = reader.next_entry()? {
-                let loc = FileLoc::Tar(raw.data_offset);
-                builder.push(raw, loc)?;
-            }
-            builder.finish()?
-        };
+        let mut indexer = gzip::GzipIndexer::new(source, limits)?;
+        let entries = read_entries(&mut indexer, limits)?;
         let (index, blob_sha256) = indexer.finish()?;
-        let expected = desc.digest.as_str().strip_prefix("sha256:").unwrap_or_default();
-        if expected != blob_sha256 {
-            return Err(LayerError::BlobDigest {
-                expected: desc.digest.to_string(),
-                actual: format!("sha256:{blob_sha256}"),
-            });
-        }
+        check_blob_digest(desc, &blob_sha256)?;
         Ok(LayerIndex::new(entries, Format::Gzip(index)))
     }
 
@@ -304,6 +336,12 @@ impl LayerIndex {
             Format::Estargz { prefetch_end: Some(end) } if end > 0 => std::iter::once(0..end).collect(),
             _ => Vec::new(),
         }
+    }
+
+    /// About how many bytes unpacking the layer writes: its files' bytes, plus a block for
+    /// every entry's metadata.
+    pub fn unpacked_bytes(&self) -> u64 {
+        self.entries.iter().map(|e| e.size.saturating_add(4096)).fold(0, u64::saturating_add)
     }
 
     /// Whether the blob is gzip-compressed (plain gzip or eStargz) rather than an uncompressed tar.
@@ -412,11 +450,12 @@ pub struct Converted {
 }
 
 /// Writes an eStargz copy of the gzip tar `input` to `out`; files named in `prefetch` go first,
-/// before the prefetch landmark.
+/// before the prefetch landmark. The input is read within `limits`.
 pub fn convert_to_estargz(
     input: &mut dyn std::io::Read,
     out: &mut dyn std::io::Write,
     prefetch: &[PathBuf],
+    limits: &Limits,
 ) -> Result<Converted, LayerError> {
-    estargz::convert(input, out, prefetch)
+    estargz::convert(input, out, prefetch, limits)
 }

@@ -54,7 +54,7 @@ impl std::io::Read for PlainIndexer<'_> {
         if n == 0 {
             return Ok(0);
         }
-        self.source.read_at(self.pos, &mut buf[..n]).map_err(std::io::Error::other)?;
+        self.source.read_at(self.pos, &mut buf[..n]).map_err(|e| std::io::Error::other(LayerError::Source(e)))?;
         self.blob_hash.update(&buf[..n]);
         self.span_hash.update(&buf[..n]);
         self.pos += n as u64;

@@ -6,26 +6,9 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
-use super::LayerError;
+use super::{LayerError, Limits};
 
 const BLOCK: usize = 512;
-
-/// Bounds that keep a malicious layer from exhausting memory or disk.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    /// Entries in one layer.
-    pub max_entries: u64,
-    /// Sum of the sizes of all regular files in one layer.
-    pub max_total_size: u64,
-    /// One PAX header or GNU long name/link.
-    pub max_meta_size: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits { max_entries: 1 << 20, max_total_size: 256 << 30, max_meta_size: 1 << 20 }
-    }
-}
 
 /// What a tar header says, before whiteouts are recognised.
 #[derive(Clone, Debug, PartialEq)]
@@ -61,6 +44,8 @@ pub struct TarReader<R: Read> {
     limits: Limits,
     entries: u64,
     total_size: u64,
+    /// Metadata bytes so far, against [`Limits::max_total_meta`].
+    meta_total: u64,
     /// Data (plus padding) of the current entry not read yet.
     unread: u64,
     global_pax: BTreeMap<String, Vec<u8>>,
@@ -75,6 +60,7 @@ impl<R: Read> TarReader<R> {
             limits,
             entries: 0,
             total_size: 0,
+            meta_total: 0,
             unread: 0,
             global_pax: BTreeMap::new(),
             done: false,
@@ -110,7 +96,7 @@ impl<R: Read> TarReader<R> {
     }
 
     fn io(&self, e: std::io::Error) -> LayerError {
-        LayerError::Io { what: format!("tar stream at byte {}", self.pos), source: e }
+        super::from_io(e, || format!("tar stream at byte {}", self.pos))
     }
 
     fn skip_unread(&mut self) -> Result<(), LayerError> {
@@ -153,6 +139,7 @@ impl<R: Read> TarReader<R> {
                 why: format!("metadata header of {size} bytes (limit {})", self.limits.max_meta_size),
             });
         }
+        self.limits.add_meta(name, size, &mut self.meta_total)?;
         self.unread = padded(size);
         let data = self.read_data(size)?;
         self.skip_unread()?;
@@ -167,7 +154,8 @@ impl<R: Read> TarReader<R> {
         self.skip_unread()?;
         let mut long_name: Option<Vec<u8>> = None;
         let mut long_link: Option<Vec<u8>> = None;
-        let mut pax: BTreeMap<String, Vec<u8>> = self.global_pax.clone();
+        // This entry's own PAX records; an empty value hides a global record of its key.
+        let mut local: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         loop {
             let header_offset = self.pos;
             let Some(block) = self.read_block()? else {
@@ -202,32 +190,37 @@ impl<R: Read> TarReader<R> {
                 }
                 b'x' => {
                     let data = self.read_meta(size, &name_for_errors)?;
-                    parse_pax(&data, &mut pax, &name_for_errors)?;
+                    parse_pax(&data, &mut local, &name_for_errors)?;
                     continue;
                 }
                 b'g' => {
                     // Global records apply to every later entry; a global path, link or size
-                    // would make every entry the same, so those are ignored.
+                    // would make every entry the same, so those are ignored. An empty value
+                    // removes the key.
                     let data = self.read_meta(size, &name_for_errors)?;
                     let mut global = BTreeMap::new();
                     parse_pax(&data, &mut global, &name_for_errors)?;
                     global.retain(|k, _| !matches!(k.as_str(), "path" | "linkpath" | "size"));
                     for (k, v) in global {
-                        self.global_pax.insert(k.clone(), v.clone());
-                        pax.insert(k, v);
+                        if v.is_empty() {
+                            self.global_pax.remove(&k);
+                        } else {
+                            self.global_pax.insert(k, v);
+                        }
                     }
                     continue;
                 }
                 _ => {}
             }
+            let pax = Pax { local: &local, global: &self.global_pax };
 
             let raw_name = match (pax.get("path"), &long_name) {
-                (Some(p), _) => p.clone(),
+                (Some(p), _) => p.to_vec(),
                 (None, Some(n)) => n.clone(),
                 (None, None) => h.full_name(),
             };
             let shown = String::from_utf8_lossy(&raw_name).into_owned();
-            if pax.keys().any(|k| k.starts_with("GNU.sparse.")) {
+            if !pax.with_prefix("GNU.sparse.").is_empty() {
                 return Err(LayerError::Unsupported { path: shown, why: "GNU sparse file (PAX)".into() });
             }
             let path = normalize(&raw_name).map_err(|why| LayerError::Malicious { path: shown.clone(), why })?;
@@ -238,7 +231,7 @@ impl<R: Read> TarReader<R> {
                 None => size,
             };
             let link_raw = match (pax.get("linkpath"), &long_link) {
-                (Some(p), _) => p.clone(),
+                (Some(p), _) => p.to_vec(),
                 (None, Some(n)) => n.clone(),
                 (None, None) => trim_nul(h.field(157, 100).to_vec()),
             };
@@ -296,10 +289,12 @@ impl<R: Read> TarReader<R> {
                 Some(v) => parse_decimal(v).ok_or_else(|| bad_pax(&shown, "gid"))?,
                 None => field(116, 8)?,
             };
-            let xattrs = pax
-                .iter()
-                .filter_map(|(k, v)| k.strip_prefix("SCHILY.xattr.").map(|name| (name.as_bytes().to_vec(), v.clone())))
+            let xattrs: Vec<(Vec<u8>, Vec<u8>)> = pax
+                .with_prefix("SCHILY.xattr.")
+                .into_iter()
+                .map(|(name, v)| (name.as_bytes().to_vec(), v.to_vec()))
                 .collect();
+            self.limits.check_xattrs(&shown, &xattrs, &mut self.meta_total)?;
             let entry = RawEntry {
                 path,
                 kind,
@@ -315,6 +310,45 @@ impl<R: Read> TarReader<R> {
             return Ok(Some(entry));
         }
     }
+}
+
+/// The PAX records of one entry: its own over the global ones, without copying the global ones
+/// (a layer may hold a million entries under one large global header).
+struct Pax<'a> {
+    local: &'a BTreeMap<String, Vec<u8>>,
+    global: &'a BTreeMap<String, Vec<u8>>,
+}
+
+impl<'a> Pax<'a> {
+    fn get(&self, key: &str) -> Option<&[u8]> {
+        match self.local.get(key) {
+            Some(v) if v.is_empty() => None,
+            Some(v) => Some(v),
+            None => self.global.get(key).map(Vec::as_slice),
+        }
+    }
+
+    /// The records whose keys start with `prefix`, in key order, with the prefix taken off.
+    /// Only those keys are visited, however many other global records there are.
+    fn with_prefix(&self, prefix: &str) -> Vec<(&'a str, &'a [u8])> {
+        let mut all = under(self.local, prefix);
+        for (k, v) in under(self.global, prefix) {
+            if !self.local.contains_key(k) {
+                all.push((k, v));
+            }
+        }
+        all.retain(|(_, v)| !v.is_empty());
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        all.into_iter().map(|(k, v)| (&k[prefix.len()..], v)).collect()
+    }
+}
+
+/// The records of `map` whose keys start with `prefix`.
+fn under<'a>(map: &'a BTreeMap<String, Vec<u8>>, prefix: &str) -> Vec<(&'a str, &'a [u8])> {
+    map.range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect()
 }
 
 fn bad_pax(path: &str, key: &str) -> LayerError {
@@ -370,7 +404,8 @@ fn parse_pax_time(v: &[u8]) -> Option<i64> {
     whole.parse().ok()
 }
 
-/// Parses PAX records `"<len> <key>=<value>\n"` into `into`.
+/// Parses PAX records `"<len> <key>=<value>\n"` into `into` (an empty value, which deletes the
+/// key, is kept as empty).
 fn parse_pax(data: &[u8], into: &mut BTreeMap<String, Vec<u8>>, name: &str) -> Result<(), LayerError> {
     let bad = |why: &str| LayerError::Malicious { path: name.to_string(), why: format!("bad PAX record: {why}") };
     let mut rest = data;
@@ -389,12 +424,7 @@ fn parse_pax(data: &[u8], into: &mut BTreeMap<String, Vec<u8>>, name: &str) -> R
         let record = &rest[space + 1..len - 1];
         let eq = record.iter().position(|&b| b == b'=').ok_or_else(|| bad("no ="))?;
         let key = std::str::from_utf8(&record[..eq]).map_err(|_| bad("key not UTF-8"))?;
-        let value = record[eq + 1..].to_vec();
-        if value.is_empty() {
-            into.remove(key);
-        } else {
-            into.insert(key.to_string(), value);
-        }
+        into.insert(key.to_string(), record[eq + 1..].to_vec());
         rest = &rest[len..];
     }
     Ok(())

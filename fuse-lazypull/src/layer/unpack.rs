@@ -15,8 +15,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use super::tar::{Limits, TarReader};
-use super::{estargz, EntriesBuilder, EntryKind, LayerError, LayerIndex};
+use super::gzip::Inflate;
+use super::tar::TarReader;
+use super::{estargz, EntriesBuilder, EntryKind, LayerError, LayerIndex, Limits};
 
 /// `struct open_how` of openat2(2).
 #[repr(C)]
@@ -372,8 +373,15 @@ fn set_attrs(fd: &OwnedFd, e: &super::Entry) -> std::io::Result<()> {
 /// refusing anything that would write outside `dest`. `index` must be the blob's own index; the
 /// entries met while streaming the blob are checked against it. `lowers` are the unpacked
 /// layers below it, bottom first: a hard link to a file of theirs becomes a copy (so the
-/// unpacked layer depends on them, a corner OCI allows and images rarely use).
-pub fn unpack(index: &LayerIndex, blob: &Path, dest: &Path, lowers: &[PathBuf]) -> Result<(), LayerError> {
+/// unpacked layer depends on them, a corner OCI allows and images rarely use). The blob is read
+/// within `limits`.
+pub fn unpack(
+    index: &LayerIndex,
+    blob: &Path,
+    dest: &Path,
+    lowers: &[PathBuf],
+    limits: &Limits,
+) -> Result<(), LayerError> {
     let io = |source| LayerError::Unpack { path: dest.to_path_buf(), source };
     std::fs::create_dir_all(dest).map_err(io)?;
     let root = File::open(dest).map_err(io)?;
@@ -386,8 +394,8 @@ pub fn unpack(index: &LayerIndex, blob: &Path, dest: &Path, lowers: &[PathBuf]) 
     let file = File::open(blob).map_err(|source| LayerError::Unpack { path: blob.to_path_buf(), source })?;
     let buffered = BufReader::with_capacity(1 << 20, file);
     let stream: Box<dyn std::io::Read> =
-        if index.is_compressed() { Box::new(flate2::read::MultiGzDecoder::new(buffered)) } else { Box::new(buffered) };
-    let mut tar = TarReader::new(stream, Limits::default());
+        if index.is_compressed() { Box::new(Inflate::new(buffered, limits)) } else { Box::new(buffered) };
+    let mut tar = TarReader::new(stream, limits.clone());
     let mut seen = 0usize;
     while let Some(raw) = tar.next_entry()? {
         if index.is_estargz() {

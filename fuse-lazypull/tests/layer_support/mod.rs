@@ -165,3 +165,63 @@ pub fn header_block(name: &[u8], typeflag: u8, size: u64, link: &[u8]) -> [u8; 5
     b[263..265].copy_from_slice(b"00");
     b
 }
+
+/// A decompression bomb: a gzip tar holding one file `name` of `mib` MiB of zeros, made of one
+/// gzip member per MiB (each about 1 KiB), so the blob is about a thousandth of the tar.
+pub fn zero_bomb(name: &str, mib: u64) -> Vec<u8> {
+    let header = header_bytes(&NewHeader {
+        name: name.as_bytes(),
+        kind: &RawKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        size: mib << 20,
+        xattrs: &[],
+    });
+    let zeros = gzip(&vec![0u8; 1 << 20]);
+    let mut blob = gzip(&header);
+    for _ in 0..mib {
+        blob.extend_from_slice(&zeros);
+    }
+    blob.extend_from_slice(&gzip(&[0u8; 1024]));
+    blob
+}
+
+/// A PAX global header whose records are `records` (key, value).
+pub fn global_pax(records: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for (k, v) in records {
+        let body = k.len() + v.len() + 3;
+        let mut len = body + 1;
+        while body + len.to_string().len() != len {
+            len = body + len.to_string().len();
+        }
+        data.extend_from_slice(format!("{len} {k}=").as_bytes());
+        data.extend_from_slice(v);
+        data.push(b'\n');
+    }
+    let mut tar = Tar::default();
+    tar.raw_header(header_block(b"pax_global_header", b'g', data.len() as u64, b""));
+    data.resize(data.len() + padding(data.len() as u64), 0);
+    tar.raw(&data);
+    tar.bytes
+}
+
+/// `bytes` as a complete blob of `cache`, as if fetched and verified earlier.
+pub fn complete_blob(
+    cache: &fuse_lazypull::cache::BlobCache,
+    bytes: &[u8],
+) -> std::sync::Arc<fuse_lazypull::cache::Blob> {
+    struct Nowhere;
+    impl fuse_lazypull::cache::RangeSource for Nowhere {
+        fn fetch(&self, _: std::ops::Range<u64>) -> Result<Vec<u8>, fuse_lazypull::registry::RegistryError> {
+            Err(fuse_lazypull::registry::RegistryError::Config("no registry in this test".into()))
+        }
+    }
+    let desc = descriptor(bytes, &[]);
+    std::fs::write(cache.dir().join("blobs/sha256").join(desc.digest.hex()), bytes).unwrap();
+    let blob = cache.blob_from(&desc, std::sync::Arc::new(Nowhere), None).unwrap();
+    assert!(blob.is_complete());
+    blob
+}

@@ -1,0 +1,80 @@
+//! Bounds that keep a malicious layer from exhausting memory, disk or time: one [`Limits`] is
+//! passed to everything that reads a layer (indexing, unpacking, converting), so a layer refused
+//! by one is refused by all.
+
+use super::LayerError;
+
+/// What one layer may make us hold or write. The defaults fit real images with a wide margin;
+/// a layer outside them gets [`LayerError::Malicious`] or [`LayerError::Expansion`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Entries in one layer (metadata headers count too).
+    pub max_entries: u64,
+    /// Sum of the sizes of all regular files in one layer.
+    pub max_total_size: u64,
+    /// One PAX header or GNU long name/link.
+    pub max_meta_size: u64,
+    /// Metadata of one layer: every PAX header and GNU long name/link read, plus the extended
+    /// attributes of every entry (a global PAX attribute counts once for each entry it applies
+    /// to, since each entry keeps a copy).
+    pub max_total_meta: u64,
+    /// Extended attributes of one entry, names and values (Linux stores at most 64 KiB).
+    pub max_entry_xattrs: u64,
+    /// Uncompressed bytes per compressed byte of a gzip layer...
+    pub max_expansion: u64,
+    /// ...beyond this many uncompressed bytes, which any layer may inflate to.
+    pub expansion_allowance: u64,
+}
+
+impl Limits {
+    pub const DEFAULT: Limits = Limits {
+        max_entries: 1 << 20,
+        max_total_size: 256 << 30,
+        max_meta_size: 1 << 20,
+        max_total_meta: 128 << 20,
+        max_entry_xattrs: 64 << 10,
+        max_expansion: 100,
+        expansion_allowance: 64 << 20,
+    };
+
+    /// Refuses a stream that inflated `compressed` bytes into more than the limit allows.
+    pub fn check_expansion(&self, compressed: u64, uncompressed: u64) -> Result<(), LayerError> {
+        let allowed = self.max_expansion.saturating_mul(compressed).saturating_add(self.expansion_allowance);
+        if uncompressed > allowed {
+            return Err(LayerError::Expansion { compressed, uncompressed, max: self.max_expansion });
+        }
+        Ok(())
+    }
+
+    /// Checks the extended attributes of entry `path` and adds their bytes to `total`, the
+    /// layer's metadata so far.
+    pub fn check_xattrs(&self, path: &str, xattrs: &[(Vec<u8>, Vec<u8>)], total: &mut u64) -> Result<(), LayerError> {
+        let bytes: u64 = xattrs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
+        if bytes > self.max_entry_xattrs {
+            return Err(LayerError::Malicious {
+                path: path.to_owned(),
+                why: format!("extended attributes of {bytes} bytes (limit {})", self.max_entry_xattrs),
+            });
+        }
+        self.add_meta(path, bytes, total)
+    }
+
+    /// Adds `bytes` of metadata to the layer's `total`, refusing the layer past the limit.
+    pub fn add_meta(&self, path: &str, bytes: u64, total: &mut u64) -> Result<(), LayerError> {
+        *total = total.saturating_add(bytes);
+        if *total > self.max_total_meta {
+            return Err(LayerError::Malicious {
+                path: path.to_owned(),
+                why: format!("more than {} bytes of metadata in the layer", self.max_total_meta),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits::DEFAULT
+    }
+}
