@@ -31,8 +31,8 @@ pub const LAYER_INDEX: &str = "layer-index";
 /// The first wait before the background fetch retries; it doubles up to [`MAX_RETRY_WAIT`].
 const FIRST_RETRY_WAIT: Duration = Duration::from_millis(200);
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
-/// How many times a layer is indexed before its error is final (a corrupt or truncated
-/// download is refetched each time).
+/// How many times a layer is indexed before its error is final (after a registry failure the
+/// missing bytes are fetched, after a corrupt or truncated download the whole layer).
 const INDEX_ATTEMPTS: u32 = 3;
 /// Prefetch ranges are read in pieces of at most this many bytes.
 const PREFETCH_PIECE: u64 = 4 << 20;
@@ -279,30 +279,27 @@ pub fn layer_index(
             }
         }
     }
-    // A blob that failed its digest was discarded by the cache; indexing again refetches it.
+    // Indexing again reads what is local and fetches the rest: after a registry failure only
+    // what is missing, after damage (bytes of a blob not verified yet) everything again.
     let mut attempt = 1;
     let index = loop {
         match LayerIndex::build(desc, blob, limits) {
             Ok(index) => break index,
-            // A verified blob's errors are its own; others may come from a bad download.
-            Err(e) if attempt < INDEX_ATTEMPTS && !blob.is_complete() && may_be_transfer_error(&e) => {
+            Err(e) if attempt < INDEX_ATTEMPTS && e.is_transport() => {
+                tracing::warn!(layer = %desc.digest, attempt, error = %chain(&e), "indexing failed; trying again");
+            }
+            Err(e) if attempt < INDEX_ATTEMPTS && !blob.is_complete() && e.is_damage() => {
                 tracing::warn!(layer = %desc.digest, attempt, error = %chain(&e), "indexing failed; fetching the layer again");
                 blob.discard(0, blob.size());
-                attempt += 1;
             }
             Err(e) => return Err(index_err(e)),
         }
+        attempt += 1;
     };
     if let Err(e) = cache.put_derived(&desc.digest, LAYER_INDEX, &index.to_bytes()) {
         tracing::warn!(layer = %desc.digest, error = %chain(&e), "could not keep the layer index in the cache");
     }
     Ok(index)
-}
-
-/// Whether a layer error may come from bytes damaged on the way (then the layer is fetched
-/// again), rather than from what the layer holds.
-fn may_be_transfer_error(e: &LayerError) -> bool {
-    !matches!(e, LayerError::Malicious { .. } | LayerError::Unsupported { .. } | LayerError::MediaType(_))
 }
 
 /// An image mounted at a target: FUSE first, overlayfs once the image is local.

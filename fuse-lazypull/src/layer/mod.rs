@@ -76,6 +76,32 @@ pub enum LayerError {
     Index(String),
 }
 
+impl LayerError {
+    /// Whether the registry failed (a timeout, a failed fetch): the bytes already local are
+    /// sound, and trying again fetches only what is missing.
+    pub fn is_transport(&self) -> bool {
+        matches!(self, LayerError::Source(CacheError::Timeout { .. } | CacheError::Fetch { .. }))
+    }
+
+    /// Whether the error may come from bytes damaged on the way (a digest that does not match,
+    /// bad gzip data, a stream that ends early or does not parse): the local bytes of a blob not
+    /// yet verified must be fetched again.
+    pub fn is_damage(&self) -> bool {
+        use std::io::ErrorKind::{InvalidData, InvalidInput, UnexpectedEof};
+        match self {
+            LayerError::BlobDigest { .. }
+            | LayerError::TocDigest { .. }
+            | LayerError::Gzip { .. }
+            | LayerError::Truncated { .. }
+            | LayerError::BadHeader { .. }
+            | LayerError::Corrupt { .. } => true,
+            // flate2's errors on bad deflate data.
+            LayerError::Io { source, .. } => matches!(source.kind(), InvalidData | InvalidInput | UnexpectedEof),
+            _ => false,
+        }
+    }
+}
+
 /// Random access to a layer blob's (compressed) bytes. [`crate::cache::Blob`] is the real one;
 /// tests use bytes in memory.
 pub trait BlobSource: Send + Sync {
