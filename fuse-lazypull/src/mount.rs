@@ -571,21 +571,34 @@ impl Background {
         }
     }
 
-    /// Runs `fetch` until it succeeds or the mount is stopped, waiting longer after each failure.
     fn retrying(&self, digest: &Digest, fetch: impl Fn() -> Result<(), CacheError>) -> Result<(), MountError> {
-        let mut wait = FIRST_RETRY_WAIT;
-        loop {
-            if self.stop.load(Relaxed) {
-                return Err(MountError::Stopped);
+        fetch_until_done(&self.stop, digest, FIRST_RETRY_WAIT, fetch)
+    }
+}
+
+/// Runs `fetch` until it succeeds, the mount is stopped, or it fails for good. Registry failures
+/// are retried, waiting twice as long each time up to [`MAX_RETRY_WAIT`] (a registry may be
+/// down for a while); anything else is final: a blob that did not match its digest however often
+/// it was fetched ([`CacheError::Corrupt`]) would otherwise be fetched again forever.
+fn fetch_until_done(
+    stop: &AtomicBool,
+    digest: &Digest,
+    first_wait: Duration,
+    fetch: impl Fn() -> Result<(), CacheError>,
+) -> Result<(), MountError> {
+    let mut wait = first_wait;
+    loop {
+        if stop.load(Relaxed) {
+            return Err(MountError::Stopped);
+        }
+        match fetch() {
+            Ok(()) => return Ok(()),
+            Err(e @ (CacheError::Timeout { .. } | CacheError::Fetch { .. })) => {
+                tracing::warn!(layer = %digest, error = %chain(&e), retry_in = ?wait, "background fetch failed; retrying");
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(MAX_RETRY_WAIT);
             }
-            match fetch() {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(layer = %digest, error = %chain(&e), retry_in = ?wait, "background fetch failed; retrying");
-                    std::thread::sleep(wait);
-                    wait = (wait * 2).min(MAX_RETRY_WAIT);
-                }
-            }
+            Err(source) => return Err(MountError::Fetch { digest: digest.clone(), source }),
         }
     }
 }
@@ -649,4 +662,58 @@ fn empty_lower(cache: &BlobCache) -> Result<PathBuf, MountError> {
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> MountError {
     let path = path.to_path_buf();
     move |source| MountError::Io { what, path, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn digest() -> Digest {
+        Digest::of(b"layer")
+    }
+
+    #[test]
+    fn registry_failures_are_retried_until_the_fetch_succeeds() {
+        let calls = Cell::new(0);
+        let result = fetch_until_done(&AtomicBool::new(false), &digest(), Duration::from_millis(1), || {
+            calls.set(calls.get() + 1);
+            match calls.get() {
+                1 => Err(CacheError::Timeout { digest: digest(), start: 0, end: 1, secs: 1 }),
+                2 => Err(CacheError::Fetch {
+                    digest: digest(),
+                    start: 0,
+                    end: 1,
+                    source: Arc::new(RegistryError::Config("down".into())),
+                }),
+                _ => Ok(()),
+            }
+        });
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(calls.get(), 3);
+    }
+
+    /// A blob corrupt every time is given up on with its error, not fetched again forever.
+    #[test]
+    fn a_corrupt_blob_is_given_up_on() {
+        let calls = Cell::new(0);
+        let result = fetch_until_done(&AtomicBool::new(false), &digest(), Duration::from_millis(1), || {
+            calls.set(calls.get() + 1);
+            Err(CacheError::Corrupt { digest: digest(), actual: Digest::of(b"other"), attempts: 3 })
+        });
+        let err = result.unwrap_err();
+        assert!(matches!(err, MountError::Fetch { source: CacheError::Corrupt { .. }, .. }), "{err:?}");
+        assert!(chain(&err).contains("is corrupt: fetched 3 times"), "{}", chain(&err));
+        assert_eq!(calls.get(), 1);
+    }
+
+    #[test]
+    fn a_stopped_mount_stops_retrying() {
+        let stop = AtomicBool::new(false);
+        let result = fetch_until_done(&stop, &digest(), Duration::from_millis(1), || {
+            stop.store(true, Relaxed);
+            Err(CacheError::Timeout { digest: digest(), start: 0, end: 1, secs: 1 })
+        });
+        assert!(matches!(result, Err(MountError::Stopped)), "{result:?}");
+    }
 }
