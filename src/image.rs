@@ -31,9 +31,14 @@ pub struct CacheArgs {
     /// How long a read of missing data waits for the registry before it fails with EIO.
     #[arg(long, default_value_t = 30)]
     fetch_timeout_secs: u64,
-    /// Unreferenced cache content is garbage-collected down to this size, e.g. 20G.
+    /// Content no image, mount or overlay needs is garbage-collected down to this size, e.g.
+    /// 20G, after every mount, prefetch and remove.
     #[arg(long, default_value = "20G")]
     size_limit: String,
+    /// Content used or written this recently is never garbage-collected (another process may be
+    /// about to use it).
+    #[arg(long, default_value_t = 600)]
+    gc_grace_secs: u64,
     /// Limits on what a layer may hold, as TOML, for images the defaults refuse: any of
     /// `max_entries`, `max_total_size`, `max_meta_size`, `max_total_meta`, `max_entry_xattrs`,
     /// `max_expansion`, `expansion_allowance`.
@@ -103,20 +108,25 @@ pub fn run(command: ImageCommand) -> Result<(), String> {
             let (cache, _) = open(&cache)?;
             cache.remove_image(&image).map_err(|e| chain(&e))?;
             println!("{reference} is no longer kept in the cache");
-            Ok(())
+            gc(&cache)
         }
         ImageCommand::Gc { cache: args } => {
             let (cache, _) = open(&args)?;
-            let report = cache.gc().map_err(|e| chain(&e))?;
-            println!(
-                "removed {} blobs, freed {}; the cache holds {}",
-                report.removed.len(),
-                format_size(report.freed_bytes),
-                format_size(report.total_bytes)
-            );
-            Ok(())
+            gc(&cache)
         }
     }
+}
+
+/// Collects the cache's garbage down to its size limit and says what it did.
+fn gc(cache: &BlobCache) -> Result<(), String> {
+    let report = cache.gc().map_err(|e| chain(&e))?;
+    println!(
+        "gc: removed {} blobs, freed {}; the cache holds {}",
+        report.removed.len(),
+        format_size(report.freed_bytes),
+        format_size(report.total_bytes)
+    );
+    Ok(())
 }
 
 fn parse_ref(reference: &str) -> Result<ImageRef, String> {
@@ -135,6 +145,7 @@ fn open(args: &CacheArgs) -> Result<(Arc<BlobCache>, Arc<Registry>), String> {
     let config = CacheConfig {
         size_limit: parse_size(&args.size_limit)?,
         fetch_timeout: Duration::from_secs(args.fetch_timeout_secs),
+        gc_grace: Duration::from_secs(args.gc_grace_secs),
     };
     std::fs::create_dir_all(&args.cache).map_err(|e| format!("creating {}: {e}", args.cache.display()))?;
     let cache = BlobCache::open(&args.cache, config).map_err(|e| chain(&e))?;
@@ -165,7 +176,7 @@ fn mount(
     let signals = block_stop_signals()?;
     let (cache, registry) = open(args)?;
     let options = MountOptions { handoff, limits: layer_limits(args)?, ..MountOptions::default() };
-    let mount = ImageMount::start(cache, registry, &image, &target, options).map_err(|e| chain(&e))?;
+    let mount = ImageMount::start(Arc::clone(&cache), registry, &image, &target, options).map_err(|e| chain(&e))?;
     let progress = Arc::clone(mount.progress());
     if let Some(addr) = metrics {
         serve_metrics(addr, Arc::clone(&progress))?;
@@ -186,6 +197,10 @@ fn mount(
         .map_err(|e| e.to_string())?;
     let result = mount.wait().map_err(|e| chain(&e));
     let _ = bar.join();
+    // The mount no longer holds its layers (an overlay left behind keeps its unpacked ones).
+    if let Err(e) = cache.gc() {
+        tracing::warn!(error = %chain(&e), "cache gc failed");
+    }
     result
 }
 
@@ -277,7 +292,7 @@ fn prefetch(reference: &str, args: &CacheArgs) -> Result<(), String> {
         format_size(size),
         format_size(registry.bytes_fetched())
     );
-    Ok(())
+    gc(&cache)
 }
 
 fn convert(src: &str, dst: &str, prefetch: Option<&Path>, args: &CacheArgs) -> Result<(), String> {

@@ -26,7 +26,7 @@ use support::{ImageBuilder, Layer};
 const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn cache_at(dir: &Path) -> Arc<BlobCache> {
-    let config = CacheConfig { size_limit: 1 << 40, fetch_timeout: FETCH_TIMEOUT };
+    let config = CacheConfig { size_limit: 1 << 40, fetch_timeout: FETCH_TIMEOUT, ..CacheConfig::default() };
     BlobCache::open(dir, config).expect("opening the cache")
 }
 
@@ -287,8 +287,14 @@ fn handoff_shows_overlay_in_mountinfo_and_an_open_descriptor_still_reads_needs_r
 
     let mount = start(&reference, &target, &cache, false);
     let mut before = std::fs::File::open(target.join("big")).unwrap();
+    let flags = |info: handoff::MountInfo| -> Vec<String> {
+        info.options.into_iter().filter(|o| ["ro", "rw", "nosuid", "nodev", "noexec"].contains(&o.as_str())).collect()
+    };
+    let fuse_flags = flags(handoff::mounted(&target).unwrap().unwrap());
+    assert_eq!(fuse_flags, ["ro", "nosuid", "nodev"]);
     wait_phase(&mount, Phase::Complete);
     mount.hand_off().expect("handing off");
+    assert_eq!(flags(handoff::mounted(&target).unwrap().unwrap()), fuse_flags, "same mount flags after the handoff");
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let line =
         info.lines().rfind(|l| l.split(' ').nth(4) == Some(target.to_str().unwrap())).expect("a mount at the target");
@@ -577,4 +583,63 @@ fn malicious_layer_gets_an_error_needs_root_fuse() {
     assert!(!work.path().join("a/escaped-by-layer").exists());
     assert!(!work.path().join("escaped-by-layer").exists());
     assert_eq!(handoff::mounted_fs_type(&target).unwrap(), None, "nothing mounted");
+}
+
+/// A mount holds its layers only while it lives; the overlay it leaves behind keeps its unpacked
+/// layers (and their blobs) until it is unmounted, and then gc takes them.
+#[test]
+fn gc_after_a_mount_keeps_only_what_its_overlay_uses_needs_root_fuse() {
+    let registry = support::Registry::start();
+    let mut image = ImageBuilder::new();
+    image.layer(|l| {
+        l.file("etc/motd", b"collected later", 0o644);
+    });
+    let reference = image.push(&registry.host(), "gc/image:v1");
+    let work = tempfile::tempdir().unwrap();
+    let target = work.path().join("mnt");
+    std::fs::create_dir(&target).unwrap();
+    let cache = cache_at(&work.path().join("cache"));
+    let mount = start(&reference, &target, &cache, true);
+    wait_phase(&mount, Phase::HandedOff);
+    let layer = mount.progress().layers[0].digest.clone();
+    mount.wait().expect("the mount ends once FUSE is released");
+
+    let tight = CacheConfig { size_limit: 0, gc_grace: Duration::ZERO, ..CacheConfig::default() };
+    let tight = BlobCache::open(&work.path().join("cache"), tight).unwrap();
+    assert!(tight.gc().unwrap().removed.is_empty(), "the overlay still uses the layer");
+    assert_eq!(std::fs::read(target.join("etc/motd")).unwrap(), b"collected later");
+    handoff::detach(&target).unwrap();
+    assert_eq!(tight.gc().unwrap().removed, vec![layer], "the mount's hold ended with it");
+    assert!(tight.usage().unwrap().is_empty());
+}
+
+/// `vstor image prefetch`, `remove` and `gc`: a prefetched image is pinned; removing it lets the
+/// gc that follows take its content.
+#[test]
+fn prefetch_remove_and_gc_from_the_command_line_needs_root() {
+    let registry = support::Registry::start();
+    let mut image = ImageBuilder::new();
+    image.layer(|l| {
+        l.file("a", b"pinned", 0o644);
+    });
+    let reference = image.push(&registry.host(), "cli/image:v1");
+    let work = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = vstor()
+            .arg("image")
+            .args(args)
+            .arg("--cache")
+            .arg(work.path().join("cache"))
+            .args(["--size-limit", "0", "--gc-grace-secs", "0"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let prefetched = run(&["prefetch", &reference]);
+    assert!(prefetched.contains("1 layers") && prefetched.contains("gc: removed 0 blobs"), "{prefetched}");
+    assert!(run(&["gc"]).contains("gc: removed 0 blobs"), "pinned content stays under a limit of 0");
+    let removed = run(&["remove", &reference]);
+    assert!(removed.contains("gc: removed 2 blobs"), "the layer and the config go: {removed}");
+    assert!(run(&["gc"]).contains("the cache holds 0 B"));
 }

@@ -13,13 +13,16 @@
 //!   from nothing after a restart).
 //! - `derived/HEX/KIND`: data derived from a blob (a layer's index), [`BlobCache::put_derived`].
 //! - `unpacked/HEX/`: a layer unpacked for overlayfs ([`BlobCache::unpacked_dir`]).
+//! - `tmp/`: files and directories being written (named `NAME.PID.N`), removed once their
+//!   process is gone.
 //! - `index/`: the index in `state-store`, namespace [`INDEX_NAMESPACE`]: per blob its size, last
-//!   use and completeness (`blob/DIGEST`), and which images reference it (`ref/DIGEST/IMAGE` and
-//!   `image/IMAGE/DIGEST`). RocksDB lets one process open a database at a time, so the index is
+//!   use and completeness (`blob/DIGEST`); the images pinned in the cache (`ref/DIGEST/IMAGE` and
+//!   `image/IMAGE/DIGEST`); and what live processes hold (`held/DIGEST/HOLDER`,
+//!   `hold/HOLDER/DIGEST`). RocksDB lets one process open a database at a time, so the index is
 //!   opened briefly for each index operation, retrying while another process holds it. Records
-//!   of blobs opened and completed are written behind by a thread, so no read waits on the index;
-//!   gc and listings write what is pending first.
-//!
+//!   of blobs opened and completed are written behind by a thread, so no read waits on the
+//!   index; pins and holds are written at once, and gc and listings write what is pending first.
+
 //! # Fetching
 //! A blob is cut into [`CHUNK`]-sized chunks, each missing, being fetched, or present. A read of
 //! missing chunks starts their fetch at once on a thread of its own (one ranged GET per run of
@@ -31,11 +34,16 @@
 //! whole blob before publishing it; a blob that does not match is thrown away and fetched again.
 //!
 //! # Garbage collection
-//! [`BlobCache::gc`] removes, least recently used first, content that no image references and
-//! that no [`Blob`] in this process holds (the blob, its derived data and its unpacked directory),
-//! until the cache is within `size_limit`. Referenced content is never removed, even over the
-//! limit. [`BlobCache::blob`] records that the image it is called for references the blob;
-//! [`BlobCache::remove_image`] drops an image's references.
+//! Content is kept while something needs it: an image pinned with [`BlobCache::pin`] (by
+//! `vstor image prefetch`, until [`BlobCache::remove_image`]), a [`Hold`] of a live process (a
+//! mount holds its layers until it ends; a process that died holds nothing), a [`Blob`] open in
+//! this process, an unpacked layer a mounted overlay uses as a lower directory (from
+//! `/proc/self/mountinfo`, since an overlay outlives the mount that made it), and anything used or
+//! written within the grace period (another daemon's records are written behind, and it may be
+//! about to use a blob it just published). [`BlobCache::gc`] removes the rest, least recently
+//! used first, until the cache is within `size_limit`. It decides and moves what it removes aside
+//! while it has the index open, so a hold another process writes meanwhile is seen, or comes
+//! after the content is gone (and is fetched again).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -115,6 +123,18 @@ pub struct CacheConfig {
     pub size_limit: u64,
     /// How long a read waits for missing bytes before it fails.
     pub fetch_timeout: std::time::Duration,
+    /// Content used or written this recently is never garbage-collected.
+    pub gc_grace: std::time::Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> CacheConfig {
+        CacheConfig {
+            size_limit: 20 << 30,
+            fetch_timeout: Duration::from_secs(30),
+            gc_grace: Duration::from_secs(10 * 60),
+        }
+    }
 }
 
 /// Where a blob's missing bytes come from. The registry is the real one; tests use others.
@@ -187,7 +207,7 @@ impl BlobCache {
             }
         };
         let cache = Arc::new(BlobCache { dir, config, shared });
-        cache.remove_dead_partials();
+        cache.remove_leftovers();
         Ok(cache)
     }
 
@@ -221,25 +241,20 @@ impl BlobCache {
     }
 
     /// The blob `desc` of `image`'s repository, shared by every caller in this process (and its
-    /// bytes by every process using this directory). Nothing is fetched yet. Records that `image`
-    /// references the blob.
+    /// bytes by every process using this directory). Nothing is fetched yet, and nothing keeps
+    /// the blob from gc beyond this process's use: see [`BlobCache::pin`] and [`BlobCache::hold`].
     pub fn blob(&self, registry: &Arc<Registry>, image: &ImageRef, desc: &Descriptor) -> Result<Arc<Blob>, CacheError> {
         let source = Arc::new(RegistrySource {
             registry: Arc::clone(registry),
             image: image.clone(),
             digest: desc.digest.clone(),
         });
-        self.blob_from(desc, source, Some(&image_key(image)))
+        self.blob_from(desc, source)
     }
 
-    /// [`BlobCache::blob`] with any source of bytes; `image`, if given, is recorded as
-    /// referencing the blob. A second source for a blob already open is kept as a fallback.
-    pub fn blob_from(
-        &self,
-        desc: &Descriptor,
-        source: Arc<dyn RangeSource>,
-        image: Option<&str>,
-    ) -> Result<Arc<Blob>, CacheError> {
+    /// [`BlobCache::blob`] with any source of bytes. A second source for a blob already open is
+    /// kept as a fallback.
+    pub fn blob_from(&self, desc: &Descriptor, source: Arc<dyn RangeSource>) -> Result<Arc<Blob>, CacheError> {
         let blob = {
             let mut blobs = lock(&self.shared.blobs);
             blobs.retain(|_, b| b.strong_count() > 0);
@@ -262,13 +277,45 @@ impl BlobCache {
             }
         };
         let record = BlobRecord { size: desc.size, last_use: now_secs(), complete: blob.is_complete() };
-        let mut puts = vec![(blob_key(&desc.digest), json(&record))];
-        if let Some(image) = image {
-            puts.push((format!("ref/{}/{image}", desc.digest), Vec::new()));
-            puts.push((format!("image/{image}/{}", desc.digest), Vec::new()));
-        }
-        Index::record(&self.shared, puts);
+        Index::record(&self.shared, vec![(blob_key(&desc.digest), json(&record))]);
         Ok(blob)
+    }
+
+    /// Pins `image`'s content (`keys`: its config and layer digests) until
+    /// [`BlobCache::remove_image`]. Written at once, before the content is fetched.
+    pub fn pin(&self, image: &ImageRef, keys: &[Digest]) -> Result<(), CacheError> {
+        let image = image_key(image);
+        self.shared.index.with(|store| {
+            let mut batch = Batch::new();
+            for key in keys {
+                batch.put(INDEX_NAMESPACE, format!("ref/{key}/{image}"), b"");
+                batch.put(INDEX_NAMESPACE, format!("image/{image}/{key}"), b"");
+            }
+            store.commit(batch)
+        })
+    }
+
+    /// Keeps `keys` (blob digests, or keys of unpacked layers) from gc while the returned
+    /// [`Hold`] lives, or as long as this process does. `what` says who holds them, for people
+    /// reading the index. Written at once, so another daemon's gc sees it before the content is
+    /// used.
+    pub fn hold(&self, what: &str, keys: &[Digest]) -> Result<Hold, CacheError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let holder = format!(
+            "{}.{}.{}",
+            std::process::id(),
+            process_start(std::process::id()).unwrap_or(0),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        self.shared.index.with(|store| {
+            let mut batch = Batch::new();
+            for key in keys {
+                batch.put(INDEX_NAMESPACE, format!("held/{key}/{holder}"), what.as_bytes());
+                batch.put(INDEX_NAMESPACE, format!("hold/{holder}/{key}"), b"");
+            }
+            store.commit(batch)
+        })?;
+        Ok(Hold { shared: Arc::clone(&self.shared), holder, keys: keys.to_vec() })
     }
 
     /// Drops `image`'s references; its blobs become collectable unless another image holds them.
@@ -334,7 +381,13 @@ impl BlobCache {
 
     /// Bytes on disk for every blob the cache holds (blob, derived data, unpacked directory).
     pub fn usage(&self) -> Result<BTreeMap<Digest, u64>, CacheError> {
-        let mut out = BTreeMap::new();
+        Ok(self.usage_detail()?.into_iter().map(|(d, u)| (d, u.bytes)).collect())
+    }
+
+    /// Bytes on disk, and when its newest part appeared, for everything the cache holds.
+    fn usage_detail(&self) -> Result<BTreeMap<Digest, Usage>, CacheError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut out: BTreeMap<Digest, Usage> = BTreeMap::new();
         for sub in ["blobs/sha256", "derived", "unpacked"] {
             let dir = self.dir.join(sub);
             for entry in std::fs::read_dir(&dir).map_err(io("listing", &dir))? {
@@ -342,19 +395,35 @@ impl BlobCache {
                 let Ok(digest) = format!("sha256:{}", entry.file_name().to_string_lossy()).parse::<Digest>() else {
                     continue;
                 };
-                *out.entry(digest).or_insert(0) += disk_usage(&entry.path());
+                // A rename into place sets the ctime, which nothing in an image can.
+                let appeared = entry.metadata().map_or(0, |m| u64::try_from(m.ctime()).unwrap_or(0));
+                let usage = out.entry(digest).or_default();
+                usage.bytes += disk_usage(&entry.path());
+                usage.appeared = usage.appeared.max(appeared);
             }
         }
         Ok(out)
     }
 
-    /// Removes unreferenced content, least recently used first, until the cache holds at most
-    /// `size_limit` bytes; and partial files of processes that are gone.
+    /// Removes what nothing needs (see the module docs), least recently used first, until the
+    /// cache holds at most `size_limit` bytes; and what processes that are gone left behind.
     pub fn gc(&self) -> Result<GcReport, CacheError> {
-        self.remove_dead_partials();
-        let usage = self.usage()?;
-        let mut total: u64 = usage.values().sum();
-        let (records, referenced) = self.shared.index.with(|store| {
+        self.remove_leftovers();
+        let usage = self.usage_detail()?;
+        let in_overlays = unpacked_in_overlays();
+        if let Err(e) = &in_overlays {
+            tracing::warn!(error = %e, "cannot read the mount table; gc keeps every unpacked layer");
+        }
+        let in_overlay = |d: &Digest| match &in_overlays {
+            Ok(used) => used.contains(d.hex()),
+            Err(_) => self.unpacked_dir(d).exists(),
+        };
+        let live: HashSet<Digest> = {
+            let blobs = lock(&self.shared.blobs);
+            blobs.iter().filter(|(_, b)| b.strong_count() > 0).map(|(d, _)| d.clone()).collect()
+        };
+        let now = now_secs();
+        let (report, trash) = self.shared.index.with(|store| {
             let mut records = HashMap::new();
             for (k, v) in store.scan_prefix(INDEX_NAMESPACE, "blob/")? {
                 let digest = String::from_utf8_lossy(&k["blob/".len()..]).parse::<Digest>();
@@ -362,78 +431,117 @@ impl BlobCache {
                     records.insert(d, r);
                 }
             }
-            let mut referenced = HashSet::new();
+            let mut needed = HashSet::new();
             for (k, _) in store.scan_prefix(INDEX_NAMESPACE, "ref/")? {
                 let rest = String::from_utf8_lossy(&k["ref/".len()..]).into_owned();
                 if let Some(d) = rest.split('/').next().and_then(|d| d.parse::<Digest>().ok()) {
-                    referenced.insert(d);
+                    needed.insert(d);
                 }
             }
-            Ok((records, referenced))
+            let mut batch = Batch::new();
+            for (k, _) in store.scan_prefix(INDEX_NAMESPACE, "held/")? {
+                let rest = String::from_utf8_lossy(&k["held/".len()..]).into_owned();
+                let Some((digest, holder)) = rest.rsplit_once('/') else { continue };
+                if holder_alive(holder) {
+                    if let Ok(d) = digest.parse::<Digest>() {
+                        needed.insert(d);
+                    }
+                } else {
+                    batch.delete(INDEX_NAMESPACE, k.clone());
+                    batch.delete(INDEX_NAMESPACE, format!("hold/{holder}/{digest}"));
+                }
+            }
+            // Least recently used (or written) first; content the index does not know (left by
+            // a crash, or recorded behind by another process) goes by when it appeared.
+            let touched = |d: &Digest, u: &Usage| records.get(d).map_or(0, |r| r.last_use).max(u.appeared);
+            let mut candidates: Vec<(u64, Digest, u64)> = usage
+                .iter()
+                .filter(|(d, _)| !needed.contains(*d) && !live.contains(*d) && !in_overlay(d))
+                .map(|(d, u)| (touched(d, u), d.clone(), u.bytes))
+                .filter(|(t, _, _)| now.saturating_sub(*t) >= self.config.gc_grace.as_secs())
+                .collect();
+            candidates.sort();
+            let mut report = GcReport::default();
+            let mut total: u64 = usage.values().map(|u| u.bytes).sum();
+            let mut trash = Vec::new();
+            for (_, digest, bytes) in candidates {
+                if total <= self.config.size_limit {
+                    break;
+                }
+                match self.move_aside(&digest) {
+                    Ok(dir) => trash.push(dir),
+                    Err(e) => {
+                        tracing::warn!(%digest, error = %crate::error::chain(&e), "gc could not remove content");
+                        continue;
+                    }
+                }
+                batch.delete(INDEX_NAMESPACE, blob_key(&digest));
+                total = total.saturating_sub(bytes);
+                report.freed_bytes += bytes;
+                report.removed.push(digest);
+            }
+            // Index entries of blobs with nothing on disk and nothing needing them go too.
+            for digest in records.keys() {
+                if !usage.contains_key(digest) && !needed.contains(digest) && !live.contains(digest) {
+                    batch.delete(INDEX_NAMESPACE, blob_key(digest));
+                }
+            }
+            store.commit(batch)?;
+            report.total_bytes = total;
+            Ok((report, trash))
         })?;
-        let live: HashSet<Digest> = {
-            let blobs = lock(&self.shared.blobs);
-            blobs.iter().filter(|(_, b)| b.strong_count() > 0).map(|(d, _)| d.clone()).collect()
-        };
-        // Unreferenced and not open here; content the index does not know (left by a crash) is
-        // taken as the oldest.
-        let mut candidates: Vec<(u64, Digest, u64)> = usage
-            .iter()
-            .filter(|(d, _)| !referenced.contains(*d) && !live.contains(*d))
-            .map(|(d, bytes)| (records.get(d).map_or(0, |r| r.last_use), d.clone(), *bytes))
-            .collect();
-        candidates.sort();
-        let mut report = GcReport::default();
-        let mut batch = Batch::new();
-        for (_, digest, bytes) in candidates {
-            if total <= self.config.size_limit {
-                break;
-            }
-            self.remove_content(&digest)?;
-            batch.delete(INDEX_NAMESPACE, blob_key(&digest));
-            total = total.saturating_sub(bytes);
-            report.freed_bytes += bytes;
-            report.removed.push(digest);
-        }
-        // Index entries of blobs with nothing on disk and no reference go too.
-        for digest in records.keys() {
-            if !usage.contains_key(digest) && !referenced.contains(digest) && !live.contains(digest) {
-                batch.delete(INDEX_NAMESPACE, blob_key(digest));
+        for dir in trash {
+            make_removable(&dir);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "gc could not delete what it moved aside");
             }
         }
-        self.shared.index.with(|store| store.commit(batch))?;
-        report.total_bytes = total;
         if !report.removed.is_empty() {
-            tracing::info!(removed = report.removed.len(), freed = report.freed_bytes, total, "cache gc");
+            tracing::info!(
+                removed = report.removed.len(),
+                freed = report.freed_bytes,
+                total = report.total_bytes,
+                "cache gc"
+            );
         }
         Ok(report)
     }
 
-    fn remove_content(&self, digest: &Digest) -> Result<(), CacheError> {
-        let blob = self.complete_path(digest);
-        match std::fs::remove_file(&blob) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(CacheError::Io { what: "removing", path: blob, source: e }),
-        }
-        for dir in [self.dir.join("derived").join(digest.hex()), self.unpacked_dir(digest)] {
-            if dir.exists() {
-                make_removable(&dir);
-                std::fs::remove_dir_all(&dir).map_err(io("removing", &dir))?;
+    /// Moves the blob, derived data and unpacked directory of `digest` into a new directory
+    /// under `tmp/`, to be deleted at leisure; returns that directory.
+    fn move_aside(&self, digest: &Digest) -> Result<PathBuf, CacheError> {
+        let trash = self.temp_path("gc");
+        std::fs::create_dir(&trash).map_err(io("creating", &trash))?;
+        let parts =
+            [self.complete_path(digest), self.dir.join("derived").join(digest.hex()), self.unpacked_dir(digest)];
+        for (i, part) in parts.iter().enumerate() {
+            match std::fs::rename(part, trash.join(i.to_string())) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(CacheError::Io { what: "removing", path: part.clone(), source: e }),
             }
         }
-        Ok(())
+        Ok(trash)
     }
 
-    fn remove_dead_partials(&self) {
-        let dir = self.dir.join("partial");
-        let Ok(entries) = std::fs::read_dir(&dir) else { return };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name.split('.').nth(1).and_then(|p| p.parse::<u32>().ok());
-            let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
-            if !alive {
-                let _ = std::fs::remove_file(entry.path());
+    /// Removes partial blobs and temporary files (`NAME.PID.N`) of processes that are gone.
+    fn remove_leftovers(&self) {
+        for sub in ["partial", "tmp"] {
+            let dir = self.dir.join(sub);
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let pid = name.rsplit('.').nth(1).and_then(|p| p.parse::<u32>().ok());
+                if pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists()) {
+                    continue;
+                }
+                let path = entry.path();
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    make_removable(&path);
+                    let _ = std::fs::remove_dir_all(&path);
+                } else {
+                    let _ = std::fs::remove_file(&path);
+                }
             }
         }
     }
@@ -453,12 +561,15 @@ impl BlobCache {
     }
 }
 
-/// Fills the cache with a whole image ahead of time: its config and every layer, fetched and
-/// verified. Returns the resolved image.
+/// Fills the cache with a whole image ahead of time: its config and every layer, pinned (until
+/// [`BlobCache::remove_image`]), fetched and verified. Returns the resolved image.
 pub fn prefetch(cache: &BlobCache, registry: &Arc<Registry>, image: &ImageRef) -> Result<Image, CacheError> {
     let resolved = registry
         .resolve(image)
         .map_err(|source| CacheError::Resolve { reference: image.to_string(), source: Box::new(source) })?;
+    let keys: Vec<Digest> =
+        std::iter::once(&resolved.config).chain(&resolved.layers).map(|d| d.digest.clone()).collect();
+    cache.pin(image, &keys)?;
     let mut blobs = vec![cache.blob(registry, image, &resolved.config)?];
     for layer in &resolved.layers {
         blobs.push(cache.blob(registry, image, layer)?);
@@ -476,6 +587,73 @@ pub fn prefetch(cache: &BlobCache, registry: &Arc<Registry>, image: &ImageRef) -
 /// How an image is named in the index: by the reference as given.
 fn image_key(image: &ImageRef) -> String {
     image.to_string()
+}
+
+/// What [`BlobCache::gc`] knows of one key's content on disk.
+#[derive(Default)]
+struct Usage {
+    bytes: u64,
+    /// Seconds since the epoch when its newest part appeared.
+    appeared: u64,
+}
+
+/// Content a live process needs: see [`BlobCache::hold`]. Dropping it lets gc have the content.
+pub struct Hold {
+    shared: Arc<Shared>,
+    holder: String,
+    keys: Vec<Digest>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let dropped = self.shared.index.with(|store| {
+            let mut batch = Batch::new();
+            for key in &self.keys {
+                batch.delete(INDEX_NAMESPACE, format!("held/{key}/{}", self.holder));
+                batch.delete(INDEX_NAMESPACE, format!("hold/{}/{key}", self.holder));
+            }
+            store.commit(batch)
+        });
+        if let Err(e) = dropped {
+            tracing::warn!(error = %crate::error::chain(&e), "could not drop a cache hold; gc drops it when this process is gone");
+        }
+    }
+}
+
+/// When process `pid` started (in clock ticks since boot, from `/proc/PID/stat`), so a holder
+/// is not taken for alive because a new process got its pid.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name in parentheses may hold spaces; field 22 is the 20th after it.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the process of holder `PID.START.N` still runs.
+fn holder_alive(holder: &str) -> bool {
+    let mut parts = holder.split('.');
+    let (Some(pid), Some(start)) = (parts.next().and_then(|p| p.parse().ok()), parts.next()) else { return false };
+    match (process_start(pid), start.parse::<u64>()) {
+        (Some(now), Ok(then)) => then == 0 || now == then,
+        _ => false,
+    }
+}
+
+/// The keys (hex) of unpacked layers that mounted overlays use as lower directories: they stay,
+/// whatever the index says, until the overlay is unmounted.
+fn unpacked_in_overlays() -> std::io::Result<HashSet<String>> {
+    let mut out = HashSet::new();
+    for (_, info) in crate::handoff::mounts()?.iter().filter(|(_, m)| m.fs_type == "overlay") {
+        let opts = info.super_options.as_str();
+        for (at, _) in opts.match_indices("/unpacked/") {
+            let rest = &opts[at + "/unpacked/".len()..];
+            let hex: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+            let after = rest[hex.len()..].chars().next();
+            if hex.len() == 64 && matches!(after, None | Some(',' | ':')) {
+                out.insert(hex);
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn blob_key(digest: &Digest) -> String {

@@ -62,6 +62,8 @@ pub fn convert(
     limits: &Limits,
 ) -> Result<Digest, ConvertError> {
     let image = registry.resolve(src)?;
+    let keys: Vec<Digest> = image.layers.iter().map(|d| d.digest.clone()).collect();
+    let _hold = cache.hold(&format!("conversion of {src}"), &keys)?;
     let config = registry.fetch_blob(src, &image.config.digest)?;
     let mut layers = Vec::with_capacity(image.layers.len());
     let mut diff_ids = Vec::with_capacity(image.layers.len());

@@ -432,7 +432,7 @@ impl FuseMount {
                 c"vstor-image".as_ptr(),
                 target_c.as_ptr(),
                 c"fuse.vstor-image".as_ptr(),
-                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+                crate::handoff::IMAGE_MOUNT_FLAGS,
                 options_c.as_ptr().cast(),
             )
         };

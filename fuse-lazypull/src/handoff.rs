@@ -20,9 +20,30 @@ const FSCONFIG_SET_STRING: libc::c_uint = 1;
 const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 const FSMOUNT_CLOEXEC: libc::c_uint = 0x1;
 const MOUNT_ATTR_RDONLY: libc::c_uint = 0x1;
+const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
 const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 const MOVE_MOUNT_BENEATH: libc::c_uint = 0x200;
+
+/// How an image is mounted, over FUSE and after the handoff alike, so that the view does not
+/// change at the switch: read-only, device nodes not openable, setuid bits and file
+/// capabilities not honoured (the image is not trusted by the host).
+pub const IMAGE_MOUNT_FLAGS: libc::c_ulong = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+
+/// [`IMAGE_MOUNT_FLAGS`] as the new mount API's attributes.
+const fn mount_attrs(flags: libc::c_ulong) -> libc::c_uint {
+    let mut attrs = 0;
+    if flags & libc::MS_RDONLY != 0 {
+        attrs |= MOUNT_ATTR_RDONLY;
+    }
+    if flags & libc::MS_NOSUID != 0 {
+        attrs |= MOUNT_ATTR_NOSUID;
+    }
+    if flags & libc::MS_NODEV != 0 {
+        attrs |= MOUNT_ATTR_NODEV;
+    }
+    attrs
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffError {
@@ -90,9 +111,8 @@ pub fn overlay_mount(lowers: &[PathBuf]) -> Result<OwnedFd, HandoffError> {
     };
     check(ret, || "fsconfig(create overlay)".into())?;
     // SAFETY: fsmount on the configured context returns a new mount descriptor or -1.
-    let ret = unsafe {
-        libc::syscall(libc::SYS_fsmount, fs_fd.as_raw_fd(), FSMOUNT_CLOEXEC, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV)
-    };
+    let ret =
+        unsafe { libc::syscall(libc::SYS_fsmount, fs_fd.as_raw_fd(), FSMOUNT_CLOEXEC, mount_attrs(IMAGE_MOUNT_FLAGS)) };
     let mnt = check(ret, || "fsmount(overlay)".into())?;
     // SAFETY: `mnt` was just returned by fsmount and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(mnt as i32) })
@@ -135,18 +155,47 @@ pub fn hand_off(target: &Path, lowers: &[PathBuf]) -> Result<(), HandoffError> {
 /// The file system type of the mount whose mount point is `target`, from
 /// `/proc/self/mountinfo` (the last, i.e. topmost, mount there).
 pub fn mounted_fs_type(target: &Path) -> io::Result<Option<String>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(mounted(target)?.map(|m| m.fs_type))
+}
+
+/// What `/proc/self/mountinfo` says of one mount.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountInfo {
+    pub fs_type: String,
+    /// Per-mount options, e.g. `ro,nosuid,nodev,relatime`.
+    pub options: Vec<String>,
+    /// The file system's own options (for overlayfs: `lowerdir=...`), unescaped.
+    pub super_options: String,
+}
+
+/// The topmost mount at `target`.
+pub fn mounted(target: &Path) -> io::Result<Option<MountInfo>> {
     let want = target.as_os_str().as_bytes();
-    let mut found = None;
+    Ok(mounts()?.into_iter().rev().find(|(point, _)| point.as_slice() == want).map(|(_, info)| info))
+}
+
+/// Every mount of this process's namespace, in mountinfo's order, with its mount point.
+pub fn mounts() -> io::Result<Vec<(Vec<u8>, MountInfo)>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mut out = Vec::new();
     for line in info.lines() {
-        // Fields: id parent major:minor root mountpoint options [optional...] - fstype source ...
+        // Fields: id parent major:minor root mountpoint options [optional...] - fstype source super
         let fields: Vec<&str> = line.split(' ').collect();
         let Some(sep) = fields.iter().position(|f| *f == "-") else { continue };
-        if fields.len() > sep + 1 && fields.len() > 4 && unescape(fields[4]).as_slice() == want {
-            found = Some(fields[sep + 1].to_string());
+        if fields.len() < sep + 2 || fields.len() < 6 {
+            continue;
         }
+        let info = MountInfo {
+            fs_type: fields[sep + 1].to_string(),
+            options: fields[5].split(',').map(str::to_string).collect(),
+            super_options: fields
+                .get(sep + 3)
+                .map(|f| String::from_utf8_lossy(&unescape(f)).into_owned())
+                .unwrap_or_default(),
+        };
+        out.push((unescape(fields[4]), info));
     }
-    Ok(found)
+    Ok(out)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
@@ -204,7 +253,11 @@ mod tests {
 
         hand_off(&target, &[upper.clone(), lower.clone()]).unwrap();
 
-        assert_eq!(mounted_fs_type(&target).unwrap().as_deref(), Some("overlay"));
+        let overlay = mounted(&target).unwrap().unwrap();
+        assert_eq!(overlay.fs_type, "overlay");
+        for flag in ["ro", "nosuid", "nodev"] {
+            assert!(overlay.options.iter().any(|o| o == flag), "{flag} missing from {:?}", overlay.options);
+        }
         assert_eq!(std::fs::read(target.join("a")).unwrap(), b"top");
         assert_eq!(std::fs::read(target.join("b")).unwrap(), b"low");
         assert!(!target.join("old").exists());

@@ -6,9 +6,11 @@
 //! system at the target. A background thread then fetches the layers (eStargz prefetch ranges
 //! first, then every missing byte while the file system is not being read, retrying while the
 //! registry fails), unpacks each layer into
-//! the cache (once per layer, atomically through a temporary directory), and hands the target to
-//! overlayfs. The FUSE session keeps serving files opened before the handoff until the kernel
-//! drops the connection.
+//! the cache (once per layer, atomically through a temporary directory), hands the target to
+//! overlayfs, and collects the cache's garbage. The FUSE session keeps serving files opened
+//! before the handoff until the kernel drops the connection. The mount holds its layers in the
+//! cache ([`crate::cache::Hold`]) until it ends; an overlay left behind keeps its unpacked layers
+//! by being mounted.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -16,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::cache::{Blob, BlobCache, CacheError};
+use crate::cache::{Blob, BlobCache, CacheError, Hold};
 use crate::digest::Digest;
 use crate::error::chain;
 use crate::fs::{FsStats, FuseMount, ImageFs, LayerData};
@@ -51,6 +53,8 @@ pub enum MountError {
         #[source]
         source: RegistryError,
     },
+    #[error("registering the mount's layers in the cache")]
+    Hold(#[source] CacheError),
     #[error("opening blob {digest}")]
     Blob {
         digest: Digest,
@@ -328,6 +332,9 @@ impl ImageMount {
         let image =
             registry.resolve(reference).map_err(|source| MountError::Resolve { reference: name.clone(), source })?;
         tracing::info!(image = %name, manifest = %image.digest, layers = image.layers.len(), "resolved");
+        // Before any blob is opened, so another daemon's gc sees that they are needed.
+        let keys: Vec<Digest> = image.layers.iter().map(|d| d.digest.clone()).collect();
+        let hold = cache.hold(&format!("mount of {name} at {}", target.display()), &keys).map_err(MountError::Hold)?;
         let mut layers = Vec::with_capacity(image.layers.len());
         let mut indexes = Vec::with_capacity(image.layers.len());
         for desc in &image.layers {
@@ -370,6 +377,7 @@ impl ImageMount {
         let stop = Arc::new(AtomicBool::new(false));
         let work = Arc::new(Background {
             cache,
+            _hold: hold,
             image,
             blobs: layers,
             indexes,
@@ -466,6 +474,8 @@ pub fn display_ref(r: &ImageRef) -> String {
 /// The background fetch, unpack and handoff of one mount.
 struct Background {
     cache: Arc<BlobCache>,
+    /// Keeps the mount's layers from gc until the mount ends.
+    _hold: Hold,
     image: Image,
     blobs: Vec<Arc<Blob>>,
     indexes: Vec<Arc<LayerIndex>>,
@@ -479,7 +489,12 @@ impl Background {
     fn run(&self) -> Result<(), MountError> {
         let result = self.fetch_and_hand_off();
         match &result {
-            Ok(()) => {}
+            Ok(()) => {
+                // The image has grown the cache: back under its limit (this mount's layers stay).
+                if let Err(e) = self.cache.gc() {
+                    tracing::warn!(error = %chain(&e), "cache gc failed");
+                }
+            }
             Err(MountError::Stopped) => tracing::info!("background fetch stopped"),
             Err(e) => self.progress.set_phase(Phase::Failed(chain(e))),
         }
@@ -627,12 +642,8 @@ pub fn unpack_once(
             return Err(MountError::TooLarge { digest: digest.clone(), needed, what, room });
         }
     }
-    let parent = dir.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
-    let tmp = parent.join(format!(".tmp-{}-{}", digest.hex(), std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io_err("removing", &tmp))?;
-    }
+    // Under the cache's tmp/, so what a crash leaves is removed once this process is gone.
+    let tmp = cache.temp_path(&format!("unpack-{}", digest.hex()));
     std::fs::create_dir(&tmp).map_err(io_err("creating", &tmp))?;
     let blob_path = blob.path().ok_or_else(|| MountError::NotLocal(digest.clone()))?;
     let unpacked = layer::unpack(index, &blob_path, &tmp, lowers, limits);

@@ -9,13 +9,17 @@
 //! - Parent directories implied by deep entries are created (0755, root, mtime 0), replacing a
 //!   non-directory in the way.
 //! - A hard link names the same node as its target, which must exist and not be a directory.
+//! - An entry below a symlink (of any layer), or below a non-directory its own layer put there,
+//!   is refused: unpacking for overlayfs refuses both (it never follows a symlink, and cannot
+//!   make a directory through a file), and other tools would follow the symlink, so such an
+//!   image has no one meaning. The mount fails at once instead of at the handoff.
 //!
 //! Inode numbers are dense: after the build, every node reachable from the root gets one,
 //! [`ROOT`] first, so `1..=len()` are exactly the nodes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::layer::{EntryKind, FileData, LayerError, LayerIndex};
 
@@ -69,9 +73,11 @@ impl Tree {
     /// Applies `layers` bottom first: whiteouts delete, opaque markers hide lower contents, hard
     /// links share one node.
     pub fn build(layers: &[LayerIndex]) -> Result<Tree, LayerError> {
-        let mut b = Builder { nodes: vec![implied_dir(0), implied_dir(ROOT)] };
+        let mut b = Builder { nodes: vec![implied_dir(0), implied_dir(ROOT)], this_layer: HashSet::new() };
         for (layer, index) in layers.iter().enumerate() {
+            b.this_layer.clear();
             for e in index.entries.iter().filter(|e| matches!(e.kind, EntryKind::Opaque)) {
+                b.check_parents(&e.path)?;
                 let dir = b.make_dir_path(&e.path)?;
                 if let NodeKind::Dir { children, .. } = &mut b.nodes[dir as usize].kind {
                     children.clear();
@@ -134,6 +140,8 @@ fn implied_dir(parent: Ino) -> Node {
 /// The tree while layers are applied: nodes are never freed, names are moved around.
 struct Builder {
     nodes: Vec<Node>,
+    /// Paths where the layer being applied put a non-directory (whiteouts included).
+    this_layer: HashSet<PathBuf>,
 }
 
 impl Builder {
@@ -165,6 +173,35 @@ impl Builder {
             };
         }
         Ok(dir)
+    }
+
+    /// Refuses `path` if a parent of it is a symlink, or a non-directory (or a whiteout) this
+    /// layer put there; a lower layer's non-directory is replaced by a directory, as overlayfs
+    /// shows it.
+    fn check_parents(&self, path: &Path) -> Result<(), LayerError> {
+        let refuse = |at: &Path, what: &str| LayerError::Malicious {
+            path: path.display().to_string(),
+            why: format!("its parent {} is {what}", at.display()),
+        };
+        let mut ino = ROOT;
+        let mut at = PathBuf::new();
+        for c in path.parent().unwrap_or(Path::new("")).components() {
+            at.push(c);
+            let NodeKind::Dir { children, .. } = &self.nodes[ino as usize].kind else { return Ok(()) };
+            let Some(&child) = children.get(c.as_os_str()) else {
+                if self.this_layer.contains(&at) {
+                    return Err(refuse(&at, "whited out in the same layer"));
+                }
+                return Ok(());
+            };
+            match &self.nodes[child as usize].kind {
+                NodeKind::Dir { .. } => ino = child,
+                NodeKind::Symlink(_) => return Err(refuse(&at, "a symlink")),
+                _ if self.this_layer.contains(&at) => return Err(refuse(&at, "not a directory")),
+                _ => return Ok(()),
+            }
+        }
+        Ok(())
     }
 
     /// The node at `path`, if every component exists.
@@ -204,6 +241,18 @@ impl Builder {
             return Ok(());
         };
         let parent_path = e.path.parent().unwrap_or(std::path::Path::new(""));
+        match e.kind {
+            // Checked in the first pass over the layer.
+            EntryKind::Opaque => return Ok(()),
+            EntryKind::Dir => {
+                self.check_parents(&e.path)?;
+                self.this_layer.remove(&e.path);
+            }
+            _ => {
+                self.check_parents(&e.path)?;
+                self.this_layer.insert(e.path.clone());
+            }
+        }
         let new = match &e.kind {
             EntryKind::Opaque => return Ok(()),
             EntryKind::Whiteout => {

@@ -1,7 +1,8 @@
 //! The blob cache against sources in memory: random ranged reads (single and concurrent) compared
 //! with the blob's bytes, each chunk fetched once, a corrupt blob refused and fetched again, a
 //! stalled source giving a timeout, one `Blob` per digest, readers racing the adoption of a blob
-//! another process published, derived data and gc under a limit.
+//! another process published, derived data, and gc under a limit with what keeps content: pins,
+//! holds (of live processes only), the grace period and overlays using unpacked layers.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -10,9 +11,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use fuse_lazypull::cache::{BlobCache, CacheConfig, CacheError, RangeSource, CHUNK};
+use fuse_lazypull::cache::{Blob, BlobCache, CacheConfig, CacheError, RangeSource, CHUNK};
 use fuse_lazypull::digest::Digest;
 use fuse_lazypull::layer::BlobSource;
+use fuse_lazypull::reference::ImageRef;
 use fuse_lazypull::registry::{Descriptor, RegistryError};
 use proptest::prelude::*;
 
@@ -71,7 +73,7 @@ fn desc(data: &[u8]) -> Descriptor {
 }
 
 fn config(timeout: Duration) -> CacheConfig {
-    CacheConfig { size_limit: u64::MAX, fetch_timeout: timeout }
+    CacheConfig { size_limit: u64::MAX, fetch_timeout: timeout, gc_grace: Duration::ZERO }
 }
 
 fn bytes(n: usize, seed: u64) -> Vec<u8> {
@@ -117,7 +119,7 @@ proptest! {
         let cache = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
         let data = bytes(size as usize, size + 7);
         let source = MemSource::new(data.clone());
-        let blob = cache.blob_from(&desc(&data), source.clone(), None).unwrap();
+        let blob = cache.blob_from(&desc(&data), source.clone()).unwrap();
         for op in ops {
             match op {
                 Op::Read(o, l) => prop_assert_eq!(&read(&*blob, o, l)[..], &data[o as usize..o as usize + l]),
@@ -144,7 +146,7 @@ fn concurrent_readers_fetch_each_chunk_once() {
     let cache = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
     let data = bytes(3 << 20, 42);
     let source = MemSource::new(data.clone());
-    let blob = cache.blob_from(&desc(&data), source.clone(), None).unwrap();
+    let blob = cache.blob_from(&desc(&data), source.clone()).unwrap();
     std::thread::scope(|s| {
         for t in 0..6u64 {
             let (blob, data) = (&blob, &data);
@@ -180,7 +182,7 @@ fn corrupt_blob_is_refused_and_fetched_again() {
     let data = bytes(1 << 20, 3);
     let source = MemSource::new(data.clone());
     source.corrupt_fetches.store(1, Ordering::SeqCst);
-    let blob = cache.blob_from(&desc(&data), source.clone(), None).unwrap();
+    let blob = cache.blob_from(&desc(&data), source.clone()).unwrap();
     blob.fetch_all().unwrap();
     assert_eq!(std::fs::read(blob.path().unwrap()).unwrap(), data);
     assert_eq!(source.bytes.load(Ordering::SeqCst), 2 * data.len() as u64, "fetched twice");
@@ -188,7 +190,7 @@ fn corrupt_blob_is_refused_and_fetched_again() {
     let bad = bytes(200_000, 9);
     let source = MemSource::new(bad.clone());
     source.corrupt_fetches.store(u32::MAX, Ordering::SeqCst);
-    let blob = cache.blob_from(&desc(&bad), source, None).unwrap();
+    let blob = cache.blob_from(&desc(&bad), source).unwrap();
     match blob.fetch_all() {
         Err(CacheError::Corrupt { attempts, .. }) => assert_eq!(attempts, 3),
         other => panic!("expected Corrupt, got {other:?}"),
@@ -207,7 +209,7 @@ fn stalled_source_times_out_then_recovers() {
     let data = bytes(500_000, 5);
     let source = MemSource::new(data.clone());
     source.stall(true);
-    let blob = cache.blob_from(&desc(&data), source.clone(), None).unwrap();
+    let blob = cache.blob_from(&desc(&data), source.clone()).unwrap();
     let mut buf = vec![0u8; 1000];
     match blob.read_at(100_000, &mut buf) {
         Err(CacheError::Timeout { start, end, .. }) => assert_eq!((start, end), (100_000, 101_000)),
@@ -225,7 +227,7 @@ fn failing_source_gives_the_cause() {
     let data = bytes(100_000, 6);
     let source = MemSource::new(data.clone());
     source.fail.store(true, Ordering::SeqCst);
-    let blob = cache.blob_from(&desc(&data), source.clone(), None).unwrap();
+    let blob = cache.blob_from(&desc(&data), source.clone()).unwrap();
     let mut buf = vec![0u8; 10];
     let err = blob.read_at(0, &mut buf).unwrap_err();
     assert!(matches!(err, CacheError::Fetch { .. }), "{err:?}");
@@ -244,8 +246,8 @@ fn one_blob_per_digest_and_published_blobs_are_shared() {
     let source = MemSource::new(data.clone());
     let a = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
     let b = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
-    let x = a.blob_from(&desc(&data), source.clone(), Some("img-a")).unwrap();
-    let y = b.blob_from(&desc(&data), source.clone(), Some("img-b")).unwrap();
+    let x = a.blob_from(&desc(&data), source.clone()).unwrap();
+    let y = b.blob_from(&desc(&data), source.clone()).unwrap();
     assert!(Arc::ptr_eq(&x, &y));
     x.fetch_all().unwrap();
     assert!(y.is_complete());
@@ -253,7 +255,7 @@ fn one_blob_per_digest_and_published_blobs_are_shared() {
 
     let other = MemSource::new(data.clone());
     let c = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
-    let z = c.blob_from(&desc(&data), other.clone(), None).unwrap();
+    let z = c.blob_from(&desc(&data), other.clone()).unwrap();
     assert!(z.is_complete());
     assert_eq!(read(&*z, 1000, 10), &data[1000..1010]);
     assert_eq!(other.bytes.load(Ordering::SeqCst), 0, "a published blob is never fetched again");
@@ -266,7 +268,7 @@ fn partial_blob_adopts_one_published_meanwhile() {
     let cache = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
     let data = bytes(400_000, 10);
     let source = MemSource::new(data.clone());
-    let blob = cache.blob_from(&desc(&data), source.clone(), None).unwrap();
+    let blob = cache.blob_from(&desc(&data), source.clone()).unwrap();
     assert_eq!(read(&*blob, 0, 10), &data[..10]);
     // "Another process" publishes the whole blob.
     std::fs::write(dir.path().join("blobs/sha256").join(Digest::of(&data).hex()), &data).unwrap();
@@ -291,7 +293,7 @@ fn readers_racing_the_adoption_of_a_published_blob_never_panic() {
         // millisecond.
         let source = MemSource::new(data.clone());
         source.fail.store(true, Ordering::SeqCst);
-        let blob = cache.blob_from(&desc(&data), source, None).unwrap();
+        let blob = cache.blob_from(&desc(&data), source).unwrap();
         let staged = dir.path().join("staged");
         std::fs::write(&staged, &data).unwrap();
         std::thread::scope(|s| {
@@ -325,54 +327,151 @@ fn derived_data_round_trips() {
     assert!(matches!(cache.put_derived(&d, "../escape", b""), Err(CacheError::BadKind(_))));
 }
 
-/// gc removes unreferenced content (blob, derived data, unpacked directory) least recently used
-/// first until the cache is within its limit, and never referenced or open content.
+fn gc_config(size_limit: u64, gc_grace: Duration) -> CacheConfig {
+    CacheConfig { size_limit, fetch_timeout: Duration::from_secs(30), gc_grace }
+}
+
+fn image(name: &str) -> ImageRef {
+    name.parse().unwrap()
+}
+
+/// A complete blob of `cache` with `n` bytes, and its digest.
+fn fetched(cache: &BlobCache, n: usize, seed: u64) -> (Arc<Blob>, Digest) {
+    let data = bytes(n, seed);
+    let blob = cache.blob_from(&desc(&data), MemSource::new(data.clone())).unwrap();
+    blob.fetch_all().unwrap();
+    (blob, Digest::of(&data))
+}
+
+/// gc removes content nothing needs (blob, derived data, unpacked directory) least recently used
+/// first until the cache is within its limit, and never pinned or open content.
 #[test]
 fn gc_removes_unreferenced_content_oldest_first() {
     let dir = tempfile::tempdir().unwrap();
-    let limit = 250_000;
-    let cache =
-        BlobCache::open(dir.path(), CacheConfig { size_limit: limit, fetch_timeout: Duration::from_secs(30) }).unwrap();
-    let blobs: Vec<Vec<u8>> = (0..4).map(|i| bytes(100_000, 100 + 2 * i)).collect();
-    let digests: Vec<Digest> = blobs.iter().map(|b| Digest::of(b)).collect();
-    for (i, data) in blobs.iter().enumerate() {
-        // Blob 0 is referenced by an image; the others by none.
-        let image = (i == 0).then_some("127.0.0.1:1/keep:v1");
-        let blob = cache.blob_from(&desc(data), MemSource::new(data.clone()), image).unwrap();
-        blob.fetch_all().unwrap();
+    let cache = BlobCache::open(dir.path(), gc_config(250_000, Duration::ZERO)).unwrap();
+    let mut digests = Vec::new();
+    for i in 0..4 {
+        let (blob, digest) = fetched(&cache, 100_000, 100 + 2 * i);
+        if i == 0 {
+            cache.pin(&image("127.0.0.1:1/keep:v1"), std::slice::from_ref(&digest)).unwrap();
+        }
+        if i == 1 {
+            cache.put_derived(&digest, "layer-index", &[0; 1000]).unwrap();
+            let unpacked = cache.unpacked_dir(&digest);
+            std::fs::create_dir_all(unpacked.join("etc")).unwrap();
+            std::fs::write(unpacked.join("etc/file"), [1; 5000]).unwrap();
+        }
+        digests.push(digest);
+        drop(blob);
         // Last-use times are in seconds: keep them apart.
         if i < 3 {
             std::thread::sleep(Duration::from_millis(1100));
         }
     }
-    cache.put_derived(&digests[1], "layer-index", &[0; 1000]).unwrap();
-    let unpacked = cache.unpacked_dir(&digests[1]);
-    std::fs::create_dir_all(unpacked.join("etc")).unwrap();
-    std::fs::write(unpacked.join("etc/file"), [1; 5000]).unwrap();
     // Blob 3 stays open in this process.
-    let open = cache.blob_from(&desc(&blobs[3]), MemSource::new(blobs[3].clone()), None).unwrap();
+    let (open, _) = fetched(&cache, 100_000, 106);
 
     let report = cache.gc().unwrap();
     // 406 kB held; removing blob 1 (oldest unreferenced, 106 kB) and blob 2 gets under 250 kB.
     assert_eq!(report.removed, vec![digests[1].clone(), digests[2].clone()]);
     assert_eq!(report.freed_bytes, 206_000);
     assert_eq!(report.total_bytes, 200_000);
-    assert!(!unpacked.exists());
+    assert!(!cache.unpacked_dir(&digests[1]).exists());
     assert_eq!(cache.get_derived(&digests[1], "layer-index").unwrap(), None);
     let usage = cache.usage().unwrap();
     assert!(usage.contains_key(&digests[0]) && usage.contains_key(&digests[3]));
     assert_eq!(cache.images().unwrap(), vec!["127.0.0.1:1/keep:v1".to_owned()]);
+    assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "nothing left aside");
 
     // Once nothing holds them, everything goes down to the limit.
     drop(open);
-    let image: fuse_lazypull::reference::ImageRef = "127.0.0.1:1/keep:v1".parse().unwrap();
-    cache.remove_image(&image).unwrap();
+    cache.remove_image(&image("127.0.0.1:1/keep:v1")).unwrap();
     assert!(cache.images().unwrap().is_empty());
-    let small =
-        BlobCache::open(dir.path(), CacheConfig { size_limit: 0, fetch_timeout: Duration::from_secs(1) }).unwrap();
+    let small = BlobCache::open(dir.path(), gc_config(0, Duration::ZERO)).unwrap();
     let report = small.gc().unwrap();
     assert_eq!(report.removed, vec![digests[0].clone(), digests[3].clone()]);
     assert_eq!(report.total_bytes, 0);
+}
+
+/// A mount's hold keeps its blobs until it is dropped (the mount ended).
+#[test]
+fn gc_keeps_held_content_until_the_hold_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(dir.path(), gc_config(0, Duration::ZERO)).unwrap();
+    let (blob, digest) = fetched(&cache, 50_000, 300);
+    drop(blob);
+    let hold = cache.hold("a mount", std::slice::from_ref(&digest)).unwrap();
+    assert!(cache.gc().unwrap().removed.is_empty());
+    drop(hold);
+    assert_eq!(cache.gc().unwrap().removed, vec![digest]);
+}
+
+/// Content written within the grace period stays, even when the index does not know it (another
+/// daemon published it and its record is still being written behind).
+#[test]
+fn gc_keeps_content_younger_than_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = bytes(40_000, 301);
+    std::fs::create_dir_all(dir.path().join("blobs/sha256")).unwrap();
+    std::fs::write(dir.path().join("blobs/sha256").join(Digest::of(&data).hex()), &data).unwrap();
+    let patient = BlobCache::open(dir.path(), gc_config(0, Duration::from_secs(3600))).unwrap();
+    assert!(patient.gc().unwrap().removed.is_empty());
+    let hasty = BlobCache::open(dir.path(), gc_config(0, Duration::ZERO)).unwrap();
+    assert_eq!(hasty.gc().unwrap().removed, vec![Digest::of(&data)]);
+}
+
+/// A process that died holding content (killed while mounted) holds nothing: the next gc drops
+/// its holds.
+#[test]
+fn gc_drops_the_holds_of_processes_that_are_gone() {
+    const CHILD: &str = "FUSE_LAZYPULL_TEST_HOLD_CHILD";
+    if let Ok(dir) = std::env::var(CHILD) {
+        let cache = BlobCache::open(Path::new(&dir), gc_config(0, Duration::ZERO)).unwrap();
+        let (_, digest) = fetched(&cache, 30_000, 302);
+        let hold = cache.hold("a mount that dies", &[digest]).unwrap();
+        // Gone without dropping it, as a killed process would be.
+        std::mem::forget(hold);
+        std::process::exit(0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "gc_drops_the_holds_of_processes_that_are_gone", "--test-threads=1"])
+        .env(CHILD, dir.path())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cache = BlobCache::open(dir.path(), gc_config(0, Duration::ZERO)).unwrap();
+    assert_eq!(cache.gc().unwrap().removed, vec![Digest::of(&bytes(30_000, 302))]);
+}
+
+/// An overlay outlives the mount that made it: gc keeps the unpacked layers it uses as lower
+/// directories until it is unmounted.
+#[test]
+fn gc_keeps_unpacked_layers_a_mounted_overlay_uses_needs_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(&dir.path().join("cache"), gc_config(0, Duration::ZERO)).unwrap();
+    let (a, b) = (Digest::of(b"layer a"), Digest::of(b"layer b"));
+    for d in [&a, &b] {
+        std::fs::create_dir_all(cache.unpacked_dir(d)).unwrap();
+        std::fs::write(cache.unpacked_dir(d).join("file"), d.hex()).unwrap();
+    }
+    let target = dir.path().join("target");
+    std::fs::create_dir(&target).unwrap();
+    let t = std::ffi::CString::new(target.to_str().unwrap()).unwrap();
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let rc = unsafe { libc::mount(c"tmpfs".as_ptr(), t.as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null()) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    fuse_lazypull::handoff::hand_off(&target, &[cache.unpacked_dir(&a), cache.unpacked_dir(&b)]).unwrap();
+
+    assert!(cache.gc().unwrap().removed.is_empty(), "both are lower directories of the overlay");
+    assert_eq!(std::fs::read_to_string(target.join("file")).unwrap(), a.hex());
+    fuse_lazypull::handoff::detach(&target).unwrap();
+    let mut removed = cache.gc().unwrap().removed;
+    removed.sort();
+    let mut both = vec![a, b];
+    both.sort();
+    assert_eq!(removed, both);
 }
 
 /// Two processes use one cache directory at once: the index (RocksDB, one process at a time) is
@@ -385,8 +484,8 @@ fn cache_index_is_shared_by_two_processes() {
         let cache = BlobCache::open(dir, config(Duration::from_secs(30))).unwrap();
         for i in 0..15u64 {
             let data = bytes(70_000, 1000 + 2 * i);
-            let blob =
-                cache.blob_from(&desc(&data), MemSource::new(data.clone()), Some(&format!("{who}-{i}"))).unwrap();
+            let blob = cache.blob_from(&desc(&data), MemSource::new(data.clone())).unwrap();
+            cache.pin(&image(&format!("127.0.0.1:1/{who}:{i}")), &[Digest::of(&data)]).unwrap();
             blob.fetch_all().unwrap();
             cache.gc().unwrap();
         }

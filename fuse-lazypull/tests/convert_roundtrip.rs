@@ -83,7 +83,7 @@ fn convert_round_trip_gives_the_same_tree_with_stargz_annotations_needs_root() {
     let dir = tempfile::tempdir().unwrap();
     let cache = BlobCache::open(
         &dir.path().join("cache"),
-        CacheConfig { size_limit: u64::MAX, fetch_timeout: Duration::from_secs(30) },
+        CacheConfig { size_limit: u64::MAX, fetch_timeout: Duration::from_secs(30), ..CacheConfig::default() },
     )
     .unwrap();
 
@@ -108,7 +108,7 @@ fn convert_round_trip_gives_the_same_tree_with_stargz_annotations_needs_root() {
     // file read with a few ranged GETs: far less than the layer.
     let lazy = BlobCache::open(
         &dir.path().join("lazy"),
-        CacheConfig { size_limit: u64::MAX, fetch_timeout: Duration::from_secs(30) },
+        CacheConfig { size_limit: u64::MAX, fetch_timeout: Duration::from_secs(30), ..CacheConfig::default() },
     )
     .unwrap();
     let client = Registry::new(RegistryConfig::default()).unwrap();

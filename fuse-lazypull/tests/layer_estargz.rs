@@ -260,3 +260,50 @@ fn converting_a_gzip_bomb_is_refused_by_the_default_limits() {
     }
     assert!(out.is_empty(), "nothing was written");
 }
+
+/// `blob` with its table of contents rewritten by `edit`, and the new TOC's digest. The TOC is
+/// the last gzip member before the footer, so every other offset stays valid.
+fn with_toc_edited(blob: &[u8], edit: impl Fn(&mut serde_json::Value)) -> (Vec<u8>, String) {
+    let footer = &blob[blob.len() - 51..];
+    let toc_offset = u64::from_str_radix(std::str::from_utf8(&footer[16..32]).unwrap(), 16).unwrap() as usize;
+    let mut member = Vec::new();
+    flate2::read::GzDecoder::new(&blob[toc_offset..blob.len() - 51]).read_to_end(&mut member).unwrap();
+    let size = usize::from_str_radix(std::str::from_utf8(&member[124..135]).unwrap(), 8).unwrap();
+    let mut toc: serde_json::Value = serde_json::from_slice(&member[512..512 + size]).unwrap();
+    edit(&mut toc);
+    let json = serde_json::to_vec(&toc).unwrap();
+    let mut tar = Tar::default();
+    tar.add(E::file(estargz::TOC_NAME, &json));
+    let mut out = blob[..toc_offset].to_vec();
+    out.extend_from_slice(&gzip(&tar.finish()));
+    out.extend_from_slice(footer);
+    (out, sha256_digest(&json).to_string())
+}
+
+/// A table of contents that says one thing and a tar stream that says another: the FUSE tree
+/// (from the TOC) and the unpacked layer (from the tar) would differ after the handoff, so
+/// unpacking refuses it, naming the difference.
+#[test]
+fn a_toc_that_does_not_match_the_tar_fails_the_unpack_needs_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "unpacking owners needs root");
+    let layer = source_layer(b"contents");
+    let (blob, _) = convert(&layer, &[]);
+    let (blob, toc_digest) = with_toc_edited(&blob, |toc| {
+        for e in toc["entries"].as_array_mut().unwrap() {
+            if e["name"] == "bin/tool" {
+                e["mode"] = serde_json::json!(0o4755);
+            }
+        }
+    });
+    let (index, _) = index_of(&blob, &toc_digest).unwrap();
+    let tool = index.entries.iter().find(|e| e.path == Path::new("bin/tool")).unwrap();
+    assert_eq!(tool.mode, 0o4755, "the index follows the TOC");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("blob");
+    std::fs::write(&file, &blob).unwrap();
+    let err = fuse_lazypull::layer::unpack(&index, &file, &dir.path().join("lower"), &[], &Limits::DEFAULT)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bin/tool: mode is 644 in the blob, 4755 in the index"), "{err}");
+}

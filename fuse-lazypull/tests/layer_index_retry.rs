@@ -65,11 +65,13 @@ fn layer() -> Vec<u8> {
 
 fn index_through(source: Arc<Flaky>) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
-    let cache =
-        BlobCache::open(dir.path(), CacheConfig { size_limit: u64::MAX, fetch_timeout: Duration::from_secs(10) })
-            .unwrap();
+    let cache = BlobCache::open(
+        dir.path(),
+        CacheConfig { size_limit: u64::MAX, fetch_timeout: Duration::from_secs(10), ..CacheConfig::default() },
+    )
+    .unwrap();
     let desc = descriptor(&source.data, &[]);
-    let blob = cache.blob_from(&desc, source, None).unwrap();
+    let blob = cache.blob_from(&desc, source).unwrap();
     layer_index(&cache, &desc, &blob, &Limits::DEFAULT).map(|_| ()).map_err(|e| fuse_lazypull::error::chain(&e))
 }
 

@@ -272,6 +272,44 @@ fn the_index_keeps_xattrs_compactly() {
     assert_eq!(again.entries[0].xattrs, vec![(b"user.big".to_vec(), value)]);
 }
 
+/// Attributes overlayfs would interpret after the handoff, or that it would enforce and FUSE
+/// does not, never come from the image; the others stay.
+#[test]
+fn xattrs_overlayfs_interprets_are_dropped() {
+    let xattrs: Vec<(Vec<u8>, Vec<u8>)> = [
+        "trusted.overlay.opaque",
+        "trusted.overlay.redirect",
+        "user.overlay.opaque",
+        "system.posix_acl_access",
+        "security.selinux",
+        "security.capability",
+        "trusted.other",
+        "user.keep",
+    ]
+    .iter()
+    .map(|n| (n.as_bytes().to_vec(), b"y".to_vec()))
+    .collect();
+    let mut tar = Tar::default();
+    tar.add(E { xattrs, ..E::dir("d/") });
+    tar.raw(&global_pax(&[("SCHILY.xattr.trusted.overlay.origin", b"x")]));
+    tar.add(E::file("f", b""));
+    let (index, _) = build(tar.finish()).unwrap();
+    let names = |i: usize| -> Vec<String> {
+        index.entries[i].xattrs.iter().map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect()
+    };
+    assert_eq!(names(0), ["security.capability", "trusted.other", "user.keep"]);
+    assert!(names(1).is_empty());
+}
+
+/// A 0:0 character device is overlayfs' whiteout: after the handoff it would hide a file, not
+/// show a device, so it is refused.
+#[test]
+fn a_whiteout_device_is_refused() {
+    let mut tar = Tar::default();
+    tar.add(E { kind: RawKind::CharDev { major: 0, minor: 0 }, ..E::file("dev/wh", b"") });
+    refused(build(tar.finish()), "dev/wh");
+}
+
 #[test]
 fn gnu_sparse_files_are_refused() {
     let mut tar = Tar::default();

@@ -58,7 +58,8 @@ fn every_kind_of_entry_lands_as_in_the_image_needs_root() {
         .add(E::file("etc/.wh.removed", b""))
         .add(E::dir("opq/"))
         .add(E::file("opq/.wh..wh..opq", b""))
-        .add(E::file("opq/kept", b"k"));
+        .add(E::file("opq/kept", b"k"))
+        .add(E { xattrs: vec![(b"trusted.overlay.opaque".to_vec(), b"y".to_vec())], ..E::dir("fake-opq/") });
     unpack_tar(tar.finish(), &dest).unwrap();
 
     let meta = |p: &str| std::fs::symlink_metadata(dest.join(p)).unwrap();
@@ -88,6 +89,7 @@ fn every_kind_of_entry_lands_as_in_the_image_needs_root() {
     assert_eq!(xattr(&dest.join("opq"), "trusted.overlay.opaque").as_deref(), Some(&b"y"[..]));
     assert_eq!(std::fs::read(dest.join("opq/kept")).unwrap(), b"k");
     assert!(!dest.join("opq/.wh..wh..opq").exists());
+    assert_eq!(xattr(&dest.join("fake-opq"), "trusted.overlay.opaque"), None, "the image cannot mark it opaque");
 }
 
 #[test]
@@ -178,7 +180,11 @@ fn a_hard_link_to_a_lower_layers_file_is_a_copy_and_hidden_files_are_refused_nee
 }
 
 fn cache_at(dir: &Path, size_limit: u64) -> std::sync::Arc<BlobCache> {
-    BlobCache::open(dir, CacheConfig { size_limit, fetch_timeout: std::time::Duration::from_secs(5) }).unwrap()
+    BlobCache::open(
+        dir,
+        CacheConfig { size_limit, fetch_timeout: std::time::Duration::from_secs(5), ..CacheConfig::default() },
+    )
+    .unwrap()
 }
 
 /// A layer of 256 MiB of zeros in 260 kB, with an index made under limits that let it through

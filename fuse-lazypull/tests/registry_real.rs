@@ -50,7 +50,7 @@ fn layout_blob(b: &ImageBuilder, d: &Digest) -> Vec<u8> {
 }
 
 fn cache_at(dir: &Path, limit: u64, timeout: Duration) -> Arc<BlobCache> {
-    BlobCache::open(dir, CacheConfig { size_limit: limit, fetch_timeout: timeout }).unwrap()
+    BlobCache::open(dir, CacheConfig { size_limit: limit, fetch_timeout: timeout, gc_grace: Duration::ZERO }).unwrap()
 }
 
 #[test]

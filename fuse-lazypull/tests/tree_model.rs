@@ -2,7 +2,7 @@
 
 mod layer_support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use fuse_lazypull::layer::{LayerIndex, Limits};
@@ -81,9 +81,27 @@ impl Model {
             }
         }
     }
+    /// Refuses `p` below a symlink, or below a non-directory or whiteout of this layer.
+    fn check_parents(&self, p: &Path, this_layer: &BTreeSet<PathBuf>) -> Result<(), String> {
+        let mut at = PathBuf::new();
+        for c in p.parent().unwrap_or(Path::new("")).components() {
+            at.push(c);
+            match self.map.get(&at) {
+                Some(M::Dir(_)) => {}
+                Some(M::Symlink(_)) => return Err("symlinked parent".into()),
+                Some(_) if this_layer.contains(&at) => return Err("parent not a directory".into()),
+                None if this_layer.contains(&at) => return Err("parent whited out".into()),
+                _ => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, ops: &[Op]) -> Result<(), String> {
+        let mut this_layer = BTreeSet::new();
         for op in ops {
             if let Op::Opaque(p) = op {
+                self.check_parents(Path::new(p), &this_layer)?;
                 self.ensure_dirs(Path::new(p));
                 self.remove_under(Path::new(p), false);
             }
@@ -91,6 +109,17 @@ impl Model {
         for op in ops {
             let path = |p: &String| PathBuf::from(p);
             let parent = |p: &String| Path::new(p).parent().unwrap_or(Path::new("")).to_path_buf();
+            match op {
+                Op::Opaque(_) => {}
+                Op::Dir(p, _) => {
+                    self.check_parents(Path::new(p), &this_layer)?;
+                    this_layer.remove(Path::new(p));
+                }
+                Op::File(p, ..) | Op::Symlink(p, _) | Op::Whiteout(p) | Op::HardLink(p, _) => {
+                    self.check_parents(Path::new(p), &this_layer)?;
+                    this_layer.insert(path(p));
+                }
+            }
             match op {
                 Op::Opaque(_) => {}
                 Op::Whiteout(p) => {
@@ -267,6 +296,23 @@ fn a_file_replaces_a_directory_and_back() {
     let g = tree.resolve(Path::new("g")).unwrap();
     assert!(matches!(tree.node(g).unwrap().kind, NodeKind::Dir { .. }));
     assert!(tree.resolve(Path::new("g/deep/file")).is_some());
+}
+
+/// `evil -> /x` then `evil/f`: unpacking would refuse it (it never follows a symlink), so the
+/// tree refuses it, in the same layer or a later one; a file in the way is refused in its own
+/// layer and replaced by a directory in a later one, as overlayfs shows it.
+#[test]
+fn entries_below_a_symlink_are_refused() {
+    let evil = || Op::Symlink("evil".into(), "/x".into());
+    let err = Tree::build(&[layer(&[evil(), f("evil/f")]).unwrap()]).err().expect("refused").to_string();
+    assert!(err.contains("evil/f") && err.contains("parent evil is a symlink"), "{err}");
+    let lower = layer(&[evil()]).unwrap();
+    assert!(Tree::build(&[lower.clone(), layer(&[f("evil/f")]).unwrap()]).is_err());
+    assert!(Tree::build(&[lower, layer(&[Op::Whiteout("evil/f".into())]).unwrap()]).is_err());
+    let err = Tree::build(&[layer(&[f("a"), f("a/b")]).unwrap()]).err().expect("refused").to_string();
+    assert!(err.contains("parent a is not a directory"), "{err}");
+    let tree = Tree::build(&[layer(&[f("a")]).unwrap(), layer(&[f("a/b")]).unwrap()]).unwrap();
+    assert!(tree.resolve(Path::new("a/b")).is_some());
 }
 
 #[test]

@@ -381,7 +381,58 @@ impl LayerIndex {
     }
 }
 
-/// Turns raw tar (or TOC) entries into [`Entry`]s: whiteouts recognised, hard links checked.
+/// Whether an extended attribute of the image is kept. The FUSE view and the overlay after the
+/// handoff must agree, so dropped are the attributes overlayfs interprets (`trusted.overlay.*`,
+/// and `user.overlay.*` on user-namespace mounts: an image could mark its own directories
+/// opaque or redirect them) and those the lower directories would enforce but FUSE does not:
+/// POSIX ACLs (`system.*`) and security labels other than file capabilities (`security.*`).
+pub fn keeps_xattr(name: &[u8]) -> bool {
+    let dropped = name.starts_with(b"trusted.overlay.")
+        || name.starts_with(b"user.overlay.")
+        || name.starts_with(b"system.")
+        || (name.starts_with(b"security.") && name != b"security.capability");
+    !dropped
+}
+
+impl Entry {
+    /// How this entry (from a layer's tar stream) differs from `indexed`, the layer index's
+    /// entry for it, if it does. The data's location is not compared, its size is.
+    pub fn differs_from(&self, indexed: &Entry) -> Option<String> {
+        let kind = |k: &EntryKind| -> String {
+            match k {
+                EntryKind::File(d) => format!("a file of {} bytes", d.size),
+                EntryKind::Dir => "a directory".into(),
+                EntryKind::Symlink(t) => format!("a symlink to {}", t.display()),
+                EntryKind::HardLink(t) => format!("a hard link to {}", t.display()),
+                EntryKind::CharDev { major, minor } => format!("character device {major}:{minor}"),
+                EntryKind::BlockDev { major, minor } => format!("block device {major}:{minor}"),
+                EntryKind::Fifo => "a FIFO".into(),
+                EntryKind::Whiteout => "a whiteout".into(),
+                EntryKind::Opaque => "an opaque marker".into(),
+            }
+        };
+        let sorted = |x: &Xattrs| {
+            let mut x = x.clone();
+            x.sort();
+            x
+        };
+        let fields = [
+            ("path", self.path.display().to_string(), indexed.path.display().to_string()),
+            ("kind", kind(&self.kind), kind(&indexed.kind)),
+            ("mode", format!("{:o}", self.mode), format!("{:o}", indexed.mode)),
+            ("owner", format!("{}:{}", self.uid, self.gid), format!("{}:{}", indexed.uid, indexed.gid)),
+            ("mtime", self.mtime.to_string(), indexed.mtime.to_string()),
+            ("xattrs", format!("{:?}", sorted(&self.xattrs)), format!("{:?}", sorted(&indexed.xattrs))),
+        ];
+        fields
+            .into_iter()
+            .find(|(_, a, b)| a != b)
+            .map(|(what, a, b)| format!("{}: {what} is {a} in the blob, {b} in the index", self.path.display()))
+    }
+}
+
+/// Turns raw tar (or TOC) entries into [`Entry`]s: whiteouts recognised, hard links checked,
+/// extended attributes filtered ([`keeps_xattr`]).
 #[derive(Default)]
 struct EntriesBuilder {
     entries: Vec<Entry>,
@@ -390,7 +441,8 @@ struct EntriesBuilder {
 }
 
 impl EntriesBuilder {
-    fn push(&mut self, raw: tar::RawEntry, loc: FileLoc) -> Result<(), LayerError> {
+    fn push(&mut self, mut raw: tar::RawEntry, loc: FileLoc) -> Result<(), LayerError> {
+        raw.xattrs.retain(|(name, _)| keeps_xattr(name));
         let name = raw.path.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_default();
         let parent = raw.path.parent().map(Path::to_path_buf).unwrap_or_default();
         let (path, kind) = if name == b".wh..wh..opq" {
@@ -421,6 +473,13 @@ impl EntriesBuilder {
                         });
                     }
                     EntryKind::HardLink(t)
+                }
+                tar::RawKind::CharDev { major: 0, minor: 0 } => {
+                    // overlayfs would take it for a whiteout after the handoff.
+                    return Err(LayerError::Unsupported {
+                        path: raw.path.display().to_string(),
+                        why: "a 0:0 character device (overlayfs' whiteout)".into(),
+                    });
                 }
                 tar::RawKind::CharDev { major, minor } => EntryKind::CharDev { major, minor },
                 tar::RawKind::BlockDev { major, minor } => EntryKind::BlockDev { major, minor },

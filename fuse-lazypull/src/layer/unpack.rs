@@ -4,9 +4,11 @@
 //! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, and entries are made with the `*at` calls relative to
 //! it, so a symlink in the layer (or one planted by an earlier entry) can never redirect a write
 //! outside `dest`. Whiteouts become 0/0 character devices and opaque directories get
-//! `trusted.overlay.opaque=y`, as overlayfs expects. Directory times are set last, after their
-//! contents. Extended attributes are set on files and directories (Linux allows `user.*` only on
-//! those).
+//! `trusted.overlay.opaque=y`, as overlayfs expects. Every entry must match the layer index the
+//! FUSE tree was built from, or the handoff would change the view. Directory times are set last,
+//! after their contents. Extended attributes are set on files and directories (Linux allows
+//! `user.*` only on those); those overlayfs interprets never come from the image
+//! ([`super::keeps_xattr`]).
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -409,12 +411,13 @@ pub fn unpack(
         let loc = super::FileLoc::Tar(raw.data_offset);
         one.push(raw, loc)?;
         for e in one.entries {
-            let expected = index.entries.get(seen);
-            if expected.map(|x| &x.path) != Some(&e.path) {
-                return Err(LayerError::Index(format!(
-                    "blob entry {} does not match the layer index",
-                    e.path.display()
-                )));
+            // The FUSE tree was built from the index: what is unpacked must be the same, or the
+            // view would change at the handoff (an eStargz table of contents is not the tar).
+            let Some(expected) = index.entries.get(seen) else {
+                return Err(LayerError::Index(format!("blob entry {} is not in the layer index", e.path.display())));
+            };
+            if let Some(difference) = e.differs_from(expected) {
+                return Err(LayerError::Index(format!("the blob does not match the layer index: {difference}")));
             }
             seen += 1;
             u.apply(&e, &mut tar)?;

@@ -221,7 +221,7 @@ pub fn complete_blob(
     }
     let desc = descriptor(bytes, &[]);
     std::fs::write(cache.dir().join("blobs/sha256").join(desc.digest.hex()), bytes).unwrap();
-    let blob = cache.blob_from(&desc, std::sync::Arc::new(Nowhere), None).unwrap();
+    let blob = cache.blob_from(&desc, std::sync::Arc::new(Nowhere)).unwrap();
     assert!(blob.is_complete());
     blob
 }
