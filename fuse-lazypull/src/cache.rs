@@ -723,6 +723,8 @@ struct Index {
 struct Pending {
     puts: Vec<(String, Vec<u8>)>,
     writer_running: bool,
+    /// The last writer thread started, for [`Index::flush`].
+    writer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Index {
@@ -741,10 +743,22 @@ impl Index {
         let writer = Arc::clone(shared);
         let spawned =
             std::thread::Builder::new().name("cache-index".into()).spawn(move || writer.index.write_pending());
-        if let Err(e) = spawned {
-            // The next index operation writes them instead.
-            tracing::warn!(error = %e, "cannot start the cache index writer");
-            pending.writer_running = false;
+        match spawned {
+            Ok(handle) => pending.writer = Some(handle),
+            Err(e) => {
+                // The next index operation writes them instead.
+                tracing::warn!(error = %e, "cannot start the cache index writer");
+                pending.writer_running = false;
+            }
+        }
+    }
+
+    /// Waits for the writer thread to write what is pending. A process must not exit while it
+    /// runs: RocksDB's static state is torn down at exit under a thread still using it.
+    fn flush(&self) {
+        let writer = lock(&self.pending).writer.take();
+        if let Some(writer) = writer {
+            let _ = writer.join();
         }
     }
 
@@ -1142,6 +1156,13 @@ impl Blob {
             runs.push(start..i);
         }
         runs
+    }
+}
+
+impl Drop for BlobCache {
+    /// What this cache recorded is written before it goes (and before the process can exit).
+    fn drop(&mut self) {
+        self.shared.index.flush();
     }
 }
 

@@ -431,6 +431,7 @@ fn gc_drops_the_holds_of_processes_that_are_gone() {
         let hold = cache.hold("a mount that dies", &[digest]).unwrap();
         // Gone without dropping it, as a killed process would be.
         std::mem::forget(hold);
+        drop(cache);
         std::process::exit(0);
     }
     let dir = tempfile::tempdir().unwrap();
