@@ -1283,6 +1283,15 @@ impl crate::layer::BlobSource for Blob {
         file.read_exact_at(buf, offset).map_err(io("reading", &self.complete_path))
     }
 
+    fn is_local(&self, range: Range<u64>) -> bool {
+        let local = lock(&self.local);
+        if local.complete || range.is_empty() {
+            return true;
+        }
+        let chunks = (range.start / CHUNK) as usize..range.end.div_ceil(CHUNK) as usize;
+        local.chunks.get(chunks).is_some_and(|c| c.iter().all(|c| *c == Chunk::Present))
+    }
+
     fn discard(&self, offset: u64, len: u64) {
         let mut local = lock(&self.local);
         if local.complete || len == 0 {

@@ -2,8 +2,9 @@
 //!
 //! The image is immutable, so attributes and entries are cached by the kernel for a long time
 //! and open files keep their page cache. Metadata answers come straight from the tree on the
-//! session thread; file reads (which may wait on the network) run on a pool of worker threads,
-//! so one slow read never holds up lookups or other reads.
+//! session thread; file reads run on worker threads, so a slow read never holds up lookups. A
+//! read whose bytes are all local goes to a pool of its own: reads waiting on the registry may
+//! take every worker of theirs, and local data is still served.
 //!
 //! The mount is made here with `mount(2)` on our own `/dev/fuse` descriptor, not through
 //! fuser's mount helper: fuser unmounts its mount point *by path* when its session ends, which
@@ -32,8 +33,10 @@ use crate::tree::{Ino, Node, NodeKind, Tree};
 
 /// How long the kernel may cache attributes and entries: the image never changes.
 const TTL: Duration = Duration::from_secs(24 * 3600);
-/// Threads serving file reads; reads of missing data wait on the registry.
-const READ_WORKERS: usize = 8;
+/// Threads serving reads that may wait on the registry.
+const FETCH_WORKERS: usize = 8;
+/// Threads serving reads of local data (they only inflate and copy).
+const LOCAL_WORKERS: usize = 4;
 const BLOCK_SIZE: u32 = 4096;
 
 /// One layer as the file system reads it: its index and its blob's bytes.
@@ -87,22 +90,20 @@ struct Shared {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// The read-only image file system.
-pub struct ImageFs {
-    shared: Arc<Shared>,
+/// Threads that run jobs from one queue.
+struct Pool {
     jobs: Option<mpsc::Sender<Job>>,
     workers: Vec<JoinHandle<()>>,
 }
 
-impl ImageFs {
-    /// `tree` was built from `layers` (the tree's `File { layer, .. }` indexes this slice).
-    pub fn new(tree: Tree, layers: Vec<LayerData>, stats: Arc<FsStats>) -> io::Result<ImageFs> {
+impl Pool {
+    fn new(name: &str, threads: usize) -> io::Result<Pool> {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
-        let mut workers = Vec::with_capacity(READ_WORKERS);
-        for i in 0..READ_WORKERS {
+        let mut workers = Vec::with_capacity(threads);
+        for i in 0..threads {
             let rx = Arc::clone(&rx);
-            let worker = std::thread::Builder::new().name(format!("image-read-{i}")).spawn(move || loop {
+            let worker = std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || loop {
                 // A poisoned lock only means another worker panicked while holding it; the
                 // receiver is still sound.
                 let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
@@ -113,7 +114,43 @@ impl ImageFs {
             })?;
             workers.push(worker);
         }
-        Ok(ImageFs { shared: Arc::new(Shared { tree, layers, stats }), jobs: Some(tx), workers })
+        Ok(Pool { jobs: Some(tx), workers })
+    }
+
+    fn run(&self, job: Job) {
+        if let Some(Err(mpsc::SendError(job))) = self.jobs.as_ref().map(|jobs| jobs.send(job)) {
+            // Every worker is gone (they only stop when dropped); run it here rather than drop it.
+            job();
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// The read-only image file system.
+pub struct ImageFs {
+    shared: Arc<Shared>,
+    /// Reads that may wait on the registry.
+    fetch: Pool,
+    /// Reads of local data.
+    local: Pool,
+}
+
+impl ImageFs {
+    /// `tree` was built from `layers` (the tree's `File { layer, .. }` indexes this slice).
+    pub fn new(tree: Tree, layers: Vec<LayerData>, stats: Arc<FsStats>) -> io::Result<ImageFs> {
+        Ok(ImageFs {
+            shared: Arc::new(Shared { tree, layers, stats }),
+            fetch: Pool::new("image-read", FETCH_WORKERS)?,
+            local: Pool::new("image-read-local", LOCAL_WORKERS)?,
+        })
     }
 
     fn node(&self, ino: u64) -> Result<&Node, i32> {
@@ -122,15 +159,6 @@ impl ImageFs {
 
     fn attr(&self, ino: Ino) -> Result<FileAttr, i32> {
         Ok(attr_of(ino, self.node(ino)?))
-    }
-}
-
-impl Drop for ImageFs {
-    fn drop(&mut self) {
-        self.jobs = None;
-        for worker in self.workers.drain(..) {
-            let _ = worker.join();
-        }
     }
 }
 
@@ -251,9 +279,10 @@ impl Filesystem for ImageFs {
                 reply.error(e)
             }
         });
-        if let Some(Err(mpsc::SendError(job))) = self.jobs.as_ref().map(|jobs| jobs.send(job)) {
-            // Every worker is gone (they only stop when dropped); serve it here rather than drop it.
-            job();
+        if self.shared.is_local(ino, offset, size) {
+            self.local.run(job);
+        } else {
+            self.fetch.run(job);
         }
     }
 
@@ -374,6 +403,15 @@ fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {
         reply.error(libc::ERANGE)
     } else {
         reply.data(value)
+    }
+}
+
+impl Shared {
+    /// Whether reading `size` bytes of `ino` at `offset` takes only local blob bytes.
+    fn is_local(&self, ino: u64, offset: u64, size: u32) -> bool {
+        let Some(NodeKind::File { layer, data }) = self.tree.node(ino).map(|n| &n.kind) else { return true };
+        let Some(layer) = self.layers.get(*layer) else { return true };
+        layer.index.is_local(layer.source.as_ref(), data, offset, u64::from(size))
     }
 }
 

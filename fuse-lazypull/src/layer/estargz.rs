@@ -296,9 +296,7 @@ fn digest_hex(d: &str) -> Result<String, LayerError> {
 /// The chunk's bytes, inflated from its gzip member and checked against its digest; a mismatch
 /// discards the member's range and fetches it once more before failing.
 fn fetch_chunk(source: &dyn BlobSource, c: &Chunk) -> Result<Vec<u8>, LayerError> {
-    // The member ends before `end` (other entries' headers may follow it); deflate never grows
-    // data by more than a few bytes per 16 KiB block, so this bound holds the whole member.
-    let len = (c.end - c.offset).min(c.size + c.size / 64 + (64 << 10));
+    let len = member_len(c);
     let mut compressed = vec![0u8; len as usize];
     for attempt in 0..2 {
         source.read_at(c.offset, &mut compressed)?;
@@ -311,6 +309,21 @@ fn fetch_chunk(source: &dyn BlobSource, c: &Chunk) -> Result<Vec<u8>, LayerError
         source.discard(c.offset, len);
     }
     Err(LayerError::Corrupt { start: c.offset, end: c.offset + len })
+}
+
+/// How many blob bytes from `c.offset` reading chunk `c` takes. The member ends before `end`
+/// (other entries' headers may follow it); deflate never grows data by more than a few bytes per
+/// 16 KiB block, so this bound holds the whole member.
+fn member_len(c: &Chunk) -> u64 {
+    (c.end - c.offset).min(c.size + c.size / 64 + (64 << 10))
+}
+
+/// The blob bytes that reading file bytes `start..end` from `chunks` takes.
+pub(super) fn blob_range(chunks: &[Chunk], start: u64, end: u64) -> Option<std::ops::Range<u64>> {
+    let first = chunks.partition_point(|c| c.chunk_offset <= start).checked_sub(1)?;
+    let last = chunks.partition_point(|c| c.chunk_offset < end).checked_sub(1)?;
+    let (a, b) = (chunks.get(first)?, chunks.get(last)?);
+    Some(a.offset..b.offset + member_len(b))
 }
 
 /// Reads file bytes at `offset` from its chunks into `buf` (already cut at the file's end).

@@ -616,6 +616,13 @@ impl GzipIndex {
         Ok(())
     }
 
+    /// The compressed bytes (whole verified spans) that inflating bytes `start..end` takes.
+    pub fn blob_range(&self, start: u64, end: u64) -> Option<std::ops::Range<u64>> {
+        let first = self.checkpoints.partition_point(|cp| cp.out <= start).checked_sub(1)?;
+        let last = self.checkpoints.partition_point(|cp| cp.out < end).checked_sub(1)?;
+        Some(self.checkpoints.get(first)?.span_start()..self.checkpoints.get(last)?.span_end)
+    }
+
     /// Reads uncompressed bytes at `offset` into `buf`; short only at the end of the stream.
     pub fn read_at(&self, source: &dyn BlobSource, offset: u64, buf: &mut [u8]) -> Result<usize, LayerError> {
         if buf.is_empty() || offset >= self.uncompressed_size {

@@ -111,6 +111,10 @@ pub trait BlobSource: Send + Sync {
     /// Forgets the local bytes of a range that failed verification, so the next read fetches them
     /// again.
     fn discard(&self, offset: u64, len: u64);
+    /// Whether every byte of `range` is local, so reading it cannot wait on the network.
+    fn is_local(&self, _range: Range<u64>) -> bool {
+        false
+    }
 }
 
 /// Where a regular file's bytes are in its layer blob. Opaque to the other modules.
@@ -354,6 +358,22 @@ impl LayerIndex {
             }
             _ => Err(LayerError::Index("file data does not match the layer format".into())),
         }
+    }
+
+    /// Whether reading `len` bytes of a file at `offset` takes only blob bytes already local,
+    /// so the read cannot wait on the registry.
+    pub fn is_local(&self, source: &dyn BlobSource, data: &FileData, offset: u64, len: u64) -> bool {
+        if offset >= data.size || len == 0 {
+            return true;
+        }
+        let end = offset + len.min(data.size - offset);
+        let range = match (&data.loc, &self.format) {
+            (FileLoc::Tar(at), Format::Gzip(index)) => index.blob_range(at + offset, at + end),
+            (FileLoc::Tar(at), Format::Tar(index)) => Some(index.blob_range(at + offset, at + end)),
+            (FileLoc::Chunks(chunks), Format::Estargz { .. }) => estargz::blob_range(chunks, offset, end),
+            _ => None,
+        };
+        range.is_some_and(|r| source.is_local(r))
     }
 
     /// Byte ranges of the blob to fetch first (eStargz: the files before the prefetch landmark).

@@ -67,6 +67,11 @@ impl std::io::Read for PlainIndexer<'_> {
 }
 
 impl PlainIndex {
+    /// The blob bytes (whole verified spans) that reading bytes `start..end` takes.
+    pub fn blob_range(&self, start: u64, end: u64) -> std::ops::Range<u64> {
+        (start / SPAN * SPAN)..(end.div_ceil(SPAN) * SPAN).min(self.size)
+    }
+
     /// Reads blob bytes at `offset` into `buf`, every span verified; short only at the end.
     pub fn read_at(
         &self,

@@ -1,0 +1,135 @@
+//! Reads through the FUSE file system while the registry stalls: reads of local data are
+//! served even when every worker for reads of missing data is waiting on the registry.
+
+mod layer_support;
+
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use fuse_lazypull::cache::{BlobCache, CacheConfig, RangeSource};
+use fuse_lazypull::fs::{FsStats, FuseMount, ImageFs, LayerData};
+use fuse_lazypull::layer::{convert_to_estargz, BlobSource, EntryKind, LayerIndex, Limits, TOC_DIGEST_ANNOTATION};
+use fuse_lazypull::registry::RegistryError;
+use fuse_lazypull::tree::Tree;
+use layer_support::{descriptor, gzip, MemSource, Tar, E};
+
+/// A registry that can stall, counting the fetches it holds.
+struct Stalling {
+    data: Vec<u8>,
+    stalled: Mutex<bool>,
+    changed: Condvar,
+    waiting: AtomicU32,
+}
+
+impl RangeSource for Stalling {
+    fn fetch(&self, range: Range<u64>) -> Result<Vec<u8>, RegistryError> {
+        let mut stalled = self.stalled.lock().unwrap();
+        if *stalled {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            self.changed.notify_all();
+            while *stalled {
+                stalled = self.changed.wait(stalled).unwrap();
+            }
+        }
+        Ok(self.data[range.start as usize..range.end as usize].to_vec())
+    }
+}
+
+fn random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Reads the first page of `path` without readahead, so the kernel sends one FUSE read.
+fn first_page(path: &Path) -> std::io::Result<Vec<u8>> {
+    let file = std::fs::File::open(path)?;
+    // SAFETY: the descriptor is open for the call.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    let mut page = vec![0u8; 4096];
+    let n = file.read_at(&mut page, 0)?;
+    page.truncate(n);
+    Ok(page)
+}
+
+#[test]
+fn a_read_of_local_data_is_served_while_eight_reads_wait_on_the_registry_needs_root_fuse() {
+    // An eStargz layer: each file its own gzip member; unread "gap" files between the files
+    // read, so no two of those share a 64 KiB chunk of the cache.
+    let files: Vec<(String, Vec<u8>)> = (0..9u64)
+        .flat_map(|i| [(format!("f{i}"), random(200_000, 2 * i + 1)), (format!("gap{i}"), random(200_000, 2 * i + 2))])
+        .collect();
+    let mut tar = Tar::default();
+    for (name, data) in &files {
+        tar.add(E::file(name, data));
+    }
+    let mut blob = Vec::new();
+    let converted = convert_to_estargz(&mut &gzip(&tar.finish())[..], &mut blob, &[], &Limits::DEFAULT).unwrap();
+    let desc = descriptor(&blob, &[(TOC_DIGEST_ANNOTATION, converted.toc_digest.as_str())]);
+    let index = Arc::new(LayerIndex::build(&desc, &MemSource::new(blob.clone()), &Limits::DEFAULT).unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = CacheConfig { fetch_timeout: Duration::from_secs(20), ..CacheConfig::default() };
+    let cache = BlobCache::open(&dir.path().join("cache"), config).unwrap();
+    let registry = Arc::new(Stalling {
+        data: blob.clone(),
+        stalled: Mutex::new(false),
+        changed: Condvar::new(),
+        waiting: AtomicU32::new(0),
+    });
+    let source = cache.blob_from(&desc, Arc::clone(&registry) as Arc<dyn RangeSource>).unwrap();
+    // f0 is local: read once before the registry stalls.
+    let f0 = index.entries.iter().find(|e| e.path == Path::new("f0")).unwrap();
+    let EntryKind::File(data) = &f0.kind else { panic!("f0 is a file") };
+    let mut buf = vec![0u8; 4096];
+    index.read(&*source, data, 0, &mut buf).unwrap();
+    *registry.stalled.lock().unwrap() = true;
+
+    let tree = Tree::build(&[(*index).clone()]).unwrap();
+    let layers = vec![LayerData { index, source: Arc::clone(&source) as Arc<dyn BlobSource> }];
+    let stats = Arc::new(FsStats::new());
+    let fs = ImageFs::new(tree, layers, Arc::clone(&stats)).unwrap();
+    let target = dir.path().join("mnt");
+    std::fs::create_dir(&target).unwrap();
+    let fuse = FuseMount::mount(fs, &target).unwrap();
+
+    let finished = AtomicU32::new(0);
+    std::thread::scope(|s| {
+        for i in 1..=8 {
+            let (target, finished) = (&target, &finished);
+            s.spawn(move || {
+                let page = first_page(&target.join(format!("f{i}")));
+                finished.fetch_add(1, Ordering::SeqCst);
+                page
+            });
+        }
+        // Every worker for reads of missing data now waits on the registry.
+        let mut stalled = registry.stalled.lock().unwrap();
+        while registry.waiting.load(Ordering::SeqCst) < 8 {
+            stalled = registry.changed.wait(stalled).unwrap();
+        }
+        drop(stalled);
+
+        let local = first_page(&target.join("f0")).unwrap();
+        assert_eq!(local, files[0].1[..4096], "the local read is served");
+        // A worker freed by a stalled read that timed out would have counted its error first.
+        assert_eq!(stats.read_errors.load(Ordering::SeqCst), 0, "while all eight reads still wait on the registry");
+        assert_eq!(finished.load(Ordering::SeqCst), 0);
+        *registry.stalled.lock().unwrap() = false;
+        registry.changed.notify_all();
+    });
+    assert_eq!(first_page(&target.join("f8")).unwrap(), files[16].1[..4096]);
+    fuse_lazypull::handoff::detach(&target).unwrap();
+    fuse.join().unwrap();
+}
