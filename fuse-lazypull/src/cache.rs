@@ -12,7 +12,9 @@
 //!   [`BlobCache::gc`], which remove partial files of processes that are gone (fetching restarts
 //!   from nothing after a restart).
 //! - `derived/HEX/KIND`: data derived from a blob (a layer's index), [`BlobCache::put_derived`].
-//! - `unpacked/HEX/`: a layer unpacked for overlayfs ([`BlobCache::unpacked_dir`]).
+//! - `unpacked/HEX/`: a layer unpacked for overlayfs ([`BlobCache::unpacked_dir`]), under the
+//!   layer's digest, or under its chain ID when it depends on the layers below it
+//!   ([`crate::mount::chain_ids`]).
 //! - `tmp/`: files and directories being written (named `NAME.PID.N`), removed once their
 //!   process is gone.
 //! - `index/`: the index in `state-store`, namespace [`INDEX_NAMESPACE`]: per blob its size, last
@@ -367,7 +369,8 @@ impl BlobCache {
         std::fs::rename(&tmp, &path).map_err(io("renaming to", &path))
     }
 
-    /// Where the layer `digest` is (or will be) unpacked for overlayfs.
+    /// Where the layer of key `digest` (its digest or chain ID) is (or will be) unpacked for
+    /// overlayfs.
     pub fn unpacked_dir(&self, digest: &Digest) -> PathBuf {
         self.dir.join("unpacked").join(digest.hex())
     }

@@ -332,8 +332,10 @@ impl ImageMount {
         let image =
             registry.resolve(reference).map_err(|source| MountError::Resolve { reference: name.clone(), source })?;
         tracing::info!(image = %name, manifest = %image.digest, layers = image.layers.len(), "resolved");
-        // Before any blob is opened, so another daemon's gc sees that they are needed.
-        let keys: Vec<Digest> = image.layers.iter().map(|d| d.digest.clone()).collect();
+        // Before any blob is opened, so another daemon's gc sees that they are needed: the
+        // layers, and the unpacked layers that may be keyed by their chain.
+        let digests: Vec<Digest> = image.layers.iter().map(|d| d.digest.clone()).collect();
+        let keys: Vec<Digest> = digests.iter().cloned().chain(chain_ids(&digests)).collect();
         let hold = cache.hold(&format!("mount of {name} at {}", target.display()), &keys).map_err(MountError::Hold)?;
         let mut layers = Vec::with_capacity(image.layers.len());
         let mut indexes = Vec::with_capacity(image.layers.len());
@@ -536,9 +538,13 @@ impl Background {
     }
 
     fn unpack_and_hand_off(&self) -> Result<(), MountError> {
+        let digests: Vec<Digest> = self.image.layers.iter().map(|d| d.digest.clone()).collect();
         let mut lowers = Vec::with_capacity(self.blobs.len());
-        for ((desc, blob), index) in self.image.layers.iter().zip(&self.blobs).zip(&self.indexes) {
-            let dir = unpack_once(&self.cache, &desc.digest, blob, index, &lowers, &self.options.limits)?;
+        for (((digest, chain), blob), index) in
+            digests.iter().zip(chain_ids(&digests)).zip(&self.blobs).zip(&self.indexes)
+        {
+            let key = if index.depends_on_lowers() { chain } else { digest.clone() };
+            let dir = unpack_once(&self.cache, &key, blob, index, &lowers, &self.options.limits)?;
             lowers.push(dir);
         }
         if self.stop.load(Relaxed) {
@@ -618,23 +624,44 @@ fn fetch_until_done(
     }
 }
 
-/// Unpacks a complete layer into the cache's directory for it, unless that exists already. The
-/// layer goes to a temporary directory first and is renamed into place, so a directory at the
-/// final path is always complete, whichever process or mount wrote it.
-/// `lowers` are the layers below it, bottom first, already unpacked. A layer that would not fit
-/// the free space or the cache's size limit is refused before anything is written.
+/// The chain ID of each layer of a stack (bottom first), as OCI defines it over diff IDs but
+/// over blob digests: the bottom layer's digest, then `sha256(below + " " + digest)`. A layer
+/// whose unpacked form depends on the layers below ([`LayerIndex::depends_on_lowers`]) is
+/// unpacked under its chain ID, so stacks that differ below it never share it.
+pub fn chain_ids(digests: &[Digest]) -> Vec<Digest> {
+    let mut below: Option<Digest> = None;
+    digests
+        .iter()
+        .map(|digest| {
+            let chain = match &below {
+                None => digest.clone(),
+                Some(below) => Digest::of(format!("{below} {digest}").as_bytes()),
+            };
+            below = Some(chain.clone());
+            chain
+        })
+        .collect()
+}
+
+/// Unpacks a complete layer into the cache's directory for `key` (the layer's digest, or its
+/// chain ID: see [`chain_ids`]), unless that exists already. The layer goes to a temporary
+/// directory first and is renamed into place, so a directory at the final path is always
+/// complete, whichever process or mount wrote it. `lowers` are the layers below it, bottom
+/// first, already unpacked. A layer that would not fit the free space or the cache's size limit
+/// is refused before anything is written.
 pub fn unpack_once(
     cache: &BlobCache,
-    digest: &Digest,
+    key: &Digest,
     blob: &Blob,
     index: &LayerIndex,
     lowers: &[PathBuf],
     limits: &Limits,
 ) -> Result<PathBuf, MountError> {
-    let dir = cache.unpacked_dir(digest);
+    let dir = cache.unpacked_dir(key);
     if dir.is_dir() {
         return Ok(dir);
     }
+    let digest = blob.digest();
     let needed = index.unpacked_bytes();
     let free = cache.available_bytes().map_err(|source| MountError::Blob { digest: digest.clone(), source })?;
     for (what, room) in [("the free space", free), ("the cache's size limit", cache.size_limit())] {
@@ -643,7 +670,7 @@ pub fn unpack_once(
         }
     }
     // Under the cache's tmp/, so what a crash leaves is removed once this process is gone.
-    let tmp = cache.temp_path(&format!("unpack-{}", digest.hex()));
+    let tmp = cache.temp_path(&format!("unpack-{}", key.hex()));
     std::fs::create_dir(&tmp).map_err(io_err("creating", &tmp))?;
     let blob_path = blob.path().ok_or_else(|| MountError::NotLocal(digest.clone()))?;
     let unpacked = layer::unpack(index, &blob_path, &tmp, lowers, limits);
@@ -716,6 +743,18 @@ mod tests {
         assert!(matches!(err, MountError::Fetch { source: CacheError::Corrupt { .. }, .. }), "{err:?}");
         assert!(chain(&err).contains("is corrupt: fetched 3 times"), "{}", chain(&err));
         assert_eq!(calls.get(), 1);
+    }
+
+    /// A layer's chain ID depends on every layer below it and on nothing above.
+    #[test]
+    fn chain_ids_follow_the_layers_below() {
+        let (a, b, c) = (Digest::of(b"a"), Digest::of(b"b"), Digest::of(b"c"));
+        let one = chain_ids(&[a.clone(), b.clone(), c.clone()]);
+        assert_eq!(one[0], a);
+        assert_eq!(one[1], Digest::of(format!("{a} {b}").as_bytes()));
+        let other = chain_ids(&[b.clone(), c.clone()]);
+        assert_ne!(one[2], other[1], "the same top layer over other layers");
+        assert_eq!(chain_ids(&[a, b, c.clone(), c])[..3], one[..]);
     }
 
     #[test]

@@ -310,6 +310,19 @@ fn a_whiteout_device_is_refused() {
     refused(build(tar.finish()), "dev/wh");
 }
 
+/// A hard link to a file of a lower layer makes the unpacked layer depend on the layers below
+/// (it becomes a copy, so it is unpacked under its chain ID); one to an earlier entry of its own
+/// layer does not.
+#[test]
+fn a_hard_link_below_makes_the_layer_depend_on_its_lowers() {
+    let mut own = Tar::default();
+    own.add(E::file("a", b"x")).add(E::hardlink("b", "a"));
+    assert!(!build(own.finish()).unwrap().0.depends_on_lowers());
+    let mut below = Tar::default();
+    below.add(E::file("a", b"x")).add(E::hardlink("b", "lower/file"));
+    assert!(build(below.finish()).unwrap().0.depends_on_lowers());
+}
+
 #[test]
 fn gnu_sparse_files_are_refused() {
     let mut tar = Tar::default();

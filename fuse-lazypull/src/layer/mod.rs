@@ -384,6 +384,17 @@ impl LayerIndex {
         }
     }
 
+    /// Whether unpacking the layer depends on the layers below it: a hard link to a file of
+    /// theirs becomes a copy of that file.
+    pub fn depends_on_lowers(&self) -> bool {
+        let mut seen = std::collections::HashSet::new();
+        self.entries.iter().any(|e| {
+            let below = matches!(&e.kind, EntryKind::HardLink(target) if !seen.contains(target));
+            seen.insert(&e.path);
+            below
+        })
+    }
+
     /// About how many bytes unpacking the layer writes: its files' bytes, plus a block for
     /// every entry's metadata.
     pub fn unpacked_bytes(&self) -> u64 {
