@@ -425,15 +425,15 @@ impl Registry {
 
     /// `SCHEME://API-HOST/v2/REPOSITORY`.
     fn repo_url(&self, image: &ImageRef) -> String {
-        let host = if image.registry == crate::reference::DEFAULT_REGISTRY {
-            "registry-1.docker.io"
-        } else {
-            image.registry.as_str()
-        };
-        let listed = |hosts: &[String]| hosts.iter().any(|h| h == &image.registry);
-        let plain = (is_loopback(host) && !listed(&self.config.https)) || listed(&self.config.insecure);
-        let scheme = if plain { "http" } else { "https" };
-        format!("{scheme}://{host}/v2/{}", image.repository)
+        let scheme = if self.is_plain(&image.registry) { "http" } else { "https" };
+        format!("{scheme}://{}/v2/{}", api_host(&image.registry), image.repository)
+    }
+
+    /// Whether `registry` is spoken to over plain HTTP: loopback ones (unless listed in
+    /// `https`) and those listed in `insecure`.
+    fn is_plain(&self, registry: &str) -> bool {
+        let listed = |hosts: &[String]| hosts.iter().any(|h| h == registry);
+        (is_loopback(api_host(registry)) && !listed(&self.config.https)) || listed(&self.config.insecure)
     }
 
     /// One request with auth, retries and the body read into memory (at most `limit` bytes).
@@ -542,6 +542,16 @@ impl Registry {
             "bearer" => {
                 let realm =
                     parsed.params.get("realm").ok_or_else(|| unauthorized("bearer challenge without realm".into()))?;
+                // Credentials go to the realm: never in the clear for a registry spoken to over
+                // HTTPS.
+                let https = realm.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+                let http = realm.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("http://"));
+                let allowed = https || (http && self.is_plain(scope.host));
+                if !allowed {
+                    return Err(unauthorized(format!(
+                        "token realm {realm} is not HTTPS, and the registry is not listed as insecure"
+                    )));
+                }
                 let mut query = Vec::new();
                 if let Some(service) = parsed.params.get("service") {
                     query.push(format!("service={}", percent_encode(service)));
@@ -820,6 +830,15 @@ pub(crate) fn parse_manifest(image: &ImageRef, bytes: &[u8]) -> Result<(Descript
 }
 
 /// Whether a `host[:port]` is loopback (plain HTTP like Docker).
+/// The host that serves `registry`'s API.
+fn api_host(registry: &str) -> &str {
+    if registry == crate::reference::DEFAULT_REGISTRY {
+        "registry-1.docker.io"
+    } else {
+        registry
+    }
+}
+
 fn is_loopback(host_port: &str) -> bool {
     let host = if let Some(v6) = host_port.strip_prefix('[') {
         v6.split(']').next().unwrap_or("")
@@ -1080,6 +1099,21 @@ mod tests {
         assert!(!creds.contains_key("ghcr.io"));
         assert!(!format!("{:?}", creds["docker.io"]).contains("pass\""));
         assert!(parse_auth_file(br#"{"auths":{"x":{"auth":"!!"}}}"#).is_err());
+    }
+
+    /// A registry spoken to over HTTPS whose challenge names a plain-HTTP token realm would
+    /// have credentials sent in the clear: refused before any request.
+    #[test]
+    fn a_plain_http_token_realm_is_refused_for_an_https_registry() {
+        let reg = Registry::new(RegistryConfig::default()).unwrap();
+        let scope = Scope { host: "registry.example", repository: "a", push: false };
+        for realm in ["http://auth.example/token", "ftp://auth.example/token", "/token"] {
+            let err = reg.authenticate(&scope, &format!("Bearer realm=\"{realm}\",service=\"r\"")).unwrap_err();
+            assert!(err.to_string().contains("is not HTTPS"), "{realm}: {err}");
+        }
+        let local = Scope { host: "127.0.0.1:5000", repository: "a", push: false };
+        let err = reg.authenticate(&local, "Bearer realm=\"http://127.0.0.1:1/token\"").unwrap_err();
+        assert!(!err.to_string().contains("is not HTTPS"), "a plain registry may use a plain realm: {err}");
     }
 
     #[test]
