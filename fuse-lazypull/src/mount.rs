@@ -421,11 +421,6 @@ impl ImageMount {
         self.work.hand_off()
     }
 
-    /// Whether the background work has finished (handed off, complete, stopped or failed).
-    pub fn background_done(&self) -> bool {
-        self.background.is_finished()
-    }
-
     /// Waits for the background work, then for the kernel to release the FUSE connection
     /// (after a handoff: when the last file opened through FUSE is closed).
     pub fn wait(self) -> Result<(), MountError> {

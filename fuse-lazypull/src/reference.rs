@@ -31,11 +31,6 @@ impl ImageRef {
             (None, None) => "latest".to_owned(),
         }
     }
-
-    /// The same repository at another tag (used by convert to name its output).
-    pub fn with_tag(&self, tag: &str) -> ImageRef {
-        ImageRef { tag: Some(tag.to_owned()), digest: None, ..self.clone() }
-    }
 }
 
 impl std::fmt::Display for ImageRef {
