@@ -20,7 +20,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use fuser::consts::{FOPEN_KEEP_CACHE, FUSE_CACHE_SYMLINKS, FUSE_DO_READDIRPLUS, FUSE_PARALLEL_DIROPS};
 use fuser::{
@@ -86,6 +86,38 @@ struct Shared {
     tree: Tree,
     layers: Vec<LayerData>,
     stats: Arc<FsStats>,
+    /// Blocks of all files, for statfs (the tree never changes).
+    blocks: u64,
+    /// Failed reads are logged at most this often: during a registry outage every read fails.
+    error_log: RateLimit,
+}
+
+/// How often failed reads are logged.
+const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Lets one event through per interval and counts the others.
+struct RateLimit {
+    interval: Duration,
+    /// When the last event was let through, and how many were held back since.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLimit {
+    fn new(interval: Duration) -> RateLimit {
+        RateLimit { interval, state: Mutex::new((None, 0)) }
+    }
+
+    /// `Some(events held back since the last one let through)` if an event at `now` goes
+    /// through.
+    fn allow(&self, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.0.is_some_and(|last| now.saturating_duration_since(last) < self.interval) {
+            state.1 += 1;
+            return None;
+        }
+        state.0 = Some(now);
+        Some(std::mem::take(&mut state.1))
+    }
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -146,8 +178,11 @@ pub struct ImageFs {
 impl ImageFs {
     /// `tree` was built from `layers` (the tree's `File { layer, .. }` indexes this slice).
     pub fn new(tree: Tree, layers: Vec<LayerData>, stats: Arc<FsStats>) -> io::Result<ImageFs> {
+        let bytes: u64 = (1..=tree.len() as u64).filter_map(|ino| tree.node(ino)).map(|n| n.size).sum();
+        let blocks = bytes.div_ceil(u64::from(BLOCK_SIZE));
+        let error_log = RateLimit::new(ERROR_LOG_INTERVAL);
         Ok(ImageFs {
-            shared: Arc::new(Shared { tree, layers, stats }),
+            shared: Arc::new(Shared { tree, layers, stats, blocks, error_log }),
             fetch: Pool::new("image-read", FETCH_WORKERS)?,
             local: Pool::new("image-read-local", LOCAL_WORKERS)?,
         })
@@ -323,10 +358,8 @@ impl Filesystem for ImageFs {
     }
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
-        let tree = &self.shared.tree;
-        let bytes: u64 = (1..=tree.len() as u64).filter_map(|ino| tree.node(ino)).map(|n| n.size).sum();
-        let blocks = bytes.div_ceil(u64::from(BLOCK_SIZE));
-        reply.statfs(blocks, 0, 0, tree.len() as u64, 0, BLOCK_SIZE, 255, BLOCK_SIZE)
+        let files = self.shared.tree.len() as u64;
+        reply.statfs(self.shared.blocks, 0, 0, files, 0, BLOCK_SIZE, 255, BLOCK_SIZE)
     }
 
     fn getxattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -431,7 +464,10 @@ fn read_file(shared: &Shared, ino: u64, offset: u64, size: u32) -> Result<Vec<u8
             Ok(0) => break,
             Ok(n) => done += n,
             Err(e) => {
-                tracing::error!(ino, offset, size, error = %crate::error::chain(&e), "image read failed");
+                if let Some(held_back) = shared.error_log.allow(Instant::now()) {
+                    let error = crate::error::chain(&e);
+                    tracing::error!(ino, offset, size, %error, failed_reads_not_logged = held_back, "image read failed");
+                }
                 return Err(libc::EIO);
             }
         }
@@ -491,8 +527,21 @@ impl FuseMount {
             None => Ok(()),
         }
     }
+}
 
-    pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_reads_are_logged_once_per_interval_with_a_count_of_the_others() {
+        let limit = RateLimit::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(limit.allow(t0), Some(0));
+        for s in 1..6 {
+            assert_eq!(limit.allow(t0 + Duration::from_secs(s)), None);
+        }
+        assert_eq!(limit.allow(t0 + Duration::from_secs(10)), Some(5));
+        assert_eq!(limit.allow(t0 + Duration::from_secs(11)), None);
     }
 }

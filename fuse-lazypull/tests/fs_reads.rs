@@ -130,6 +130,13 @@ fn a_read_of_local_data_is_served_while_eight_reads_wait_on_the_registry_needs_r
         registry.changed.notify_all();
     });
     assert_eq!(first_page(&target.join("f8")).unwrap(), files[16].1[..4096]);
+    // statfs: 18 files and the root; 18 files of 200 000 bytes.
+    let path = std::ffi::CString::new(target.to_str().unwrap()).unwrap();
+    // SAFETY: `st` is plain data statvfs fills; `path` is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
+    assert_eq!((st.f_files, st.f_blocks), (19, (18u64 * 200_000).div_ceil(4096)));
     fuse_lazypull::handoff::detach(&target).unwrap();
     fuse.join().unwrap();
 }
