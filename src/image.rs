@@ -280,10 +280,12 @@ fn prefetch(reference: &str, args: &CacheArgs) -> Result<(), String> {
     let (cache, registry) = open(args)?;
     let resolved = fuse_lazypull::cache::prefetch(&cache, &registry, &image).map_err(|e| chain(&e))?;
     // Index the layers too, so a mount starts without reading them again.
-    for desc in &resolved.layers {
-        let blob = cache.blob(&registry, &image, desc).map_err(|e| chain(&e))?;
-        mount::layer_index(&cache, desc, &blob, &limits).map_err(|e| chain(&e))?;
-    }
+    let blobs = resolved
+        .layers
+        .iter()
+        .map(|desc| cache.blob(&registry, &image, desc).map_err(|e| chain(&e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    mount::index_layers(&cache, &resolved.layers, &blobs, &limits).map_err(|e| chain(&e))?;
     let size: u64 = resolved.layers.iter().map(|l| l.size).sum();
     println!(
         "{reference} ({}): {} layers, {} in the cache, {} fetched now",

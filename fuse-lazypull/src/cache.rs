@@ -92,6 +92,9 @@ pub enum CacheError {
     /// The whole blob did not match its digest, every time it was fetched.
     #[error("blob {digest} is corrupt: fetched {attempts} times, its bytes hash to {actual}")]
     Corrupt { digest: Digest, actual: Digest, attempts: u32 },
+    /// [`Blob::fetch_all_paced`] was told to stop.
+    #[error("the fetch was stopped")]
+    Stopped,
     #[error("read of {len} bytes at {offset} is past the end of {digest} ({size} bytes)")]
     OutOfRange { digest: Digest, offset: u64, len: u64, size: u64 },
     #[error("{what} {}", path.display())]
@@ -936,12 +939,13 @@ impl Blob {
 
     /// Fetches every missing byte, verifies the whole blob against its digest and keeps it.
     pub fn fetch_all(&self) -> Result<(), CacheError> {
-        self.fetch_all_paced(&|| {})
+        self.fetch_all_paced(&|| true)
     }
 
     /// As [`Blob::fetch_all`], calling `pace` before each run of chunks it fetches, which may
-    /// wait to let other work go first.
-    pub fn fetch_all_paced(&self, pace: &dyn Fn()) -> Result<(), CacheError> {
+    /// wait to let other work go first, and stops the fetch ([`CacheError::Stopped`]) by
+    /// returning false.
+    pub fn fetch_all_paced(&self, pace: &dyn Fn() -> bool) -> Result<(), CacheError> {
         let _one = lock(&self.filling);
         let mut attempt = 0;
         loop {
@@ -986,9 +990,11 @@ impl Blob {
     }
 
     /// Fetches every chunk not present, in large runs, waiting for runs readers are fetching.
-    fn fill(&self, pace: &dyn Fn()) -> Result<(), CacheError> {
+    fn fill(&self, pace: &dyn Fn() -> bool) -> Result<(), CacheError> {
         loop {
-            pace();
+            if !pace() {
+                return Err(CacheError::Stopped);
+            }
             let run = {
                 let mut local = lock(&self.local);
                 if local.complete {

@@ -1,9 +1,10 @@
 //! One image mount, from resolving the reference to the handoff.
 //!
 //! [`ImageMount::start`] resolves the reference, opens every layer blob through the shared
-//! cache, indexes each layer (the index is kept in the cache as derived data, so a second mount
-//! of the same layer does not index it again), merges them into a tree and mounts the FUSE file
-//! system at the target. A background thread then fetches the layers (eStargz prefetch ranges
+//! cache, indexes the layers side by side (the index is kept in the cache as derived data, so a
+//! second mount of the same layer does not index it again; a gzip layer, read whole to be
+//! indexed, is fetched whole beside its indexer), merges them into a tree and mounts the FUSE
+//! file system at the target. A background thread then fetches the layers (eStargz prefetch ranges
 //! first, then every missing byte while the file system is not being read, retrying while the
 //! registry fails), unpacks each layer into
 //! the cache (once per layer, atomically through a temporary directory), hands the target to
@@ -13,7 +14,7 @@
 //! by being mounted.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -33,6 +34,8 @@ pub const LAYER_INDEX: &str = "layer-index";
 /// The first wait before the background fetch retries; it doubles up to [`MAX_RETRY_WAIT`].
 const FIRST_RETRY_WAIT: Duration = Duration::from_millis(200);
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
+/// How many layers of an image are indexed at once.
+const INDEXERS: usize = 4;
 /// How many times a layer is indexed before its error is final (after a registry failure the
 /// missing bytes are fetched, after a corrupt or truncated download the whole layer).
 const INDEX_ATTEMPTS: u32 = 3;
@@ -283,27 +286,99 @@ pub fn layer_index(
             }
         }
     }
-    // Indexing again reads what is local and fetches the rest: after a registry failure only
-    // what is missing, after damage (bytes of a blob not verified yet) everything again.
-    let mut attempt = 1;
-    let index = loop {
-        match LayerIndex::build(desc, blob, limits) {
-            Ok(index) => break index,
-            Err(e) if attempt < INDEX_ATTEMPTS && e.is_transport() => {
-                tracing::warn!(layer = %desc.digest, attempt, error = %chain(&e), "indexing failed; trying again");
-            }
-            Err(e) if attempt < INDEX_ATTEMPTS && !blob.is_complete() && e.is_damage() => {
-                tracing::warn!(layer = %desc.digest, attempt, error = %chain(&e), "indexing failed; fetching the layer again");
-                blob.discard(0, blob.size());
-            }
-            Err(e) => return Err(index_err(e)),
+    // A gzip or plain tar layer is indexed by reading all of it: fetch it whole beside the
+    // indexer, in large runs ahead of its small reads (an eStargz layer reads only its TOC).
+    let ahead = !desc.annotations.contains_key(layer::TOC_DIGEST_ANNOTATION) && !blob.is_complete();
+    let indexing = AtomicBool::new(true);
+    let index = std::thread::scope(|s| {
+        let fetch = ahead.then(|| s.spawn(|| blob.fetch_all_paced(&|| indexing.load(Relaxed))));
+        let index = build_index(desc, blob, limits, fetch);
+        // A layer indexed was read whole, so the fetch beside it only verifies and keeps it.
+        if index.is_err() {
+            indexing.store(false, Relaxed);
         }
-        attempt += 1;
-    };
+        index
+    })
+    .map_err(index_err)?;
     if let Err(e) = cache.put_derived(&desc.digest, LAYER_INDEX, &index.to_bytes()) {
         tracing::warn!(layer = %desc.digest, error = %chain(&e), "could not keep the layer index in the cache");
     }
     Ok(index)
+}
+
+/// Indexes a layer, trying again after a registry failure (reading what is local, fetching
+/// what is missing) or damage: the bytes of a blob not verified yet are fetched again, by
+/// `fetch` (a whole-blob fetch running beside, which verifies the blob and fetches it again
+/// itself if it must) if there is one, else here.
+fn build_index(
+    desc: &Descriptor,
+    blob: &Blob,
+    limits: &Limits,
+    mut fetch: Option<std::thread::ScopedJoinHandle<'_, Result<(), CacheError>>>,
+) -> Result<LayerIndex, LayerError> {
+    let mut attempt = 1;
+    loop {
+        // A blob verified before the attempt has only its own errors.
+        let verified = blob.is_complete();
+        match LayerIndex::build(desc, blob, limits) {
+            Ok(index) => return Ok(index),
+            Err(e) if attempt < INDEX_ATTEMPTS && e.is_transport() => {
+                tracing::warn!(layer = %desc.digest, attempt, error = %chain(&e), "indexing failed; trying again");
+            }
+            Err(e) if attempt < INDEX_ATTEMPTS && !verified && e.is_damage() => {
+                tracing::warn!(layer = %desc.digest, attempt, error = %chain(&e), "indexing failed; fetching the layer again");
+                match fetch.take().map(|f| f.join()) {
+                    Some(Ok(Ok(()))) => {}
+                    Some(Ok(Err(e))) => {
+                        tracing::warn!(layer = %desc.digest, error = %chain(&e), "fetching the layer whole failed");
+                        blob.discard(0, blob.size());
+                    }
+                    Some(Err(panic)) => std::panic::resume_unwind(panic),
+                    None => blob.discard(0, blob.size()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        attempt += 1;
+    }
+}
+
+/// Indexes the layers of an image ([`layer_index`]), [`INDEXERS`] at a time: a first mount of a
+/// gzip image reads every layer whole before it can serve. The first error is returned (and no
+/// further layer is started).
+pub fn index_layers(
+    cache: &BlobCache,
+    descs: &[Descriptor],
+    blobs: &[Arc<Blob>],
+    limits: &Limits,
+) -> Result<Vec<LayerIndex>, MountError> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let results: Vec<Mutex<Option<Result<LayerIndex, MountError>>>> = descs.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..INDEXERS.min(descs.len()) {
+            s.spawn(|| {
+                while !failed.load(Relaxed) {
+                    let i = next.fetch_add(1, Relaxed);
+                    let (Some(desc), Some(blob)) = (descs.get(i), blobs.get(i)) else { return };
+                    let result = layer_index(cache, desc, blob, limits);
+                    if result.is_err() {
+                        failed.store(true, Relaxed);
+                    }
+                    *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                }
+            });
+        }
+    });
+    let mut indexes = Vec::with_capacity(descs.len());
+    for result in results {
+        match result.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(result) => indexes.push(result?),
+            // Layers are started in order and none after one failed: its error came first.
+            None => return Err(MountError::Stopped),
+        }
+    }
+    Ok(indexes)
 }
 
 /// An image mounted at a target: FUSE first, overlayfs once the image is local.
@@ -337,16 +412,16 @@ impl ImageMount {
         let digests: Vec<Digest> = image.layers.iter().map(|d| d.digest.clone()).collect();
         let keys: Vec<Digest> = digests.iter().cloned().chain(chain_ids(&digests)).collect();
         let hold = cache.hold(&format!("mount of {name} at {}", target.display()), &keys).map_err(MountError::Hold)?;
-        let mut layers = Vec::with_capacity(image.layers.len());
-        let mut indexes = Vec::with_capacity(image.layers.len());
-        for desc in &image.layers {
-            let blob = cache
-                .blob(&registry, reference, desc)
-                .map_err(|source| MountError::Blob { digest: desc.digest.clone(), source })?;
-            let index = layer_index(&cache, desc, &blob, &options.limits)?;
-            indexes.push(index);
-            layers.push(blob);
-        }
+        let layers = image
+            .layers
+            .iter()
+            .map(|desc| {
+                cache
+                    .blob(&registry, reference, desc)
+                    .map_err(|source| MountError::Blob { digest: desc.digest.clone(), source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let indexes = index_layers(&cache, &image.layers, &layers, &options.limits)?;
         let tree = Tree::build(&indexes).map_err(|source| MountError::Tree { reference: name.clone(), source })?;
         let indexes: Vec<Arc<LayerIndex>> = indexes.into_iter().map(Arc::new).collect();
         let fs_stats = Arc::new(FsStats::new());
@@ -557,15 +632,16 @@ impl Background {
     }
 
     /// Waits while the file system is being read (see [`BACKGROUND_IDLE`]); demand reads fetch
-    /// what they need themselves, ahead of this.
-    fn yield_to_readers(&self) {
+    /// what they need themselves, ahead of this. False once the mount is stopped.
+    fn yield_to_readers(&self) -> bool {
         let started = std::time::Instant::now();
         while !self.stop.load(Relaxed) && started.elapsed() < BACKGROUND_MAX_DEFER {
             match self.progress.fs.idle_for() {
                 idle if idle < BACKGROUND_IDLE => std::thread::sleep(BACKGROUND_IDLE - idle),
-                _ => return,
+                _ => break,
             }
         }
+        !self.stop.load(Relaxed)
     }
 
     /// Reads the eStargz prefetch ranges first, so the files a container starts with are local
@@ -609,6 +685,7 @@ fn fetch_until_done(
         }
         match fetch() {
             Ok(()) => return Ok(()),
+            Err(CacheError::Stopped) => return Err(MountError::Stopped),
             Err(e @ (CacheError::Timeout { .. } | CacheError::Fetch { .. })) => {
                 tracing::warn!(layer = %digest, error = %chain(&e), retry_in = ?wait, "background fetch failed; retrying");
                 std::thread::sleep(wait);
