@@ -30,7 +30,9 @@ use crate::registry::{Descriptor, Image, Registry, RegistryError};
 use crate::tree::Tree;
 
 /// Kind of the derived data under which a layer's index is cached.
-pub const LAYER_INDEX: &str = "layer-index";
+/// Its number changes when what an index holds or refuses changes, so indexes made before are
+/// built again (and collected with their blob).
+pub const LAYER_INDEX: &str = "layer-index-2";
 /// The first wait before the background fetch retries; it doubles up to [`MAX_RETRY_WAIT`].
 const FIRST_RETRY_WAIT: Duration = Duration::from_millis(200);
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
