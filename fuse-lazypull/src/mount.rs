@@ -4,14 +4,13 @@
 //! cache, indexes the layers side by side (the index is kept in the cache as derived data, so a
 //! second mount of the same layer does not index it again; a gzip layer, read whole to be
 //! indexed, is fetched whole beside its indexer), merges them into a tree and mounts the FUSE
-//! file system at the target. A background thread then fetches the layers (eStargz prefetch ranges
-//! first, then every missing byte while the file system is not being read, retrying while the
-//! registry fails), unpacks each layer into
-//! the cache (once per layer, atomically through a temporary directory), hands the target to
-//! overlayfs, and collects the cache's garbage. The FUSE session keeps serving files opened
-//! before the handoff until the kernel drops the connection. The mount holds its layers in the
-//! cache ([`crate::cache::Hold`]) until it ends; an overlay left behind keeps its unpacked layers
-//! by being mounted.
+//! file system at the target. A background thread then fetches the layers (eStargz prefetch
+//! ranges first, then every missing byte while the file system is not being read, retrying
+//! while the registry fails), unpacks each layer into the cache (once per layer, atomically
+//! through a temporary directory), hands the target to overlayfs, and collects the cache's
+//! garbage. The FUSE session keeps serving files opened before the handoff until the kernel
+//! drops the connection. The mount holds its layers in the cache ([`crate::cache::Hold`]) until
+//! it ends; an overlay left behind keeps its unpacked layers by being mounted.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
