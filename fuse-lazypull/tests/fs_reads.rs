@@ -103,6 +103,14 @@ fn a_read_of_local_data_is_served_while_eight_reads_wait_on_the_registry_needs_r
     let target = dir.path().join("mnt");
     std::fs::create_dir(&target).unwrap();
     let fuse = FuseMount::mount(fs, &target).unwrap();
+    // Detached however the test ends, so a failure leaves no dead mount behind.
+    struct Detach<'a>(&'a Path);
+    impl Drop for Detach<'_> {
+        fn drop(&mut self) {
+            let _ = fuse_lazypull::handoff::detach(self.0);
+        }
+    }
+    let detach = Detach(&target);
 
     let finished = AtomicU32::new(0);
     std::thread::scope(|s| {
@@ -137,6 +145,6 @@ fn a_read_of_local_data_is_served_while_eight_reads_wait_on_the_registry_needs_r
     // SAFETY: as above.
     assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
     assert_eq!((st.f_files, st.f_blocks), (19, (18u64 * 200_000).div_ceil(4096)));
-    fuse_lazypull::handoff::detach(&target).unwrap();
+    drop(detach);
     fuse.join().unwrap();
 }
