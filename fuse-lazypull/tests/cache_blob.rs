@@ -4,6 +4,8 @@
 //! another process published, derived data, and gc under a limit with what keeps content: pins,
 //! holds (of live processes only), the grace period and overlays using unpacked layers.
 
+mod layer_support;
+
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
@@ -16,6 +18,7 @@ use fuse_lazypull::digest::Digest;
 use fuse_lazypull::layer::BlobSource;
 use fuse_lazypull::reference::ImageRef;
 use fuse_lazypull::registry::{Descriptor, RegistryError};
+use layer_support::random_bytes;
 use proptest::prelude::*;
 
 /// A blob in memory that can corrupt its first answers, stall, or fail, and records what it
@@ -76,18 +79,6 @@ fn config(timeout: Duration) -> CacheConfig {
     CacheConfig { size_limit: u64::MAX, fetch_timeout: timeout, gc_grace: Duration::ZERO }
 }
 
-fn bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn read(blob: &dyn BlobSource, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0; len];
     blob.read_at(offset, &mut buf).unwrap();
@@ -117,7 +108,7 @@ proptest! {
     fn random_reads_match_the_blob((size, ops) in (0u64..700_000).prop_flat_map(|s| (Just(s), prop::collection::vec(op(s), 1..30)))) {
         let dir = tempfile::tempdir().unwrap();
         let cache = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
-        let data = bytes(size as usize, size + 7);
+        let data = random_bytes(size as usize, size + 7);
         let source = MemSource::new(data.clone());
         let blob = cache.blob_from(&desc(&data), source.clone()).unwrap();
         for op in ops {
@@ -144,7 +135,7 @@ proptest! {
 fn concurrent_readers_fetch_each_chunk_once() {
     let dir = tempfile::tempdir().unwrap();
     let cache = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
-    let data = bytes(3 << 20, 42);
+    let data = random_bytes(3 << 20, 42);
     let source = MemSource::new(data.clone());
     let blob = cache.blob_from(&desc(&data), source.clone()).unwrap();
     std::thread::scope(|s| {
@@ -179,7 +170,7 @@ fn concurrent_readers_fetch_each_chunk_once() {
 fn corrupt_blob_is_refused_and_fetched_again() {
     let dir = tempfile::tempdir().unwrap();
     let cache = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
-    let data = bytes(1 << 20, 3);
+    let data = random_bytes(1 << 20, 3);
     let source = MemSource::new(data.clone());
     source.corrupt_fetches.store(1, Ordering::SeqCst);
     let blob = cache.blob_from(&desc(&data), source.clone()).unwrap();
@@ -187,7 +178,7 @@ fn corrupt_blob_is_refused_and_fetched_again() {
     assert_eq!(std::fs::read(blob.path().unwrap()).unwrap(), data);
     assert_eq!(source.bytes.load(Ordering::SeqCst), 2 * data.len() as u64, "fetched twice");
 
-    let bad = bytes(200_000, 9);
+    let bad = random_bytes(200_000, 9);
     let source = MemSource::new(bad.clone());
     source.corrupt_fetches.store(u32::MAX, Ordering::SeqCst);
     let blob = cache.blob_from(&desc(&bad), source).unwrap();
@@ -206,7 +197,7 @@ fn corrupt_blob_is_refused_and_fetched_again() {
 fn stalled_source_times_out_then_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let cache = BlobCache::open(dir.path(), config(Duration::from_millis(300))).unwrap();
-    let data = bytes(500_000, 5);
+    let data = random_bytes(500_000, 5);
     let source = MemSource::new(data.clone());
     source.stall(true);
     let blob = cache.blob_from(&desc(&data), source.clone()).unwrap();
@@ -224,7 +215,7 @@ fn stalled_source_times_out_then_recovers() {
 fn failing_source_gives_the_cause() {
     let dir = tempfile::tempdir().unwrap();
     let cache = BlobCache::open(dir.path(), config(Duration::from_secs(60))).unwrap();
-    let data = bytes(100_000, 6);
+    let data = random_bytes(100_000, 6);
     let source = MemSource::new(data.clone());
     source.fail.store(true, Ordering::SeqCst);
     let blob = cache.blob_from(&desc(&data), source.clone()).unwrap();
@@ -242,7 +233,7 @@ fn failing_source_gives_the_cause() {
 #[test]
 fn one_blob_per_digest_and_published_blobs_are_shared() {
     let dir = tempfile::tempdir().unwrap();
-    let data = bytes(300_000, 8);
+    let data = random_bytes(300_000, 8);
     let source = MemSource::new(data.clone());
     let a = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
     let b = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
@@ -266,7 +257,7 @@ fn one_blob_per_digest_and_published_blobs_are_shared() {
 fn partial_blob_adopts_one_published_meanwhile() {
     let dir = tempfile::tempdir().unwrap();
     let cache = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
-    let data = bytes(400_000, 10);
+    let data = random_bytes(400_000, 10);
     let source = MemSource::new(data.clone());
     let blob = cache.blob_from(&desc(&data), source.clone()).unwrap();
     assert_eq!(read(&*blob, 0, 10), &data[..10]);
@@ -285,7 +276,7 @@ fn partial_blob_adopts_one_published_meanwhile() {
 #[test]
 fn readers_racing_the_adoption_of_a_published_blob_never_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let data = bytes(8 * CHUNK as usize, 200);
+    let data = random_bytes(8 * CHUNK as usize, 200);
     let published = dir.path().join("blobs/sha256").join(Digest::of(&data).hex());
     for round in 0..150u64 {
         let cache = BlobCache::open(dir.path(), config(Duration::from_secs(30))).unwrap();
@@ -337,7 +328,7 @@ fn image(name: &str) -> ImageRef {
 
 /// A complete blob of `cache` with `n` bytes, and its digest.
 fn fetched(cache: &BlobCache, n: usize, seed: u64) -> (Arc<Blob>, Digest) {
-    let data = bytes(n, seed);
+    let data = random_bytes(n, seed);
     let blob = cache.blob_from(&desc(&data), MemSource::new(data.clone())).unwrap();
     blob.fetch_all().unwrap();
     (blob, Digest::of(&data))
@@ -411,7 +402,7 @@ fn gc_keeps_held_content_until_the_hold_is_dropped() {
 #[test]
 fn gc_keeps_content_younger_than_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
-    let data = bytes(40_000, 301);
+    let data = random_bytes(40_000, 301);
     std::fs::create_dir_all(dir.path().join("blobs/sha256")).unwrap();
     std::fs::write(dir.path().join("blobs/sha256").join(Digest::of(&data).hex()), &data).unwrap();
     let patient = BlobCache::open(dir.path(), gc_config(0, Duration::from_secs(3600))).unwrap();
@@ -443,7 +434,7 @@ fn gc_drops_the_holds_of_processes_that_are_gone() {
         .unwrap();
     assert!(status.success());
     let cache = BlobCache::open(dir.path(), gc_config(0, Duration::ZERO)).unwrap();
-    assert_eq!(cache.gc().unwrap().removed, vec![Digest::of(&bytes(30_000, 302))]);
+    assert_eq!(cache.gc().unwrap().removed, vec![Digest::of(&random_bytes(30_000, 302))]);
 }
 
 /// An overlay outlives the mount that made it: gc keeps the unpacked layers it uses as lower
@@ -484,7 +475,7 @@ fn cache_index_is_shared_by_two_processes() {
     let work = |dir: &Path, who: &str| {
         let cache = BlobCache::open(dir, config(Duration::from_secs(30))).unwrap();
         for i in 0..15u64 {
-            let data = bytes(70_000, 1000 + 2 * i);
+            let data = random_bytes(70_000, 1000 + 2 * i);
             let blob = cache.blob_from(&desc(&data), MemSource::new(data.clone())).unwrap();
             cache.pin(&image(&format!("127.0.0.1:1/{who}:{i}")), &[Digest::of(&data)]).unwrap();
             blob.fetch_all().unwrap();

@@ -16,7 +16,7 @@ use fuse_lazypull::fs::{FsStats, FuseMount, ImageFs, LayerData};
 use fuse_lazypull::layer::{convert_to_estargz, BlobSource, EntryKind, LayerIndex, Limits, TOC_DIGEST_ANNOTATION};
 use fuse_lazypull::registry::RegistryError;
 use fuse_lazypull::tree::Tree;
-use layer_support::{descriptor, gzip, MemSource, Tar, E};
+use layer_support::{descriptor, gzip, random_bytes, MemSource, Tar, E};
 
 /// A registry that can stall, counting the fetches it holds.
 struct Stalling {
@@ -40,18 +40,6 @@ impl RangeSource for Stalling {
     }
 }
 
-fn random(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Reads the first page of `path` without readahead, so the kernel sends one FUSE read.
 fn first_page(path: &Path) -> std::io::Result<Vec<u8>> {
     let file = std::fs::File::open(path)?;
@@ -68,7 +56,9 @@ fn a_read_of_local_data_is_served_while_eight_reads_wait_on_the_registry_needs_r
     // An eStargz layer: each file its own gzip member; unread "gap" files between the files
     // read, so no two of those share a 64 KiB chunk of the cache.
     let files: Vec<(String, Vec<u8>)> = (0..9u64)
-        .flat_map(|i| [(format!("f{i}"), random(200_000, 2 * i + 1)), (format!("gap{i}"), random(200_000, 2 * i + 2))])
+        .flat_map(|i| {
+            [(format!("f{i}"), random_bytes(200_000, 2 * i + 1)), (format!("gap{i}"), random_bytes(200_000, 2 * i + 2))]
+        })
         .collect();
     let mut tar = Tar::default();
     for (name, data) in &files {

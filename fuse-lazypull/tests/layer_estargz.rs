@@ -11,20 +11,12 @@ use fuse_lazypull::layer::tar::RawKind;
 use fuse_lazypull::layer::{
     convert_to_estargz, Converted, EntryKind, LayerError, LayerIndex, Limits, TOC_DIGEST_ANNOTATION,
 };
-use layer_support::{descriptor, gzip, sha256_digest, MemSource, Tar, E};
+use layer_support::{descriptor, gzip, random_bytes, sha256_digest, MemSource, Tar, E};
 
 /// Bytes that do not compress: three chunks (4 + 4 + 0.5 MiB) at the real chunk size, many at
 /// the small chunk size the tests use to stay quick in debug builds.
 fn big() -> Vec<u8> {
-    let mut x = 88172645463325252u64;
-    (0..890_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    random_bytes(890_000, 88172645463325252)
 }
 
 fn source_layer(big: &[u8]) -> Vec<u8> {

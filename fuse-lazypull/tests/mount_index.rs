@@ -13,7 +13,7 @@ use fuse_lazypull::cache::{BlobCache, CacheConfig, RangeSource};
 use fuse_lazypull::layer::Limits;
 use fuse_lazypull::mount::{index_layers, layer_index};
 use fuse_lazypull::registry::RegistryError;
-use layer_support::{descriptor, gzip, Tar, E};
+use layer_support::{descriptor, gzip, random_bytes, Tar, E};
 
 /// A registry in memory whose fetches reaching byte `fail_at` fail (`failures` times) or come
 /// back damaged (`damage` times).
@@ -49,19 +49,8 @@ fn layer() -> Vec<u8> {
 
 /// A gzip layer of `files` incompressible files of 400 kB.
 fn layer_of(files: usize, seed: u64) -> Vec<u8> {
-    let mut x: u64 = seed;
-    let mut random = |n: usize| -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
     let names: Vec<String> = (0..files).map(|i| format!("f{i}")).collect();
-    let files: Vec<Vec<u8>> = (0..files).map(|_| random(400_000)).collect();
+    let files: Vec<Vec<u8>> = (0..files as u64).map(|i| random_bytes(400_000, seed + i)).collect();
     let mut tar = Tar::default();
     for (name, data) in names.iter().zip(&files) {
         tar.add(E::file(name, data));
