@@ -219,7 +219,7 @@ impl Ftl {
         // Taken before the lock, so that the lock is never held waiting for a slot.
         let dma = area.take().await?;
         // (block of the request, slot) of the blocks the device must return.
-        let mut dev: Vec<(usize, u32)> = Vec::new();
+        let mut dev: Vec<(usize, u32)> = Vec::with_capacity(n as usize);
         let block = |k: usize| k * LBA_BYTES..(k + 1) * LBA_BYTES;
         let gate = {
             let mut eng = self.eng.lock().await;

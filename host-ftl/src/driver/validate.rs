@@ -207,12 +207,12 @@ fn check_vector(part: &Partition, sqe: &Sqe, mem: &DmaRegion, costs: &CostModel)
         return fail(Status::DATA_TRANSFER_ERROR);
     }
     let snapshot = |field: u64| if n == 1 { Ok(vec![field]) } else { mem.read_u64s(field, n) };
-    let Ok(src) = snapshot(sqe.lba_field()) else { return fail(Status::DATA_TRANSFER_ERROR) };
-    let dst_raw = if copy { snapshot(sqe.dst_field()) } else { Ok(Vec::new()) };
-    let Ok(dst_raw) = dst_raw else { return fail(Status::DATA_TRANSFER_ERROR) };
+    let Ok(mut addrs) = snapshot(sqe.lba_field()) else { return fail(Status::DATA_TRANSFER_ERROR) };
+    let dst = if copy { snapshot(sqe.dst_field()) } else { Ok(Vec::new()) };
+    let Ok(mut dst) = dst else { return fail(Status::DATA_TRANSFER_ERROR) };
     let mut bad = 0u64;
-    let (addrs, src_pus) = translate(part, &src, &mut bad);
-    let (dst, dst_pus) = translate(part, &dst_raw, &mut bad);
+    let src_pus = translate(part, &mut addrs, &mut bad);
+    let dst_pus = translate(part, &mut dst, &mut bad);
     if bad == fail_all(cid, n, Status::SUCCESS).bitmap() {
         return Err(Cqe::new(cid, Status::LBA_OUT_OF_RANGE, bad));
     }
@@ -227,24 +227,23 @@ fn check_vector(part: &Partition, sqe: &Sqe, mem: &DmaRegion, costs: &CostModel)
     Ok(Checked { sqe: *sqe, addrs, dst, est, bytes })
 }
 
-/// Translates a list; failed entries become [`POISON`] and set their bit in `bad`. Returns the
-/// device addresses and the blocks (or chunks) per device PU.
-fn translate(part: &Partition, list: &[u64], bad: &mut u64) -> (Vec<u64>, Vec<(usize, u64)>) {
-    let mut out = Vec::with_capacity(list.len());
+/// Translates a list of guest addresses in place into device addresses; failed entries become
+/// [`POISON`] and set their bit in `bad`. Returns the blocks (or chunks) per device PU.
+fn translate(part: &Partition, list: &mut [u64], bad: &mut u64) -> Vec<(usize, u64)> {
     let mut per_pu = Vec::new();
-    for (i, &a) in list.iter().enumerate() {
-        match part.to_device(a) {
+    for (i, a) in list.iter_mut().enumerate() {
+        match part.to_device(*a) {
             Some((d, pu)) => {
-                out.push(d);
+                *a = d;
                 add_to(&mut per_pu, pu, 1);
             }
             None => {
-                out.push(POISON);
+                *a = POISON;
                 *bad |= 1 << i;
             }
         }
     }
-    (out, per_pu)
+    per_pu
 }
 
 #[cfg(test)]
