@@ -7,10 +7,11 @@ use crate::error::{FtlError, Result};
 pub enum VictimPolicy {
     /// The closed line with the fewest valid blocks.
     Greedy,
-    /// The closed line with the best `(1 - u) * age^a / (1 + u)` (Rosenblum and Ousterhout's
-    /// cost-benefit, `a` = [`FtlConfig::age_exponent`]): old, mostly invalid lines first, so
-    /// that cold data is not moved again and again just because its line is a little emptier
-    /// than a hot one.
+    /// Cost-benefit: the closed line whose free space is worth most for how fast its blocks
+    /// die (see [`crate::gc`]): hot lines are cleaned emptier and cold lines fuller, so that cold
+    /// data is not moved again and again just because its line is a little emptier than a hot
+    /// one, and the spare space is split between temperatures as the write amplification model
+    /// says is best.
     CostBenefit,
 }
 
@@ -23,10 +24,6 @@ pub struct FtlConfig {
     /// The disk's logical block size: 512 or 4096.
     pub block_size: u32,
     pub victim: VictimPolicy,
-    /// How much a line's age counts in cost-benefit victims. 1 is the classic formula; below
-    /// 1 hot lines are cleaned a little fuller and cold lines a little emptier, which suits
-    /// workloads with many temperatures (Zipf) better and costs two-temperature ones little.
-    pub age_exponent: f64,
     /// Separate streams (open lines) for hot and cold user writes and for recently and long
     /// ago written relocated data, instead of one stream for everything.
     pub hot_cold: bool,
@@ -36,8 +33,8 @@ pub struct FtlConfig {
     /// A map checkpoint is taken after this many lines have been opened: recovery scans at most
     /// about this many lines (plus those open at the checkpoint).
     pub checkpoint_lines: u32,
-    /// Garbage collection starts when fewer than this many lines' worth of chunks are free,
-    /// beyond the one line kept for GC alone.
+    /// Garbage collection starts when fewer than this many lines' worth of chunks per user
+    /// stream are free, beyond the lines kept for GC alone (one per GC stream).
     pub gc_free_lines: u32,
     /// Static wear levelling moves cold data off the least worn chunks when the wear of free
     /// and used chunks differs by more than this many resets.
@@ -52,7 +49,6 @@ impl Default for FtlConfig {
             over_provisioning: 0.11,
             block_size: 4096,
             victim: VictimPolicy::CostBenefit,
-            age_exponent: 0.7,
             hot_cold: true,
             hot_lifespan: 1.0,
             checkpoint_lines: 16,
@@ -73,9 +69,6 @@ impl FtlConfig {
         }
         if !(self.hot_lifespan.is_finite() && self.hot_lifespan > 0.0) {
             return Err(FtlError::Config(format!("hot_lifespan {} is not a positive number", self.hot_lifespan)));
-        }
-        if !(self.age_exponent.is_finite() && (0.0..=4.0).contains(&self.age_exponent)) {
-            return Err(FtlError::Config(format!("age_exponent {} is not in [0, 4]", self.age_exponent)));
         }
         if self.checkpoint_lines == 0 {
             return Err(FtlError::Config("checkpoint_lines must be at least 1".into()));

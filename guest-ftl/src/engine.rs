@@ -27,6 +27,7 @@ use state_store::Store;
 use crate::channel::FlashChannel;
 use crate::config::FtlConfig;
 use crate::error::{FtlError, Result};
+use crate::gc::Heat;
 use crate::io::{self, Cmd};
 use crate::layout::{Layout, Oob, LBA_BYTES, NO_SLOT, OOB_BYTES, PAD_LBA};
 use crate::map::{Entry, Map};
@@ -71,8 +72,8 @@ pub struct Line {
     pub alloc: Vec<u32>,
     /// Valid slots.
     pub valid: u32,
-    /// The sequence number when the line closed (its age for cost-benefit).
-    pub close_seq: u64,
+    /// How fast its blocks die (for cost-benefit victims).
+    pub heat: Heat,
     /// When drained: (chunk, its line's generation, write pointer) that must be reached on the
     /// device before this line may be reset.
     pub needs: Vec<(u32, u32, u32)>,
@@ -244,7 +245,9 @@ impl Engine {
         let Some(w) = self.valid.get_mut(slot as usize / 64) else { return };
         if *w & (1 << (slot % 64)) == 0 {
             *w |= 1 << (slot % 64);
+            let now = self.next_seq;
             if let Some(l) = self.line_of_slot(slot) {
+                l.heat.expose(l.valid, now);
                 l.valid += 1;
             }
         }
@@ -255,7 +258,9 @@ impl Engine {
         let Some(w) = self.valid.get_mut(slot as usize / 64) else { return };
         if *w & (1 << (slot % 64)) != 0 {
             *w &= !(1 << (slot % 64));
+            let now = self.next_seq;
             if let Some(l) = self.line_of_slot(slot) {
+                l.heat.expose(l.valid, now);
                 l.valid = l.valid.saturating_sub(1);
             }
         }
@@ -266,6 +271,13 @@ impl Engine {
         let old = self.map.set(lba, new);
         tracing::trace!(lba, ?old, ?new, "remap");
         if old.is_mapped() {
+            // A new version or a trim ends the old one's life; relocation keeps the sequence.
+            if new.seq != old.seq && self.is_valid(old.slot) {
+                let now = self.next_seq;
+                if let Some(l) = self.line_of_slot(old.slot) {
+                    l.heat.death(now);
+                }
+            }
             self.clear_valid(old.slot);
         }
         if new.is_mapped() {
@@ -289,9 +301,13 @@ impl Engine {
         self.lay.pus * if self.cfg.hot_cold { 2 } else { 1 }
     }
 
-    /// Below this many free chunks, user writes pay for garbage collection.
+    /// Below this many free chunks, user writes pay for garbage collection: the GC reserve
+    /// plus `gc_free_lines` lines for each user stream, so that every stream can open its next
+    /// line while the lines GC drained wait for their reset without the reserve being touched
+    /// (below it, drained lines are freed by padding streams out, which costs space).
     pub fn gc_low_chunks(&self) -> u32 {
-        self.reserve_chunks() + self.lay.pus * self.cfg.gc_free_lines
+        let user_streams = if self.cfg.hot_cold { 2 } else { 1 };
+        self.reserve_chunks() + self.lay.pus * self.cfg.gc_free_lines * user_streams
     }
 
     // ---- lines ----
@@ -347,7 +363,7 @@ impl Engine {
                 pos: 0,
                 alloc: vec![0; n],
                 valid: 0,
-                close_seq: 0,
+                heat: Heat::new(self.next_seq),
                 needs: Vec::new(),
             },
         );
@@ -486,11 +502,9 @@ impl Engine {
     /// Marks every full line whose slots are all on the device closed.
     fn close_written_lines(&mut self) {
         let spc = self.lay.spc;
-        let seq = self.next_seq;
         for line in self.lines.values_mut() {
             if line.state == LineState::Full && line.members.iter().all(|&c| self.chunks[c as usize].wp == spc) {
                 line.state = LineState::Closed;
-                line.close_seq = seq;
             }
         }
     }
@@ -738,7 +752,7 @@ pub(crate) mod tests {
             pos: 0,
             alloc: vec![0; n],
             valid: 0,
-            close_seq: 0,
+            heat: Heat::new(0),
             needs: Vec::new(),
         }
     }

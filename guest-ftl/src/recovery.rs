@@ -23,6 +23,7 @@ use crate::channel::chunk_table;
 use crate::checkpoint::Saved;
 use crate::engine::{Engine, Line, LineState, USER};
 use crate::error::{FtlError, Result};
+use crate::gc::Heat;
 use crate::io::{self, Cmd};
 use crate::layout::{Oob, NO_SLOT, OOB_BYTES, PAD_LBA};
 use crate::map::Entry;
@@ -189,7 +190,7 @@ impl Engine {
                     pos: n as u32 * spc,
                     alloc,
                     valid: 0,
-                    close_seq: meta.next_seq,
+                    heat: Heat::new(meta.next_seq),
                     needs: Vec::new(),
                 },
             );
