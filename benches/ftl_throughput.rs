@@ -159,7 +159,7 @@ fn main() {
         let o = rt.block_on(run(&geo, config(op, hot_cold), w, overlap, warm, measure));
         let bound = o.media_mbps / o.wa;
         println!(
-            "| {name} | {:.0}% | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2}x | {:.1}% | {:.1}% | {:.0} |",
+            "| {name} | {:.0}% | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.3}x | {:.1}% | {:.1}% | {:.0} |",
             op * 100.0,
             if hot_cold { "hot/cold, cost-benefit" } else { "1 stream, greedy" },
             if overlap { "write buffer, read suspend" } else { "write-through" },

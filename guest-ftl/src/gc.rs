@@ -54,8 +54,9 @@ use crate::layout::NO_SLOT;
 use crate::map::Entry;
 use crate::metrics::Metrics;
 
-/// Blocks relocated per GC read batch.
-const GC_BATCH: u32 = 256;
+/// Blocks relocated per GC read batch: a few commands' worth on every PU, so that reads cover
+/// whole write units (the device reads a part of a unit in the time of the whole unit).
+const GC_BATCH: u32 = 512;
 
 /// How many deaths' worth a line's prior (its stream's update frequency) weighs in the line's
 /// own estimate: a fresh line is taken to be like its stream until it shows otherwise.
@@ -235,7 +236,9 @@ impl Engine {
             let limit = if budget > 0 { budget.min(GC_BATCH) } else { GC_BATCH };
             if line.valid > 0 {
                 while cursor < cap && (batch.len() as u32) < limit {
-                    let slot = self.lay.slot(members[(cursor / self.lay.spc) as usize], cursor % self.lay.spc);
+                    // Across the members in turn, so that the reads load every PU alike.
+                    let m = members.len() as u32;
+                    let slot = self.lay.slot(members[(cursor % m) as usize], cursor / m);
                     if self.is_valid(slot) {
                         batch.push(slot);
                     }
@@ -257,6 +260,8 @@ impl Engine {
                 }
                 continue;
             }
+            // One PU's blocks together: each read command then covers one PU, in whole units.
+            batch.sort_by_key(|&slot| self.lay.chunk_of(slot));
             let data = self.read_slots(&batch).await?;
             // Only now, with the batch read, is the cursor moved past it.
             self.victim = Some(Victim { gen: v.gen, cursor });
@@ -519,8 +524,11 @@ impl Engine {
             let u = self.victim_fill();
             let urgency = 1.0 + f64::from(low - self.free) / f64::from(self.lay.pus.max(1));
             self.debt += f64::from(n) * (u / (1.0 - u)).min(64.0) * urgency;
-            while self.debt >= 1.0 {
-                let budget = (self.debt as u32).min(GC_BATCH);
+            // Whole batches: the device reads a few blocks of a PU in the time of a whole write
+            // unit, so GC reads are worth batching (many blocks per PU per command).
+            let batch = self.gc_batch();
+            while self.debt >= f64::from(batch) {
+                let budget = batch;
                 let moved = self.gc_step(budget, false).await?;
                 worked = true;
                 if moved == 0 && self.victim.is_none() {
@@ -566,6 +574,12 @@ impl Engine {
             Metrics::add(&self.metrics.throttled_ns, start.elapsed().as_nanos() as u64);
         }
         Ok(())
+    }
+
+    /// Blocks GC relocates at a time when paying for user writes: [`GC_BATCH`], or a line's
+    /// worth if that is less, so that the debt never runs ahead by more than a line of space.
+    fn gc_batch(&self) -> u32 {
+        GC_BATCH.min(self.lay.pus * self.lay.spc).max(1)
     }
 
     /// Valid fraction of the current (or next) victim.
