@@ -27,9 +27,6 @@ pub struct FtlConfig {
     /// Separate streams (open lines) for hot and cold user writes and for recently and long
     /// ago written relocated data, instead of one stream for everything.
     pub hot_cold: bool,
-    /// With `hot_cold`: the bound between hot and cold lifetimes, in disk's worth of writes
-    /// (see [`crate::streams`]).
-    pub hot_lifespan: f64,
     /// A map checkpoint is taken after this many lines have been opened: recovery scans at most
     /// about this many lines (plus those open at the checkpoint).
     pub checkpoint_lines: u32,
@@ -50,7 +47,6 @@ impl Default for FtlConfig {
             block_size: 4096,
             victim: VictimPolicy::CostBenefit,
             hot_cold: true,
-            hot_lifespan: 1.0,
             checkpoint_lines: 16,
             gc_free_lines: 1,
             wear_spread: 64,
@@ -66,9 +62,6 @@ impl FtlConfig {
         }
         if self.block_size != 512 && self.block_size != 4096 {
             return Err(FtlError::Config(format!("block size {} is not 512 or 4096", self.block_size)));
-        }
-        if !(self.hot_lifespan.is_finite() && self.hot_lifespan > 0.0) {
-            return Err(FtlError::Config(format!("hot_lifespan {} is not a positive number", self.hot_lifespan)));
         }
         if self.checkpoint_lines == 0 {
             return Err(FtlError::Config("checkpoint_lines must be at least 1".into()));

@@ -171,6 +171,8 @@ pub struct Engine {
     pub erase_gate: Arc<tokio::sync::RwLock<()>>,
     /// What is known of each logical block's lifetime, to choose its stream.
     pub lifetimes: Lifetimes,
+    /// Each stream's update frequency, as GC last measured it (see [`crate::gc`]).
+    pub stream_rates: Vec<f64>,
 }
 
 /// Whether a command that failed with `status` left the device as it was (a media I/O error, a
@@ -221,6 +223,7 @@ impl Engine {
             free: 0,
             metrics: Arc::new(Metrics::default()),
             lifetimes: Lifetimes::new(user_lbas),
+            stream_rates: Vec::new(),
             erase_gate: Arc::new(tokio::sync::RwLock::new(())),
             lay,
             cfg,

@@ -117,10 +117,10 @@ impl Heat {
 
 /// What cleaning a line at valid fraction `u` is worth per unit of its blocks' update frequency.
 ///
-/// In the model of `crate`'s reference (a class of blocks overwritten uniformly at random, its
-/// lines cleaned at valid fraction `u = exp(-(1 - u) / r)`, `r` = its data over its flash),
-/// the write amplification of a class of update frequency `f` falls with extra spare at a rate
-/// proportional to `f / (ln u + (1 - u) / u)`. Spare is best split when that is the same for
+/// In the usual model of garbage collection (a class of blocks overwritten uniformly at random,
+/// its lines cleaned at valid fraction `u = exp(-(1 - u) / r)`, `r` = its data over its flash,
+/// write amplification `1 / (1 - u)`), the write amplification of a class of update frequency
+/// `f` falls with extra spare at a rate proportional to `f / (ln u + (1 - u) / u)`. Spare is best split when that is the same for
 /// every class (Desnoyers, SYSTOR'12; Stoica and Ailamaki, VLDB'13), so GC cleans the line with
 /// the highest `(ln u + (1 - u) / u) / f`: each class ends up cleaned at its optimal `u`, cold
 /// lines fuller than hot ones, without any class being named or counted.
@@ -153,6 +153,7 @@ impl Engine {
         }
         let now = self.next_seq;
         let priors = self.stream_rates(now);
+        self.stream_rates.clone_from(&priors);
         let lay = &self.lay;
         let best = self
             .lines
@@ -628,7 +629,7 @@ impl Engine {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use super::*;
@@ -636,7 +637,7 @@ mod tests {
     use crate::config::FtlConfig;
     use crate::layout::{tests::small, Layout};
 
-    fn engine(victim: VictimPolicy) -> (Engine, tempfile::TempDir) {
+    pub(crate) fn engine(victim: VictimPolicy) -> (Engine, tempfile::TempDir) {
         let geo = small();
         let dev = host_ftl::Device::in_memory(geo.clone()).unwrap();
         let ch = Arc::new(DirectChannel::new(dev, DirectChannel::default_region_bytes(&geo)));

@@ -10,11 +10,14 @@
 //! versions it replaces (a block that lived briefly last time will again), smoothed over its
 //! recent writes so that one short or long life by chance does not move it: each logical
 //! block keeps an estimate, the average of its last lifespan and its previous estimate
-//! (lifespans counted in writes). A user write is hot when the estimate is below
-//! `hot_lifespan` disk's worth of writes. A relocated block stays hot only when it comes from
-//! a hot line and is younger than that bound: following the line's class keeps the survivors
-//! of cold lines (cleaned long after they were written, but usually before a disk's worth of
-//! writes) out of the hot stream, and the age bound moves out the cold blocks a hot line caught.
+//! (lifespans counted in writes). A user write is hot when the estimate is below the hot bound:
+//! the geometric mean of the lifetimes GC measures for the hot and the cold user stream (see
+//! [`crate::gc::Heat`]), one disk's worth of writes until it has: a bound measured rather than
+//! set sits between the temperatures of whatever the workload is. A relocated block stays hot
+//! only when it comes from a hot line and is younger than that bound: following the line's
+//! class keeps the survivors of cold lines (cleaned long after they were written, but usually
+//! before they reach the bound) out of the hot stream, and the age bound moves out the cold
+//! blocks a hot line caught.
 //!
 //! The estimates live in memory only: after a restart every block starts unknown (cold until
 //! it is rewritten), which costs some separation for a while, never correctness.
@@ -44,9 +47,19 @@ impl Lifetimes {
 }
 
 impl Engine {
-    /// The bound between hot and cold lifetimes, in writes.
+    /// The bound between hot and cold lifetimes, in writes: the geometric mean of the hot and
+    /// cold user streams' measured lifetimes (the reciprocals of their update frequencies), so
+    /// that the bound sits between the two temperatures whatever the workload; one disk's worth
+    /// of writes until GC has measured both.
     fn hot_bound(&self) -> f64 {
-        self.cfg.hot_lifespan * f64::from(self.user_lbas)
+        let hot = self.stream_rates.get(USER).copied().unwrap_or(0.0);
+        let cold = self.stream_rates.get(USER_COLD).copied().unwrap_or(0.0);
+        let f = (hot * cold).sqrt();
+        if f.is_finite() && f > 0.0 {
+            1.0 / f
+        } else {
+            f64::from(self.user_lbas)
+        }
     }
 
     /// The user stream for a write of `lba`, about to replace its current version.
@@ -84,6 +97,14 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hot_bound_sits_between_the_measured_temperatures() {
+        let (mut e, _d) = crate::gc::tests::engine(crate::config::VictimPolicy::CostBenefit);
+        assert_eq!(e.hot_bound(), 100.0, "a disk's worth of writes before anything is measured");
+        e.stream_rates = vec![4e-3, 2.5e-4, 1e-3, 1e-4];
+        assert!((e.hot_bound() - 1000.0).abs() < 1e-6);
+    }
 
     #[test]
     fn the_estimate_averages_recent_lifespans() {
