@@ -175,6 +175,6 @@ fn main() {
     println!("| workload | OP | WA 1 stream greedy | WA hot/cold cost-benefit | reduction |");
     println!("|---|---:|---:|---:|---:|");
     for (w, op, b, o) in skew {
-        println!("| {} | {:.0}% | {b:.2} | {o:.2} | {:.0}% |", w.name(), op * 100.0, (1.0 - o / b) * 100.0);
+        println!("| {} | {:.0}% | {b:.2} | {o:.2} | {:.1}% |", w.name(), op * 100.0, (1.0 - o / b) * 100.0);
     }
 }
