@@ -187,10 +187,11 @@ impl ReadSlot<'_> {
     /// Runs the read commands `cmds` (of at most [`READ_SLOT_BLOCKS`] blocks in all) in this
     /// slot and leaves their data there, for the caller to copy straight to where it goes.
     pub async fn read(&self, ch: &dyn FlashChannel, cmds: &[Cmd]) -> Result<Vec<InPlace>> {
-        let (placed, cqes) = submit_round(ch, self.at, self.area.slot_bytes, cmds).await?;
+        let placed = place(ch, self.at, self.area.slot_bytes, cmds)?;
         if placed.len() < cmds.len() {
             return Err(FtlError::Config(format!("a read of {} commands does not fit a read slot", cmds.len())));
         }
+        let cqes = submit_placed(ch, cmds, &placed).await?;
         Ok(placed.iter().zip(cqes).map(|(p, cqe)| InPlace { cqe, data_at: p.data }).collect())
     }
 }
@@ -215,7 +216,8 @@ async fn run_in(ch: &dyn FlashChannel, base: usize, cap: usize, cmds: Vec<Cmd>) 
     let mut out = Vec::with_capacity(cmds.len());
     let mut start = 0;
     while start < cmds.len() {
-        let (placed, cqes) = submit_round(ch, base, cap, &cmds[start..]).await?;
+        let placed = place(ch, base, cap, &cmds[start..])?;
+        let cqes = submit_placed(ch, &cmds[start..], &placed).await?;
         for ((cmd, p), cqe) in cmds[start..].iter().zip(&placed).zip(cqes) {
             let (_, d, o) = cmd.bytes(bs, os);
             let (data, oob) = if cmd.op == opcode::VECTOR_READ {
@@ -231,9 +233,9 @@ async fn run_in(ch: &dyn FlashChannel, base: usize, cap: usize, cmds: Vec<Cmd>) 
     Ok(out)
 }
 
-/// Places as many of `cmds` as fit in `cap` bytes of the region from `base` (at least one),
-/// submits them together and waits for all of them; returns where each went and its completion.
-async fn submit_round(ch: &dyn FlashChannel, base: usize, cap: usize, cmds: &[Cmd]) -> Result<(Vec<Placed>, Vec<Cqe>)> {
+/// Where in `cap` bytes of the region from `base` the first of `cmds` go: as many as fit, at
+/// least one.
+fn place(ch: &dyn FlashChannel, base: usize, cap: usize, cmds: &[Cmd]) -> Result<Vec<Placed>> {
     let geo = ch.geometry();
     let (bs, os) = (geo.block_size as usize, geo.oob_size as usize);
     let mut at = 0usize;
@@ -250,16 +252,21 @@ async fn submit_round(ch: &dyn FlashChannel, base: usize, cap: usize, cmds: &[Cm
     if placed.is_empty() {
         return Err(FtlError::Config(format!("the DMA region of {cap} bytes cannot hold one command")));
     }
+    Ok(placed)
+}
+
+/// Submits the placed commands (the first `placed.len()` of `cmds`) together and waits for all
+/// of them; their completions in command order.
+async fn submit_placed(ch: &dyn FlashChannel, cmds: &[Cmd], placed: &[Placed]) -> Result<Vec<Cqe>> {
     // One command (a small read) needs no joining.
-    if let ([cmd], [p]) = (cmds, &placed[..]) {
-        let cqe = ch.submit(sqe_of(ch, cmd, p)?).await;
-        return Ok((placed, vec![cqe]));
+    if let ([cmd, ..], [p]) = (cmds, placed) {
+        return Ok(vec![ch.submit(sqe_of(ch, cmd, p)?).await]);
     }
     let mut futs = Vec::with_capacity(placed.len());
-    for (cmd, p) in cmds.iter().zip(&placed) {
+    for (cmd, p) in cmds.iter().zip(placed) {
         futs.push(ch.submit(sqe_of(ch, cmd, p)?));
     }
-    Ok((placed, join_all(futs).await))
+    Ok(join_all(futs).await)
 }
 
 /// Writes a command's address list and data into the region and makes its 64-byte command.
