@@ -18,6 +18,8 @@
 //! Requests go through the catalog's `Disk` handle, as the NBD and vhost-user frontends send
 //! them, from `--depth` tasks on a single-threaded tokio runtime.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -14,6 +14,8 @@
 //! `-- --quick` for a smaller disk and fewer passes, `--uniform-only` or `--skewed-only` for
 //! one half of the table).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 use std::sync::Arc;
 use std::time::Instant;
 

@@ -14,6 +14,8 @@
 //! Run everything with `cargo bench --bench host_ftl_driver`, or one part with
 //! `cargo bench --bench host_ftl_driver -- cost` (or `file`, `noisy`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

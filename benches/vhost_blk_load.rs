@@ -15,6 +15,8 @@
 //! submission, with bytes that depend only on `--seed` and the offset, so two disks filled that
 //! way hold the same data whatever order their requests complete in.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
 use std::process::ExitCode;

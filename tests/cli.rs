@@ -1,6 +1,8 @@
 //! The `vstor` command line: its happy path against a running daemon, and every error a user can
 //! make, each of which must end in a non-zero exit and a message naming the problem.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 mod common;
 
 use std::path::Path;

@@ -2,6 +2,8 @@
 //! written, read through, flattened and restarted; integrity catching flipped bits in a disk's
 //! file; configuration errors refused by the CLI and by `vstor serve`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 mod common;
 
 use std::os::unix::fs::FileExt;

@@ -2,6 +2,8 @@
 //! images built by umoci and pushed by skopeo (fuse-lazypull's test support). They need root
 //! (FUSE, overlay mounts, device nodes, owners) and say so in their names.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 #[path = "../fuse-lazypull/tests/support/mod.rs"]
 mod support;
 

@@ -1,6 +1,8 @@
 //! Real NBD clients against the real daemon: fio (libnbd), qemu-img and qemu-io (QEMU's NBD
 //! client) and nbdinfo.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 mod common;
 
 use std::process::Command;

@@ -4,6 +4,8 @@
 //! another process published, derived data, and gc under a limit with what keeps content: pins,
 //! holds (of live processes only), the grace period and overlays using unpacked layers.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 mod layer_support;
 
 use std::collections::BTreeMap;
@@ -421,6 +423,7 @@ fn gc_drops_the_holds_of_processes_that_are_gone() {
         let (_, digest) = fetched(&cache, 30_000, 302);
         let hold = cache.hold("a mount that dies", &[digest]).unwrap();
         // Gone without dropping it, as a killed process would be.
+        #[allow(clippy::mem_forget)]
         std::mem::forget(hold);
         drop(cache);
         std::process::exit(0);

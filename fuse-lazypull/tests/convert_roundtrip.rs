@@ -3,6 +3,8 @@
 //! the stargz annotations, its config's diff_ids are the sha256 of its uncompressed layers, and
 //! skopeo + `umoci unpack` of the copy give the same tree as of the source.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 mod support;
 
 use std::collections::BTreeMap;

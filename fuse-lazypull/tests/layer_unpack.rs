@@ -1,6 +1,8 @@
 //! Unpacking a layer into an overlayfs lower directory: every kind of entry as in the image,
 //! whiteouts and opaque directories in overlayfs' form, and no write outside the destination.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 mod layer_support;
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};

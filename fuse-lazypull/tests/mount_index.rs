@@ -2,6 +2,8 @@
 //! missing, damaged bytes are fetched again, a gzip layer is fetched in large runs ahead of the
 //! indexer, and the layers of an image are indexed side by side.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 mod layer_support;
 
 use std::ops::Range;

@@ -1,6 +1,8 @@
 //! The registry client and the cache against a real `docker-registry` on loopback, with images
 //! built by umoci and pushed by skopeo, and a proxy for auth and faults.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 mod support;
 
 use std::path::Path;

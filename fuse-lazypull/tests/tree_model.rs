@@ -1,5 +1,7 @@
 //! The merged tree against a simple model: a map path -> entry, layers applied in order.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 mod layer_support;
 
 use std::collections::{BTreeMap, BTreeSet};

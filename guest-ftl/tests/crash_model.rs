@@ -24,6 +24,8 @@
 //! *kill* first makes the channel dead after a random number of further commands, so the crash
 //! can fall inside a write, a flush, a GC run or a checkpoint.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 mod common;
 
 use common::{channel, Rig};

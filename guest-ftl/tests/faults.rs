@@ -3,6 +3,8 @@
 //! warnings. A closed chunk going offline loses its blocks (no parity): reads of them fail
 //! instead of returning wrong data, and rewriting them heals the disk.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 mod common;
 
 use common::*;

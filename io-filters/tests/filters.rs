@@ -1,5 +1,7 @@
 //! The framework and the built-in filters on real catalogs (RocksDB, raw files on io_uring).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
+
 mod common;
 
 use std::os::unix::fs::FileExt;

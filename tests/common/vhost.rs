@@ -94,6 +94,7 @@ impl VhostClient {
         for i in 0..n {
             // SAFETY: each request has its own 4 KiB of the region.
             unsafe { std::ptr::write_bytes(self.buf().add(i * 4096), pattern(base, i), 4096) };
+            // SAFETY: the same 4 KiB, inside the region.
             let buf = unsafe { self.buf().add(i * 4096) };
             self.queues[q].write(base + (i * 4096) as u64, buf, 4096, i, ReqFlags::empty());
         }
