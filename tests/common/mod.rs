@@ -1,11 +1,12 @@
 //! Shared helpers of the end-to-end tests: a `vstor serve` daemon in a fresh temporary directory,
-//! the `vstor` command line, external commands run with a time limit, a raw NBD client, and a real
-//! QEMU guest on a vhost-user-blk disk (`guest`).
+//! the `vstor` command line, external commands run with a time limit, a raw NBD client, a real
+//! QEMU guest on a vhost-user-blk disk (`guest`) and a hostile vhost-user frontend (`hostile`).
 //!
 //! Every test target compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
 
 pub mod guest;
+pub mod hostile;
 pub mod nbd;
 pub mod vhost;
 
@@ -245,6 +246,11 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The daemon's process id, to read its `/proc/<pid>/status` or set its limits.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
     }
 
     /// Asserts the daemon process is still running.
