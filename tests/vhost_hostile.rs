@@ -2,8 +2,8 @@
 //! vhost-user-blk export with huge, looping, out-of-guest-memory and malformed descriptor chains,
 //! one kind of attack per test. After each:
 //! - the daemon is still alive, and its peak resident memory (VmHWM) grew by less than
-//!   [`MEMORY_BOUND`] (the daemon runs with its address space capped at [`AS_CAP`], so an
-//!   allocation sized by the guest aborts it instead of eating the host's memory);
+//!   [`MEMORY_BOUND`] (the daemon's address space is capped [`AS_HEADROOM`] above what it uses at
+//!   start, so an allocation sized by the guest aborts it instead of eating the host's memory);
 //! - a tenant on another disk of the same daemon, connected with libblkio all along, reads its
 //!   data back intact;
 //! - a second connection to the attacked export (libblkio again) reads back intact what was
@@ -26,10 +26,11 @@ use common::{random_bytes, toml_path, Daemon, DiskDecl};
 
 /// How much the daemon's peak memory may grow during one attack.
 const MEMORY_BOUND: u64 = 256 << 20;
-/// The daemon's address-space cap (as the issue measured: 3 GiB); `VSTOR_HOSTILE_AS_CAP`
-/// overrides it in bytes, 0 for none. Without a cap, today's code takes ~4 GiB of the host per
-/// huge request, and the full-queue case asks for 256 of them.
-const AS_CAP: u64 = 3 << 30;
+/// How far above its address space at start the daemon's RLIMIT_AS is set: room for any real
+/// request (at most 32 MiB each), not for one of ~4 GiB. `VSTOR_HOSTILE_AS_HEADROOM` overrides it
+/// in bytes, 0 for no cap; without one, today's code takes ~4 GiB of the host per huge request,
+/// and the full-queue case asks for 256 of them.
+const AS_HEADROOM: u64 = 2 << 30;
 /// How long a request may take to come back.
 const ANSWER: Duration = Duration::from_secs(10);
 /// How long a libblkio client may take to connect and read.
@@ -66,9 +67,11 @@ impl Stage {
             ));
         }
         daemon.spawn();
-        let cap = std::env::var("VSTOR_HOSTILE_AS_CAP").ok().and_then(|v| v.parse().ok()).unwrap_or(AS_CAP);
-        if cap > 0 {
-            cap_address_space(daemon.pid(), cap);
+        let headroom =
+            std::env::var("VSTOR_HOSTILE_AS_HEADROOM").ok().and_then(|v| v.parse().ok()).unwrap_or(AS_HEADROOM);
+        if headroom > 0 {
+            let size = memory_of(daemon.pid()).expect("daemon memory").size;
+            cap_address_space(daemon.pid(), size + headroom);
         }
         let target_data = random_bytes(13, KNOWN);
         let mut c = VhostClient::connect(&target, 1).expect("libblkio connects to the target");
@@ -77,7 +80,7 @@ impl Stage {
         drop(c);
         let tenant_data = random_bytes(31, KNOWN);
         let tenant = Tenant::start(other, tenant_data.clone());
-        let (peak_before, _) = memory_of(daemon.pid()).expect("daemon memory");
+        let peak_before = memory_of(daemon.pid()).expect("daemon memory").peak;
         Stage { daemon, target, target_data, tenant, tenant_data, peak_before, notes: Vec::new(), problems: Vec::new() }
     }
 
@@ -214,14 +217,15 @@ impl Stage {
         eprintln!("--- {case}: what the attack connection got ---\n{}", self.notes.join("\n"));
         self.daemon.assert_alive();
         match memory_of(pid) {
-            Some((peak, rss)) => {
-                let grew = peak.saturating_sub(self.peak_before);
+            Some(now) => {
+                let grew = now.peak.saturating_sub(self.peak_before);
                 eprintln!(
-                    "{case}: VmHWM {} MiB -> {} MiB (+{} MiB), VmRSS {} MiB",
+                    "{case}: VmHWM {} MiB -> {} MiB (+{} MiB), VmRSS {} MiB, VmSize {} MiB",
                     self.peak_before >> 20,
-                    peak >> 20,
+                    now.peak >> 20,
                     grew >> 20,
-                    rss >> 20
+                    now.resident >> 20,
+                    now.size >> 20
                 );
                 if grew >= MEMORY_BOUND {
                     self.problem(format!(
@@ -375,25 +379,67 @@ fn huge_write_chain_gets_ioerr_without_allocating_its_size() {
     huge_request("WRITE of 63 x 64 MiB", VIRTIO_BLK_T_OUT, false);
 }
 
-#[test]
-fn looping_chain_is_returned_empty_with_nothing_written() {
-    let case = "READ chain looping between two data descriptors";
-    let mut s = Stage::new();
-    let mut h = s.attack();
+/// A READ chain of a header and two 4 KiB data buffers whose links `link` sets (a table of
+/// three, direct or indirect), put on the ring; the buffers are watched.
+fn crooked_read(h: &mut Hostile, indirect: bool, link: [u16; 2]) -> (u16, Vec<(u64, Vec<u8>)>) {
     let header = h.header(VIRTIO_BLK_T_IN, 0);
     let a = h.alloc(4096, 0x5c);
     let b = h.alloc(4096, 0x5d);
-    let watched = [watch(&h, a, 4096), watch(&h, b, 4096)];
-    let first = h.reserve(3);
-    h.put(first, Desc { addr: header, len: 16, flags: F_NEXT, next: first + 1 });
-    h.put(first + 1, Desc { addr: a, len: 4096, flags: F_WRITE | F_NEXT, next: first + 2 });
-    h.put(first + 2, Desc { addr: b, len: 4096, flags: F_WRITE | F_NEXT, next: first + 1 });
-    h.submit(&[first]);
-    let answers = h.wait_used(1, ANSWER);
-    s.got(case, &answers);
-    s.expect_empty(&h, case, &answers, first, &watched);
-    s.follow_up(&mut h, case);
-    s.finish(case, h);
+    let watched = vec![watch(h, a, 4096), watch(h, b, 4096)];
+    let descs = |base: u16| {
+        [
+            Desc { addr: header, len: 16, flags: F_NEXT, next: base + 1 },
+            Desc { addr: a, len: 4096, flags: F_WRITE | F_NEXT, next: base + link[0] },
+            Desc { addr: b, len: 4096, flags: F_WRITE | F_NEXT, next: base + link[1] },
+        ]
+    };
+    let head = if indirect {
+        let (table, len) = h.raw_table(&descs(0));
+        h.chain(&[Desc::indirect(table, len)])
+    } else {
+        let first = h.reserve(3);
+        for (i, d) in descs(first).into_iter().enumerate() {
+            h.put(first + i as u16, d);
+        }
+        first
+    };
+    h.submit(&[head]);
+    (head, watched)
+}
+
+#[test]
+fn looping_chain_is_returned_empty_with_nothing_written() {
+    let mut s = Stage::new();
+    let mut h = s.attack();
+    // The second data buffer points back to the first: the chain never ends.
+    for (case, indirect) in
+        [("READ chain looping between two data descriptors", false), ("the same loop inside an indirect table", true)]
+    {
+        let (head, watched) = crooked_read(&mut h, indirect, [2, 1]);
+        let answers = h.wait_used(1, ANSWER);
+        s.got(case, &answers);
+        s.expect_empty(&h, case, &answers, head, &watched);
+    }
+    s.follow_up(&mut h, "looping chains");
+    s.finish("looping chains", h);
+}
+
+#[test]
+fn chain_cut_by_a_next_outside_its_table_is_returned_empty_with_nothing_written() {
+    let mut s = Stage::new();
+    let mut h = s.attack();
+    // The second data buffer's next names no descriptor: the chain stops there, with no status.
+    for (case, indirect, past) in [
+        ("READ chain whose last next is past the descriptor table", false, 999),
+        ("READ chain whose last next is past its indirect table", true, 7),
+    ] {
+        let (head, watched) = crooked_read(&mut h, indirect, [2, past]);
+        let answers = h.wait_used(1, ANSWER);
+        s.got(case, &answers);
+        s.expect_empty(&h, case, &answers, head, &watched);
+    }
+    s.follow_up(&mut h, "chains cut by a bad next");
+    s.finish("chains cut by a bad next", h);
 }
 
 #[test]

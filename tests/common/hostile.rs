@@ -261,12 +261,28 @@ impl Hostile {
     /// Writes `descs` as an indirect table, each but the last pointing to the next; gives its
     /// address and length in bytes.
     pub fn table(&mut self, descs: &[Desc]) -> (u64, u32) {
+        let linked: Vec<Desc> = descs
+            .iter()
+            .enumerate()
+            .map(
+                |(i, d)| {
+                    if i + 1 < descs.len() {
+                        Desc { flags: d.flags | F_NEXT, next: i as u16 + 1, ..*d }
+                    } else {
+                        *d
+                    }
+                },
+            )
+            .collect();
+        self.raw_table(&linked)
+    }
+
+    /// Writes `descs` exactly as they are as an indirect table; gives its address and length.
+    pub fn raw_table(&mut self, descs: &[Desc]) -> (u64, u32) {
         let len = descs.len() as u64 * 16;
         let at = self.alloc(len, 0);
         for (i, d) in descs.iter().enumerate() {
-            let linked =
-                if i + 1 < descs.len() { Desc { flags: d.flags | F_NEXT, next: i as u16 + 1, ..*d } } else { *d };
-            self.write(at + i as u64 * 16, &linked.bytes());
+            self.write(at + i as u64 * 16, &d.bytes());
         }
         (at, len as u32)
     }
@@ -359,15 +375,25 @@ fn guest_memory() -> GuestMemoryMmap {
         .expect("map guest memory")
 }
 
-/// Peak and current resident memory of a process, in bytes (`VmHWM`, `VmRSS`).
-pub fn memory_of(pid: u32) -> Option<(u64, u64)> {
+/// A process's memory as `/proc/<pid>/status` gives it, in bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    /// Peak resident memory (`VmHWM`).
+    pub peak: u64,
+    /// Resident memory now (`VmRSS`).
+    pub resident: u64,
+    /// Address space in use (`VmSize`), what RLIMIT_AS counts.
+    pub size: u64,
+}
+
+pub fn memory_of(pid: u32) -> Option<Memory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| -> Option<u64> {
         let line = status.lines().find(|l| l.starts_with(name))?;
         let kib: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
         Some(kib * 1024)
     };
-    Some((field("VmHWM:")?, field("VmRSS:")?))
+    Some(Memory { peak: field("VmHWM:")?, resident: field("VmRSS:")?, size: field("VmSize:")? })
 }
 
 /// Caps a process's address space (RLIMIT_AS) at `bytes`: an allocation past it fails at once
