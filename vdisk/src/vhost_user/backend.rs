@@ -16,7 +16,7 @@ use std::io;
 use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Acquire, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -30,24 +30,19 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::request::*;
 use crate::buffer::IoBuf;
-use crate::device::{BlockDevice, MAX_IO_BYTES};
+use crate::device::BlockDevice;
 use crate::disk::Disk;
 use crate::uring::Uring;
 
 /// Largest queue a frontend may set up.
 pub const MAX_QUEUE_SIZE: usize = 1024;
-/// Largest data segment, and segments per request: together at most MAX_IO_BYTES.
-const SIZE_MAX: u32 = 1 << 20;
-const SEG_MAX: u32 = (MAX_IO_BYTES / SIZE_MAX as u64) as u32;
-/// Offset of `wce` (writeback cache enabled) in the config space.
-const CONFIG_WCE_OFFSET: u32 = 32;
 /// How long GET_VRING_BASE waits for a stopping queue's requests.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -70,6 +65,8 @@ struct Pending {
     in_flight: AtomicUsize,
     /// The ring this queue's requests submit their file I/O to, reaped by the queue's thread.
     ring: Uring,
+    /// Chains refused so far, for logging a hostile driver without flooding the log.
+    refused: AtomicU64,
 }
 
 #[derive(Default)]
@@ -118,6 +115,15 @@ impl Pending {
     fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Notes a refused chain; logs the 1st, 2nd, 4th, 8th, ... so that a driver sending nothing
+    /// else cannot flood the log.
+    fn refused(&self, disk: &Disk, queue: usize, why: &dyn std::fmt::Display) {
+        let n = self.refused.fetch_add(1, Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(disk = %disk.name(), queue, refused = n, "bad descriptor chain: {why}");
+        }
+    }
 }
 
 pub struct BlkBackend {
@@ -141,6 +147,7 @@ impl BlkBackend {
                     event: EventFd::new(EFD_NONBLOCK)?,
                     in_flight: AtomicUsize::new(0),
                     ring: Uring::self_reaped()?,
+                    refused: AtomicU64::new(0),
                 }))
             })
             .collect::<io::Result<_>>()?;
@@ -174,28 +181,9 @@ impl BlkBackend {
         (self.num_queues + 2) as u64
     }
 
-    fn config_space(&self) -> Vec<u8> {
+    fn config_space(&self) -> ConfigSpace {
         let info = self.disk.info();
-        let mut c = vec![0u8; 60];
-        let put = |c: &mut Vec<u8>, at: usize, bytes: &[u8]| c[at..at + bytes.len()].copy_from_slice(bytes);
-        put(&mut c, 0, &(info.capacity / SECTOR).to_le_bytes());
-        put(&mut c, 8, &SIZE_MAX.to_le_bytes());
-        put(&mut c, 12, &SEG_MAX.to_le_bytes());
-        put(&mut c, 20, &info.block_size.to_le_bytes());
-        // Topology: one logical block is one physical block; optimal I/O is a page.
-        put(&mut c, 26, &1u16.to_le_bytes());
-        put(&mut c, 28, &(4096 / info.block_size).max(1).to_le_bytes());
-        c[32] = u8::from(self.writeback.load(Relaxed));
-        put(&mut c, 34, &(self.num_queues as u16).to_le_bytes());
-        let sectors_per_block = info.block_size / SECTOR as u32;
-        let max_sectors = u32::MAX - (u32::MAX % sectors_per_block);
-        put(&mut c, 36, &max_sectors.to_le_bytes()); // max_discard_sectors
-        put(&mut c, 40, &1u32.to_le_bytes()); // max_discard_seg
-        put(&mut c, 44, &sectors_per_block.to_le_bytes()); // discard_sector_alignment
-        put(&mut c, 48, &max_sectors.to_le_bytes()); // max_write_zeroes_sectors
-        put(&mut c, 52, &1u32.to_le_bytes()); // max_write_zeroes_seg
-        c[56] = 1; // write_zeroes_may_unmap
-        c
+        ConfigSpace::new(info.capacity, info.block_size, self.num_queues as u16, self.writeback.load(Relaxed))
     }
 
     /// The guest memory as the frontend has mapped it so far.
@@ -220,16 +208,17 @@ impl BlkBackend {
             // read with is loaded only after the available index that shows them, so that it
             // holds every buffer they use. (libblkio maps its buffers just after the queues start.)
             let Some(ring_mem) = self.memory() else { break };
-            let avail = {
+            let (avail, size) = {
                 let state = vring.get_ref();
                 let queue = state.get_queue();
                 // As popping would: nothing to do on a queue the frontend has not set up.
                 if !queue.ready() || queue.avail_ring() == 0 {
                     break;
                 }
-                queue.avail_idx(&*ring_mem, Acquire).map_err(io::Error::other)?
+                (queue.avail_idx(&*ring_mem, Acquire).map_err(io::Error::other)?, queue.size())
             };
             let Some(mem) = self.memory() else { break };
+            let mut stuck = false;
             loop {
                 let chain = {
                     let mut state = vring.get_mut();
@@ -240,14 +229,37 @@ impl BlkBackend {
                     }
                     queue.pop_descriptor_chain(mem.clone())
                 };
-                let Some(chain) = chain else { break };
+                // The queue cannot give what the driver made available (an available index more
+                // than a queue ahead, or a ring outside its memory): the driver broke its own
+                // queue. Stop rather than spin on it; the frontend can reset the queue.
+                let Some(chain) = chain else {
+                    self.queues[q].refused(&self.disk, q, &"the available ring cannot be read");
+                    stuck = true;
+                    break;
+                };
                 let head = chain.head_index();
-                let descs = chain.map(|d| Desc { addr: d.addr(), len: d.len(), write_only: d.is_write_only() });
+                // A head outside the queue cannot go into the used ring: the request is lost to
+                // the driver that made it, and the queue goes on.
+                if head >= size {
+                    self.queues[q].refused(&self.disk, q, &"descriptor head index outside the queue");
+                    continue;
+                }
+                let descs = chain.map(|d| Desc {
+                    addr: d.addr(),
+                    len: d.len(),
+                    write_only: d.is_write_only(),
+                    has_next: d.has_next(),
+                });
                 let finished = match parse(&*mem, descs) {
                     Ok(req) => self.start(q, head, req, mem.clone()),
-                    Err(e) => {
-                        tracing::warn!(disk = %self.disk.name(), queue = q, error = %e, "bad descriptor chain");
-                        Some(Done { head, used: 0 })
+                    Err(Refused { status, error }) => {
+                        self.queues[q].refused(&self.disk, q, &error);
+                        // Only a status byte the chain really ends with is written.
+                        let used = match status {
+                            Some(at) if mem.write_obj(VIRTIO_BLK_S_IOERR, at).is_ok() => 1,
+                            _ => 0,
+                        };
+                        Some(Done { head, used })
                     }
                 };
                 if let Some(done) = finished {
@@ -255,7 +267,7 @@ impl BlkBackend {
                     returned = true;
                 }
             }
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+            if stuck || !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
         }
@@ -336,15 +348,16 @@ impl Drop for BlkBackend {
     }
 }
 
-/// Does what a request asks; gives its status and how many bytes went into guest memory.
+/// Does what a request asks; gives its status and how many bytes went into guest memory. The
+/// request's lengths were bounded when it was parsed, so what is allocated here is too.
 async fn execute(disk: &Disk, mem: &GuestMemoryMmap, req: &Request, fua: bool) -> (u8, usize) {
     let offset = req.sector.checked_mul(SECTOR);
     match req.kind {
         VIRTIO_BLK_T_IN => {
-            let len = total(&req.writable);
-            let Some(offset) = offset.filter(|_| len as u64 % SECTOR == 0) else { return (VIRTIO_BLK_S_IOERR, 0) };
+            let Some(offset) = offset else { return (VIRTIO_BLK_S_IOERR, 0) };
+            let len = req.writable.total() as usize;
             match disk.read(offset, IoBuf::scratch(len)).await {
-                Ok(buf) => match scatter(mem, &req.writable, buf.as_slice()) {
+                Ok(buf) => match scatter(mem, req.writable.as_slice(), buf.as_slice()) {
                     Ok(n) => (VIRTIO_BLK_S_OK, n),
                     Err(_) => (VIRTIO_BLK_S_IOERR, 0),
                 },
@@ -352,13 +365,9 @@ async fn execute(disk: &Disk, mem: &GuestMemoryMmap, req: &Request, fua: bool) -
             }
         }
         VIRTIO_BLK_T_OUT => {
-            let len = total(&req.readable);
-            let Some(offset) = offset.filter(|_| len as u64 % SECTOR == 0) else { return (VIRTIO_BLK_S_IOERR, 0) };
-            if len as u64 > MAX_IO_BYTES {
-                return (VIRTIO_BLK_S_IOERR, 0);
-            }
-            let mut buf = IoBuf::scratch(len);
-            if gather(mem, &req.readable, buf.as_mut_slice()).is_err() {
+            let Some(offset) = offset else { return (VIRTIO_BLK_S_IOERR, 0) };
+            let mut buf = IoBuf::scratch(req.readable.total() as usize);
+            if gather(mem, req.readable.as_slice(), buf.as_mut_slice()).is_err() {
                 return (VIRTIO_BLK_S_IOERR, 0);
             }
             (status_of(disk.write(offset, buf, fua).await.map(drop)), 0)
@@ -368,40 +377,33 @@ async fn execute(disk: &Disk, mem: &GuestMemoryMmap, req: &Request, fua: bool) -
             let mut id = [0u8; ID_BYTES];
             let name = disk.id().as_bytes();
             id[..name.len().min(ID_BYTES)].copy_from_slice(&name[..name.len().min(ID_BYTES)]);
-            match scatter(mem, &req.writable, &id) {
+            match scatter(mem, req.writable.as_slice(), &id) {
                 Ok(n) => (VIRTIO_BLK_S_OK, n),
                 Err(_) => (VIRTIO_BLK_S_IOERR, 0),
             }
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-            let len = total(&req.readable);
-            if len == 0 || len % SEGMENT_BYTES != 0 {
+            // Parsing let through exactly one segment.
+            let mut seg = [0u8; SEGMENT_BYTES];
+            if gather(mem, req.readable.as_slice(), &mut seg).is_err() {
                 return (VIRTIO_BLK_S_IOERR, 0);
             }
-            let mut segments = vec![0u8; len];
-            if gather(mem, &req.readable, &mut segments).is_err() {
-                return (VIRTIO_BLK_S_IOERR, 0);
+            let [s0, s1, s2, s3, s4, s5, s6, s7, n0, n1, n2, n3, f0, f1, f2, f3] = seg;
+            let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+            let sectors = u32::from_le_bytes([n0, n1, n2, n3]);
+            let flags = u32::from_le_bytes([f0, f1, f2, f3]);
+            let allowed = if req.kind == VIRTIO_BLK_T_DISCARD { 0 } else { WRITE_ZEROES_FLAG_UNMAP };
+            if flags & !allowed != 0 {
+                return (VIRTIO_BLK_S_UNSUPP, 0);
             }
-            for seg in segments.chunks_exact(SEGMENT_BYTES) {
-                let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
-                let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
-                let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
-                let allowed = if req.kind == VIRTIO_BLK_T_DISCARD { 0 } else { WRITE_ZEROES_FLAG_UNMAP };
-                if flags & !allowed != 0 {
-                    return (VIRTIO_BLK_S_UNSUPP, 0);
-                }
-                let Some(offset) = sector.checked_mul(SECTOR) else { return (VIRTIO_BLK_S_IOERR, 0) };
-                let len = u64::from(sectors) * SECTOR;
-                let result = if req.kind == VIRTIO_BLK_T_DISCARD {
-                    disk.discard(offset, len).await
-                } else {
-                    disk.write_zeroes(offset, len, fua).await
-                };
-                if result.is_err() {
-                    return (VIRTIO_BLK_S_IOERR, 0);
-                }
-            }
-            (VIRTIO_BLK_S_OK, 0)
+            let Some(offset) = sector.checked_mul(SECTOR) else { return (VIRTIO_BLK_S_IOERR, 0) };
+            let len = u64::from(sectors) * SECTOR;
+            let result = if req.kind == VIRTIO_BLK_T_DISCARD {
+                disk.discard(offset, len).await
+            } else {
+                disk.write_zeroes(offset, len, fua).await
+            };
+            (status_of(result), 0)
         }
         _ => (VIRTIO_BLK_S_UNSUPP, 0),
     }
@@ -459,7 +461,8 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let config = self.config_space();
+        let space = self.config_space();
+        let config = space.as_slice();
         let mut out = vec![0u8; size as usize];
         let start = (offset as usize).min(config.len());
         let end = (offset as usize).saturating_add(size as usize).min(config.len());
@@ -549,7 +552,7 @@ mod tests {
 
     const MEM: u64 = 16 << 20;
     const DISK: u64 = 1 << 20;
-    const QSIZE: u16 = 32;
+    const QSIZE: u16 = 256;
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
 
@@ -770,5 +773,166 @@ mod tests {
         // Reads past the config space are zero-filled, not refused.
         assert_eq!(b.get_config(56, 8), [1, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(b.features() & (1 << VIRTIO_BLK_F_RO), 0);
+    }
+
+    /// Counts, per thread, the bytes allocated and not yet freed, and their peak: a request is
+    /// first polled on the thread that pops it, so whatever it allocates up front is seen here.
+    struct Counting;
+
+    thread_local! {
+        static LIVE: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+        static PEAK: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+    }
+
+    fn note(delta: isize) {
+        let _ = LIVE.try_with(|live| {
+            live.set(live.get() + delta);
+            let _ = PEAK.try_with(|peak| peak.set(peak.get().max(live.get())));
+        });
+    }
+
+    // SAFETY: every call goes straight to the system allocator; counting touches only
+    // thread-locals that need no allocation.
+    unsafe impl std::alloc::GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+            note(layout.size() as isize);
+            // SAFETY: the caller's contract is passed on unchanged.
+            unsafe { std::alloc::System.alloc(layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+            note(layout.size() as isize);
+            // SAFETY: as above.
+            unsafe { std::alloc::System.alloc_zeroed(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+            note(-(layout.size() as isize));
+            // SAFETY: as above.
+            unsafe { std::alloc::System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+            note(new_size as isize - layout.size() as isize);
+            // SAFETY: as above.
+            unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: Counting = Counting;
+
+    /// Runs `f` and gives the most bytes this thread held at once above what it held before.
+    fn peak_allocation(f: impl FnOnce()) -> isize {
+        let base = LIVE.with(|l| l.get());
+        PEAK.with(|p| p.set(base));
+        f();
+        PEAK.with(|p| p.get()) - base
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    /// Puts a chain on queue `q` whose descriptors link to the next, except that the last one
+    /// points back to `loop_to` (an index within the chain) when given.
+    fn linked(rig: &mut Rig<'_>, q: usize, descs: &[(u64, u32, bool)], loop_to: Option<u16>) {
+        let (mock, _, next_free) = &mut rig.queues[q];
+        let offset = *next_free;
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, write))| {
+                let last = i + 1 == descs.len();
+                let (flags, next) = match (last, loop_to) {
+                    (false, _) => (NEXT, offset + i as u16 + 1),
+                    (true, Some(to)) => (NEXT, offset + to),
+                    (true, None) => (0, 0),
+                };
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags | if write { WRITE } else { 0 }, next))
+            })
+            .collect();
+        mock.add_desc_chains(&raw, offset).unwrap();
+        *next_free += descs.len() as u16;
+    }
+
+    #[test]
+    fn huge_chains_get_an_error_before_anything_is_allocated_for_them() {
+        // As a hostile driver can: 63 descriptors of 64 MiB over one 64 MiB region, just under
+        // the 4 GiB the queue lets a chain carry. Each must cost the daemon nothing.
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (64 * MIB) as usize)]).unwrap();
+        let mut rig = Rig::new(&mem, &rt, dir.path());
+        let header = 0x300000;
+        let status = GuestAddress(0x300100);
+        for (i, kind) in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES].into_iter().enumerate() {
+            let mut h = [0u8; 16];
+            h[..4].copy_from_slice(&kind.to_le_bytes());
+            mem.write_slice(&h, GuestAddress(header)).unwrap();
+            mem.write_obj(0xffu8, status).unwrap();
+            let data_is_writable = kind == VIRTIO_BLK_T_IN;
+            let mut descs = vec![(header, 16, false)];
+            descs.extend((0..63).map(|_| (0, (64 * MIB) as u32, data_is_writable)));
+            descs.push((status.0, 1, true));
+            rig.push_raw(0, &descs);
+            let peak = peak_allocation(|| {
+                rig.run(0, i as u16 + 1);
+            });
+            assert_eq!(rig.status(status), VIRTIO_BLK_S_IOERR, "type {kind}");
+            assert!(peak < MIB as isize, "type {kind}: {peak} bytes allocated for a refused request");
+        }
+    }
+
+    #[test]
+    fn a_chain_the_queue_cut_short_is_returned_with_nothing_written() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mem = memory();
+        let mut rig = Rig::new(&mem, &rt, dir.path());
+        let header = 0x300000;
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(header)).unwrap();
+        // A read whose data descriptor links back to itself: the queue stops after as many
+        // descriptors as it has slots. The last byte of the data buffer is no status byte.
+        let data = 0xA00000;
+        let canary = GuestAddress(data + 4095);
+        mem.write_obj(0x5au8, canary).unwrap();
+        linked(&mut rig, 0, &[(header, 16, false), (data, 4096, true)], Some(1));
+        let used = rig.run(0, 1);
+        assert_eq!(used, [(0, 0)], "returned with nothing written");
+        assert_eq!(mem.read_obj::<u8>(canary).unwrap(), 0x5a, "no status written into the data");
+    }
+
+    #[test]
+    fn a_head_outside_the_queue_costs_that_request_not_the_queue() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mem = memory();
+        let mut rig = Rig::new(&mem, &rt, dir.path());
+        {
+            let (mock, _, _) = &rig.queues[0];
+            let idx = mock.avail().idx().load();
+            mock.avail().ring().ref_at(usize::from(idx % QSIZE)).unwrap().store(u16::MAX);
+            mock.avail().idx().store(idx + 1);
+        }
+        let (_, vring, _) = &rig.queues[0];
+        rig.backend.handle_event(0, EventSet::IN, std::slice::from_ref(vring), 0).unwrap();
+        // The next request on the same queue is answered.
+        let flush = rig.push(0, VIRTIO_BLK_T_FLUSH, 0, &[]);
+        let used = rig.run(0, 1);
+        assert_eq!(rig.status(flush), VIRTIO_BLK_S_OK);
+        assert_eq!(used, [(0, 1)], "the flush, head 0, comes back with its status");
+    }
+
+    #[test]
+    fn an_available_index_beyond_the_queue_stops_the_queue_without_spinning() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mem = memory();
+        let rig = Rig::new(&mem, &rt, dir.path());
+        let (mock, vring, _) = &rig.queues[0];
+        mock.avail().idx().store(QSIZE * 3);
+        vring.set_queue_event_idx(true);
+        rig.backend.set_event_idx(true);
+        // Returns (rather than looping on a queue it cannot read) and leaves the used ring alone.
+        rig.backend.handle_event(0, EventSet::IN, std::slice::from_ref(vring), 0).unwrap();
+        assert_eq!(mock.used().idx().load(), 0);
     }
 }
