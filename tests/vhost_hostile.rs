@@ -35,8 +35,15 @@ const AS_HEADROOM: u64 = 2 << 30;
 const ANSWER: Duration = Duration::from_secs(10);
 /// How long a libblkio client may take to connect and read.
 const CLIENT: Duration = Duration::from_secs(30);
-/// What each disk holds before the attack, at offset 0.
-const KNOWN: usize = 4 << 20;
+/// How long the daemon is watched at the end with nothing asked of it, and how much CPU it may
+/// use meanwhile (idle, it uses next to none; a spinning thread takes most of a core).
+const IDLE: Duration = Duration::from_secs(2);
+const IDLE_CPU: Duration = Duration::from_millis(200);
+/// What each disk holds before the attack, at offset 0: one libblkio request, within the 1 MiB
+/// a data segment may hold (`size_max`).
+const KNOWN: usize = 1 << 20;
+/// The attacked disk; the legal-but-large requests use its upper half.
+const TARGET_SIZE: &str = "64M";
 const MIB64: u32 = DATA_LEN as u32;
 
 /// A daemon with two disks, each on its own vhost-user export: `t` is attacked, `o` belongs to
@@ -57,7 +64,7 @@ struct Stage {
 impl Stage {
     fn new() -> Stage {
         let mut daemon =
-            Daemon::configure(&std::env::temp_dir(), &[DiskDecl::new("t", "16M"), DiskDecl::new("o", "16M")]);
+            Daemon::configure(&std::env::temp_dir(), &[DiskDecl::new("t", TARGET_SIZE), DiskDecl::new("o", "16M")]);
         let target = daemon.dir.path().join("t.sock");
         let other = daemon.dir.path().join("o.sock");
         for (disk, socket) in [("t", &target), ("o", &other)] {
@@ -86,6 +93,10 @@ impl Stage {
 
     fn attack(&self) -> Hostile {
         Hostile::connect(&self.target)
+    }
+
+    fn attack_with_event_idx(&self) -> Hostile {
+        Hostile::connect_with(&self.target, true)
     }
 
     fn note(&mut self, what: impl Into<String>) {
@@ -209,11 +220,28 @@ impl Stage {
         }
     }
 
-    /// Ends the case: the attack connection is closed, then the daemon must be alive, within the
-    /// memory bound, and both disks must read back intact over fresh or surviving connections.
-    fn finish(mut self, case: &str, h: Hostile) {
-        drop(h);
+    /// Nothing is asked of the daemon now: a thread that keeps running is stuck in a loop.
+    fn expect_idle(&mut self, case: &str) {
         let pid = self.daemon.pid();
+        let before = cpu_time(pid);
+        std::thread::sleep(IDLE);
+        match (before, cpu_time(pid)) {
+            (Some(before), Some(after)) if after - before > IDLE_CPU => self.problem(format!(
+                "{case}: the daemon used {:?} of CPU in {IDLE:?} with nothing to do: a thread spins",
+                after - before
+            )),
+            (Some(_), Some(_)) => {}
+            _ => self.problem(format!("{case}: cannot read /proc/{pid}/stat")),
+        }
+    }
+
+    /// Ends the case: the daemon must be idle; then the attack connection is closed, and the
+    /// daemon must be alive, within the memory bound, and both disks must read back intact over
+    /// fresh or surviving connections.
+    fn finish(mut self, case: &str, h: Hostile) {
+        let pid = self.daemon.pid();
+        self.expect_idle(case);
+        drop(h);
         eprintln!("--- {case}: what the attack connection got ---\n{}", self.notes.join("\n"));
         self.daemon.assert_alive();
         match memory_of(pid) {
@@ -683,11 +711,14 @@ fn out_of_range_head_costs_that_request_not_the_queue() {
     s.finish("out-of-range heads", h);
 }
 
-#[test]
-fn avail_index_far_ahead_leaves_the_daemon_and_other_disks_alone() {
-    let case = "avail index 1000 entries ahead of a 256-entry ring";
+fn avail_index_far_ahead(event_idx: bool) {
+    let case = if event_idx {
+        "avail index 1000 entries ahead of a 256-entry ring, with EVENT_IDX"
+    } else {
+        "avail index 1000 entries ahead of a 256-entry ring"
+    };
     let mut s = Stage::new();
-    let mut h = s.attack();
+    let mut h = if event_idx { s.attack_with_event_idx() } else { s.attack() };
     let req = h.read_request(8, 4096, 0x14);
     h.submit(&[req.head]);
     let answers = h.wait_used(1, ANSWER);
@@ -697,12 +728,24 @@ fn avail_index_far_ahead_leaves_the_daemon_and_other_disks_alone() {
     h.publish(1001);
     let answers = h.wait_used(1, Duration::from_secs(1));
     s.got(case, &answers);
+    // Before GET_VRING_BASE, which stops the queue and with it any loop on the queue's thread.
+    s.expect_idle(case);
     // The connection's control path still answers.
     match h.stop_queue() {
         Ok(base) => s.note(format!("{case}: GET_VRING_BASE gives {base}")),
         Err(e) => s.problem(format!("{case}: GET_VRING_BASE failed: {e}")),
     }
     s.finish(case, h);
+}
+
+#[test]
+fn avail_index_far_ahead_leaves_the_daemon_and_other_disks_alone() {
+    avail_index_far_ahead(false);
+}
+
+#[test]
+fn avail_index_far_ahead_with_event_idx_does_not_spin() {
+    avail_index_far_ahead(true);
 }
 
 #[test]
@@ -741,5 +784,69 @@ fn a_full_queue_of_huge_requests_stays_within_the_memory_bound() {
         h.recycle_descs();
         s.follow_up(&mut h, case);
     }
+    s.finish(case, h);
+}
+
+/// The largest request the config space allows: SEG_MAX (32) segments of SIZE_MAX (1 MiB).
+const LEGAL_SEGMENTS: u32 = 32;
+const LEGAL_SEGMENT: u32 = 1 << 20;
+const LEGAL_BYTES: u64 = LEGAL_SEGMENTS as u64 * LEGAL_SEGMENT as u64;
+
+/// A READ or WRITE of [`LEGAL_BYTES`] at 32 MiB over `buffer` in the data area, through an
+/// indirect table; gives its head and status byte.
+fn legal_max_request(h: &mut Hostile, kind: u32, buffer: u64) -> (u16, u64) {
+    let header = h.header(kind, (32 << 20) / 512);
+    let status = h.status();
+    let mut descs = vec![Desc::r(header, 16)];
+    for i in 0..u64::from(LEGAL_SEGMENTS) {
+        let addr = buffer + i * u64::from(LEGAL_SEGMENT);
+        descs.push(if kind == VIRTIO_BLK_T_IN { Desc::w(addr, LEGAL_SEGMENT) } else { Desc::r(addr, LEGAL_SEGMENT) });
+    }
+    descs.push(Desc::w(status, 1));
+    let (table, len) = h.table(&descs);
+    (h.chain(&[Desc::indirect(table, len)]), status)
+}
+
+#[test]
+fn a_full_queue_of_the_largest_legal_requests_stays_within_the_memory_bound() {
+    let case = "256 WRITEs, then 256 READs, of 32 MiB each in flight";
+    let mut s = Stage::new();
+    let mut h = s.attack();
+    // Every WRITE writes the same 32 MiB from the first half of the data area; every READ reads
+    // them back into the second half.
+    let source = random_bytes(47, LEGAL_BYTES as usize);
+    h.write(DATA, &source);
+    let sink = DATA + LEGAL_BYTES;
+    h.fill(sink, LEGAL_BYTES, 0);
+    for (kind, buffer, used_len) in [(VIRTIO_BLK_T_OUT, DATA, 1), (VIRTIO_BLK_T_IN, sink, LEGAL_BYTES as u32 + 1)] {
+        h.recycle_descs();
+        let requests: Vec<(u16, u64)> = (0..QSIZE).map(|_| legal_max_request(&mut h, kind, buffer)).collect();
+        let heads: Vec<u16> = requests.iter().map(|r| r.0).collect();
+        h.submit(&heads);
+        let answers = h.wait_used(heads.len(), ANSWER * 6);
+        let what = if kind == VIRTIO_BLK_T_IN { "READ" } else { "WRITE" };
+        s.got(&format!("{case}: {what}s"), &answers);
+        let mut tally = std::collections::BTreeMap::<String, usize>::new();
+        for (head, status) in &requests {
+            let got = match answers.of(*head) {
+                Some(u) => format!("length {} status {:#04x}", u.len, h.byte(*status)),
+                None => "not answered".to_owned(),
+            };
+            *tally.entry(got).or_default() += 1;
+        }
+        s.note(format!("{case}: {what}s: {tally:?}"));
+        let ok = format!("length {used_len} status {VIRTIO_BLK_S_OK:#04x}");
+        if tally.get(&ok) != Some(&requests.len()) {
+            s.problem(format!(
+                "{case}: expected all {} {what}s OK with length {used_len}, got {tally:?}",
+                requests.len()
+            ));
+        }
+    }
+    if h.read(sink, LEGAL_BYTES) != source {
+        s.problem(format!("{case}: the READs did not bring back what the WRITEs wrote"));
+    }
+    h.recycle_descs();
+    s.follow_up(&mut h, case);
     s.finish(case, h);
 }

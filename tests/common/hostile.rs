@@ -137,6 +137,12 @@ impl Hostile {
     /// Connects to a vhost-user-blk socket, maps fresh guest memory and starts queue 0 with
     /// every feature the device offers but EVENT_IDX (so that it interrupts after every return).
     pub fn connect(socket: &Path) -> Hostile {
+        Hostile::connect_with(socket, false)
+    }
+
+    /// As [`Hostile::connect`], with EVENT_IDX too if `event_idx`: the device then re-reads the
+    /// avail index after re-enabling notifications, a loop a bad index must not keep spinning.
+    pub fn connect_with(socket: &Path, event_idx: bool) -> Hostile {
         let mem = guest_memory();
         let region = mem.find_region(GuestAddress(0)).expect("the one region");
         let region = VhostUserMemoryRegionInfo::from_guest_region(region).expect("a file-backed region");
@@ -145,7 +151,8 @@ impl Hostile {
         let mut frontend = Frontend::connect(socket, 1).expect("connect to the vhost-user socket");
         frontend.set_owner().expect("SET_OWNER");
         let offered = frontend.get_features().expect("GET_FEATURES");
-        frontend.set_features(offered & !(1 << VIRTIO_RING_F_EVENT_IDX)).expect("SET_FEATURES");
+        let features = if event_idx { offered } else { offered & !(1 << VIRTIO_RING_F_EVENT_IDX) };
+        frontend.set_features(features).expect("SET_FEATURES");
         let protocol = frontend.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
         let wanted = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
@@ -306,6 +313,9 @@ impl Hostile {
 
     /// Stores `idx` as the avail ring's index, whatever the ring holds, and kicks.
     pub fn publish(&mut self, idx: u16) {
+        // With EVENT_IDX, ask to be interrupted at the next used entry (used_event, after the ring).
+        let used_event = GuestAddress(AVAIL + 4 + u64::from(QSIZE) * 2);
+        self.mem.write_obj(self.used_seen.to_le(), used_event).expect("write used_event");
         self.mem.store(idx.to_le(), GuestAddress(AVAIL + 2), Ordering::Release).expect("publish avail idx");
         self.kick.write(1).expect("kick");
     }
@@ -394,6 +404,18 @@ pub fn memory_of(pid: u32) -> Option<Memory> {
         Some(kib * 1024)
     };
     Some(Memory { peak: field("VmHWM:")?, resident: field("VmRSS:")?, size: field("VmSize:")? })
+}
+
+/// CPU time a process has used, user and system (`/proc/<pid>/stat`).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which ends at the last ')': state is field 3, utime 14.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let per_second = u64::try_from(per_second).ok().filter(|&t| t > 0)?;
+    Some(Duration::from_millis(ticks * 1000 / per_second))
 }
 
 /// Caps a process's address space (RLIMIT_AS) at `bytes`: an allocation past it fails at once
