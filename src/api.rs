@@ -300,6 +300,7 @@ fn catalog_error(e: &CatalogError) -> Response<Full<Bytes>> {
         | CatalogError::BadBlockSize(_)
         | CatalogError::SizeNotMultiple { .. }
         | CatalogError::ZeroSize
+        | CatalogError::TooLarge { .. }
         | CatalogError::Filters { .. }
         | CatalogError::NoFilterFramework { .. }
         | CatalogError::NoFtl { .. }
@@ -310,7 +311,7 @@ fn catalog_error(e: &CatalogError) -> Response<Full<Bytes>> {
         }
         CatalogError::NotFound(_) => StatusCode::NOT_FOUND,
         CatalogError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        CatalogError::File { .. } | CatalogError::Corrupt { .. } | CatalogError::Store(_) => {
+        CatalogError::File { .. } | CatalogError::Corrupt { .. } | CatalogError::BadId(_) | CatalogError::Store(_) => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
     };
