@@ -244,10 +244,19 @@ fn bind_unix(what: &'static str, path: &Path) -> Result<tokio::net::UnixListener
 }
 
 async fn serve_api_unix(listener: tokio::net::UnixListener, state: Arc<ApiState>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(api::MAX_CONNECTIONS));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(api::serve_connection(stream, state.clone(), Scope::Control));
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!("control connection refused: {} are open", api::MAX_CONNECTIONS);
+                    continue;
+                };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    api::serve_connection(stream, state, Scope::Control).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "control socket accept failed");
@@ -258,10 +267,19 @@ async fn serve_api_unix(listener: tokio::net::UnixListener, state: Arc<ApiState>
 }
 
 async fn serve_metrics_tcp(listener: tokio::net::TcpListener, state: Arc<ApiState>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(api::MAX_CONNECTIONS));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(api::serve_connection(stream, state.clone(), Scope::MetricsOnly));
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!("metrics connection refused: {} are open", api::MAX_CONNECTIONS);
+                    continue;
+                };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    api::serve_connection(stream, state, Scope::MetricsOnly).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "metrics accept failed");
