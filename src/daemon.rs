@@ -57,6 +57,10 @@ pub enum DaemonError {
 }
 
 pub fn serve(config: Config) -> Result<(), DaemonError> {
+    // Whatever the daemon creates (disk files, state, sockets, logs of the store) is its user's
+    // alone, whatever umask it was started with.
+    // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.runtime.worker_threads)
         .thread_name("vstor")
@@ -68,7 +72,7 @@ pub fn serve(config: Config) -> Result<(), DaemonError> {
 
 async fn run(config: Config) -> Result<(), DaemonError> {
     let data_dir = absolute(&config.data_dir);
-    std::fs::create_dir_all(&data_dir).map_err(|source| DaemonError::DataDir { path: data_dir.clone(), source })?;
+    state_store::private_dir(&data_dir).map_err(|source| DaemonError::DataDir { path: data_dir.clone(), source })?;
     let filters = FilterFramework::new();
     let store_path = data_dir.join("state");
     let store =

@@ -210,7 +210,7 @@ impl Catalog {
         hook: Option<Arc<dyn ChainHook>>,
         ftl: Option<Arc<dyn FtlHook>>,
     ) -> Result<Catalog> {
-        std::fs::create_dir_all(disk_dir).map_err(file_err("cannot create", disk_dir))?;
+        state_store::private_dir(disk_dir).map_err(file_err("cannot create", disk_dir))?;
         if !store.has_namespace(CATALOG_NS) {
             store.create_namespace(CATALOG_NS)?;
         }
