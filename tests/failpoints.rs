@@ -232,6 +232,49 @@ fn ftl_create_dies_after_the_chunks_are_reset_before_the_format_record() {
     create_dies_at("guest_ftl::open::formatted", FTL, true);
 }
 
+/// A disk of the config file, created at the daemon's first start: the daemon dies while
+/// starting, with the disk's file and namespace made and no record; the next start creates it.
+#[test]
+fn configured_disk_creation_dies_during_the_first_start() {
+    let point = "catalog::create::namespace-made";
+    let mut d = Daemon::configure(&std::env::temp_dir(), &kept_disks());
+    d.append_config(SMALL_OCSSD);
+    d.set_env("FAILPOINTS", Some(&format!("{point}=return")));
+    d.launch();
+    died_and_restarted(&mut d, point);
+    let banner = d.wait_stdout("NBD socket:");
+    assert!(banner.contains("[created]"), "the disks are created at the second start\n{banner}");
+    write_kept(&d);
+    check_kept(&d);
+    assert_eq!(assert_no_orphans(&mut d), ["fkeep", "keep"]);
+}
+
+/// The leftovers of an interrupted create (a namespace, and a raw disk's file or an FTL disk's
+/// partition) are removed at the next start, which dies after removing the first of them; the
+/// start after that removes the other.
+#[test]
+fn orphan_removal_dies_after_the_first_leftover() {
+    let (made, point) = ("catalog::create::namespace-made", "catalog::open::orphan-removed");
+    let mut d = daemon(&kept_disks());
+    write_kept(&d);
+    for args in [RAW, FTL] {
+        restart_armed(&mut d, made, "return");
+        let out = d.cli(&[&["disk", "create", "x"][..], args].concat());
+        assert!(!out.status.success(), "{out}");
+        wait_death(&mut d, made);
+        d.set_env("FAILPOINTS", Some(&format!("{point}=return")));
+        d.launch();
+        died_and_restarted(&mut d, point);
+        check_kept(&d);
+        assert_eq!(listed(&d), ["fkeep", "keep"]);
+        if args == FTL {
+            wait_log(&d, "PUs of the removed guest are free", 1);
+        }
+        assert_eq!(assert_no_orphans(&mut d), ["fkeep", "keep"]);
+        d.spawn();
+    }
+}
+
 /// Disk `x`, made with `create_args` and holding data, deleted, dying at `point` on the way.
 /// `reclaims`: the restart has a partition to reclaim (or one to remove, then reclaim).
 fn delete_dies_at(point: &str, create_args: &[&str], reclaims: bool) {
@@ -293,59 +336,80 @@ fn ftl_reclaim_dies_after_the_resets_are_flushed_before_the_record_goes() {
     delete_dies_at("host_ftl::reclaim::flushed", FTL, true);
 }
 
-/// What a disk written in 1 MiB regions (each write followed by a flush) may hold after a crash.
-struct Regions {
-    /// The pattern byte of each region at the last write whose flush was answered (0: never).
-    durable: BTreeMap<u64, u8>,
-    /// A write (region, pattern) that was not answered: the region may hold either.
-    unsure: Option<(u64, u8)>,
+/// What each 4 KiB block of a disk written through qemu-io may hold after a crash.
+struct Blocks {
+    /// The pattern byte of each block at the last flush that was answered (0: never written).
+    durable: Vec<u8>,
+    /// Patterns written since, by writes whose flush was not answered.
+    unsure: Vec<Vec<u8>>,
 }
 
 const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 4096;
+/// Bytes of one write of [`Blocks::write_until_death`].
+const PIECE: u64 = 256 << 10;
 
-impl Regions {
-    /// Writes region after region (`pick` chooses which, round by round) through qemu-io with a
-    /// flush after each, until the daemon dies (or `rounds` are done: then it panics).
-    fn write_until_death(daemon: &Daemon, rounds: u64, pick: impl Fn(u64) -> u64) -> Regions {
-        let mut r = Regions { durable: BTreeMap::new(), unsure: None };
+impl Blocks {
+    /// Rounds of four 256 KiB writes (at offsets `pick` chooses) and a flush, each round one
+    /// qemu-io run, until the daemon dies (or `rounds` are done: then it panics).
+    fn write_until_death(daemon: &Daemon, size: u64, rounds: u64, pick: impl Fn(u64) -> u64) -> Blocks {
+        let blocks = (size / BLOCK) as usize;
+        let mut b = Blocks { durable: vec![0; blocks], unsure: vec![Vec::new(); blocks] };
         let uri = daemon.uri("f0");
         for round in 0..rounds {
-            let region = pick(round);
-            let pattern = (round % 250 + 1) as u8;
-            let write = format!("write -P {pattern} {} 1M", region * MIB);
-            let out = qemu_io(&uri, &[&write, "flush"]);
-            if out.status.success() && !out.stdout.contains("failed") {
-                r.durable.insert(region, pattern);
-            } else {
-                r.unsure = Some((region, pattern));
-                return r;
-            }
-        }
-        panic!("the daemon never reached its fail point in {rounds} writes\n{}", daemon.logs());
-    }
-
-    /// Reads every region back over NBD: each 4 KiB block holds its region's durable pattern, or
-    /// the unanswered write's.
-    fn check(&self, daemon: &Daemon, size: u64) {
-        let (mut c, _) = RawClient::open(&daemon.nbd, "f0", false);
-        for region in 0..size / MIB {
-            let data = c.read(region * MIB, MIB as u32).expect("read after restart");
-            let mut allowed = vec![self.durable.get(&region).copied().unwrap_or(0)];
-            if let Some((r, p)) = self.unsure {
-                if r == region {
-                    allowed.push(p);
+            let writes: Vec<(u64, u8)> = (0..4)
+                .map(|i| (pick(round * 4 + i) % (size / PIECE) * PIECE, ((round * 4 + i) % 250 + 1) as u8))
+                .collect();
+            let mut commands: Vec<String> = writes.iter().map(|(at, p)| format!("write -P {p} {at} {PIECE}")).collect();
+            commands.push("flush".into());
+            let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+            let out = qemu_io(&uri, &commands);
+            let answered = out.status.success() && !out.stdout.contains("failed");
+            for (at, p) in writes {
+                for block in at / BLOCK..(at + PIECE) / BLOCK {
+                    if answered {
+                        b.durable[block as usize] = p;
+                    } else {
+                        b.unsure[block as usize].push(p);
+                    }
                 }
             }
-            for (i, block) in data.chunks(4096).enumerate() {
+            if !answered {
+                return b;
+            }
+        }
+        panic!("the daemon never reached its fail point in {rounds} rounds of writes\n{}", daemon.logs());
+    }
+
+    /// Reads the disk back over NBD: each block holds its durable pattern or one written since.
+    fn check(&self, daemon: &Daemon) {
+        let (mut c, _) = RawClient::open(&daemon.nbd, "f0", false);
+        for (m, blocks) in self.durable.chunks((MIB / BLOCK) as usize).enumerate() {
+            let data = c.read(m as u64 * MIB, (blocks.len() as u64 * BLOCK) as u32).expect("read after restart");
+            for (i, block) in data.chunks(BLOCK as usize).enumerate() {
+                let n = m * (MIB / BLOCK) as usize + i;
+                let mut allowed = vec![self.durable[n]];
+                allowed.extend(&self.unsure[n]);
                 assert!(
                     allowed.iter().any(|&p| block.iter().all(|&b| b == p)),
-                    "region {region} block {i} holds {:02x?}.., expected one of {allowed:?}\n{}",
+                    "block {n} holds {:02x?}.., expected one of {allowed:?}\n{}",
                     &block[..8],
                     daemon.logs()
                 );
             }
         }
         c.disconnect();
+    }
+}
+
+/// A small generator (xorshift) for write offsets, the same for the same seed.
+fn scatter(seed: u64) -> impl Fn(u64) -> u64 {
+    move |i| {
+        let mut x = (seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
     }
 }
 
@@ -360,9 +424,9 @@ fn ftl_checkpoint_dies_between_the_device_flush_and_the_map_commit() {
     let point = "guest_ftl::checkpoint::device-flushed";
     let mut d = daemon(&ftl_disk());
     restart_armed(&mut d, point, "1*off->return");
-    let regions = Regions::write_until_death(&d, 64, |round| round % 8);
+    let blocks = Blocks::write_until_death(&d, 8 * MIB, 64, |i| i);
     died_and_restarted(&mut d, point);
-    regions.check(&d, 8 * MIB);
+    blocks.check(&d);
     assert_eq!(assert_no_orphans(&mut d), ["f0"]);
 }
 
@@ -393,11 +457,25 @@ fn ftl_recovery_checkpoint_dies_during_startup() {
 fn ftl_gc_dies_between_relocation_and_reset() {
     let point = "guest_ftl::gc::before-reset";
     let mut d = daemon(&ftl_disk());
-    restart_armed(&mut d, point, "return");
+    // The third collection: the lines it resets hold copies made by the earlier ones.
+    restart_armed(&mut d, point, "2*off->return");
     // Overwrites in a scattered order until the FTL collects garbage.
-    let regions = Regions::write_until_death(&d, 400, |round| (round * 5 + round / 8) % 8);
+    let blocks = Blocks::write_until_death(&d, 8 * MIB, 200, scatter(5));
     died_and_restarted(&mut d, point);
-    regions.check(&d, 8 * MIB);
+    blocks.check(&d);
+    assert_eq!(assert_no_orphans(&mut d), ["f0"]);
+}
+
+/// Garbage collection: the drained lines are reset, and the last checkpoint may still point
+/// into them.
+#[test]
+fn ftl_gc_dies_between_the_reset_and_the_next_checkpoint() {
+    let point = "guest_ftl::gc::after-reset";
+    let mut d = daemon(&ftl_disk());
+    restart_armed(&mut d, point, "2*off->return");
+    let blocks = Blocks::write_until_death(&d, 8 * MIB, 200, scatter(3));
+    died_and_restarted(&mut d, point);
+    blocks.check(&d);
     assert_eq!(assert_no_orphans(&mut d), ["f0"]);
 }
 

@@ -433,6 +433,8 @@ impl Catalog {
                 if !ids.contains(id) {
                     tracing::info!(namespace = %ns, "removing namespace of an unfinished create or delete");
                     self.store.drop_namespace(&ns)?;
+                    // One leftover is gone, others may remain for the next open.
+                    failpoint::hit("catalog::open::orphan-removed");
                 }
             }
         }
@@ -441,6 +443,7 @@ impl Catalog {
                 if !ids.contains(id.as_str()) {
                     tracing::info!(%id, "removing partition of an unfinished create or delete");
                     ftl.remove(&id);
+                    failpoint::hit("catalog::open::orphan-removed");
                 }
             }
         }
@@ -451,6 +454,7 @@ impl Catalog {
             if is_id(id) && !ids.contains(id) {
                 tracing::info!(path = %item.path().display(), "removing file of an unfinished create or delete");
                 std::fs::remove_file(item.path()).map_err(file_err("cannot remove", &item.path()))?;
+                failpoint::hit("catalog::open::orphan-removed");
             }
         }
         Ok(())
