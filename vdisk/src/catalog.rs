@@ -270,7 +270,11 @@ impl Catalog {
                     .map_err(|reason| CatalogError::Ftl { name, reason })?;
             }
         }
+        // The file or partition is there; no namespace, no record yet.
+        failpoint::hit("catalog::create::backend-made");
         let committed = self.store.create_namespace(&record.namespace()).and_then(|()| {
+            // The namespace too; still no record.
+            failpoint::hit("catalog::create::namespace-made");
             let mut batch = Batch::new();
             batch.put(CATALOG_NS, record_key(&record.spec.name), record_json(&record));
             self.store.commit(batch)
@@ -279,6 +283,8 @@ impl Catalog {
             self.remove_backend(&record, &path);
             return Err(e.into());
         }
+        // The record commits the disk; its backend has not been opened (an FTL not formatted).
+        failpoint::hit("catalog::create::committed");
         let disk = self.open_device(&record, &path).map_err(|e| error_chain(&e));
         let entry = Entry { record, disk, path };
         entries.insert(entry.record.spec.name.clone(), entry.clone());
@@ -303,6 +309,8 @@ impl Catalog {
         let mut batch = Batch::new();
         batch.delete(CATALOG_NS, record_key(name));
         self.store.commit(batch)?;
+        // The record is gone; the namespace and the file or partition are still there.
+        failpoint::hit("catalog::delete::record-deleted");
         if let Some(entry) = entries.remove(name) {
             self.remove_backend(&entry.record, &entry.path);
         }
@@ -411,12 +419,16 @@ impl Catalog {
         }
         if let (Backend::Ftl { .. }, Some(ftl)) = (&record.spec.backend, &self.ftl) {
             ftl.remove(&record.id);
+            // The partition is reclaiming; the namespace is still there.
+            failpoint::hit("catalog::remove::partition-released");
         }
         if self.store.has_namespace(&record.namespace()) {
             if let Err(e) = self.store.drop_namespace(&record.namespace()) {
                 tracing::warn!(error = %error_chain(&e), "cannot drop namespace; it goes at the next start");
             }
         }
+        // The namespace is dropped; a raw disk's file is still there.
+        failpoint::hit("catalog::remove::namespace-dropped");
         if let Err(e) = std::fs::remove_file(path) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(path = %path.display(), error = %e, "cannot remove disk file; it goes at the next start");
@@ -433,6 +445,8 @@ impl Catalog {
                 if !ids.contains(id) {
                     tracing::info!(namespace = %ns, "removing namespace of an unfinished create or delete");
                     self.store.drop_namespace(&ns)?;
+                    // One leftover is gone, others may remain for the next open.
+                    failpoint::hit("catalog::open::orphan-removed");
                 }
             }
         }
@@ -441,6 +455,7 @@ impl Catalog {
                 if !ids.contains(id.as_str()) {
                     tracing::info!(%id, "removing partition of an unfinished create or delete");
                     ftl.remove(&id);
+                    failpoint::hit("catalog::open::orphan-removed");
                 }
             }
         }
@@ -451,6 +466,7 @@ impl Catalog {
             if is_id(id) && !ids.contains(id) {
                 tracing::info!(path = %item.path().display(), "removing file of an unfinished create or delete");
                 std::fs::remove_file(item.path()).map_err(file_err("cannot remove", &item.path()))?;
+                failpoint::hit("catalog::open::orphan-removed");
             }
         }
         Ok(())
