@@ -152,6 +152,12 @@ pub fn nbd_uri(name: &str, socket: &std::path::Path) -> String {
 }
 
 /// Serves HTTP/1.1 on one accepted connection.
+/// How long a client may take to send a request's headers: a client that opens a connection and
+/// trickles bytes holds it no longer than this.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Connections each listener serves at once; more are closed as they arrive.
+pub const MAX_CONNECTIONS: usize = 64;
+
 pub async fn serve_connection<S>(stream: S, state: Arc<ApiState>, scope: Scope)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -160,7 +166,12 @@ where
         let state = state.clone();
         async move { Ok::<_, Infallible>(route(&state, scope, req).await) }
     });
-    if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = served {
         tracing::debug!(error = %e, "api connection ended");
     }
 }
@@ -300,6 +311,7 @@ fn catalog_error(e: &CatalogError) -> Response<Full<Bytes>> {
         | CatalogError::BadBlockSize(_)
         | CatalogError::SizeNotMultiple { .. }
         | CatalogError::ZeroSize
+        | CatalogError::TooLarge { .. }
         | CatalogError::Filters { .. }
         | CatalogError::NoFilterFramework { .. }
         | CatalogError::NoFtl { .. }
@@ -310,7 +322,7 @@ fn catalog_error(e: &CatalogError) -> Response<Full<Bytes>> {
         }
         CatalogError::NotFound(_) => StatusCode::NOT_FOUND,
         CatalogError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        CatalogError::File { .. } | CatalogError::Corrupt { .. } | CatalogError::Store(_) => {
+        CatalogError::File { .. } | CatalogError::Corrupt { .. } | CatalogError::BadId(_) | CatalogError::Store(_) => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
     };

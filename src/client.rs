@@ -10,6 +10,9 @@ use serde::de::DeserializeOwned;
 
 use crate::api::ErrorBody;
 
+/// The largest answer read from the daemon: far more than the metrics of thousands of disks.
+const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach the vstor daemon at {socket} (is `vstor serve` running? use --api to point elsewhere)")]
@@ -71,7 +74,12 @@ impl Client {
             .map_err(|e| ClientError::Refused(e.to_string()))?;
         let resp = sender.send_request(req).await?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await?.to_bytes();
+        // The daemon's answers are small; a larger one is not read whole.
+        let bytes = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Refused(format!("cannot read the daemon's answer: {e}")))?
+            .to_bytes();
         if !status.is_success() {
             let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|e| e.error)

@@ -13,6 +13,8 @@ use crate::ftl::OcssdConfig;
 pub const DEFAULT_DATA_DIR: &str = "vstor-data";
 /// The control socket's name inside the data directory.
 pub const API_SOCKET_NAME: &str = "api.sock";
+/// Worker threads the runtime may be given: far more than any host has cores.
+const MAX_WORKER_THREADS: usize = 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -164,8 +166,8 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("disk {:?} is exported over vhost-user twice", export.disk)));
             }
         }
-        if self.runtime.worker_threads == 0 {
-            return Err(ConfigError::Invalid("runtime.worker_threads must be at least 1".into()));
+        if !(1..=MAX_WORKER_THREADS).contains(&self.runtime.worker_threads) {
+            return Err(ConfigError::Invalid(format!("runtime.worker_threads must be 1 to {MAX_WORKER_THREADS}")));
         }
         Ok(())
     }

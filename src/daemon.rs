@@ -57,6 +57,10 @@ pub enum DaemonError {
 }
 
 pub fn serve(config: Config) -> Result<(), DaemonError> {
+    // Whatever the daemon creates (disk files, state, sockets, logs of the store) is its user's
+    // alone, whatever umask it was started with.
+    // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.runtime.worker_threads)
         .thread_name("vstor")
@@ -68,7 +72,7 @@ pub fn serve(config: Config) -> Result<(), DaemonError> {
 
 async fn run(config: Config) -> Result<(), DaemonError> {
     let data_dir = absolute(&config.data_dir);
-    std::fs::create_dir_all(&data_dir).map_err(|source| DaemonError::DataDir { path: data_dir.clone(), source })?;
+    state_store::private_dir(&data_dir).map_err(|source| DaemonError::DataDir { path: data_dir.clone(), source })?;
     let filters = FilterFramework::new();
     let store_path = data_dir.join("state");
     let store =
@@ -244,10 +248,19 @@ fn bind_unix(what: &'static str, path: &Path) -> Result<tokio::net::UnixListener
 }
 
 async fn serve_api_unix(listener: tokio::net::UnixListener, state: Arc<ApiState>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(api::MAX_CONNECTIONS));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(api::serve_connection(stream, state.clone(), Scope::Control));
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!("control connection refused: {} are open", api::MAX_CONNECTIONS);
+                    continue;
+                };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    api::serve_connection(stream, state, Scope::Control).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "control socket accept failed");
@@ -258,10 +271,19 @@ async fn serve_api_unix(listener: tokio::net::UnixListener, state: Arc<ApiState>
 }
 
 async fn serve_metrics_tcp(listener: tokio::net::TcpListener, state: Arc<ApiState>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(api::MAX_CONNECTIONS));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(api::serve_connection(stream, state.clone(), Scope::MetricsOnly));
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!("metrics connection refused: {} are open", api::MAX_CONNECTIONS);
+                    continue;
+                };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    api::serve_connection(stream, state, Scope::MetricsOnly).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "metrics accept failed");

@@ -2,6 +2,7 @@
 //! through the control API while it runs.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -69,7 +70,8 @@ impl VhostExports {
             None => self.socket_dir.join(format!("{}.sock", spec.disk)),
         };
         if let Some(dir) = socket.parent() {
-            let _ = std::fs::create_dir_all(dir);
+            // Made private when missing; a directory the user named is left as it is.
+            let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
         }
         let export =
             VhostUserExport::start(&disk, &socket, spec.num_queues.unwrap_or(DEFAULT_QUEUES), self.runtime.clone())?;

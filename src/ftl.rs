@@ -115,26 +115,9 @@ impl FlashBackend {
         Ok(FlashBackend { driver, runtime, description })
     }
 
-    /// Parallel units a disk of `size` bytes needs: `over_provisioning` percent extra, and on
-    /// each PU at least [`SPARE_CHUNKS_PER_PU`] chunks beyond the disk's data for the FTL's open
-    /// lines and garbage collection.
+    /// Parallel units a disk of `size` bytes needs on this device.
     fn pus_for(&self, size: u64, over_provisioning: u32) -> Result<usize, String> {
-        let geo = self.driver.geometry();
-        let chunk = geo.chunk_bytes().max(1);
-        let pu_bytes = u64::from(geo.num_chk) * chunk;
-        let needed = size.saturating_mul(100 + u64::from(over_provisioning)).div_ceil(100);
-        let mut pus = needed.div_ceil(pu_bytes.max(1)).max(1);
-        while (pus * pu_bytes).saturating_sub(size) < pus * SPARE_CHUNKS_PER_PU * chunk {
-            pus += 1;
-        }
-        let total = geo.total_pus() as u64;
-        if pus > total {
-            return Err(format!(
-                "{} with {over_provisioning}% over-provisioning and the FTL's spare chunks needs {pus} parallel units; the open-channel device has {total} in all",
-                vdisk::size::format_size(size)
-            ));
-        }
-        Ok(pus as usize)
+        pus_needed(self.driver.geometry(), size, over_provisioning)
     }
 
     /// Runs an FTL future to its end from blocking code, whatever thread that is: the catalog
@@ -257,4 +240,59 @@ impl BlockDevice for Sized {
 
 fn error_chain(e: &dyn std::error::Error) -> String {
     vdisk::catalog::error_chain(e)
+}
+
+/// Parallel units a disk of `size` bytes needs: `over_provisioning` percent extra, and on each PU
+/// at least [`SPARE_CHUNKS_PER_PU`] chunks beyond the disk's data for the FTL's open lines and
+/// garbage collection. In closed form, so that no size, however large, costs more than this.
+fn pus_needed(geo: &Geometry, size: u64, over_provisioning: u32) -> Result<usize, String> {
+    let chunk = u128::from(geo.chunk_bytes().max(1));
+    let pu_bytes = u128::from(geo.num_chk) * chunk;
+    // What each PU holds of the disk's data once its spare chunks are set aside.
+    let usable = pu_bytes.saturating_sub(u128::from(SPARE_CHUNKS_PER_PU) * chunk);
+    if usable == 0 {
+        return Err(format!(
+            "the open-channel device has {} chunks per parallel unit; an FTL disk needs more than {SPARE_CHUNKS_PER_PU}",
+            geo.num_chk
+        ));
+    }
+    let needed = (u128::from(size) * (100 + u128::from(over_provisioning))).div_ceil(100);
+    let pus = needed.div_ceil(pu_bytes).max(u128::from(size).div_ceil(usable)).max(1);
+    let total = geo.total_pus();
+    match usize::try_from(pus) {
+        Ok(pus) if pus <= total => Ok(pus),
+        _ => Err(format!(
+            "{} with {over_provisioning}% over-provisioning and the FTL's spare chunks needs {pus} parallel units; the open-channel device has {total} in all",
+            vdisk::size::format_size(size)
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parallel_units_for_a_disk_in_closed_form() {
+        let geo = Geometry::default();
+        let chunk = geo.chunk_bytes();
+        let pu = u64::from(geo.num_chk) * chunk;
+        let usable = pu - SPARE_CHUNKS_PER_PU * chunk;
+        // The smallest count that leaves the spare chunks free and the over-provisioning.
+        assert_eq!(pus_needed(&geo, 1, 11).unwrap(), 1);
+        assert_eq!(pus_needed(&geo, usable, 1).unwrap(), (usable * 101).div_ceil(100).div_ceil(pu) as usize);
+        assert_eq!(pus_needed(&geo, usable + 512, 1).unwrap(), 2);
+        for pus in 1..=geo.total_pus() as u64 {
+            let size = pus * usable;
+            let n = pus_needed(&geo, size, 1).unwrap() as u64;
+            assert!(n * pu >= size + n * SPARE_CHUNKS_PER_PU * chunk && n * pu >= (size * 101).div_ceil(100));
+            assert!(n == 1 || (n - 1) * usable < size || (n - 1) * pu < (size * 101).div_ceil(100), "{n} is the least");
+        }
+        // Sizes no device holds are refused at once, however large.
+        assert!(pus_needed(&geo, u64::MAX - 511, 400).is_err());
+        assert!(pus_needed(&geo, 1 << 62, 11).is_err());
+        // A device whose PUs cannot even hold their spare chunks takes no FTL disk.
+        let tiny = Geometry { num_chk: SPARE_CHUNKS_PER_PU as u32, ..Geometry::default() };
+        assert!(pus_needed(&tiny, 4096, 11).unwrap_err().contains("chunks per parallel unit"));
+    }
 }

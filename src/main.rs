@@ -161,6 +161,8 @@ impl BackendArgs {
 }
 
 fn main() -> ExitCode {
+    // Test builds only (the `failpoints` feature): the fail points FAILPOINTS names.
+    let _failpoints = failpoint::setup();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VSTOR_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

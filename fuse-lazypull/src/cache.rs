@@ -369,6 +369,8 @@ impl BlobCache {
         std::fs::create_dir_all(&parent).map_err(io("creating", &parent))?;
         let tmp = self.temp_path(&format!("derived-{}-{kind}", digest.hex()));
         std::fs::write(&tmp, bytes).map_err(io("writing", &tmp))?;
+        // Written under tmp/, not under its name.
+        failpoint::hit("cache::derived::written");
         std::fs::rename(&tmp, &path).map_err(io("renaming to", &path))
     }
 
@@ -492,7 +494,11 @@ impl BlobCache {
                     batch.delete(INDEX_NAMESPACE, blob_key(digest));
                 }
             }
+            // What gc removes is moved aside; the index still lists it.
+            failpoint::hit("cache::gc::moved-aside");
             store.commit(batch)?;
+            // The index no longer lists it; it is still on disk, under tmp/.
+            failpoint::hit("cache::gc::committed");
             report.total_bytes = total;
             Ok((report, trash))
         })?;
@@ -1094,6 +1100,8 @@ impl Blob {
     /// present no fetch is writing, so what is renamed is what was hashed.
     fn publish(&self, file: &Arc<File>, changes: u64) -> Result<bool, CacheError> {
         file.sync_all().map_err(io("syncing", &self.complete_path))?;
+        // The verified bytes are durable under the partial name; nothing is published.
+        failpoint::hit("cache::publish::synced");
         {
             let mut local = lock(&self.local);
             if local.complete {
@@ -1109,6 +1117,8 @@ impl Blob {
             self.local_bytes.store(self.size, Ordering::Relaxed);
         }
         self.changed.notify_all();
+        // The blob is published; the index does not say it is complete.
+        failpoint::hit("cache::publish::renamed");
         if let Some(shared) = self.shared.upgrade() {
             let record = BlobRecord { size: self.size, last_use: now_secs(), complete: true };
             Index::record(&shared, vec![(blob_key(&self.digest), json(&record))]);

@@ -751,6 +751,8 @@ pub fn unpack_once(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(MountError::Unpack { digest: digest.clone(), dir: dir.clone(), source });
     }
+    // The layer is unpacked under tmp/, not under its name.
+    failpoint::hit("cache::unpack::unpacked");
     match std::fs::rename(&tmp, &dir) {
         Ok(()) => Ok(dir),
         // Another mount or process unpacked it meanwhile: keep theirs.

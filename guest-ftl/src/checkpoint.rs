@@ -202,6 +202,8 @@ impl Engine {
         if self.pending_trims.is_empty() {
             return Ok(());
         }
+        // The device is flushed (the writes before the trims are durable); the trims are not.
+        failpoint::hit("guest_ftl::commit_trims::device-flushed");
         let trims = std::mem::take(&mut self.pending_trims);
         let (store, ns) = (self.store.clone(), self.ns.clone());
         let seqs: Vec<u64> = trims.iter().map(|t| t.seq).collect();
@@ -228,6 +230,8 @@ impl Engine {
     /// map pages, the lines still open, chunk wear, and drops the trim records it covers.
     pub async fn checkpoint(&mut self) -> Result<()> {
         self.sync_all().await?;
+        // Everything written is durable on the device; the map that points at it is not.
+        failpoint::hit("guest_ftl::checkpoint::device-flushed");
         let pages = self.map.dirty_pages();
         let meta = Meta {
             next_seq: self.next_seq,

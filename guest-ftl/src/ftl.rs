@@ -88,6 +88,8 @@ impl Ftl {
                     )));
                 }
                 eng.format().await?;
+                // The partition's chunks are reset; the format record is not written.
+                failpoint::hit("guest_ftl::open::formatted");
                 let format = Format { user_lbas, block_size: cfg.block_size, chunks: eng.lay.chunks, spc: eng.lay.spc };
                 let meta = Meta {
                     next_seq: 1,

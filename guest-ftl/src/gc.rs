@@ -370,6 +370,8 @@ impl Engine {
             return Ok(());
         }
         self.device_flush().await?;
+        // The drained lines' blocks have durable newer copies; the lines are not reset yet.
+        failpoint::hit("guest_ftl::gc::before-reset");
         let mut touched = Vec::new();
         for gen in &ready {
             if let Some(l) = self.lines.get(gen) {
@@ -377,6 +379,9 @@ impl Engine {
             }
         }
         let statuses = self.reset_chunks(&touched).await?;
+        // The lines are reset; the last checkpoint may still map blocks into them (recovery
+        // finds their newer copies by scanning the lines written since).
+        failpoint::hit("guest_ftl::gc::after-reset");
         let mut failed = Vec::new();
         let mut transient = None;
         for (&c, st) in touched.iter().zip(&statuses) {

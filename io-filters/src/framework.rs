@@ -113,6 +113,8 @@ impl FilterFramework {
             .copy_all(chain.below(index, 0))
             .await
             .map_err(|source| FilterError::Io { disk: name.to_owned(), source })?;
+        // Every grain is in the clone, durably, with its bit; the record still names the parent.
+        failpoint::hit("linked_clone::flatten::copied");
         let filters: Vec<FilterSpec> =
             entry.record.spec.filters.iter().filter(|f| f.kind != LINKED_CLONE).cloned().collect();
         let mut batch = Batch::new();

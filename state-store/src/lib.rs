@@ -31,6 +31,12 @@ pub enum StoreError {
     BadNamespaceName(String),
     #[error("state store operation failed")]
     Db(#[from] rocksdb::Error),
+    #[error("cannot make {path} private to the daemon's user")]
+    Private {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot create checkpoint at {path}")]
     Checkpoint {
         path: PathBuf,
@@ -79,10 +85,24 @@ impl Batch {
     }
 }
 
+/// Creates a directory (and its missing parents) that only its owner may enter, or makes an
+/// existing one so: a VM's data and the daemon's state are nobody else's to read, whatever the
+/// umask. Files inside need no mode of their own to be out of others' reach.
+pub fn private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (or creates) the store at `path` with every namespace it already holds.
     pub fn open(path: impl AsRef<Path>) -> Result<Arc<Store>> {
         let path = path.as_ref().to_path_buf();
+        private_dir(&path).map_err(|source| StoreError::Private { path: path.clone(), source })?;
         let open_err = |source| StoreError::Open { path: path.clone(), source };
         let mut opts = Options::default();
         opts.create_if_missing(true);

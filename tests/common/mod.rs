@@ -70,6 +70,8 @@ pub struct Daemon {
     child: Option<Child>,
     /// How many times the daemon was started; each start logs to its own files.
     starts: u32,
+    /// Environment variables of the next starts (e.g. FAILPOINTS).
+    env: Vec<(String, String)>,
 }
 
 /// A TOML basic string holding `path`.
@@ -119,7 +121,7 @@ impl Daemon {
         }
         let config = dir.path().join("vstor.toml");
         std::fs::write(&config, toml).expect("write config");
-        Daemon { dir, config, api, nbd, child: None, starts: 0 }
+        Daemon { dir, config, api, nbd, child: None, starts: 0, env: Vec::new() }
     }
 
     /// Appends `toml` to the config file (call before [`Daemon::spawn`]), e.g. a table that
@@ -146,8 +148,22 @@ impl Daemon {
         self.dir.path().join(format!("daemon-{start}.{stream}"))
     }
 
+    /// Sets (or with `None` removes) an environment variable of the daemon's next starts.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(value) = value {
+            self.env.push((key.to_owned(), value.to_owned()));
+        }
+    }
+
     /// Starts `vstor serve --config` on this daemon's config and waits until it is ready.
     pub fn spawn(&mut self) {
+        self.launch();
+        self.wait_ready();
+    }
+
+    /// Starts `vstor serve --config` without waiting for it (it may die while starting up).
+    pub fn launch(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
         self.starts += 1;
         let stdout = std::fs::File::create(self.log_path("stdout", self.starts)).expect("create stdout log");
@@ -159,13 +175,35 @@ impl Daemon {
             .current_dir(self.dir.path())
             .env("VSTOR_LOG", "info")
             .env_remove("VSTOR_API")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
             .expect("spawn vstor serve");
         self.child = Some(child);
-        self.wait_ready();
+    }
+
+    /// Waits (at most 60 s) for the daemon to exit by itself, and returns how it exited.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("poll daemon") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("daemon did not exit within 60 s\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// What the latest start of the daemon printed on stderr (its log).
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.log_path("stderr", self.starts)).unwrap_or_default()
     }
 
     fn wait_ready(&mut self) {

@@ -109,6 +109,10 @@ pub enum CatalogError {
     SizeNotMultiple { size: u64, block_size: u32 },
     #[error("size must be greater than zero")]
     ZeroSize,
+    #[error("size {size} is larger than the {max} bytes a disk may have")]
+    TooLarge { size: u64, max: u64 },
+    #[error("disk id {0:?} is not one the catalog makes")]
+    BadId(String),
     #[error("disk {name:?} is in use by {users} export connection(s)")]
     InUse { name: String, users: usize },
     #[error("disk {name:?}: {reason}")]
@@ -206,7 +210,7 @@ impl Catalog {
         hook: Option<Arc<dyn ChainHook>>,
         ftl: Option<Arc<dyn FtlHook>>,
     ) -> Result<Catalog> {
-        std::fs::create_dir_all(disk_dir).map_err(file_err("cannot create", disk_dir))?;
+        state_store::private_dir(disk_dir).map_err(file_err("cannot create", disk_dir))?;
         if !store.has_namespace(CATALOG_NS) {
             store.create_namespace(CATALOG_NS)?;
         }
@@ -223,7 +227,11 @@ impl Catalog {
         let mut entries = catalog.lock();
         for record in records {
             let path = catalog.raw_path(&record.id);
-            let disk = catalog.open_device(&record, &path).map_err(|e| error_chain(&e));
+            // A record read back is input like any other: one that breaks the rules a create
+            // follows is listed unavailable, and nothing is opened, sized or removed for it.
+            let disk = check_record(&record)
+                .map_err(|e| format!("invalid catalog record: {}", error_chain(&e)))
+                .and_then(|()| catalog.open_device(&record, &path).map_err(|e| error_chain(&e)));
             if let Err(reason) = &disk {
                 tracing::error!(disk = %record.spec.name, %reason, "disk unavailable");
             }
@@ -262,7 +270,11 @@ impl Catalog {
                     .map_err(|reason| CatalogError::Ftl { name, reason })?;
             }
         }
+        // The file or partition is there; no namespace, no record yet.
+        failpoint::hit("catalog::create::backend-made");
         let committed = self.store.create_namespace(&record.namespace()).and_then(|()| {
+            // The namespace too; still no record.
+            failpoint::hit("catalog::create::namespace-made");
             let mut batch = Batch::new();
             batch.put(CATALOG_NS, record_key(&record.spec.name), record_json(&record));
             self.store.commit(batch)
@@ -271,6 +283,8 @@ impl Catalog {
             self.remove_backend(&record, &path);
             return Err(e.into());
         }
+        // The record commits the disk; its backend has not been opened (an FTL not formatted).
+        failpoint::hit("catalog::create::committed");
         let disk = self.open_device(&record, &path).map_err(|e| error_chain(&e));
         let entry = Entry { record, disk, path };
         entries.insert(entry.record.spec.name.clone(), entry.clone());
@@ -295,6 +309,8 @@ impl Catalog {
         let mut batch = Batch::new();
         batch.delete(CATALOG_NS, record_key(name));
         self.store.commit(batch)?;
+        // The record is gone; the namespace and the file or partition are still there.
+        failpoint::hit("catalog::delete::record-deleted");
         if let Some(entry) = entries.remove(name) {
             self.remove_backend(&entry.record, &entry.path);
         }
@@ -397,14 +413,22 @@ impl Catalog {
     /// Best-effort removal of a disk's namespace and file or partition; leftovers go at the next
     /// open.
     fn remove_backend(&self, record: &DiskRecord, path: &Path) {
+        if !is_id(&record.id) {
+            // An id from a damaged record names no file or namespace of ours.
+            return;
+        }
         if let (Backend::Ftl { .. }, Some(ftl)) = (&record.spec.backend, &self.ftl) {
             ftl.remove(&record.id);
+            // The partition is reclaiming; the namespace is still there.
+            failpoint::hit("catalog::remove::partition-released");
         }
         if self.store.has_namespace(&record.namespace()) {
             if let Err(e) = self.store.drop_namespace(&record.namespace()) {
                 tracing::warn!(error = %error_chain(&e), "cannot drop namespace; it goes at the next start");
             }
         }
+        // The namespace is dropped; a raw disk's file is still there.
+        failpoint::hit("catalog::remove::namespace-dropped");
         if let Err(e) = std::fs::remove_file(path) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(path = %path.display(), error = %e, "cannot remove disk file; it goes at the next start");
@@ -421,6 +445,8 @@ impl Catalog {
                 if !ids.contains(id) {
                     tracing::info!(namespace = %ns, "removing namespace of an unfinished create or delete");
                     self.store.drop_namespace(&ns)?;
+                    // One leftover is gone, others may remain for the next open.
+                    failpoint::hit("catalog::open::orphan-removed");
                 }
             }
         }
@@ -429,6 +455,7 @@ impl Catalog {
                 if !ids.contains(id.as_str()) {
                     tracing::info!(%id, "removing partition of an unfinished create or delete");
                     ftl.remove(&id);
+                    failpoint::hit("catalog::open::orphan-removed");
                 }
             }
         }
@@ -439,6 +466,7 @@ impl Catalog {
             if is_id(id) && !ids.contains(id) {
                 tracing::info!(path = %item.path().display(), "removing file of an unfinished create or delete");
                 std::fs::remove_file(item.path()).map_err(file_err("cannot remove", &item.path()))?;
+                failpoint::hit("catalog::open::orphan-removed");
             }
         }
         Ok(())
@@ -498,6 +526,19 @@ fn open_raw(record: &DiskRecord, path: &Path, direct: bool) -> Result<Arc<dyn Bl
     Ok(Arc::new(raw))
 }
 
+/// The largest disk, 64 TiB: more than any VM disk here needs, and a bound on the per-block state
+/// the layers above keep (clone bitmaps, checksums, FTL maps).
+pub const MAX_DISK_BYTES: u64 = 64 << 40;
+
+/// Checks a record read back from the store: its spec as at create, and an id the catalog made.
+fn check_record(record: &DiskRecord) -> Result<()> {
+    validate(&record.spec)?;
+    if !is_id(&record.id) {
+        return Err(CatalogError::BadId(record.id.clone()));
+    }
+    Ok(())
+}
+
 /// Checks a spec as a user wrote it.
 pub fn validate(spec: &DiskSpec) -> Result<()> {
     let name = &spec.name;
@@ -513,6 +554,9 @@ pub fn validate(spec: &DiskSpec) -> Result<()> {
     }
     if spec.size % u64::from(spec.block_size) != 0 {
         return Err(CatalogError::SizeNotMultiple { size: spec.size, block_size: spec.block_size });
+    }
+    if spec.size > MAX_DISK_BYTES {
+        return Err(CatalogError::TooLarge { size: spec.size, max: MAX_DISK_BYTES });
     }
     if let Backend::Ftl { over_provisioning } = spec.backend {
         if !(1..=400).contains(&over_provisioning) {
@@ -669,5 +713,46 @@ mod tests {
             Err(CatalogError::BadBlockSize(1024))
         ));
         assert!(validate(&spec("vm-0.data_1", 4096)).is_ok());
+        assert!(matches!(validate(&spec("x", MAX_DISK_BYTES + 512)), Err(CatalogError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn damaged_records_leave_their_disk_unavailable_and_the_rest_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        let _guard = rt.enter();
+        let store = Store::open(dir.path().join("db")).unwrap();
+        let disks = dir.path().join("disks");
+        let (good, zero_block) = {
+            let cat = Catalog::open(store.clone(), &disks).unwrap();
+            (cat.create(spec("good", 4096)).unwrap(), cat.create(spec("zero-block", 4096)).unwrap())
+        };
+        // Records as a damaged store or another tool could leave them: a block size the disk file
+        // cannot be divided by, a size past every bound, an id that walks out of the disk
+        // directory.
+        let damage = |name: &str, edit: &dyn Fn(&mut DiskRecord)| {
+            let mut record = DiskRecord { spec: spec(name, 4096), ..good.record.clone() };
+            edit(&mut record);
+            let mut batch = Batch::new();
+            batch.put(CATALOG_NS, record_key(name), record_json(&record));
+            store.commit(batch).unwrap();
+        };
+        damage("zero-block", &|r| {
+            *r = DiskRecord { spec: DiskSpec { block_size: 0, ..r.spec.clone() }, ..zero_block.record.clone() }
+        });
+        damage("huge", &|r| r.spec.size = u64::MAX - 511);
+        damage("escape", &|r| r.id = "../../etc/passwd".into());
+        let cat = Catalog::open(store.clone(), &disks).unwrap();
+        assert!(cat.disk("good").is_ok());
+        for name in ["zero-block", "huge", "escape"] {
+            let err = cat.disk(name).err().unwrap();
+            assert!(error_chain(&err).contains("invalid catalog record"), "{name}: {}", error_chain(&err));
+        }
+        // The damaged disk's data stays where it is until someone deletes it, and deleting the
+        // one with a foreign id touches nothing outside the catalog.
+        assert!(zero_block.path.exists());
+        assert!(store.has_namespace(&zero_block.record.namespace()));
+        cat.delete("escape").unwrap();
+        assert!(good.path.exists());
     }
 }

@@ -138,6 +138,33 @@ impl Disk {
     }
 }
 
+/// The most a discard or write-zeroes asks of the layers below at once. A client may ask for a
+/// whole disk (a guest's mkfs does), and a layer may work per block of what it is given (clone
+/// bitmaps, checksums, the FTL's map): in pieces, each request's work and memory stay bounded.
+/// A multiple of every block size.
+pub const MAX_RANGE_PIECE: u64 = 1 << 30;
+
+/// Runs `op` over `offset..offset + len` in pieces of at most [`MAX_RANGE_PIECE`], one after the
+/// other; the first error ends it.
+fn in_pieces<'a, F>(offset: u64, len: u64, mut op: F) -> IoFuture<'a, ()>
+where
+    F: FnMut(u64, u64) -> IoFuture<'a, ()> + Send + 'a,
+{
+    if len <= MAX_RANGE_PIECE {
+        return op(offset, len);
+    }
+    Box::pin(async move {
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(MAX_RANGE_PIECE);
+            op(at, n).await?;
+            at += n;
+        }
+        Ok(())
+    })
+}
+
 /// Wraps a request's future to count its outcome when it completes.
 struct Counted<'a, T> {
     inner: IoFuture<'a, T>,
@@ -174,10 +201,58 @@ impl BlockDevice for Disk {
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        self.tracked(RequestKind::Discard, offset, len, move |d| d.discard(offset, len))
+        self.tracked(RequestKind::Discard, offset, len, move |d| in_pieces(offset, len, move |o, n| d.discard(o, n)))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> IoFuture<'_, ()> {
-        self.tracked(RequestKind::WriteZeroes, offset, len, move |d| d.write_zeroes(offset, len, fua))
+        self.tracked(RequestKind::WriteZeroes, offset, len, move |d| {
+            in_pieces(offset, len, move |o, n| d.write_zeroes(o, n, fua))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records the ranges of the discards and write-zeroes it is sent.
+    #[derive(Default)]
+    struct Ranges(Mutex<Vec<(u64, u64)>>);
+
+    impl BlockDevice for Ranges {
+        fn info(&self) -> DeviceInfo {
+            DeviceInfo { capacity: 4 << 40, block_size: 4096, read_only: false }
+        }
+        fn read(&self, _: u64, buf: IoBuf) -> IoFuture<'_, IoBuf> {
+            Box::pin(ready(Ok(buf)))
+        }
+        fn write(&self, _: u64, buf: IoBuf, _: bool) -> IoFuture<'_, IoBuf> {
+            Box::pin(ready(Ok(buf)))
+        }
+        fn flush(&self) -> IoFuture<'_, ()> {
+            Box::pin(ready(Ok(())))
+        }
+        fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+            self.0.lock().unwrap().push((offset, len));
+            Box::pin(ready(Ok(())))
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, _: bool) -> IoFuture<'_, ()> {
+            self.discard(offset, len)
+        }
+    }
+
+    #[test]
+    fn large_ranges_reach_the_device_in_bounded_pieces() {
+        let ranges = Arc::new(Ranges::default());
+        let disk = Disk::new("d", "id", ranges.clone());
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        const G: u64 = 1 << 30;
+        rt.block_on(disk.discard(4096, 2 * G + G / 2)).unwrap();
+        rt.block_on(disk.write_zeroes(0, G, true)).unwrap();
+        let got = ranges.0.lock().unwrap().clone();
+        assert_eq!(got, [(4096, G), (4096 + G, G), (4096 + 2 * G, G / 2), (0, G)]);
+        let stats = disk.stats().snapshot(RequestKind::Discard);
+        assert_eq!((stats.ops, stats.bytes), (1, 2 * G + G / 2), "one request, counted once");
     }
 }

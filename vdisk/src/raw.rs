@@ -44,9 +44,10 @@ impl ZeroMethod {
 const ZERO_CHUNK: u64 = 1 << 20;
 
 impl RawFile {
-    /// Creates a new sparse file of `capacity` bytes; fails if it exists.
+    /// Creates a new sparse file of `capacity` bytes, readable by its owner only; fails if it
+    /// exists.
     pub fn create(path: &Path, capacity: u64) -> io::Result<()> {
-        let file = OpenOptions::new().write(true).create_new(true).open(path)?;
+        let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
         file.set_len(capacity)?;
         file.sync_all()?;
         if let Some(dir) = path.parent() {

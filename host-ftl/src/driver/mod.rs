@@ -368,6 +368,8 @@ impl State {
             tracing::error!(guest = name, error = %e, "cannot flush the reclaimed chunks; the PUs stay reserved until the next open");
             return;
         }
+        // Every chunk is reset durably; the record still says reclaiming.
+        failpoint::hit("host_ftl::reclaim::flushed");
         match lock(&self.table).delete(name) {
             Ok(()) => tracing::info!(guest = name, "PUs of the removed guest are free"),
             Err(e) => tracing::error!(guest = name, error = %e, "cannot free the PUs of the removed guest"),
@@ -560,6 +562,8 @@ impl Driver {
         };
         Partition::new(self.state.core.device.geometry(), &record.pus, whole_groups)?;
         table.put(record.clone())?;
+        // The guest's record is durable; nothing else of it exists yet.
+        failpoint::hit("host_ftl::add_guest::recorded");
         let qp = self.serve(&record)?;
         lock(&self.state.guests).insert(name.to_string(), qp.clone());
         tracing::info!(guest = name, pus = ?record.pus, whole_groups, "guest added");
@@ -585,6 +589,8 @@ impl Driver {
             }
             return Err(e);
         }
+        // The record says reclaiming; no chunk has been reset.
+        failpoint::hit("host_ftl::remove_guest::marked");
         self.state.core.router.remove(&record.pus);
         if let Some(qp) = qp {
             self.send(Msg::RemoveGuest(qp.guest.id));

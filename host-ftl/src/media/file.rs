@@ -27,7 +27,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -136,7 +136,8 @@ pub struct FileMedia {
 }
 
 impl FileMedia {
-    /// Creates a new media file (the path must not exist) with every chunk free.
+    /// Creates a new media file (the path must not exist) with every chunk free, readable by its
+    /// owner only: it holds every FTL disk's data.
     pub fn create(path: impl AsRef<Path>, geo: &Geometry) -> Result<FileMedia> {
         geo.validate()?;
         let path = path.as_ref().to_path_buf();
@@ -145,6 +146,7 @@ impl FileMedia {
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| Error::io(ctx("create"), e))?;
         let layout = Layout::new(geo);

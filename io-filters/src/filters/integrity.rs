@@ -183,6 +183,8 @@ impl Integrity {
             batch.delete(&self.namespace, intent_key(page));
             self.commit(batch).await?;
             self.pages[page as usize].marked.store(false, SeqCst);
+            // This page is recovered and unmarked; the pages after it are still marked.
+            failpoint::hit("integrity::recover::page-done");
         }
         if !self.suspects.is_empty() {
             tracing::info!(disk = %self.disk, pages = self.suspects.len(), "integrity: checksums recovered");
@@ -208,6 +210,8 @@ impl Integrity {
             return Ok(());
         }
         self.commit(batch).await?;
+        // The marks are durable; the data write has not gone out.
+        failpoint::hit("integrity::mark::committed");
         for p in todo {
             self.pages[p as usize].marked.store(true, SeqCst);
         }
@@ -304,6 +308,8 @@ impl Integrity {
     async fn flush(&self, req: Request, next: Next<'_>) -> IoResult<Reply> {
         let _alone = self.barrier.write().await;
         let reply = next.submit(req).await?;
+        // The data is durable; the checksums that match it are not committed.
+        failpoint::hit("integrity::flush::data-flushed");
         let mut batch = Batch::new();
         let (mut committed, mut cleared) = (Vec::new(), Vec::new());
         for (p, state) in self.pages.iter().enumerate() {

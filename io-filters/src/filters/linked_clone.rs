@@ -376,9 +376,15 @@ impl LinkedClone {
     async fn flush(&self, req: Request, next: Next<'_>) -> IoResult<Reply> {
         let _one = self.flushing.lock().await;
         let snapshot = self.bitmap.take_dirty();
+        // The bits are snapshot; the data they point at may not be durable yet.
+        failpoint::hit("linked_clone::flush::snapshot-taken");
         let result = next.submit(req).await;
         let committed = match result {
-            Ok(_) => self.commit(snapshot.clone()).await,
+            Ok(_) => {
+                // The data is durable; its bits are not committed.
+                failpoint::hit("linked_clone::flush::data-flushed");
+                self.commit(snapshot.clone()).await
+            }
             Err(_) => Ok(()),
         };
         if result.is_err() || committed.is_err() {

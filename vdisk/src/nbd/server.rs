@@ -21,6 +21,16 @@ use crate::disk::{Disk, DiskUser};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Requests one connection may have in flight; the server stops reading beyond that.
 const MAX_IN_FLIGHT: usize = 256;
+/// Data bytes (read and write buffers) one connection may hold in flight. A client that sends
+/// many large requests and never reads the replies holds at most this much: the server stops
+/// reading its requests until replies drain. Two requests of the largest size fit.
+pub(super) const CONNECTION_BYTES: usize = 2 * MAX_IO_BYTES as usize;
+/// Data bytes all connections together may hold in flight.
+const SERVER_BYTES: usize = 1 << 30;
+/// Connections served at once; more are closed as they arrive. With CONNECTION_BYTES each,
+/// they cannot take more than SERVER_BYTES between them anyway; this bounds their other costs
+/// (buffers, tasks, descriptors).
+const MAX_CONNECTIONS: usize = 256;
 /// Socket buffer sizes of a connection.
 const READ_BUFFER: usize = 64 << 10;
 const WRITE_BUFFER: usize = 64 << 10;
@@ -41,6 +51,10 @@ pub struct NbdServer {
     /// The export a client gets when it asks for the empty name.
     default_export: Option<String>,
     stats: NbdStats,
+    /// SERVER_BYTES, shared by every connection's requests.
+    bytes: Arc<Semaphore>,
+    /// MAX_CONNECTIONS.
+    connections: Arc<Semaphore>,
 }
 
 /// What a handshake ended in.
@@ -53,18 +67,36 @@ enum Negotiated {
 struct Completion {
     req: Request,
     result: Result<Option<IoBuf>, BlockError>,
-    _permit: OwnedSemaphorePermit,
+    _permits: Permits,
+}
+
+/// What a request in flight holds until its reply is sent: its slot, and its data bytes from the
+/// connection's and the server's budgets.
+struct Permits {
+    _slot: OwnedSemaphorePermit,
+    _bytes: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 type Pending = futures_util::future::BoxFuture<'static, Completion>;
 
 impl NbdServer {
     pub fn new(catalog: Arc<Catalog>, default_export: Option<String>) -> Arc<NbdServer> {
-        Arc::new(NbdServer { catalog, default_export, stats: NbdStats::default() })
+        Arc::new(NbdServer {
+            catalog,
+            default_export,
+            stats: NbdStats::default(),
+            bytes: Arc::new(Semaphore::new(SERVER_BYTES)),
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        })
     }
 
     pub fn stats(&self) -> &NbdStats {
         &self.stats
+    }
+
+    /// Data bytes the requests of every connection hold now (at most SERVER_BYTES).
+    pub fn bytes_in_flight(&self) -> usize {
+        SERVER_BYTES - self.bytes.available_permits()
     }
 
     /// Accepts clients on a Unix socket until the task is dropped.
@@ -102,6 +134,11 @@ impl NbdServer {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         self.stats.connections.fetch_add(1, Relaxed);
+        let Ok(_connection) = self.connections.clone().try_acquire_owned() else {
+            self.stats.protocol_errors.fetch_add(1, Relaxed);
+            tracing::warn!("nbd connection refused: {MAX_CONNECTIONS} connections are open");
+            return;
+        };
         self.stats.active.fetch_add(1, Relaxed);
         // Headers and small payloads come through the buffers; a payload larger than them is read
         // straight into its request's buffer (and a read's data written straight out), saving a copy.
@@ -111,7 +148,7 @@ impl NbdServer {
         let outcome = match negotiated {
             Ok(Ok(Negotiated::Transmit { disk, structured })) => {
                 tracing::debug!(disk = %disk.name(), structured, "nbd client connected");
-                transmit(rd, wr, disk, structured).await
+                transmit(rd, wr, disk, structured, self.bytes.clone()).await
             }
             Ok(Ok(Negotiated::Aborted)) => Ok(()),
             Ok(Err(e)) => Err(e),
@@ -261,25 +298,61 @@ fn transmission_flags(disk: &Disk) -> u16 {
 
 /// The transmission phase: a reader that turns requests into in-flight futures, and a writer
 /// that sends each reply as soon as its request completes, in whatever order that is.
-async fn transmit<R, W>(rd: BufReader<R>, wr: BufWriter<W>, disk: DiskUser, structured: bool) -> io::Result<()>
+async fn transmit<R, W>(
+    rd: BufReader<R>,
+    wr: BufWriter<W>,
+    disk: DiskUser,
+    structured: bool,
+    server_bytes: Arc<Semaphore>,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let (tx, rx) = mpsc::unbounded_channel();
     let disk: Arc<Disk> = Arc::clone(&disk);
-    let (read, write) = tokio::join!(read_requests(rd, disk, tx), write_replies(wr, rx, structured));
+    let budget = Budget {
+        slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        connection: Arc::new(Semaphore::new(CONNECTION_BYTES)),
+        server: server_bytes,
+    };
+    let (read, write) = tokio::join!(read_requests(rd, disk, tx, budget), write_replies(wr, rx, structured));
     read.and(write)
+}
+
+/// What a connection's requests in flight may hold.
+struct Budget {
+    /// MAX_IN_FLIGHT requests.
+    slots: Arc<Semaphore>,
+    /// CONNECTION_BYTES of data.
+    connection: Arc<Semaphore>,
+    /// The server's SERVER_BYTES, shared with every connection.
+    server: Arc<Semaphore>,
+}
+
+impl Budget {
+    /// Waits for a slot, and for `bytes` of data from both budgets when the request carries data
+    /// (at most MAX_IO_BYTES, checked before). `None` once the budgets are closed.
+    async fn take(&self, bytes: u64) -> Option<Permits> {
+        let slot = self.slots.clone().acquire_owned().await.ok()?;
+        let bytes = match u32::try_from(bytes) {
+            Ok(0) | Err(_) => None,
+            Ok(n) => {
+                let connection = self.connection.clone().acquire_many_owned(n).await.ok()?;
+                Some((connection, self.server.clone().acquire_many_owned(n).await.ok()?))
+            }
+        };
+        Some(Permits { _slot: slot, _bytes: bytes })
+    }
 }
 
 async fn read_requests<R: AsyncRead + Unpin>(
     mut rd: BufReader<R>,
     disk: Arc<Disk>,
     tx: mpsc::UnboundedSender<Pending>,
+    budget: Budget,
 ) -> io::Result<()> {
-    let window = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
-        let Ok(permit) = window.clone().acquire_owned().await else { return Ok(()) };
         let mut header = [0u8; REQUEST_LEN];
         match rd.read_exact(&mut header).await {
             Ok(_) => {}
@@ -292,11 +365,17 @@ async fn read_requests<R: AsyncRead + Unpin>(
             return Ok(());
         }
         let (offset, len, fua) = (req.offset, u64::from(req.length), req.flags & CMD_FLAG_FUA != 0);
+        if req.command == CMD_WRITE && len > MAX_IO_BYTES {
+            // Its payload cannot be skipped safely: the stream is lost.
+            return Err(protocol(ProtocolError::PayloadTooLarge(req.length)));
+        }
+        // Only reads and writes hold buffers; an oversized read is refused below without one.
+        let data = match req.command {
+            CMD_READ | CMD_WRITE if len <= MAX_IO_BYTES => len,
+            _ => 0,
+        };
+        let Some(permit) = budget.take(data).await else { return Ok(()) };
         let payload = if req.command == CMD_WRITE {
-            if len > MAX_IO_BYTES {
-                // Its payload cannot be skipped safely: the stream is lost.
-                return Err(protocol(ProtocolError::PayloadTooLarge(req.length)));
-            }
             let mut buf = IoBuf::scratch(len as usize);
             rd.read_exact(buf.as_mut_slice()).await?;
             Some(buf)
@@ -336,11 +415,11 @@ async fn read_requests<R: AsyncRead + Unpin>(
     }
 }
 
-fn respond<F>(req: Request, permit: OwnedSemaphorePermit, work: F) -> Pending
+fn respond<F>(req: Request, permits: Permits, work: F) -> Pending
 where
     F: std::future::Future<Output = Result<Option<IoBuf>, BlockError>> + Send + 'static,
 {
-    Box::pin(work.map(move |result| Completion { req, result, _permit: permit }))
+    Box::pin(work.map(move |result| Completion { req, result, _permits: permits }))
 }
 
 /// The request kind a command stands for, to choose its error value.

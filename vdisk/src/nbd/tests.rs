@@ -185,3 +185,66 @@ proptest! {
         })?;
     }
 }
+
+/// A client that sends many large reads and never reads the replies holds at most its
+/// connection's budget of the server's memory, and other clients are still served.
+#[test]
+fn a_client_that_does_not_read_its_replies_holds_a_bounded_amount() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let store = state_store::Store::open(dir.path().join("db")).unwrap();
+        let catalog = Arc::new(Catalog::open(store, &dir.path().join("disks")).unwrap());
+        let spec = DiskSpec {
+            name: "a".into(),
+            size: 64 << 20,
+            block_size: 512,
+            read_only: false,
+            backend: Backend::default(),
+            filters: Vec::new(),
+        };
+        catalog.create(spec).unwrap();
+        let server = NbdServer::new(catalog.clone(), Some("a".into()));
+        let connect = |requests: &[(u16, u32)]| {
+            let (stream, _) = client_stream(
+                CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES,
+                &[Opt::Go { name: "a".into(), infos: vec![] }],
+                &requests
+                    .iter()
+                    .map(|&(command, length)| Req {
+                        command,
+                        flags: 0,
+                        offset: 0,
+                        length,
+                        payload: None,
+                        bad_magic: false,
+                    })
+                    .collect::<Vec<_>>(),
+                false,
+            );
+            let (client, server_end) = tokio::io::duplex(1 << 16);
+            let (srd, swr) = tokio::io::split(server_end);
+            tokio::spawn(server.clone().handle(srd, swr));
+            (client, stream)
+        };
+        // Twenty reads of 32 MiB: 640 MiB if each got its buffer.
+        let (mut hog, stream) = connect(&[(CMD_READ, 32 << 20); 20]);
+        hog.write_all(&stream).await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while server.bytes_in_flight() < super::server::CONNECTION_BYTES {
+            assert!(std::time::Instant::now() < deadline, "reads not started: {}", server.bytes_in_flight());
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(server.bytes_in_flight(), super::server::CONNECTION_BYTES);
+        // Another client reads meanwhile.
+        let (other, stream) = connect(&[(CMD_READ, 4096)]);
+        let (mut ord, mut owr) = tokio::io::split(other);
+        owr.write_all(&stream).await.unwrap();
+        owr.shutdown().await.unwrap();
+        let mut replies = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(10), ord.read_to_end(&mut replies)).await.unwrap().unwrap();
+        assert!(replies.ends_with(&[0u8; 4096]), "the other client got its data");
+        drop(hog);
+    });
+}

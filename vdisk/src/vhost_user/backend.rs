@@ -43,6 +43,11 @@ use crate::uring::Uring;
 
 /// Largest queue a frontend may set up.
 pub const MAX_QUEUE_SIZE: usize = 1024;
+/// Data bytes one queue may have waiting on its disk. Past it the queue stops taking requests
+/// until some complete, so that a guest filling its queue with the largest requests on a slow
+/// disk (a throttled one, an FTL in GC) holds at most this much of the daemon's memory (plus one
+/// request), not queue size times 32 MiB.
+const QUEUE_BYTES: usize = 64 << 20;
 /// How long GET_VRING_BASE waits for a stopping queue's requests.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -63,15 +68,26 @@ struct Pending {
     ready: Mutex<Vec<usize>>,
     event: EventFd,
     in_flight: AtomicUsize,
+    /// Data bytes of the waiting requests, held to QUEUE_BYTES.
+    bytes: AtomicUsize,
+    /// The queue stopped taking requests at QUEUE_BYTES: completing one takes it up again.
+    full: AtomicBool,
     /// The ring this queue's requests submit their file I/O to, reaped by the queue's thread.
     ring: Uring,
     /// Chains refused so far, for logging a hostile driver without flooding the log.
     refused: AtomicU64,
 }
 
+/// A request waiting for its disk, with the data bytes it holds.
+struct Parked {
+    task: Task,
+    waker: Waker,
+    bytes: usize,
+}
+
 #[derive(Default)]
 struct Slots {
-    slots: Vec<Option<(Task, Waker)>>,
+    slots: Vec<Option<Parked>>,
     free: Vec<usize>,
 }
 
@@ -146,6 +162,8 @@ impl BlkBackend {
                     ready: Mutex::new(Vec::new()),
                     event: EventFd::new(EFD_NONBLOCK)?,
                     in_flight: AtomicUsize::new(0),
+                    bytes: AtomicUsize::new(0),
+                    full: AtomicBool::new(false),
                     ring: Uring::self_reaped()?,
                     refused: AtomicU64::new(0),
                 }))
@@ -220,6 +238,13 @@ impl BlkBackend {
             let Some(mem) = self.memory() else { break };
             let mut stuck = false;
             loop {
+                // Leave requests on the ring while the waiting ones hold the queue's share of
+                // memory; `complete` comes back for them.
+                if self.queues[q].bytes.load(Relaxed) >= QUEUE_BYTES {
+                    self.queues[q].full.store(true, Relaxed);
+                    stuck = true;
+                    break;
+                }
                 let chain = {
                     let mut state = vring.get_mut();
                     let queue = state.get_queue_mut();
@@ -279,6 +304,8 @@ impl BlkBackend {
     fn start(&self, q: usize, head: u16, req: Request, mem: Arc<GuestMemoryMmap>) -> Option<Done> {
         let disk = self.disk.clone();
         let fua = !self.writeback.load(Relaxed);
+        // At most MAX_IO_BYTES (parse bounded both directions), so it fits.
+        let bytes = (req.readable.total() + req.writable.total()) as usize;
         let mut task: Task = Box::pin(async move {
             let (status, written) = execute(&disk, &mem, &req, fua).await;
             let used = match mem.write_obj(status, req.status) {
@@ -296,8 +323,9 @@ impl BlkBackend {
                 Some(done)
             }
             Poll::Pending => {
-                pending.lock().slots[slot] = Some((task, waker));
+                pending.lock().slots[slot] = Some(Parked { task, waker, bytes });
                 pending.in_flight.fetch_add(1, Relaxed);
+                pending.bytes.fetch_add(bytes, Relaxed);
                 None
             }
         }
@@ -313,18 +341,27 @@ impl BlkBackend {
         let mut returned = false;
         for slot in ready {
             // A slot may be woken twice, or after its request finished: then it is empty.
-            let Some((mut task, waker)) = pending.lock().slots.get_mut(slot).and_then(Option::take) else { continue };
+            let Some(Parked { mut task, waker, bytes }) = pending.lock().slots.get_mut(slot).and_then(Option::take)
+            else {
+                continue;
+            };
             match task.as_mut().poll(&mut Context::from_waker(&waker)) {
                 Poll::Ready(done) => {
                     pending.lock().release(slot);
                     pending.in_flight.fetch_sub(1, Relaxed);
+                    pending.bytes.fetch_sub(bytes, Relaxed);
                     vring.add_used(done.head, done.used).map_err(io::Error::other)?;
                     returned = true;
                 }
-                Poll::Pending => pending.lock().slots[slot] = Some((task, waker)),
+                Poll::Pending => pending.lock().slots[slot] = Some(Parked { task, waker, bytes }),
             }
         }
-        self.signal(vring, returned)
+        self.signal(vring, returned)?;
+        if pending.bytes.load(Relaxed) < QUEUE_BYTES && pending.full.swap(false, Relaxed) {
+            // Requests left on the ring while the queue was full: take them up now.
+            self.process_queue(q, vring)?;
+        }
+        Ok(())
     }
 
     /// Interrupts the guest after requests were returned, unless it asked not to be (EVENT_IDX).
@@ -934,5 +971,63 @@ mod tests {
         // Returns (rather than looping on a queue it cannot read) and leaves the used ring alone.
         rig.backend.handle_event(0, EventSet::IN, std::slice::from_ref(vring), 0).unwrap();
         assert_eq!(mock.used().idx().load(), 0);
+    }
+
+    /// A device whose reads wait for a permit of `gate` each.
+    struct Gated {
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl BlockDevice for Gated {
+        fn info(&self) -> crate::device::DeviceInfo {
+            crate::device::DeviceInfo { capacity: 1 << 30, block_size: 512, read_only: false }
+        }
+        fn read(&self, _: u64, buf: IoBuf) -> crate::device::IoFuture<'_, IoBuf> {
+            Box::pin(async move {
+                let permit = self.gate.acquire().await;
+                permit.map(tokio::sync::SemaphorePermit::forget).map_err(|_| crate::device::BlockError::Unsupported)?;
+                Ok(buf)
+            })
+        }
+        fn write(&self, _: u64, b: IoBuf, _: bool) -> crate::device::IoFuture<'_, IoBuf> {
+            Box::pin(std::future::ready(Ok(b)))
+        }
+        fn flush(&self) -> crate::device::IoFuture<'_, ()> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn discard(&self, _: u64, _: u64) -> crate::device::IoFuture<'_, ()> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> crate::device::IoFuture<'_, ()> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+    }
+
+    #[test]
+    fn a_queue_holds_at_most_its_share_of_memory_in_waiting_requests() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let mem = memory();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut rig = Rig::with_device(&mem, &rt, Arc::new(Gated { gate: gate.clone() }));
+        // Six reads of the largest size, each over the same 4 MiB of guest memory (above the
+        // queue and the headers).
+        let data: Vec<(u64, u32, bool)> = (0..SEG_MAX as u64).map(|i| ((12 + i % 4) * MIB, SIZE_MAX, true)).collect();
+        for i in 0..6 {
+            rig.push(0, VIRTIO_BLK_T_IN, i * 65536, &data);
+        }
+        let (_, vring, _) = &rig.queues[0];
+        let peak = peak_allocation(|| {
+            rig.backend.handle_event(0, EventSet::IN, std::slice::from_ref(vring), 0).unwrap();
+        });
+        let pending = &rig.backend.queues[0];
+        assert_eq!(pending.in_flight.load(Relaxed), 2, "two 32 MiB reads fill the queue's 64 MiB");
+        assert_eq!(pending.bytes.load(Relaxed), QUEUE_BYTES);
+        assert!(peak <= (QUEUE_BYTES + MIB as usize) as isize, "{peak} bytes held by waiting requests");
+        // As they complete, the ones left on the ring are taken up, and all come back.
+        gate.add_permits(6);
+        let used = rig.run(0, 6);
+        assert_eq!(used.len(), 6);
+        assert!(used.iter().all(|&(_, len)| len == crate::device::MAX_IO_BYTES as u32 + 1), "{used:?}");
+        assert_eq!(rig.backend.queues[0].bytes.load(Relaxed), 0);
     }
 }
