@@ -5,13 +5,14 @@
 //! else is assumed: the header and data may share descriptors or be split across several.
 //!
 //! Every length is bounded here, once, before anything is allocated or started for the request:
-//! a chain may hold at most [`MAX_DESCRIPTORS`] descriptors of each direction, a data segment at
-//! most [`SIZE_MAX`] bytes, a request at most [`SEG_MAX`] data segments and [`MAX_IO_BYTES`] in
-//! all, and a discard or write-zeroes request exactly one 16-byte segment. These are the limits
-//! the config space advertises ([`ConfigSpace`]), so a driver that follows the spec never meets
-//! them. A chain that breaks them gets `IOERR` for itself alone; a chain with no place for a
-//! status byte (it reaches outside guest memory, its directions are mixed, or the queue cut it
-//! short) is returned with nothing written.
+//! a chain may hold at most [`MAX_DESCRIPTORS`] descriptors of each direction, a request at most
+//! [`SEG_MAX`] data segments and [`MAX_IO_BYTES`] in all, and a discard or write-zeroes request
+//! exactly one 16-byte segment. These are the limits the config space advertises
+//! ([`ConfigSpace`]), so a driver that follows the spec never meets them. One is not held: a
+//! segment may be larger than [`SIZE_MAX`], as libblkio sends a caller's buffer as one segment
+//! whatever its size; the total is what bounds memory. A chain that breaks a limit gets `IOERR`
+//! for itself alone; a chain with no place for a status byte (it reaches outside guest memory,
+//! its directions are mixed, or the queue cut it short) is returned with nothing written.
 
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory, Permissions};
 
@@ -38,7 +39,8 @@ pub const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 /// Length of the request header.
 const HEADER_BYTES: usize = 16;
 
-/// Largest data segment (config `size_max`).
+/// Largest data segment a driver should send (config `size_max`); [`SIZE_MAX`] times [`SEG_MAX`]
+/// is the largest request, as Linux sizes its requests by their product.
 pub const SIZE_MAX: u32 = 1 << 20;
 /// Most data segments in one request (config `seg_max`): together at most [`MAX_IO_BYTES`].
 pub const SEG_MAX: u32 = (MAX_IO_BYTES / SIZE_MAX as u64) as u32;
@@ -165,8 +167,6 @@ pub enum ChainError {
     TooManyDescriptors,
     #[error("{segments} data segments, more than the {max} advertised")]
     TooManySegments { segments: usize, max: u32 },
-    #[error("a data segment of {len} bytes, larger than the {SIZE_MAX} advertised")]
-    SegmentTooLarge { len: usize },
     #[error("{len} bytes of data, more than the {MAX_IO_BYTES} a request may carry")]
     TooLarge { len: u64 },
     #[error("{len} bytes of data is not a whole number of 512-byte sectors")]
@@ -265,9 +265,6 @@ fn check_lengths(req: &Request) -> Result<(), ChainError> {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
             if data.len() > SEG_MAX as usize {
                 return Err(ChainError::TooManySegments { segments: data.len(), max: SEG_MAX });
-            }
-            if let Some(r) = data.as_slice().iter().find(|r| r.len > SIZE_MAX as usize) {
-                return Err(ChainError::SegmentTooLarge { len: r.len });
             }
             if len > MAX_IO_BYTES {
                 return Err(ChainError::TooLarge { len });
@@ -487,12 +484,14 @@ mod tests {
         let status = GuestAddress(0x3000);
         let err = |error| Refused { status: Some(status), error };
         assert_eq!(refused(&mem, &[(0x1000, 8, false), (0x3000, 1, true)]), err(ChainError::ShortHeader));
-        // Reads and writes: size_max per segment, seg_max segments, whole sectors.
-        let big = SIZE_MAX + 512;
-        assert_eq!(
-            refused(&mem, &[(0x1000, 16, false), (0, big, true), (0x3000, 1, true)]),
-            err(ChainError::SegmentTooLarge { len: big as usize })
-        );
+        // Reads and writes: seg_max segments, MAX_IO_BYTES in all, whole sectors. A segment
+        // larger than size_max is let through (libblkio sends one), as long as the total fits.
+        header(&mem, 0x1000, VIRTIO_BLK_T_IN, 0);
+        assert!(parse(&mem, chain(&[(0x1000, 16, false), (0, 2 * SIZE_MAX, true), (0x3000, 1, true)])).is_ok());
+        let mut descs = vec![(0x1000, 16, false)];
+        descs.extend((0..SEG_MAX).map(|_| (0, 4 << 20, true)));
+        descs.push((0x3000, 1, true));
+        assert_eq!(refused(&mem, &descs), err(ChainError::TooLarge { len: u64::from(SEG_MAX) * (4 << 20) }));
         // One data segment too many, the status sharing the last one's descriptor.
         let mut descs = vec![(0x1000, 16, false)];
         descs.extend((0..SEG_MAX).map(|_| (0x4000, 512, true)));
