@@ -181,6 +181,7 @@ pub fn check(spec: &DiskSpec, disks: &dyn DiskLookup) -> Result<(), String> {
         match config {
             FilterConfig::LinkedClone(o) => check_parent(spec, o, disks)?,
             FilterConfig::Throttle(o) => check_group(spec, o, disks)?,
+            FilterConfig::Integrity => check_integrity(spec)?,
             _ => {}
         }
     }
@@ -217,6 +218,19 @@ fn check_parent(spec: &DiskSpec, o: &CloneOptions, disks: &dyn DiskLookup) -> Re
             Some(up) => next = up,
             None => return Ok(()),
         }
+    }
+}
+
+/// Refuses a disk with more blocks than the integrity filter keeps checksums for, before its
+/// record exists (a disk that cannot open would fail every start).
+fn check_integrity(spec: &DiskSpec) -> Result<(), String> {
+    let max = crate::filters::integrity::MAX_BLOCKS;
+    match spec.size.checked_div(u64::from(spec.block_size)) {
+        Some(blocks) if blocks <= max => Ok(()),
+        Some(blocks) => {
+            Err(format!("filter \"integrity\" keeps checksums of at most {max} blocks; the disk has {blocks}"))
+        }
+        None => Err("filter \"integrity\": block size 0".into()),
     }
 }
 

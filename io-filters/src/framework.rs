@@ -199,13 +199,10 @@ impl ChainHook for FilterFramework {
                     c
                 }
                 FilterConfig::Integrity => {
-                    let i = Arc::new(Integrity::open(
-                        name,
-                        ctx.store.clone(),
-                        ctx.namespace,
-                        info.capacity,
-                        info.block_size,
-                    )?);
+                    let i = Arc::new(
+                        Integrity::open(name, ctx.store.clone(), ctx.namespace, info.capacity, info.block_size)
+                            .map_err(|e| crate::error_chain(&e))?,
+                    );
                     built.integrity = Some(i.clone());
                     i
                 }

@@ -346,3 +346,49 @@ fn stats_count_and_time_requests_per_kind() {
     assert!(text.contains("vstor_filter_latency_seconds_bucket{disk=\"s\",kind=\"write\",le=\"+Inf\"} 10"), "{text}");
     assert!(text.contains("# TYPE vstor_filter_latency_seconds histogram"), "{text}");
 }
+
+/// Puts a raw record into a disk's namespace, as a damaged store or another writer would.
+fn tamper(rig: &Rig, disk: &str, key: &str, value: &[u8]) {
+    let ns = rig.catalog.entry(disk).unwrap().record.namespace();
+    let mut batch = state_store::Batch::new();
+    batch.put(&ns, key, value);
+    rig.catalog.store().commit(batch).unwrap();
+}
+
+#[test]
+fn a_malformed_integrity_record_makes_the_disk_unavailable_without_a_panic() {
+    let rt = runtime();
+    let _g = rt.enter();
+    let bad: [(&str, Vec<u8>); 4] = [
+        // A page number whose first block overflows: debug builds panicked, release builds
+        // stored a checksum for some other block.
+        ("integrity/crc/ffffffffffffffff", vec![0xff; 4096]),
+        // Past the disk's 2 pages.
+        ("integrity/crc/0000000000000002", vec![0; 4096]),
+        // A page of the wrong length.
+        ("integrity/crc/0000000000000000", vec![0; 4095]),
+        ("integrity/intent/ffffffffffffffff", vec![]),
+    ];
+    for (key, value) in bad {
+        let mut rig = Rig::new();
+        rig.catalog.create(spec("d", 1 << 20, vec![filter("integrity", json!({}))])).unwrap();
+        rig.catalog.create(spec("other", 1 << 20, vec![filter("integrity", json!({}))])).unwrap();
+        rt.block_on(async {
+            let d = rig.dev("d");
+            write(d.as_ref(), 0, &[5; 4096], false).await.unwrap();
+            d.flush().await.unwrap();
+        });
+        tamper(&rig, "d", key, &value);
+        rig.reopen();
+        match rig.catalog.disk("d") {
+            Err(CatalogError::Unavailable { reason, .. }) => {
+                assert!(reason.contains("is malformed") && reason.contains(key), "{key}: {reason}")
+            }
+            Err(e) => panic!("{key}: {e}"),
+            Ok(_) => panic!("{key}: a disk with a malformed record opened"),
+        }
+        // The other disk is untouched.
+        let other = rig.dev("other");
+        assert_eq!(rt.block_on(read(other.as_ref(), 0, 4096)).unwrap(), vec![0; 4096]);
+    }
+}
