@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use common::{filter, read, runtime, spec, write, Rig};
 use io_filters::filters::integrity::Integrity;
+use io_filters::filters::linked_clone::{CloneSetup, LinkedClone};
 use io_filters::{Chain, Filter, FilterError};
 use serde_json::json;
 use vdisk::{BlockDevice, DeviceInfo, IoBuf, IoFuture};
@@ -249,4 +250,85 @@ fn an_8_tib_integrity_disk_is_created_discarded_and_reopened_without_memory_for_
         assert_eq!(read(disk.as_ref(), size - 8192, 8192).await.unwrap()[4096..], [7; 4096]);
         assert_eq!(read(disk.as_ref(), 1 << 20, 4096).await.unwrap(), vec![0; 4096]);
     });
+}
+
+/// Finds disks by name in a fixed set.
+struct Disks(HashMap<String, Arc<dyn BlockDevice>>);
+
+impl vdisk::DiskResolver for Disks {
+    fn resolve(&self, name: &str) -> Option<Arc<dyn BlockDevice>> {
+        self.0.get(name).cloned()
+    }
+}
+
+#[test]
+fn a_discard_of_a_whole_1_tib_clone_takes_no_memory_per_grain() {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let rt = runtime();
+    let (_dir, store) = store_with("c");
+    let capacity = TIB;
+    let parent = Arc::new(SparseDisk::new(capacity, 512));
+    let last = capacity - 4096;
+    rt.block_on(async {
+        write(parent.as_ref(), 0, &[1; 4096], false).await.unwrap();
+        write(parent.as_ref(), last, &[2; 4096], false).await.unwrap();
+        write(parent.as_ref(), 1 << 30, &[3; 4096], false).await.unwrap();
+    });
+    let resolver = Arc::new(Disks(HashMap::from([("p".to_string(), parent.clone() as Arc<dyn BlockDevice>)])));
+    let clone = Arc::new(
+        LinkedClone::open(CloneSetup {
+            disk: "c",
+            parent: "p",
+            copy_on_read: false,
+            capacity,
+            store: store.clone(),
+            namespace: "c",
+            resolver,
+        })
+        .unwrap(),
+    );
+    let chain = Chain::new("c", vec![clone.clone() as Arc<dyn Filter>], Arc::new(SparseDisk::new(capacity, 512)));
+    let grains = capacity / 4096;
+    let ((), peak) = peak_of(|| {
+        rt.block_on(async {
+            // Leaves the first and last 512 bytes: the grains at the ends are filled from the
+            // parent first.
+            chain.discard(512, capacity - 1024).await.unwrap();
+        })
+    });
+    eprintln!("discard of a whole 1 TiB clone ({grains} grains): heap peak {} KiB", peak >> 10);
+    assert!(peak < 64 * MIB, "a whole-clone discard took {} MiB", peak / MIB);
+    assert_eq!(clone.bitmap().allocated(), grains);
+    rt.block_on(async {
+        let head = read(&chain, 0, 4096).await.unwrap();
+        assert_eq!(head[..512], [1; 512]);
+        assert!(head[512..].iter().all(|b| *b == 0));
+        let tail = read(&chain, last, 4096).await.unwrap();
+        assert_eq!(tail[3584..], [2; 512]);
+        assert!(tail[..3584].iter().all(|b| *b == 0));
+        assert_eq!(read(&chain, 1 << 30, 4096).await.unwrap(), vec![0; 4096]);
+    });
+    // Write-zeroes with FUA over a clone whose grains are partly set: the same, and its bits
+    // are durable when it completes.
+    let (_dir2, store2) = store_with("z");
+    let resolver = Arc::new(Disks(HashMap::from([("p".to_string(), parent.clone() as Arc<dyn BlockDevice>)])));
+    let setup = |store: &Arc<state_store::Store>| CloneSetup {
+        disk: "z",
+        parent: "p",
+        copy_on_read: false,
+        capacity,
+        store: store.clone(),
+        namespace: "z",
+        resolver: resolver.clone(),
+    };
+    let zclone = Arc::new(LinkedClone::open(setup(&store2)).unwrap());
+    let zchain = Chain::new("z", vec![zclone.clone() as Arc<dyn Filter>], Arc::new(SparseDisk::new(capacity, 512)));
+    rt.block_on(write(&zchain, 1 << 30, &[4; 8192], false)).unwrap();
+    let ((), peak) = peak_of(|| rt.block_on(zchain.write_zeroes(0, capacity, true)).unwrap());
+    eprintln!("FUA write-zeroes of a whole 1 TiB clone: heap peak {} KiB", peak >> 10);
+    // The FUA's flush commits every page of the bitmap (32 MiB here): a snapshot and its batch
+    // are copies of the bitmap, the size of the disk's state, not of the request.
+    let bitmap = zclone.bitmap().memory_bytes();
+    assert!(peak < 16 * MIB + 3 * bitmap, "a whole-clone write-zeroes took {} MiB", peak / MIB);
+    assert_eq!(LinkedClone::open(setup(&store2)).unwrap().bitmap().allocated(), grains);
 }

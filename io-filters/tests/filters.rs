@@ -392,3 +392,46 @@ fn a_malformed_integrity_record_makes_the_disk_unavailable_without_a_panic() {
         assert_eq!(rt.block_on(read(other.as_ref(), 0, 4096)).unwrap(), vec![0; 4096]);
     }
 }
+
+#[test]
+fn a_malformed_clone_bitmap_page_makes_the_clone_unavailable_without_a_panic() {
+    let rt = runtime();
+    let _g = rt.enter();
+    // A 1 MiB clone: 256 grains, one page of 32 words.
+    let bad: [(&str, Vec<u8>); 5] = [
+        // A page number that overflows the word index: debug builds panicked, release builds
+        // set some other page's bits, and the clone read its own never-written grains.
+        ("clone/bitmap/ffffffffffffffff", vec![0xff; 4096]),
+        ("clone/bitmap/0000000000000001", vec![0xff; 256]),
+        ("clone/bitmap/0000000000000000", vec![0xff; 4096]),
+        ("clone/bitmap/0", vec![0xff; 256]),
+        ("clone/bitmap/0000000000000000", vec![0xff; 255]),
+    ];
+    for (key, value) in bad {
+        let mut rig = Rig::new();
+        rig.catalog.create(spec("base", 1 << 20, vec![])).unwrap();
+        rt.block_on(write(rig.dev("base").as_ref(), 0, &[6; 1 << 20], false)).unwrap();
+        rig.catalog.create(spec("c", 1 << 20, vec![clone_of("base")])).unwrap();
+        tamper(&rig, "c", key, &value);
+        rig.reopen();
+        match rig.catalog.disk("c") {
+            Err(CatalogError::Unavailable { reason, .. }) => {
+                assert!(reason.contains("is malformed") && reason.contains(key), "{key}: {reason}")
+            }
+            Err(e) => panic!("{key}: {e}"),
+            Ok(_) => panic!("{key}: a clone with a malformed bitmap page opened"),
+        }
+        assert_eq!(rt.block_on(read(rig.dev("base").as_ref(), 0, 4096)).unwrap(), vec![6; 4096]);
+    }
+    // A well-formed page still loads.
+    let mut rig = Rig::new();
+    rig.catalog.create(spec("base", 1 << 20, vec![])).unwrap();
+    rig.catalog.create(spec("c", 1 << 20, vec![clone_of("base")])).unwrap();
+    let mut page = vec![0u8; 32];
+    page[0] = 1;
+    tamper(&rig, "c", "clone/bitmap/0000000000000000", &page);
+    rig.reopen();
+    let id = rig.catalog.entry("c").unwrap().record.id;
+    assert!(rig.framework.render_metrics().contains("vstor_clone_allocated_blocks{disk=\"c\"} 1"));
+    assert!(rig.framework.chain_of(&id).is_some());
+}
