@@ -134,6 +134,13 @@ pub fn parse(spec: &FilterSpec) -> Result<FilterConfig, String> {
             if o.size == 0 {
                 return Err("filter \"cache\": size must be greater than zero".into());
             }
+            let max = crate::filters::cache::MAX_CACHE_BYTES;
+            if o.size > max {
+                return Err(format!(
+                    "filter \"cache\": size {} is more than the {max} bytes a disk's cache may hold",
+                    o.size
+                ));
+            }
             FilterConfig::Cache(o)
         }
         LINKED_CLONE => FilterConfig::LinkedClone(options(spec)?),

@@ -33,6 +33,7 @@ fn configuration_errors_are_refused_with_a_message_naming_the_problem() {
         (vec![filter("throttle", json!({}))], "give iops, bps or both"),
         (vec![filter("throttle", json!({"iops": "many"}))], "invalid type"),
         (vec![filter("cache", json!({"size": "lots"}))], "invalid size"),
+        (vec![filter("cache", json!({"size": "2T"}))], "more than the 1073741824 bytes a disk's cache may hold"),
         (vec![filter("integrity", json!({"strong": true}))], "unknown field `strong`"),
         (vec![filter("stats", json!({})), filter("stats", json!({}))], "\"stats\" is configured twice"),
         (vec![clone_of("nope")], "linked clone of a missing parent: no disk named \"nope\""),
