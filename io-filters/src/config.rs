@@ -22,6 +22,11 @@ use vdisk::{DiskLookup, DiskSpec, FilterSpec};
 /// Deepest chain of linked clones allowed; [`crate::MAX_HOPS`] leaves room above it.
 pub const MAX_CLONE_DEPTH: usize = 1000;
 
+/// Most filters one disk may have: every kind once with room to spare. Each filter costs every
+/// request a virtual call, and `passthrough` may repeat, so a 64 KiB API body could otherwise
+/// name about 2900 of them.
+pub const MAX_FILTERS: usize = 16;
+
 /// The type name of the linked-clone filter.
 pub const LINKED_CLONE: &str = "linked_clone";
 
@@ -151,6 +156,9 @@ pub fn parse(spec: &FilterSpec) -> Result<FilterConfig, String> {
 
 /// A disk's filters read and put in chain order, with the checks that need no other disk.
 pub fn ordered(spec: &DiskSpec) -> Result<Vec<FilterConfig>, String> {
+    if spec.filters.len() > MAX_FILTERS {
+        return Err(format!("{} filters; a disk may have at most {MAX_FILTERS}", spec.filters.len()));
+    }
     let mut entries = Vec::new();
     for (i, f) in spec.filters.iter().enumerate() {
         let config = parse(f)?;

@@ -36,6 +36,7 @@ fn configuration_errors_are_refused_with_a_message_naming_the_problem() {
         (vec![filter("cache", json!({"size": "2T"}))], "more than the 1073741824 bytes a disk's cache may hold"),
         (vec![filter("integrity", json!({"strong": true}))], "unknown field `strong`"),
         (vec![filter("stats", json!({})), filter("stats", json!({}))], "\"stats\" is configured twice"),
+        (vec![filter("passthrough", json!({})); 17], "17 filters; a disk may have at most 16"),
         (vec![clone_of("nope")], "linked clone of a missing parent: no disk named \"nope\""),
         (vec![clone_of("x")], "redirect cycle: x -> x"),
         (vec![filter("linked_clone", json!({"parent": "base", "copy_on_reed": true}))], "unknown field `copy_on_reed`"),
@@ -49,6 +50,8 @@ fn configuration_errors_are_refused_with_a_message_naming_the_problem() {
         assert!(got.contains(message), "{filters:?}: expected {message:?} in {got:?}");
         assert!(got.contains("disk \"x\""), "{got}");
     }
+    rig.catalog.create(spec("sixteen", 1 << 20, vec![filter("passthrough", json!({})); 16])).unwrap();
+    rig.catalog.delete("sixteen").unwrap();
     let got = refused(&rig, spec("x", 2 << 20, vec![clone_of("base")]));
     assert!(got.contains("must have its parent's size"), "{got}");
     // Nothing of the refused disks was made.
