@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use common::{filter, read, runtime, spec, write, Rig};
 use io_filters::filters::integrity::Integrity;
-use io_filters::filters::linked_clone::{CloneSetup, LinkedClone};
+use io_filters::filters::linked_clone::{CloneSetup, LinkedClone, GRAIN, MIXED_PIECE};
 use io_filters::{Chain, Filter, FilterError};
 use serde_json::json;
 use vdisk::{BlockDevice, DeviceInfo, IoBuf, IoFuture};
@@ -331,4 +331,56 @@ fn a_discard_of_a_whole_1_tib_clone_takes_no_memory_per_grain() {
     let bitmap = zclone.bitmap().memory_bytes();
     assert!(peak < 16 * MIB + 3 * bitmap, "a whole-clone write-zeroes took {} MiB", peak / MIB);
     assert_eq!(LinkedClone::open(setup(&store2)).unwrap().bitmap().allocated(), grains);
+}
+
+#[test]
+fn a_read_mixed_at_every_level_holds_a_bounded_piece_per_level() {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    const DEPTH: u64 = 16;
+    const READ: u64 = 32 << 20;
+    let rt = runtime();
+    let (_dir, store) = store_with("c");
+    let base: Arc<dyn BlockDevice> = Arc::new(SparseDisk::new(READ, 512));
+    let disks = Arc::new(LateDisks::default());
+    disks.0.lock().unwrap().insert("d0".into(), base);
+    let at = |k: u64| READ / GRAIN - 1 - (DEPTH - k);
+    let mut top = None;
+    for k in 1..=DEPTH {
+        let clone = LinkedClone::open(CloneSetup {
+            disk: &format!("d{k}"),
+            parent: &format!("d{}", k - 1),
+            copy_on_read: false,
+            capacity: READ,
+            store: store.clone(),
+            namespace: "c",
+            resolver: disks.clone(),
+        })
+        .unwrap();
+        let chain: Arc<dyn BlockDevice> =
+            Arc::new(Chain::new(&format!("d{k}"), vec![Arc::new(clone)], Arc::new(SparseDisk::new(READ, 512))));
+        // Clone k holds grain `at(k)`, the one just before its child's: a 32 MiB read from the
+        // top leaves nearly all of it to the parent, mixed, at every level.
+        rt.block_on(write(chain.as_ref(), at(k) * GRAIN, &[k as u8; GRAIN as usize], false)).unwrap();
+        disks.0.lock().unwrap().insert(format!("d{k}"), chain.clone());
+        top = Some(chain);
+    }
+    let top = top.unwrap();
+    let (got, peak) = peak_of(|| rt.block_on(read(top.as_ref(), 0, READ as usize)).unwrap());
+    eprintln!("32 MiB read mixed at each of {DEPTH} levels: heap peak {} MiB", peak / MIB);
+    for k in 1..=DEPTH {
+        assert!(got[(at(k) * GRAIN) as usize..((at(k) + 1) * GRAIN) as usize].iter().all(|b| *b == k as u8));
+    }
+    // The request's buffer and its copy, then a piece per level.
+    let bound = 2 * READ as usize + DEPTH as usize * 2 * MIXED_PIECE as usize;
+    assert!(peak < bound, "{} MiB held for a 32 MiB read {DEPTH} levels deep", peak / MIB);
+}
+
+/// Disks by name, filled in once the chains exist.
+#[derive(Default)]
+struct LateDisks(Mutex<HashMap<String, Arc<dyn BlockDevice>>>);
+
+impl vdisk::DiskResolver for LateDisks {
+    fn resolve(&self, name: &str) -> Option<Arc<dyn BlockDevice>> {
+        self.0.lock().unwrap().get(name).cloned()
+    }
 }

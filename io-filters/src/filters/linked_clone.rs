@@ -56,6 +56,11 @@ const RUN_GRAINS: u64 = 256;
 /// this is sent below in pieces, each locked, filled and set on its own, so what one request
 /// holds and walks at once does not grow with its length.
 pub const PIECE_GRAINS: u64 = RUN_GRAINS * 64;
+/// Bytes of a mixed read sent below or to the parent at once (1 MiB). A read mixed at every
+/// level of a family nests one level per clone, each holding its piece while the level above
+/// waits, so a read holds at most the family's depth times this (256 MiB at the deepest),
+/// not the depth times its own length.
+pub const MIXED_PIECE: u64 = 1 << 20;
 
 fn page_key(page: usize) -> String {
     format!("{BITMAP_PREFIX}{page:016x}")
@@ -412,7 +417,7 @@ impl LinkedClone {
         while pos < head.end() {
             let own = self.bitmap.is_set(pos / GRAIN);
             let mut end = (pos / GRAIN + 1) * GRAIN;
-            while end < head.end() && self.bitmap.is_set(end / GRAIN) == own {
+            while end < head.end() && end - pos < MIXED_PIECE && self.bitmap.is_set(end / GRAIN) == own {
                 end += GRAIN;
             }
             let end = end.min(head.end());
