@@ -68,7 +68,7 @@ impl Ftl {
                 geo.maxoc
             )));
         }
-        let saved = checkpoint::load(store.clone(), namespace.to_string()).await?;
+        let saved = checkpoint::load(store.clone(), namespace.to_string(), &lay).await?;
         let (channel, layout, reads) = (ch.clone(), lay.clone(), ReadArea::new(&*ch));
         let mut cfg = cfg;
         let mut eng = match saved.format {
@@ -100,12 +100,7 @@ impl Ftl {
                 eng
             }
             Some(f) => {
-                if f.chunks != lay.chunks || f.spc != lay.spc {
-                    return Err(FtlError::Metadata(format!(
-                        "disk was formatted for {} chunks of {} blocks, the partition has {} of {}",
-                        f.chunks, f.spc, lay.chunks, lay.spc
-                    )));
-                }
+                // `load` checked the record against the layout.
                 cfg.block_size = f.block_size;
                 let mut eng = Engine::new(ch, lay, cfg.clone(), store, namespace.to_string(), f.user_lbas);
                 eng.recover(saved).await?;
