@@ -16,7 +16,7 @@ use state_store::{Batch, Store};
 
 use crate::engine::{Engine, LineState, Trim};
 use crate::error::{FtlError, Result};
-use crate::layout::Layout;
+use crate::layout::{Layout, MAX_GEN, MAX_SEQ};
 use crate::map::PAGE_ENTRIES;
 use crate::metrics::Metrics;
 
@@ -156,6 +156,11 @@ impl Meta {
         let mut r = Reader { b, at: 8 };
         let next_seq = r.u64()?;
         let next_gen = r.u32()?;
+        if next_seq > MAX_SEQ || next_gen > MAX_GEN {
+            return Err(FtlError::Metadata(format!(
+                "checkpoint record: next sequence number {next_seq}, next generation {next_gen}"
+            )));
+        }
         let n = r.u32()? as usize;
         let open_gens = (0..n.min(b.len())).map(|_| r.u32()).collect::<Result<Vec<_>>>()?;
         let n = r.u32()? as usize;
@@ -199,8 +204,12 @@ pub async fn load(store: Arc<Store>, ns: String, lay: &Layout) -> Result<Saved> 
         })?;
         store.for_each_prefix(&ns, TRIM_PREFIX, usize::MAX, |k, v| {
             let b: [u8; 8] = id(k, TRIM_PREFIX).try_into().map_err(|_| FtlError::Metadata("bad trim key".into()))?;
+            let seq = u64::from_be_bytes(b);
+            if seq > MAX_SEQ {
+                return Err(FtlError::Metadata(format!("trim record with sequence number {seq}")));
+            }
             let mut r = Reader { b: v, at: 0 };
-            trims.push(Trim { seq: u64::from_be_bytes(b), start: r.u32()?, count: r.u32()? });
+            trims.push(Trim { seq, start: r.u32()?, count: r.u32()? });
             Ok::<(), FtlError>(())
         })?;
         store.for_each_prefix(&ns, BAD_PREFIX, lay.chunks as usize, |k, _| {
@@ -310,5 +319,10 @@ mod tests {
         let mut huge = m.encode();
         huge[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(Meta::decode(&huge).is_err(), "a count beyond the record is an error, not an allocation");
+        let m = Meta { next_seq: MAX_SEQ, next_gen: MAX_GEN, ..Meta::default() };
+        assert_eq!(Meta::decode(&m.encode()).unwrap(), m);
+        assert!(Meta::decode(&Meta { next_seq: MAX_SEQ + 1, ..m.clone() }.encode()).is_err());
+        assert!(Meta::decode(&Meta { next_gen: MAX_GEN + 1, ..m }.encode()).is_err());
+        assert!(Format::decode(&Format { block_size: 0, ..f }.encode()).is_err());
     }
 }

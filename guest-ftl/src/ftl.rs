@@ -313,7 +313,7 @@ impl Ftl {
                 }
                 let stream = eng.user_stream(l);
                 eng.make_room_for_user_line(stream).await?;
-                let seq = eng.take_seq();
+                let seq = eng.take_seq()?;
                 eng.append(stream, l, seq, block.into_boxed_slice())?;
                 Metrics::add(&eng.metrics.user_slots, 1);
             }
@@ -333,7 +333,7 @@ impl Ftl {
         if first_full < end_full {
             let mut eng = self.eng.lock().await;
             maintain(&mut eng).await?;
-            eng.trim(first_full as u32, (end_full - first_full) as u32);
+            eng.trim(first_full as u32, (end_full - first_full) as u32)?;
         }
         // Partly covered blocks at either end get zeros written.
         let head_end = (first_full * lb).min(offset + len);

@@ -25,7 +25,7 @@ use crate::engine::{Engine, Line, LineState, USER};
 use crate::error::{FtlError, Result};
 use crate::gc::Heat;
 use crate::io::{self, Cmd};
-use crate::layout::{Oob, NO_SLOT, OOB_BYTES, PAD_LBA};
+use crate::layout::{Oob, MAX_GEN, MAX_SEQ, NO_SLOT, OOB_BYTES, PAD_LBA};
 use crate::map::Entry;
 use crate::metrics::Metrics;
 
@@ -215,7 +215,8 @@ impl Engine {
             }
         }
         self.free = self.chunks.iter().filter(|c| !c.bad && c.line.is_none()).count() as u32;
-        self.next_seq = self.next_seq.max(meta.next_seq).max(max_seq + 1);
+        // Every input was checked (records at decode, OOB by `ours`): no overflow is left.
+        self.next_seq = self.next_seq.max(meta.next_seq).max(max_seq.saturating_add(1));
         let max_gen = gen_of.values().copied().max().unwrap_or(0);
         self.next_gen = self.next_gen.max(meta.next_gen).max(max_gen.saturating_add(1));
         Metrics::set(&self.metrics.free_chunks, u64::from(self.free));
@@ -306,11 +307,17 @@ impl Engine {
             }
             for k in 0..g.len() {
                 let ok = !d.failed(k * spl) || d.cqe.status.data_valid();
-                out.push(if ok { Oob::decode(&d.oob[k * spl * os..]) } else { None });
+                out.push(if ok { Oob::decode(&d.oob[k * spl * os..]).filter(ours) } else { None });
             }
         }
         Ok(out)
     }
+}
+
+/// Whether OOB bytes can be the FTL's: its sequence numbers and generations stay in bounds (see
+/// [`MAX_SEQ`], [`MAX_GEN`]), so anything else on flash is foreign and read as never written.
+fn ours(o: &Oob) -> bool {
+    o.gen == RECOVERY_GEN || (o.gen <= MAX_GEN && o.seq <= MAX_SEQ)
 }
 
 fn wear_from_wli(eng: &Engine, wli: u8) -> u32 {

@@ -16,8 +16,11 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use guest_ftl::checkpoint::Format;
+use guest_ftl::checkpoint::{Format, Meta};
+use guest_ftl::layout::{Oob, MAX_GEN, MAX_SEQ, PAD_LBA};
 use guest_ftl::{FlashChannel, Ftl, FtlError};
+use host_ftl::{opcode, Addr, Sqe, Status};
+use vdisk::BlockDevice;
 
 struct Counting;
 
@@ -150,4 +153,94 @@ fn a_format_record_the_partition_cannot_hold_is_refused_before_anything_is_sized
         let ftl = rig.open().await;
         assert_eq!(read(&ftl, 0, 4096).await, pattern(0, 1, 4096));
     });
+}
+
+/// A disk with version 1 of blocks 0..4 written and a checkpoint taken.
+fn written_rig() -> Rig {
+    let rig = Rig::new(small_geometry(), small_config());
+    let ((), _) = run(async {
+        let ftl = rig.open().await;
+        for lba in 0..4 {
+            write(&ftl, lba * 4096, &pattern(lba, 1, 4096), false).await;
+        }
+        ftl.shutdown().await.unwrap();
+    });
+    rig
+}
+
+#[test]
+fn checkpoint_and_trim_records_near_the_end_of_their_counters_are_refused() {
+    let rig = written_rig();
+    let good = Meta::decode(&get(&rig, b"ftl/meta")).unwrap();
+    for bad in [
+        // Every write after it would overflow the counter (a panic in debug builds; in
+        // release, sequence numbers wrapping below older versions).
+        Meta { next_seq: u64::MAX, ..good.clone() },
+        Meta { next_seq: MAX_SEQ + 1, ..good.clone() },
+        // The next line would take recovery's own generation, then wrap to "never written".
+        Meta { next_gen: u32::MAX, ..good.clone() },
+        Meta { next_gen: MAX_GEN + 1, ..good.clone() },
+    ] {
+        put(&rig, b"ftl/meta", &bad.encode());
+        let (r, _) = run(try_open(&rig));
+        let m = expect_metadata(r, "meta");
+        assert!(m.contains("checkpoint record"), "{m}");
+    }
+    put(&rig, b"ftl/meta", &good.encode());
+    let mut key = b"ftl/trim/".to_vec();
+    key.extend_from_slice(&u64::MAX.to_be_bytes());
+    put(&rig, &key, &[0, 0, 0, 0, 1, 0, 0, 0]);
+    let (r, _) = run(try_open(&rig));
+    assert!(expect_metadata(r, "trim").contains("trim record"));
+}
+
+/// Writes two sectors at the start of chunk `chk` of PU 3 straight to the device, carrying
+/// `first` and a padding OOB, as something other than the FTL might have.
+async fn plant(rig: &Rig, chk: u32, first: Oob) {
+    let geo = &rig.geo;
+    let ch = rig.ch.as_ref();
+    let list: Vec<u64> = (0..2).map(|b| Addr::new(0, 3, chk, b).to_ppa(geo).unwrap().0).collect();
+    let (at_list, at_data, at_oob) = (0u64, 4096u64, 3 * 4096u64);
+    let mut oob = vec![0u8; 2 * geo.oob_size as usize];
+    first.encode(&mut oob[..16]);
+    Oob { lba: PAD_LBA, gen: first.gen, seq: 0 }.encode(&mut oob[16..32]);
+    ch.region().write_u64s(at_list, &list).unwrap();
+    ch.region().write(at_data, &[0xee; 2 * 4096]).unwrap();
+    ch.region().write(at_oob, &oob).unwrap();
+    let sqe = Sqe::vector(opcode::VECTOR_WRITE, 1, 2, at_list, at_data, at_oob).unwrap();
+    assert_eq!(ch.submit(sqe).await.status, Status::SUCCESS);
+    ch.device().flush().unwrap();
+}
+
+#[test]
+fn oob_past_the_counters_bounds_is_read_as_foreign_and_ordering_holds() {
+    type Planted = fn(u32) -> Oob;
+    let cases: [(&str, Planted); 2] = [
+        // Sequence number u64::MAX for block 0 in a line recovery scans: max_seq + 1 overflowed
+        // (a panic in debug builds; in release, later writes numbered below this stale copy).
+        ("seq", |gen: u32| Oob { lba: 0, gen, seq: u64::MAX }),
+        // Generation just below recovery's: the next line would have taken recovery's own.
+        ("gen", |_: u32| Oob { lba: 0, gen: u32::MAX - 1, seq: 1 }),
+    ];
+    for (what, oob) in cases {
+        let mut rig = written_rig();
+        let gen = Meta::decode(&get(&rig, b"ftl/meta")).unwrap().next_gen;
+        let ((), _) = run(plant(&rig, rig.geo.num_chk - 1, oob(gen)));
+        let ((), _) = run(async {
+            let ftl = try_open(&rig).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(read(&ftl, 0, 4096).await, pattern(0, 1, 4096), "{what}: the foreign copy won");
+            // New versions still win over old ones across a crash.
+            for lba in 0..4 {
+                write(&ftl, lba * 4096, &pattern(lba, 2, 4096), false).await;
+            }
+            ftl.flush().await.unwrap();
+        });
+        rig.crash(0);
+        let ((), _) = run(async {
+            let ftl = try_open(&rig).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+            for lba in 0..4 {
+                assert_eq!(read(&ftl, lba * 4096, 4096).await, pattern(lba, 2, 4096), "{what}: lba {lba}");
+            }
+        });
+    }
 }
