@@ -250,7 +250,8 @@ impl Engine {
         for (c, d) in table.iter().enumerate() {
             if d.state == ChunkState::Open && want > 0 {
                 let wp = d.written() as u32;
-                let n = want.min(geo.clba - wp);
+                // The host keeps wp <= clba; a table that said otherwise pads nothing.
+                let n = want.min(geo.clba.saturating_sub(wp));
                 if n > 0 {
                     todo.push((c as u32, wp, n));
                 }
