@@ -26,6 +26,14 @@ const MAP_PREFIX: &[u8] = b"ftl/map/";
 const TRIM_PREFIX: &[u8] = b"ftl/trim/";
 const BAD_PREFIX: &[u8] = b"ftl/bad/";
 const FORMAT_MAGIC: &[u8; 8] = b"GFTLFMT1";
+/// Trim records a disk keeps at most between checkpoints: once the stored and pending ones
+/// reach this many, the end of the request takes a checkpoint, which folds them into the map
+/// and deletes them. A guest that only discards and flushes opens no lines, so the line count
+/// alone never took one: every discard left a record, and 8 bytes of memory, for good.
+pub const MAX_TRIM_RECORDS: usize = 4096;
+/// Trim records `load` accepts: many more than the engine keeps (for stores written before it
+/// kept a bound, or while checkpoints failed), and still a bound.
+const MAX_STORED_TRIMS: usize = 65_536;
 const META_MAGIC: &[u8; 8] = b"GFTLCKP1";
 
 /// The disk's shape, fixed at format.
@@ -202,7 +210,7 @@ pub async fn load(store: Arc<Store>, ns: String, lay: &Layout) -> Result<Saved> 
             pages.push((u32::from_be_bytes(b) as usize, v.to_vec()));
             Ok::<(), FtlError>(())
         })?;
-        store.for_each_prefix(&ns, TRIM_PREFIX, usize::MAX, |k, v| {
+        store.for_each_prefix(&ns, TRIM_PREFIX, MAX_STORED_TRIMS, |k, v| {
             let b: [u8; 8] = id(k, TRIM_PREFIX).try_into().map_err(|_| FtlError::Metadata("bad trim key".into()))?;
             let seq = u64::from_be_bytes(b);
             if seq > MAX_SEQ {

@@ -375,9 +375,11 @@ async fn maintain(eng: &mut Engine) -> Result<()> {
     Ok(())
 }
 
-/// After a request: take a checkpoint when enough lines were opened since the last one.
+/// After a request: take a checkpoint when enough lines were opened since the last one, or
+/// enough trims are waiting for one.
 async fn finish(eng: &mut Engine) -> Result<()> {
-    if eng.lines_since_ckpt >= eng.cfg.checkpoint_lines {
+    let trims = eng.stored_trims.len() + eng.pending_trims.len();
+    if eng.lines_since_ckpt >= eng.cfg.checkpoint_lines || trims >= checkpoint::MAX_TRIM_RECORDS {
         eng.checkpoint().await?;
     }
     Ok(())

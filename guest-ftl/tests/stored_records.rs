@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use guest_ftl::checkpoint::{Format, Meta};
+use guest_ftl::checkpoint::{Format, Meta, MAX_TRIM_RECORDS};
 use guest_ftl::layout::{Oob, MAX_GEN, MAX_SEQ, PAD_LBA};
 use guest_ftl::{FlashChannel, Ftl, FtlError};
 use host_ftl::{opcode, Addr, Sqe, Status};
@@ -192,6 +192,21 @@ fn checkpoint_and_trim_records_near_the_end_of_their_counters_are_refused() {
     put(&rig, &key, &[0, 0, 0, 0, 1, 0, 0, 0]);
     let (r, _) = run(try_open(&rig));
     assert!(expect_metadata(r, "trim").contains("trim record"));
+    // More trim records than the engine ever keeps (it checkpoints at MAX_TRIM_RECORDS) are
+    // refused, not collected.
+    let mut b = state_store::Batch::new();
+    b.delete("disk", &key);
+    for seq in 1..=65_537u64 {
+        let mut k = b"ftl/trim/".to_vec();
+        k.extend_from_slice(&seq.to_be_bytes());
+        b.put("disk", k, [0, 0, 0, 0, 1, 0, 0, 0]);
+    }
+    rig.store.commit(b).unwrap();
+    match run(try_open(&rig)).0 {
+        Err(FtlError::Store(state_store::StoreError::TooMany { max: 65_536, .. })) => {}
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("65537 trim records were taken"),
+    }
 }
 
 /// Writes two sectors at the start of chunk `chk` of PU 3 straight to the device, carrying
@@ -243,4 +258,35 @@ fn oob_past_the_counters_bounds_is_read_as_foreign_and_ordering_holds() {
             }
         });
     }
+}
+
+#[test]
+fn a_guest_that_only_discards_and_flushes_keeps_a_bounded_number_of_trim_records() {
+    let mut rig = written_rig();
+    let discards = MAX_TRIM_RECORDS + 904;
+    let trim_records = |rig: &Rig| rig.store.scan_prefix("disk", "ftl/trim/").unwrap().len();
+    let (most, _) = run(async {
+        let ftl = rig.open().await;
+        let capacity = ftl.info().capacity;
+        let mut most = 0;
+        for i in 0..discards {
+            // Discards and flushes open no lines: before, no checkpoint ever came.
+            ftl.discard(0, capacity).await.unwrap();
+            if i % 10 == 9 {
+                ftl.flush().await.unwrap();
+                most = most.max(trim_records(&rig));
+            }
+        }
+        ftl.flush().await.unwrap();
+        most.max(trim_records(&rig))
+    });
+    eprintln!("{discards} whole-disk discards, a flush every 10: at most {most} trim records");
+    assert!(most <= MAX_TRIM_RECORDS, "{most} trim records after {discards} discards");
+    rig.crash(0);
+    let ((), _) = run(async {
+        let ftl = try_open(&rig).await.unwrap();
+        for lba in 0..4 {
+            assert_eq!(read(&ftl, lba * 4096, 4096).await, vec![0; 4096], "lba {lba}");
+        }
+    });
 }
