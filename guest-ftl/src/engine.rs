@@ -176,9 +176,12 @@ pub struct Engine {
 }
 
 /// Whether a command that failed with `status` left the device as it was (a media I/O error, a
-/// transfer error, a dead queue): such writes are simply tried again.
+/// transfer error, a dead queue, a full one): such writes are simply tried again.
 pub fn unchanged(status: Status) -> bool {
-    matches!(status, Status::INTERNAL_ERROR | Status::DATA_TRANSFER_ERROR | Status::INVALID_NAMESPACE)
+    matches!(
+        status,
+        Status::INTERNAL_ERROR | Status::DATA_TRANSFER_ERROR | Status::INVALID_NAMESPACE | Status::QUEUE_FULL
+    )
 }
 
 /// Why a write or read failed, for the caller's error.
