@@ -439,3 +439,51 @@ fn a_malformed_clone_bitmap_page_makes_the_clone_unavailable_without_a_panic() {
     assert!(rig.framework.render_metrics().contains("vstor_clone_allocated_blocks{disk=\"c\"} 1"));
     assert!(rig.framework.chain_of(&id).is_some());
 }
+
+/// A disk whose discards fail after scribbling on the first block of their range.
+struct ScribblingDiscard(MemDisk);
+
+impl BlockDevice for ScribblingDiscard {
+    fn info(&self) -> vdisk::DeviceInfo {
+        self.0.info()
+    }
+    fn read(&self, offset: u64, buf: vdisk::IoBuf) -> vdisk::IoFuture<'_, vdisk::IoBuf> {
+        self.0.read(offset, buf)
+    }
+    fn write(&self, offset: u64, buf: vdisk::IoBuf, fua: bool) -> vdisk::IoFuture<'_, vdisk::IoBuf> {
+        self.0.write(offset, buf, fua)
+    }
+    fn flush(&self) -> vdisk::IoFuture<'_, ()> {
+        self.0.flush()
+    }
+    fn discard(&self, offset: u64, _len: u64) -> vdisk::IoFuture<'_, ()> {
+        self.0.data.lock().unwrap()[offset as usize..offset as usize + 512].fill(0xab);
+        Box::pin(std::future::ready(Err(BlockError::Io(std::io::Error::other("discard failed")))))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> vdisk::IoFuture<'_, ()> {
+        self.0.write_zeroes(offset, len, fua)
+    }
+}
+
+#[test]
+fn a_failed_discard_on_never_written_blocks_leaves_checksums_that_survive_a_restart() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let store = state_store::Store::open(dir.path().join("db")).unwrap();
+    store.create_namespace("d").unwrap();
+    let backend = Arc::new(ScribblingDiscard(MemDisk::new(1 << 20, 512)));
+    let chain = |store: &Arc<state_store::Store>| {
+        let f = io_filters::filters::integrity::Integrity::open("d", store.clone(), "d", 1 << 20, 512).unwrap();
+        Chain::new("d", vec![Arc::new(f) as Arc<dyn Filter>], backend.clone())
+    };
+    let c = chain(&store);
+    rt.block_on(async {
+        // The pages were never written: the discard alone would leave them alone, but it
+        // failed and changed a block, whose checksum is taken from what it holds now.
+        assert!(c.discard(0, 1 << 20).await.is_err());
+        assert_eq!(read(&c, 0, 512).await.unwrap(), vec![0xab; 512]);
+        c.flush().await.unwrap();
+    });
+    let c = chain(&store);
+    assert_eq!(rt.block_on(read(&c, 0, 4096)).unwrap()[..512], [0xab; 512]);
+}

@@ -385,10 +385,14 @@ impl Integrity {
         let result = next.submit(req).await;
         if result.is_err() {
             // What the range holds now is unknown: take the checksums of whatever is there.
+            // Pages zeroes left alone may now hold something: they are made, and marked first.
             if let Ok(buf) =
                 next.read(head.offset, IoBuf::scratch(head.len.min(vdisk::device::MAX_IO_BYTES) as usize)).await
             {
-                self.set_crcs(head.offset, buf.len() as u64, Some(buf.as_slice()));
+                let len = buf.len() as u64;
+                if self.mark(self.pages_of(head.offset, len), false).await.is_ok() {
+                    self.set_crcs(head.offset, len, Some(buf.as_slice()));
+                }
             }
         }
         for s in Self::stripes(pages) {

@@ -337,12 +337,16 @@ impl LinkedClone {
     /// stripe order). A grain set meanwhile needs none; a grain set stays set.
     async fn lock(&self, grains: Range<u64>) -> Vec<MutexGuard<'_, ()>> {
         let mut set = StripeSet::default();
-        for g in grains {
+        let first_word = grains.start / 64;
+        for (i, (w, m)) in self.bitmap.masks(grains).enumerate() {
+            let mut unset = !w.load(SeqCst) & m;
+            while unset != 0 {
+                let g = (first_word + i as u64) * 64 + u64::from(unset.trailing_zeros());
+                set.insert((g % STRIPES as u64) as usize);
+                unset &= unset - 1;
+            }
             if set.is_full() {
                 break;
-            }
-            if !self.bitmap.is_set(g) {
-                set.insert((g % STRIPES as u64) as usize);
             }
         }
         let mut guards = Vec::with_capacity(set.len());
