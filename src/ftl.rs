@@ -90,6 +90,7 @@ impl FlashBackend {
     ) -> Result<FlashBackend, FtlSetupError> {
         let geo = config.geometry.clone();
         geo.validate().map_err(FtlSetupError::Setup)?;
+        geo.check_spare_chunks(SPARE_CHUNKS_PER_PU).map_err(FtlSetupError::Setup)?;
         let (media, description): (Box<dyn Media>, String) = match config.media {
             MediaKind::File => {
                 let path = config.path.clone().unwrap_or_else(|| data_dir.join("ocssd.img"));

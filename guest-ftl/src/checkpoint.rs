@@ -16,6 +16,8 @@ use state_store::{Batch, Store};
 
 use crate::engine::{Engine, LineState, Trim};
 use crate::error::{FtlError, Result};
+use crate::layout::{Layout, MAX_GEN, MAX_SEQ};
+use crate::map::PAGE_ENTRIES;
 use crate::metrics::Metrics;
 
 const FORMAT_KEY: &[u8] = b"ftl/format";
@@ -24,6 +26,14 @@ const MAP_PREFIX: &[u8] = b"ftl/map/";
 const TRIM_PREFIX: &[u8] = b"ftl/trim/";
 const BAD_PREFIX: &[u8] = b"ftl/bad/";
 const FORMAT_MAGIC: &[u8; 8] = b"GFTLFMT1";
+/// Trim records a disk keeps at most between checkpoints: once the stored and pending ones
+/// reach this many, the end of the request takes a checkpoint, which folds them into the map
+/// and deletes them. A guest that only discards and flushes opens no lines, so the line count
+/// alone never took one: every discard left a record, and 8 bytes of memory, for good.
+pub const MAX_TRIM_RECORDS: usize = 4096;
+/// Trim records `load` accepts: many more than the engine keeps (for stores written before it
+/// kept a bound, or while checkpoints failed), and still a bound.
+const MAX_STORED_TRIMS: usize = 65_536;
 const META_MAGIC: &[u8; 8] = b"GFTLCKP1";
 
 /// The disk's shape, fixed at format.
@@ -93,12 +103,41 @@ impl Format {
         v
     }
 
+    /// Decodes a format record; a block size other than 512 or 4096, or no user blocks, is
+    /// an error (the block size becomes a divisor of every request's offset).
     pub fn decode(b: &[u8]) -> Result<Format> {
         if !b.starts_with(FORMAT_MAGIC) {
             return Err(FtlError::Metadata("format record has no magic".into()));
         }
         let mut r = Reader { b, at: 8 };
-        Ok(Format { user_lbas: r.u32()?, block_size: r.u32()?, chunks: r.u32()?, spc: r.u32()? })
+        let f = Format { user_lbas: r.u32()?, block_size: r.u32()?, chunks: r.u32()?, spc: r.u32()? };
+        if f.block_size != 512 && f.block_size != 4096 {
+            return Err(FtlError::Metadata(format!("format record: block size {}", f.block_size)));
+        }
+        if f.user_lbas == 0 {
+            return Err(FtlError::Metadata("format record: no user blocks".into()));
+        }
+        Ok(f)
+    }
+
+    /// Checks the record against the partition before anything is sized by it: its chunks and
+    /// slots must be the partition's, and its user blocks no more than the partition's slots
+    /// (the most it could ever have been formatted with).
+    pub fn check(&self, lay: &Layout) -> Result<()> {
+        if self.chunks != lay.chunks || self.spc != lay.spc {
+            return Err(FtlError::Metadata(format!(
+                "disk was formatted for {} chunks of {} blocks, the partition has {} of {}",
+                self.chunks, self.spc, lay.chunks, lay.spc
+            )));
+        }
+        if u64::from(self.user_lbas) > lay.total_slots() {
+            return Err(FtlError::Metadata(format!(
+                "format record has {} user blocks, the partition {} slots",
+                self.user_lbas,
+                lay.total_slots()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -125,6 +164,11 @@ impl Meta {
         let mut r = Reader { b, at: 8 };
         let next_seq = r.u64()?;
         let next_gen = r.u32()?;
+        if next_seq > MAX_SEQ || next_gen > MAX_GEN {
+            return Err(FtlError::Metadata(format!(
+                "checkpoint record: next sequence number {next_seq}, next generation {next_gen}"
+            )));
+        }
         let n = r.u32()? as usize;
         let open_gens = (0..n.min(b.len())).map(|_| r.u32()).collect::<Result<Vec<_>>>()?;
         let n = r.u32()? as usize;
@@ -142,32 +186,45 @@ pub struct Saved {
     pub bad: Vec<u32>,
 }
 
-/// Reads the disk's records (creating its namespace if it has none).
-pub async fn load(store: Arc<Store>, ns: String) -> Result<Saved> {
+/// Reads the disk's records (creating its namespace if it has none). The format record is
+/// checked against the partition's layout first; every scan after it is bounded by what a disk
+/// of that format can have.
+pub async fn load(store: Arc<Store>, ns: String, lay: &Layout) -> Result<Saved> {
+    let lay = lay.clone();
     blocking(move || {
         if !store.has_namespace(&ns) {
             store.create_namespace(&ns)?;
         }
         let format = store.get(&ns, FORMAT_KEY)?.map(|b| Format::decode(&b)).transpose()?;
         let meta = store.get(&ns, META_KEY)?.map(|b| Meta::decode(&b)).transpose()?;
+        let (mut pages, mut trims, mut bad) = (Vec::new(), Vec::new(), Vec::new());
+        let Some(f) = format else {
+            // A new disk: the format record is always the first one written.
+            return Ok(Saved { format, meta, pages, trims, bad });
+        };
+        f.check(&lay)?;
         let id = |k: &[u8], p: &[u8]| k.get(p.len()..).map(<[u8]>::to_vec).unwrap_or_default();
-        let mut pages = Vec::new();
-        for (k, v) in store.scan_prefix(&ns, MAP_PREFIX)? {
-            let b = id(&k, MAP_PREFIX);
-            let b: [u8; 4] = b.try_into().map_err(|_| FtlError::Metadata("bad map key".into()))?;
-            pages.push((u32::from_be_bytes(b) as usize, v));
-        }
-        let mut trims = Vec::new();
-        for (k, v) in store.scan_prefix(&ns, TRIM_PREFIX)? {
-            let b: [u8; 8] = id(&k, TRIM_PREFIX).try_into().map_err(|_| FtlError::Metadata("bad trim key".into()))?;
-            let mut r = Reader { b: &v, at: 0 };
-            trims.push(Trim { seq: u64::from_be_bytes(b), start: r.u32()?, count: r.u32()? });
-        }
-        let mut bad = Vec::new();
-        for k in store.scan_prefix(&ns, BAD_PREFIX)?.keys() {
+        let map_pages = (f.user_lbas as usize).div_ceil(PAGE_ENTRIES);
+        store.for_each_prefix(&ns, MAP_PREFIX, map_pages, |k, v| {
+            let b: [u8; 4] = id(k, MAP_PREFIX).try_into().map_err(|_| FtlError::Metadata("bad map key".into()))?;
+            pages.push((u32::from_be_bytes(b) as usize, v.to_vec()));
+            Ok::<(), FtlError>(())
+        })?;
+        store.for_each_prefix(&ns, TRIM_PREFIX, MAX_STORED_TRIMS, |k, v| {
+            let b: [u8; 8] = id(k, TRIM_PREFIX).try_into().map_err(|_| FtlError::Metadata("bad trim key".into()))?;
+            let seq = u64::from_be_bytes(b);
+            if seq > MAX_SEQ {
+                return Err(FtlError::Metadata(format!("trim record with sequence number {seq}")));
+            }
+            let mut r = Reader { b: v, at: 0 };
+            trims.push(Trim { seq, start: r.u32()?, count: r.u32()? });
+            Ok::<(), FtlError>(())
+        })?;
+        store.for_each_prefix(&ns, BAD_PREFIX, lay.chunks as usize, |k, _| {
             let b: [u8; 4] = id(k, BAD_PREFIX).try_into().map_err(|_| FtlError::Metadata("bad chunk key".into()))?;
             bad.push(u32::from_be_bytes(b));
-        }
+            Ok::<(), FtlError>(())
+        })?;
         Ok(Saved { format, meta, pages, trims, bad })
     })
     .await
@@ -274,5 +331,10 @@ mod tests {
         let mut huge = m.encode();
         huge[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(Meta::decode(&huge).is_err(), "a count beyond the record is an error, not an allocation");
+        let m = Meta { next_seq: MAX_SEQ, next_gen: MAX_GEN, ..Meta::default() };
+        assert_eq!(Meta::decode(&m.encode()).unwrap(), m);
+        assert!(Meta::decode(&Meta { next_seq: MAX_SEQ + 1, ..m.clone() }.encode()).is_err());
+        assert!(Meta::decode(&Meta { next_gen: MAX_GEN + 1, ..m }.encode()).is_err());
+        assert!(Format::decode(&Format { block_size: 0, ..f }.encode()).is_err());
     }
 }

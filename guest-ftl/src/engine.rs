@@ -29,7 +29,7 @@ use crate::config::FtlConfig;
 use crate::error::{FtlError, Result};
 use crate::gc::Heat;
 use crate::io::{self, Cmd};
-use crate::layout::{Layout, Oob, LBA_BYTES, NO_SLOT, OOB_BYTES, PAD_LBA};
+use crate::layout::{Layout, Oob, LBA_BYTES, MAX_GEN, MAX_SEQ, NO_SLOT, OOB_BYTES, PAD_LBA};
 use crate::map::{Entry, Map};
 use crate::metrics::Metrics;
 use crate::streams::Lifetimes;
@@ -176,9 +176,12 @@ pub struct Engine {
 }
 
 /// Whether a command that failed with `status` left the device as it was (a media I/O error, a
-/// transfer error, a dead queue): such writes are simply tried again.
+/// transfer error, a dead queue, a full one): such writes are simply tried again.
 pub fn unchanged(status: Status) -> bool {
-    matches!(status, Status::INTERNAL_ERROR | Status::DATA_TRANSFER_ERROR | Status::INVALID_NAMESPACE)
+    matches!(
+        status,
+        Status::INTERNAL_ERROR | Status::DATA_TRANSFER_ERROR | Status::INVALID_NAMESPACE | Status::QUEUE_FULL
+    )
 }
 
 /// Why a write or read failed, for the caller's error.
@@ -289,10 +292,14 @@ impl Engine {
         self.lost.remove(&lba);
     }
 
-    pub fn take_seq(&mut self) -> u64 {
+    /// The next sequence number; none past [`MAX_SEQ`].
+    pub fn take_seq(&mut self) -> Result<u64> {
         let s = self.next_seq;
-        self.next_seq += 1;
-        s
+        if s > MAX_SEQ {
+            return Err(FtlError::Exhausted("sequence numbers"));
+        }
+        self.next_seq = s + 1;
+        Ok(s)
     }
 
     fn update_free_metric(&self) {
@@ -345,7 +352,10 @@ impl Engine {
             return Err(FtlError::NoSpace("only the garbage-collection reserve is free".into()));
         }
         let gen = self.next_gen;
-        self.next_gen += 1;
+        if gen > MAX_GEN {
+            return Err(FtlError::Exhausted("line generations"));
+        }
+        self.next_gen = gen + 1;
         for &c in &members {
             let ci = &mut self.chunks[c as usize];
             ci.line = Some(gen);
@@ -728,15 +738,16 @@ impl Engine {
     }
 
     /// Unmaps logical blocks `first..first + n` as of a new sequence number.
-    pub fn trim(&mut self, first: u32, n: u32) {
+    pub fn trim(&mut self, first: u32, n: u32) -> Result<()> {
         if n == 0 {
-            return;
+            return Ok(());
         }
-        let seq = self.take_seq();
+        let seq = self.take_seq()?;
         for lba in first..first + n {
             self.remap(lba, Entry { slot: NO_SLOT, seq });
         }
         self.pending_trims.push(Trim { seq, start: first, count: n });
+        Ok(())
     }
 }
 
@@ -767,6 +778,21 @@ pub(crate) mod tests {
         assert_eq!(l.capacity(&lay), 48);
         let places: Vec<(usize, u32)> = [0, 3, 4, 8, 11, 12, 13, 47].iter().map(|&p| l.place(&lay, p)).collect();
         assert_eq!(places, vec![(0, 0), (0, 3), (1, 0), (2, 0), (2, 3), (0, 4), (0, 5), (2, 15)]);
+    }
+
+    #[test]
+    fn sequence_numbers_and_generations_stop_at_their_bounds() {
+        let (mut e, _d) = crate::gc::tests::engine(crate::config::VictimPolicy::Greedy);
+        e.next_seq = MAX_SEQ;
+        assert_eq!(e.take_seq().unwrap(), MAX_SEQ);
+        assert!(matches!(e.take_seq(), Err(FtlError::Exhausted(_))));
+        assert!(matches!(e.trim(0, 1), Err(FtlError::Exhausted(_))));
+        assert_eq!(e.next_seq, MAX_SEQ + 1, "a refused number is not taken");
+        e.free = e.lay.chunks;
+        e.next_gen = MAX_GEN;
+        assert_eq!(e.open_line(GC).unwrap(), MAX_GEN);
+        assert!(matches!(e.open_line(GC_OLD), Err(FtlError::Exhausted(_))));
+        assert_eq!(e.next_gen, MAX_GEN + 1);
     }
 
     #[test]

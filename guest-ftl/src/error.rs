@@ -30,6 +30,10 @@ pub enum FtlError {
     /// Stored FTL metadata is malformed or belongs to another layout.
     #[error("bad stored metadata: {0}")]
     Metadata(String),
+    /// Sequence numbers or line generations ran out: only a record that set them near their
+    /// end gets there.
+    #[error("{0} exhausted")]
+    Exhausted(&'static str),
     /// A blocking store task could not be joined.
     #[error("background task failed: {0}")]
     Task(String),

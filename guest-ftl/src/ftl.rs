@@ -68,7 +68,7 @@ impl Ftl {
                 geo.maxoc
             )));
         }
-        let saved = checkpoint::load(store.clone(), namespace.to_string()).await?;
+        let saved = checkpoint::load(store.clone(), namespace.to_string(), &lay).await?;
         let (channel, layout, reads) = (ch.clone(), lay.clone(), ReadArea::new(&*ch));
         let mut cfg = cfg;
         let mut eng = match saved.format {
@@ -102,12 +102,7 @@ impl Ftl {
                 eng
             }
             Some(f) => {
-                if f.chunks != lay.chunks || f.spc != lay.spc {
-                    return Err(FtlError::Metadata(format!(
-                        "disk was formatted for {} chunks of {} blocks, the partition has {} of {}",
-                        f.chunks, f.spc, lay.chunks, lay.spc
-                    )));
-                }
+                // `load` checked the record against the layout.
                 cfg.block_size = f.block_size;
                 let mut eng = Engine::new(ch, lay, cfg.clone(), store, namespace.to_string(), f.user_lbas);
                 eng.recover(saved).await?;
@@ -320,7 +315,7 @@ impl Ftl {
                 }
                 let stream = eng.user_stream(l);
                 eng.make_room_for_user_line(stream).await?;
-                let seq = eng.take_seq();
+                let seq = eng.take_seq()?;
                 eng.append(stream, l, seq, block.into_boxed_slice())?;
                 Metrics::add(&eng.metrics.user_slots, 1);
             }
@@ -340,7 +335,7 @@ impl Ftl {
         if first_full < end_full {
             let mut eng = self.eng.lock().await;
             maintain(&mut eng).await?;
-            eng.trim(first_full as u32, (end_full - first_full) as u32);
+            eng.trim(first_full as u32, (end_full - first_full) as u32)?;
         }
         // Partly covered blocks at either end get zeros written.
         let head_end = (first_full * lb).min(offset + len);
@@ -382,9 +377,11 @@ async fn maintain(eng: &mut Engine) -> Result<()> {
     Ok(())
 }
 
-/// After a request: take a checkpoint when enough lines were opened since the last one.
+/// After a request: take a checkpoint when enough lines were opened since the last one, or
+/// enough trims are waiting for one.
 async fn finish(eng: &mut Engine) -> Result<()> {
-    if eng.lines_since_ckpt >= eng.cfg.checkpoint_lines {
+    let trims = eng.stored_trims.len() + eng.pending_trims.len();
+    if eng.lines_since_ckpt >= eng.cfg.checkpoint_lines || trims >= checkpoint::MAX_TRIM_RECORDS {
         eng.checkpoint().await?;
     }
     Ok(())

@@ -102,6 +102,12 @@ struct Placed {
 
 /// Reads in flight without the FTL's lock at most (the slots of the [`ReadArea`]).
 pub const READ_SLOTS: usize = 32;
+/// Commands of one round at most: a quarter of the host driver's queue depth
+/// ([`host_ftl::driver::MAX_QUEUE_DEPTH`]), so a round never meets its limit, with room for the
+/// lock-free reads beside it (at most [`READ_SLOTS`] reads of at most 7 commands). Resets take
+/// no room in the region, so without this a format or recovery put every chunk's in one round.
+pub const MAX_ROUND: usize = 256;
+const _: () = assert!(MAX_ROUND + READ_SLOTS * 7 <= host_ftl::driver::MAX_QUEUE_DEPTH);
 /// 4 KiB blocks one lock-free read may cover (128 KiB); longer reads take the lock.
 pub const READ_SLOT_BLOCKS: u32 = 32;
 
@@ -233,14 +239,14 @@ async fn run_in(ch: &dyn FlashChannel, base: usize, cap: usize, cmds: Vec<Cmd>) 
     Ok(out)
 }
 
-/// Where in `cap` bytes of the region from `base` the first of `cmds` go: as many as fit, at
-/// least one.
+/// Where in `cap` bytes of the region from `base` the first of `cmds` go: as many as fit (at
+/// most [`MAX_ROUND`]), at least one.
 fn place(ch: &dyn FlashChannel, base: usize, cap: usize, cmds: &[Cmd]) -> Result<Vec<Placed>> {
     let geo = ch.geometry();
     let (bs, os) = (geo.block_size as usize, geo.oob_size as usize);
     let mut at = 0usize;
     let mut placed = Vec::with_capacity(cmds.len());
-    for cmd in cmds {
+    for cmd in cmds.iter().take(MAX_ROUND) {
         let (l, d, o) = cmd.bytes(bs, os);
         if at + l + d + o > cap {
             break;
@@ -291,4 +297,24 @@ fn sqe_of(ch: &dyn FlashChannel, cmd: &Cmd, p: &Placed) -> Result<Sqe> {
         s.cdw12 |= FUA_BIT;
     }
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::DirectChannel;
+    use crate::layout::tests::small;
+
+    #[test]
+    fn a_round_holds_at_most_max_round_commands_even_when_they_take_no_room() {
+        let geo = small();
+        let dev = host_ftl::Device::in_memory(geo.clone()).unwrap();
+        let ch = DirectChannel::new(dev, DirectChannel::default_region_bytes(&geo));
+        let resets: Vec<Cmd> = (0..1000).map(|_| Cmd::reset(vec![0])).collect();
+        assert_eq!(place(&ch, 0, 1 << 20, &resets).unwrap().len(), MAX_ROUND);
+        // Commands that need room still stop where the room ends.
+        let reads: Vec<Cmd> = (0..1000).map(|_| Cmd::read(vec![0, 1])).collect();
+        let per = 2 * 8 + 2 * 4096 + 2 * 16;
+        assert_eq!(place(&ch, 0, 10 * per, &reads).unwrap().len(), 10);
+    }
 }

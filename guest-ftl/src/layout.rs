@@ -23,6 +23,14 @@ pub const OOB_BYTES: usize = 16;
 pub const NO_SLOT: u32 = u32::MAX;
 /// OOB `lba` of a padding slot.
 pub const PAD_LBA: u32 = u32::MAX;
+/// Sequence numbers the FTL gives out stay at or below this (2^62: a write every nanosecond
+/// for 146 years). A larger one in a record or an OOB was not written by the FTL, and taking
+/// it would leave no room to count on: the next writes would wrap below older versions.
+pub const MAX_SEQ: u64 = 1 << 62;
+/// Line generations the FTL gives out stay at or below this; the 2^20 above it are not used,
+/// so recovery's own generation (`u32::MAX`) and a generation read from flash plus one never
+/// wrap. A device's lines are opened far fewer times (each opening wears a chunk per PU).
+pub const MAX_GEN: u32 = u32::MAX - (1 << 20);
 
 fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 {

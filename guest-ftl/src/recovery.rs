@@ -11,21 +11,24 @@
 //!    at it are *scanned*: the OOB of every block says which logical block and version it holds;
 //! 5. rebuilds the map: checkpoint entries stand unless their chunk has been reset (free) or
 //!    rewritten (scanned) since; a scanned block wins over the entry when its sequence number is
-//!    higher; a trim record unmaps blocks older than it;
+//!    higher; a trim record unmaps blocks older than it (the newest trim of each block counts,
+//!    so the trims are applied as disjoint ranges, each block visited once);
 //! 6. rebuilds lines, valid counts and free chunks; lines that were open are relocated and reset
 //!    (they are never written again) and a new checkpoint is taken.
 
+use std::cmp::Reverse;
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use host_ftl::{ChunkState, Status};
 
 use crate::channel::chunk_table;
 use crate::checkpoint::Saved;
-use crate::engine::{Engine, Line, LineState, USER};
+use crate::engine::{Engine, Line, LineState, Trim, USER};
 use crate::error::{FtlError, Result};
 use crate::gc::Heat;
 use crate::io::{self, Cmd};
-use crate::layout::{Oob, NO_SLOT, OOB_BYTES, PAD_LBA};
+use crate::layout::{Oob, MAX_GEN, MAX_SEQ, NO_SLOT, OOB_BYTES, PAD_LBA};
 use crate::map::Entry;
 use crate::metrics::Metrics;
 
@@ -150,18 +153,16 @@ impl Engine {
                 }
             }
         }
-        let mut trims = saved.trims;
-        trims.sort_by_key(|t| t.seq);
-        for t in &trims {
-            max_seq = max_seq.max(t.seq);
-            for lba in t.start..t.start.saturating_add(t.count).min(self.user_lbas) {
-                if self.map.get(lba).seq < t.seq {
-                    self.map.set(lba, Entry { slot: NO_SLOT, seq: t.seq });
+        self.stored_trims = saved.trims.iter().map(|t| t.seq).collect();
+        max_seq = saved.trims.iter().map(|t| t.seq).fold(max_seq, u64::max);
+        for (range, seq) in newest_trims(saved.trims, self.user_lbas) {
+            for lba in range {
+                if self.map.get(lba).seq < seq {
+                    self.map.set(lba, Entry { slot: NO_SLOT, seq });
                     self.lost.remove(&lba);
                 }
             }
         }
-        self.stored_trims = trims.iter().map(|t| t.seq).collect();
         // Lines, valid blocks, free chunks.
         let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
         for (&c, &g) in &gen_of {
@@ -215,7 +216,8 @@ impl Engine {
             }
         }
         self.free = self.chunks.iter().filter(|c| !c.bad && c.line.is_none()).count() as u32;
-        self.next_seq = self.next_seq.max(meta.next_seq).max(max_seq + 1);
+        // Every input was checked (records at decode, OOB by `ours`): no overflow is left.
+        self.next_seq = self.next_seq.max(meta.next_seq).max(max_seq.saturating_add(1));
         let max_gen = gen_of.values().copied().max().unwrap_or(0);
         self.next_gen = self.next_gen.max(meta.next_gen).max(max_gen.saturating_add(1));
         Metrics::set(&self.metrics.free_chunks, u64::from(self.free));
@@ -249,7 +251,8 @@ impl Engine {
         for (c, d) in table.iter().enumerate() {
             if d.state == ChunkState::Open && want > 0 {
                 let wp = d.written() as u32;
-                let n = want.min(geo.clba - wp);
+                // The host keeps wp <= clba; a table that said otherwise pads nothing.
+                let n = want.min(geo.clba.saturating_sub(wp));
                 if n > 0 {
                     todo.push((c as u32, wp, n));
                 }
@@ -306,13 +309,101 @@ impl Engine {
             }
             for k in 0..g.len() {
                 let ok = !d.failed(k * spl) || d.cqe.status.data_valid();
-                out.push(if ok { Oob::decode(&d.oob[k * spl * os..]) } else { None });
+                out.push(if ok { Oob::decode(&d.oob[k * spl * os..]).filter(ours) } else { None });
             }
         }
         Ok(out)
     }
 }
 
+/// The blocks the trims cover, below `user_lbas`, as disjoint ranges, each with the newest
+/// trim's sequence number: a block is unmapped by the newest trim of it, so applying these
+/// visits each block once, however many trims overlap (rather than once per trim).
+fn newest_trims(mut trims: Vec<Trim>, user_lbas: u32) -> Vec<(Range<u32>, u64)> {
+    trims.sort_unstable_by_key(|t| Reverse(t.seq));
+    // Ranges already given to a newer trim: start -> end, disjoint and not touching.
+    let mut covered: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut out = Vec::new();
+    for t in trims {
+        let (start, end) = (t.start.min(user_lbas), t.start.saturating_add(t.count).min(user_lbas));
+        if start >= end {
+            continue;
+        }
+        // The covered ranges this one overlaps or touches, in order.
+        let mut touching: Vec<(u32, u32)> =
+            covered.range(..=end).rev().take_while(|(_, &e)| e >= start).map(|(&s, &e)| (s, e)).collect();
+        touching.reverse();
+        let mut at = start;
+        for &(s, e) in &touching {
+            if s > at {
+                out.push((at..s, t.seq));
+            }
+            at = at.max(e);
+        }
+        if at < end {
+            out.push((at..end, t.seq));
+        }
+        let merged_start = touching.first().map_or(start, |&(s, _)| s.min(start));
+        let merged_end = touching.last().map_or(end, |&(_, e)| e.max(end));
+        for (s, _) in touching {
+            covered.remove(&s);
+        }
+        covered.insert(merged_start, merged_end);
+    }
+    out
+}
+
+/// Whether OOB bytes can be the FTL's: its sequence numbers and generations stay in bounds (see
+/// [`MAX_SEQ`], [`MAX_GEN`]), so anything else on flash is foreign and read as never written.
+fn ours(o: &Oob) -> bool {
+    o.gen == RECOVERY_GEN || (o.gen <= MAX_GEN && o.seq <= MAX_SEQ)
+}
+
 fn wear_from_wli(eng: &Engine, wli: u8) -> u32 {
     (u64::from(wli) * u64::from(eng.lay.geo.endurance) / 255) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Each block is in at most one range, with the newest sequence number of the trims
+        /// covering it, and blocks past the disk are in none.
+        #[test]
+        fn newest_trims_give_each_block_its_newest_trim_once(
+            raw in proptest::collection::vec((0u32..80, 0u32..40), 0..40),
+            user_lbas in 1u32..70,
+        ) {
+            let trims: Vec<Trim> =
+                raw.iter().enumerate().map(|(i, &(start, count))| Trim { seq: 1000 - i as u64 * 7 % 500, start, count }).collect();
+            let mut seqs: Vec<u64> = trims.iter().map(|t| t.seq).collect();
+            seqs.sort_unstable();
+            seqs.dedup();
+            prop_assume!(seqs.len() == trims.len());
+            let mut naive = vec![None; user_lbas as usize];
+            for t in &trims {
+                for lba in t.start..t.start.saturating_add(t.count).min(user_lbas) {
+                    let cur: &mut Option<u64> = &mut naive[lba as usize];
+                    *cur = Some(cur.map_or(t.seq, |s| s.max(t.seq)));
+                }
+            }
+            let mut got = vec![None; user_lbas as usize];
+            for (range, seq) in newest_trims(trims, user_lbas) {
+                for lba in range {
+                    prop_assert!(got[lba as usize].is_none(), "block {} twice", lba);
+                    got[lba as usize] = Some(seq);
+                }
+            }
+            prop_assert_eq!(got, naive);
+        }
+    }
+
+    #[test]
+    fn a_thousand_whole_disk_trims_visit_each_block_once() {
+        let trims: Vec<Trim> = (1..=1000).map(|seq| Trim { seq, start: 0, count: u32::MAX }).collect();
+        let ranges = newest_trims(trims, 1 << 20);
+        assert_eq!(ranges, vec![(0..1 << 20, 1000)]);
+    }
 }

@@ -240,6 +240,10 @@ impl Status {
     /// The media failed underneath the device (an I/O error of the backing file).
     pub const INTERNAL_ERROR: Status = Status { sct: sct::GENERIC, sc: 0x06 };
     pub const INVALID_NAMESPACE: Status = Status { sct: sct::GENERIC, sc: 0x0B };
+    /// The guest has as many commands outstanding as its queue holds
+    /// ([`crate::driver::MAX_QUEUE_DEPTH`]): NVMe's "command interrupted", which asks the host
+    /// to try again (here: once one of its commands completed).
+    pub const QUEUE_FULL: Status = Status { sct: sct::GENERIC, sc: 0x21 };
     /// An address has bits above the LBA format or a field beyond the geometry.
     pub const LBA_OUT_OF_RANGE: Status = Status { sct: sct::GENERIC, sc: 0x80 };
     /// Get Log Page of a log id the device does not have.
@@ -285,6 +289,7 @@ impl Status {
             Status::ABORTED_SQ_DELETION => "aborted: queue deleted",
             Status::PRP_OFFSET_INVALID => "PRP offset invalid",
             Status::INVALID_NAMESPACE => "invalid namespace",
+            Status::QUEUE_FULL => "command interrupted: queue full",
             Status::LBA_OUT_OF_RANGE => "LBA out of range",
             Status::INVALID_LOG_PAGE => "invalid log page",
             Status::TOO_MANY_OPEN_CHUNKS => "too many open chunks",
@@ -336,7 +341,7 @@ pub struct Cqe {
 impl Cqe {
     /// The completion of command `cid` with a status and status bitmap.
     pub fn new(cid: u16, status: Status, bitmap: u64) -> Cqe {
-        let dnr = !status.data_valid() && status != Status::INTERNAL_ERROR;
+        let dnr = !status.data_valid() && status != Status::INTERNAL_ERROR && status != Status::QUEUE_FULL;
         Cqe { result: bitmap, cid, status, dnr, ..Cqe::default() }
     }
 

@@ -238,6 +238,20 @@ impl Geometry {
         Ok(())
     }
 
+    /// Checks that each PU has more than `spare` chunks, for a user that keeps `spare` chunks of
+    /// every PU it takes free beyond its data (the daemon's FTL disks keep 10, for their open
+    /// lines and garbage collection). With no more than that, no disk fits any number of PUs,
+    /// and a search for one never ends.
+    pub fn check_spare_chunks(&self, spare: u64) -> Result<()> {
+        if u64::from(self.num_chk) <= spare {
+            return Err(invalid(
+                "num_chk",
+                format!("{} chunks per PU leave none beside the {spare} kept spare", self.num_chk),
+            ));
+        }
+        Ok(())
+    }
+
     /// The LBA format: each field is as wide as the ceil-log2 of its count.
     pub fn lbaf(&self) -> LbaFormat {
         LbaFormat {
@@ -426,6 +440,18 @@ pub(crate) fn get32(buf: &[u8], at: usize) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pu_needs_chunks_beyond_the_spare_ones() {
+        for num_chk in [1, 8, 10] {
+            match (Geometry { num_chk, ..Geometry::default() }).check_spare_chunks(10) {
+                Err(Error::InvalidGeometry { field: "num_chk", reason }) => assert!(reason.contains("10 kept spare")),
+                other => panic!("{num_chk} chunks: {other:?}"),
+            }
+        }
+        Geometry { num_chk: 11, ..Geometry::default() }.check_spare_chunks(10).unwrap();
+        Geometry::default().check_spare_chunks(10).unwrap();
+    }
 
     #[test]
     fn default_is_valid_and_two_gib() {

@@ -365,3 +365,39 @@ fn random_hostile_commands_never_reach_the_neighbour() {
     check_victim(&s);
     assert_eq!(s.env.driver.busy(), 0);
 }
+
+#[test]
+fn a_guest_that_submits_without_waiting_is_held_to_its_queue_depth() {
+    use host_ftl::driver::MAX_QUEUE_DEPTH;
+    let s = setup();
+    let d = &s.env.driver;
+    let h = &s.hostile;
+    let data = h.fill_chunk(d, 0, 0, 7);
+    // The simulated driver runs nothing until stepped: every command accepted stays queued.
+    let read = h.sqe(opcode::VECTOR_READ, &h.blocks(0, 0, 0, 8));
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for _ in 0..100_000 {
+        let mut p = h.qp.submit(read);
+        match p.try_take() {
+            Some(c) => {
+                assert_eq!((c.status, c.bitmap(), c.dnr), (Status::QUEUE_FULL, 0xff, false), "{c:?}");
+                refused += 1;
+            }
+            None => accepted.push(p),
+        }
+    }
+    assert_eq!(accepted.len(), MAX_QUEUE_DEPTH);
+    assert_eq!(refused, 100_000 - MAX_QUEUE_DEPTH);
+    // The other guest is served meanwhile, its data intact.
+    check_victim(&s);
+    s.env.settle();
+    for p in accepted {
+        assert_eq!(drv::wait(d, p).status, Status::SUCCESS);
+    }
+    // Completed commands give their places back.
+    let (c, got, _) = h.read(d, &h.blocks(0, 0, 0, 8));
+    assert_eq!(c.status, Status::SUCCESS);
+    assert_eq!(got, data[..8 * 512]);
+    assert_eq!(h.qp.counters().errors, (100_000 - MAX_QUEUE_DEPTH) as u64);
+}

@@ -19,8 +19,16 @@
 use serde::Deserialize;
 use vdisk::{DiskLookup, DiskSpec, FilterSpec};
 
-/// Deepest chain of linked clones allowed; [`crate::MAX_HOPS`] leaves room above it.
-pub const MAX_CLONE_DEPTH: usize = 1000;
+/// Deepest chain of linked clones allowed; [`crate::MAX_HOPS`] leaves room above it. A read
+/// mixed at every level nests one call per level: about 3.3 KiB of stack each in a debug build,
+/// which overflowed a 2 MiB thread stack (a vhost queue's, a tokio worker's) between 600 and
+/// 650 levels (tests/clone_depth.rs). 256 leaves more than half of it.
+pub const MAX_CLONE_DEPTH: usize = 256;
+
+/// Most filters one disk may have: every kind once with room to spare. Each filter costs every
+/// request a virtual call, and `passthrough` may repeat, so a 64 KiB API body could otherwise
+/// name about 2900 of them.
+pub const MAX_FILTERS: usize = 16;
 
 /// The type name of the linked-clone filter.
 pub const LINKED_CLONE: &str = "linked_clone";
@@ -134,6 +142,13 @@ pub fn parse(spec: &FilterSpec) -> Result<FilterConfig, String> {
             if o.size == 0 {
                 return Err("filter \"cache\": size must be greater than zero".into());
             }
+            let max = crate::filters::cache::MAX_CACHE_BYTES;
+            if o.size > max {
+                return Err(format!(
+                    "filter \"cache\": size {} is more than the {max} bytes a disk's cache may hold",
+                    o.size
+                ));
+            }
             FilterConfig::Cache(o)
         }
         LINKED_CLONE => FilterConfig::LinkedClone(options(spec)?),
@@ -144,6 +159,9 @@ pub fn parse(spec: &FilterSpec) -> Result<FilterConfig, String> {
 
 /// A disk's filters read and put in chain order, with the checks that need no other disk.
 pub fn ordered(spec: &DiskSpec) -> Result<Vec<FilterConfig>, String> {
+    if spec.filters.len() > MAX_FILTERS {
+        return Err(format!("{} filters; a disk may have at most {MAX_FILTERS}", spec.filters.len()));
+    }
     let mut entries = Vec::new();
     for (i, f) in spec.filters.iter().enumerate() {
         let config = parse(f)?;
@@ -181,6 +199,7 @@ pub fn check(spec: &DiskSpec, disks: &dyn DiskLookup) -> Result<(), String> {
         match config {
             FilterConfig::LinkedClone(o) => check_parent(spec, o, disks)?,
             FilterConfig::Throttle(o) => check_group(spec, o, disks)?,
+            FilterConfig::Integrity => check_integrity(spec)?,
             _ => {}
         }
     }
@@ -217,6 +236,19 @@ fn check_parent(spec: &DiskSpec, o: &CloneOptions, disks: &dyn DiskLookup) -> Re
             Some(up) => next = up,
             None => return Ok(()),
         }
+    }
+}
+
+/// Refuses a disk with more blocks than the integrity filter keeps checksums for, before its
+/// record exists (a disk that cannot open would fail every start).
+fn check_integrity(spec: &DiskSpec) -> Result<(), String> {
+    let max = crate::filters::integrity::MAX_BLOCKS;
+    match spec.size.checked_div(u64::from(spec.block_size)) {
+        Some(blocks) if blocks <= max => Ok(()),
+        Some(blocks) => {
+            Err(format!("filter \"integrity\" keeps checksums of at most {max} blocks; the disk has {blocks}"))
+        }
+        None => Err("filter \"integrity\": block size 0".into()),
     }
 }
 

@@ -118,7 +118,7 @@ impl FilterFramework {
         let filters: Vec<FilterSpec> =
             entry.record.spec.filters.iter().filter(|f| f.kind != LINKED_CLONE).cloned().collect();
         let mut batch = Batch::new();
-        clone.delete_bitmap(&mut batch).map_err(FilterError::State)?;
+        clone.delete_bitmap(&mut batch)?;
         let (cat, owned) = (catalog.clone(), name.to_owned());
         offload(move || {
             cat.set_filters(&owned, filters, batch).map_err(|e| vdisk::BlockError::Io(std::io::Error::other(e)))
@@ -201,26 +201,26 @@ impl ChainHook for FilterFramework {
                     c
                 }
                 FilterConfig::Integrity => {
-                    let i = Arc::new(Integrity::open(
-                        name,
-                        ctx.store.clone(),
-                        ctx.namespace,
-                        info.capacity,
-                        info.block_size,
-                    )?);
+                    let i = Arc::new(
+                        Integrity::open(name, ctx.store.clone(), ctx.namespace, info.capacity, info.block_size)
+                            .map_err(|e| crate::error_chain(&e))?,
+                    );
                     built.integrity = Some(i.clone());
                     i
                 }
                 FilterConfig::LinkedClone(o) => {
-                    let c = Arc::new(LinkedClone::open(CloneSetup {
-                        disk: name,
-                        parent: &o.parent,
-                        copy_on_read: o.copy_on_read,
-                        capacity: info.capacity,
-                        store: ctx.store.clone(),
-                        namespace: ctx.namespace,
-                        resolver: ctx.resolver.clone(),
-                    })?);
+                    let c = Arc::new(
+                        LinkedClone::open(CloneSetup {
+                            disk: name,
+                            parent: &o.parent,
+                            copy_on_read: o.copy_on_read,
+                            capacity: info.capacity,
+                            store: ctx.store.clone(),
+                            namespace: ctx.namespace,
+                            resolver: ctx.resolver.clone(),
+                        })
+                        .map_err(|e| crate::error_chain(&e))?,
+                    );
                     built.clone = Some((index, c.clone()));
                     c
                 }

@@ -41,4 +41,25 @@ pub enum FilterError {
     },
     #[error("filter state: {0}")]
     State(String),
+    /// A record of a filter's state read back from the disk's namespace is malformed: the store
+    /// was damaged, or written by something else. The disk stays unavailable; nothing is guessed.
+    #[error("disk {disk:?}: stored record {key:?} is malformed: {reason}")]
+    BadRecord { disk: String, key: String, reason: String },
+    /// The disk's size or block size is beyond what a filter keeps state for.
+    #[error("disk {disk:?}: {reason}")]
+    Shape { disk: String, reason: String },
+    #[error("state store")]
+    Store(#[from] state_store::StoreError),
+}
+
+/// An error and its causes on one line, for the catalog's string errors.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }

@@ -33,8 +33,10 @@ fn configuration_errors_are_refused_with_a_message_naming_the_problem() {
         (vec![filter("throttle", json!({}))], "give iops, bps or both"),
         (vec![filter("throttle", json!({"iops": "many"}))], "invalid type"),
         (vec![filter("cache", json!({"size": "lots"}))], "invalid size"),
+        (vec![filter("cache", json!({"size": "2T"}))], "more than the 1073741824 bytes a disk's cache may hold"),
         (vec![filter("integrity", json!({"strong": true}))], "unknown field `strong`"),
         (vec![filter("stats", json!({})), filter("stats", json!({}))], "\"stats\" is configured twice"),
+        (vec![filter("passthrough", json!({})); 17], "17 filters; a disk may have at most 16"),
         (vec![clone_of("nope")], "linked clone of a missing parent: no disk named \"nope\""),
         (vec![clone_of("x")], "redirect cycle: x -> x"),
         (vec![filter("linked_clone", json!({"parent": "base", "copy_on_reed": true}))], "unknown field `copy_on_reed`"),
@@ -48,6 +50,8 @@ fn configuration_errors_are_refused_with_a_message_naming_the_problem() {
         assert!(got.contains(message), "{filters:?}: expected {message:?} in {got:?}");
         assert!(got.contains("disk \"x\""), "{got}");
     }
+    rig.catalog.create(spec("sixteen", 1 << 20, vec![filter("passthrough", json!({})); 16])).unwrap();
+    rig.catalog.delete("sixteen").unwrap();
     let got = refused(&rig, spec("x", 2 << 20, vec![clone_of("base")]));
     assert!(got.contains("must have its parent's size"), "{got}");
     // Nothing of the refused disks was made.
@@ -345,4 +349,141 @@ fn stats_count_and_time_requests_per_kind() {
     assert!(text.contains("vstor_filter_latency_seconds_count{disk=\"s\",kind=\"read\"} 1"), "{text}");
     assert!(text.contains("vstor_filter_latency_seconds_bucket{disk=\"s\",kind=\"write\",le=\"+Inf\"} 10"), "{text}");
     assert!(text.contains("# TYPE vstor_filter_latency_seconds histogram"), "{text}");
+}
+
+/// Puts a raw record into a disk's namespace, as a damaged store or another writer would.
+fn tamper(rig: &Rig, disk: &str, key: &str, value: &[u8]) {
+    let ns = rig.catalog.entry(disk).unwrap().record.namespace();
+    let mut batch = state_store::Batch::new();
+    batch.put(&ns, key, value);
+    rig.catalog.store().commit(batch).unwrap();
+}
+
+#[test]
+fn a_malformed_integrity_record_makes_the_disk_unavailable_without_a_panic() {
+    let rt = runtime();
+    let _g = rt.enter();
+    let bad: [(&str, Vec<u8>); 4] = [
+        // A page number whose first block overflows: debug builds panicked, release builds
+        // stored a checksum for some other block.
+        ("integrity/crc/ffffffffffffffff", vec![0xff; 4096]),
+        // Past the disk's 2 pages.
+        ("integrity/crc/0000000000000002", vec![0; 4096]),
+        // A page of the wrong length.
+        ("integrity/crc/0000000000000000", vec![0; 4095]),
+        ("integrity/intent/ffffffffffffffff", vec![]),
+    ];
+    for (key, value) in bad {
+        let mut rig = Rig::new();
+        rig.catalog.create(spec("d", 1 << 20, vec![filter("integrity", json!({}))])).unwrap();
+        rig.catalog.create(spec("other", 1 << 20, vec![filter("integrity", json!({}))])).unwrap();
+        rt.block_on(async {
+            let d = rig.dev("d");
+            write(d.as_ref(), 0, &[5; 4096], false).await.unwrap();
+            d.flush().await.unwrap();
+        });
+        tamper(&rig, "d", key, &value);
+        rig.reopen();
+        match rig.catalog.disk("d") {
+            Err(CatalogError::Unavailable { reason, .. }) => {
+                assert!(reason.contains("is malformed") && reason.contains(key), "{key}: {reason}")
+            }
+            Err(e) => panic!("{key}: {e}"),
+            Ok(_) => panic!("{key}: a disk with a malformed record opened"),
+        }
+        // The other disk is untouched.
+        let other = rig.dev("other");
+        assert_eq!(rt.block_on(read(other.as_ref(), 0, 4096)).unwrap(), vec![0; 4096]);
+    }
+}
+
+#[test]
+fn a_malformed_clone_bitmap_page_makes_the_clone_unavailable_without_a_panic() {
+    let rt = runtime();
+    let _g = rt.enter();
+    // A 1 MiB clone: 256 grains, one page of 32 words.
+    let bad: [(&str, Vec<u8>); 5] = [
+        // A page number that overflows the word index: debug builds panicked, release builds
+        // set some other page's bits, and the clone read its own never-written grains.
+        ("clone/bitmap/ffffffffffffffff", vec![0xff; 4096]),
+        ("clone/bitmap/0000000000000001", vec![0xff; 256]),
+        ("clone/bitmap/0000000000000000", vec![0xff; 4096]),
+        ("clone/bitmap/0", vec![0xff; 256]),
+        ("clone/bitmap/0000000000000000", vec![0xff; 255]),
+    ];
+    for (key, value) in bad {
+        let mut rig = Rig::new();
+        rig.catalog.create(spec("base", 1 << 20, vec![])).unwrap();
+        rt.block_on(write(rig.dev("base").as_ref(), 0, &[6; 1 << 20], false)).unwrap();
+        rig.catalog.create(spec("c", 1 << 20, vec![clone_of("base")])).unwrap();
+        tamper(&rig, "c", key, &value);
+        rig.reopen();
+        match rig.catalog.disk("c") {
+            Err(CatalogError::Unavailable { reason, .. }) => {
+                assert!(reason.contains("is malformed") && reason.contains(key), "{key}: {reason}")
+            }
+            Err(e) => panic!("{key}: {e}"),
+            Ok(_) => panic!("{key}: a clone with a malformed bitmap page opened"),
+        }
+        assert_eq!(rt.block_on(read(rig.dev("base").as_ref(), 0, 4096)).unwrap(), vec![6; 4096]);
+    }
+    // A well-formed page still loads.
+    let mut rig = Rig::new();
+    rig.catalog.create(spec("base", 1 << 20, vec![])).unwrap();
+    rig.catalog.create(spec("c", 1 << 20, vec![clone_of("base")])).unwrap();
+    let mut page = vec![0u8; 32];
+    page[0] = 1;
+    tamper(&rig, "c", "clone/bitmap/0000000000000000", &page);
+    rig.reopen();
+    let id = rig.catalog.entry("c").unwrap().record.id;
+    assert!(rig.framework.render_metrics().contains("vstor_clone_allocated_blocks{disk=\"c\"} 1"));
+    assert!(rig.framework.chain_of(&id).is_some());
+}
+
+/// A disk whose discards fail after scribbling on the first block of their range.
+struct ScribblingDiscard(MemDisk);
+
+impl BlockDevice for ScribblingDiscard {
+    fn info(&self) -> vdisk::DeviceInfo {
+        self.0.info()
+    }
+    fn read(&self, offset: u64, buf: vdisk::IoBuf) -> vdisk::IoFuture<'_, vdisk::IoBuf> {
+        self.0.read(offset, buf)
+    }
+    fn write(&self, offset: u64, buf: vdisk::IoBuf, fua: bool) -> vdisk::IoFuture<'_, vdisk::IoBuf> {
+        self.0.write(offset, buf, fua)
+    }
+    fn flush(&self) -> vdisk::IoFuture<'_, ()> {
+        self.0.flush()
+    }
+    fn discard(&self, offset: u64, _len: u64) -> vdisk::IoFuture<'_, ()> {
+        self.0.data.lock().unwrap()[offset as usize..offset as usize + 512].fill(0xab);
+        Box::pin(std::future::ready(Err(BlockError::Io(std::io::Error::other("discard failed")))))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> vdisk::IoFuture<'_, ()> {
+        self.0.write_zeroes(offset, len, fua)
+    }
+}
+
+#[test]
+fn a_failed_discard_on_never_written_blocks_leaves_checksums_that_survive_a_restart() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let store = state_store::Store::open(dir.path().join("db")).unwrap();
+    store.create_namespace("d").unwrap();
+    let backend = Arc::new(ScribblingDiscard(MemDisk::new(1 << 20, 512)));
+    let chain = |store: &Arc<state_store::Store>| {
+        let f = io_filters::filters::integrity::Integrity::open("d", store.clone(), "d", 1 << 20, 512).unwrap();
+        Chain::new("d", vec![Arc::new(f) as Arc<dyn Filter>], backend.clone())
+    };
+    let c = chain(&store);
+    rt.block_on(async {
+        // The pages were never written: the discard alone would leave them alone, but it
+        // failed and changed a block, whose checksum is taken from what it holds now.
+        assert!(c.discard(0, 1 << 20).await.is_err());
+        assert_eq!(read(&c, 0, 512).await.unwrap(), vec![0xab; 512]);
+        c.flush().await.unwrap();
+    });
+    let c = chain(&store);
+    assert_eq!(rt.block_on(read(&c, 0, 4096)).unwrap()[..512], [0xab; 512]);
 }

@@ -37,6 +37,10 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A bounded scan found more records than its caller allows: the namespace holds more than
+    /// the code ever writes there, so it was damaged or written by something else.
+    #[error("more than {max} records under {prefix:?} in namespace {namespace:?}")]
+    TooMany { namespace: String, prefix: String, max: usize },
     #[error("cannot create checkpoint at {path}")]
     Checkpoint {
         path: PathBuf,
@@ -159,7 +163,55 @@ impl Store {
         Ok(self.db.get_cf(&cf, key)?)
     }
 
-    /// All pairs of a namespace whose key starts with `prefix`, in key order.
+    /// Calls `f` with each pair of a namespace whose key starts with `prefix`, in key order,
+    /// one at a time (nothing is collected). Fails with [`StoreError::TooMany`], before `f` sees
+    /// it, at the match past the first `max`: a caller that allocates per record states up
+    /// front how many records it can take.
+    pub fn for_each_prefix<E: From<StoreError>>(
+        &self,
+        namespace: &str,
+        prefix: impl AsRef<[u8]>,
+        max: usize,
+        mut f: impl FnMut(&[u8], &[u8]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let prefix = prefix.as_ref();
+        let cf = self.cf(namespace)?;
+        let iter = self.db.iterator_cf(&cf, rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward));
+        for (seen, item) in iter.enumerate() {
+            let (k, v) = item.map_err(StoreError::from)?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if seen == max {
+                return Err(StoreError::TooMany {
+                    namespace: namespace.to_owned(),
+                    prefix: String::from_utf8_lossy(prefix).into_owned(),
+                    max,
+                }
+                .into());
+            }
+            f(&k, &v)?;
+        }
+        Ok(())
+    }
+
+    /// [`Store::scan_prefix`] for at most `max` pairs: more is [`StoreError::TooMany`].
+    pub fn scan_prefix_limit(
+        &self,
+        namespace: &str,
+        prefix: impl AsRef<[u8]>,
+        max: usize,
+    ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
+        let mut out = BTreeMap::new();
+        self.for_each_prefix(namespace, prefix, max, |k, v| {
+            out.insert(k.to_vec(), v.to_vec());
+            Ok::<(), StoreError>(())
+        })?;
+        Ok(out)
+    }
+
+    /// All pairs of a namespace whose key starts with `prefix`, in key order. Unbounded: for
+    /// prefixes whose record count the caller cannot bound, prefer [`Store::scan_prefix_limit`].
     pub fn scan_prefix(&self, namespace: &str, prefix: impl AsRef<[u8]>) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
         let prefix = prefix.as_ref();
         let cf = self.cf(namespace)?;
@@ -268,6 +320,38 @@ mod tests {
         store.checkpoint(dir.path().join("cp")).unwrap();
         let copy = Store::open(dir.path().join("cp")).unwrap();
         assert_eq!(copy.get("d", "x").unwrap().as_deref(), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn a_bounded_scan_fails_past_its_bound_and_streams_within_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.create_namespace("d").unwrap();
+        let mut batch = Batch::new();
+        for i in 0..10_001u32 {
+            batch.put("d", format!("p/{i:08}"), i.to_le_bytes());
+        }
+        batch.put("d", "q/other", "x");
+        store.commit(batch).unwrap();
+        match store.scan_prefix_limit("d", "p/", 10_000) {
+            Err(StoreError::TooMany { max: 10_000, prefix, .. }) => assert_eq!(prefix, "p/"),
+            other => panic!("expected TooMany, got {:?}", other.map(|m| m.len())),
+        }
+        assert_eq!(store.scan_prefix_limit("d", "p/", 10_001).unwrap().len(), 10_001);
+        // The streaming form stops at the bound before handing the extra record over.
+        let mut seen = 0;
+        let r = store.for_each_prefix("d", "p/", 5, |k, _| {
+            assert!(k.starts_with(b"p/"));
+            seen += 1;
+            Ok::<(), StoreError>(())
+        });
+        assert!(matches!(r, Err(StoreError::TooMany { max: 5, .. })), "{r:?}");
+        assert_eq!(seen, 5);
+        // The caller's own error stops the scan too.
+        let r: std::result::Result<(), StoreError> =
+            store.for_each_prefix("d", "q/", 1, |_, _| Err(StoreError::BadNamespaceName("stop".into())));
+        assert!(matches!(r, Err(StoreError::BadNamespaceName(_))));
+        assert_eq!(store.scan_prefix_limit("d", "none/", 0).unwrap().len(), 0);
     }
 
     #[derive(Debug, Clone)]

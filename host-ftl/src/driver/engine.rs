@@ -10,7 +10,7 @@
 //! timing model on, the completion is delivered at that `done_at`, else at once.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
@@ -80,12 +80,44 @@ pub(crate) struct GuestShared {
     pub closed: AtomicBool,
     pub weight: u32,
     pub limits: super::fair::Limits,
+    /// Commands accepted and not completed yet, at most [`super::MAX_QUEUE_DEPTH`].
+    pub queued: AtomicUsize,
+}
+
+/// A place in a guest's queue, given back when dropped: when its command completes or is
+/// aborted, or the driver goes away with it.
+pub(crate) struct QueueSlot(Arc<GuestShared>);
+
+impl QueueSlot {
+    /// A place for one more command of `guest`, if it has fewer than the queue depth.
+    pub(crate) fn take(guest: &Arc<GuestShared>) -> Option<QueueSlot> {
+        let depth = super::MAX_QUEUE_DEPTH;
+        guest.queued.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < depth).then_some(n + 1)).ok()?;
+        Some(QueueSlot(guest.clone()))
+    }
+
+    pub(crate) fn guest(&self) -> &Arc<GuestShared> {
+        &self.0
+    }
+}
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Where a command's completion goes.
 pub(crate) enum Reply {
-    Guest { tx: oneshot::Sender<Cqe>, guest: Arc<GuestShared> },
-    Reclaim { job: u64 },
+    /// The slot is given back before the completion is sent, so a guest that submits as soon as
+    /// it sees one finds the place free.
+    Guest {
+        tx: oneshot::Sender<Cqe>,
+        slot: QueueSlot,
+    },
+    Reclaim {
+        job: u64,
+    },
 }
 
 /// A checked command on its way to the device.
@@ -126,8 +158,9 @@ pub(crate) fn aborted(cid: u16, n: usize) -> Cqe {
 fn abort(job: Job) {
     let n = job.checked.addrs.len();
     let cqe = aborted(job.checked.sqe.cid, n);
-    if let Reply::Guest { tx, guest } = job.reply {
-        guest.stats.record(&cqe, 0);
+    if let Reply::Guest { tx, slot } = job.reply {
+        slot.guest().stats.record(&cqe, 0);
+        drop(slot);
         let _ = tx.send(cqe);
     }
 }
@@ -264,7 +297,7 @@ impl Engine {
     fn execute(&mut self, d: Dispatched<Job>, now: u64) {
         let Job { checked, region, reply } = d.item;
         let guest = match &reply {
-            Reply::Guest { guest, .. } => Some(guest.id),
+            Reply::Guest { slot, .. } => Some(slot.guest().id),
             Reply::Reclaim { .. } => None,
         };
         let (cqe, done_at) = self.on_device(guest, &checked, &region, now);
@@ -343,8 +376,9 @@ impl Engine {
     fn finish(&mut self, f: InFlight, now: u64) {
         self.sched.complete(f.flow, &f.est);
         match f.reply {
-            Reply::Guest { tx, guest } => {
-                guest.stats.record(&f.cqe, f.bytes);
+            Reply::Guest { tx, slot } => {
+                slot.guest().stats.record(&f.cqe, f.bytes);
+                drop(slot);
                 let _ = tx.send(f.cqe);
             }
             Reply::Reclaim { job } => self.reclaim_batch_done(job, now),

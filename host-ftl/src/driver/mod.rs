@@ -54,7 +54,7 @@ pub use engine::GuestCounters;
 pub use error::{DriverError, Result};
 pub use fair::{Estimate, Limits, Policy};
 pub use partition::{GuestRecord, GuestState, Partition};
-pub use queue::{Pending, QueuePair};
+pub use queue::{Pending, QueuePair, MAX_QUEUE_DEPTH};
 pub use validate::Checked;
 
 use crate::command::Cqe;
@@ -524,6 +524,7 @@ impl Driver {
             closed: AtomicBool::new(false),
             weight: r.weight,
             limits: r.limits,
+            queued: Default::default(),
         });
         core.router.add(part, guest.log.clone());
         self.send(Msg::AddGuest(guest.clone()));

@@ -226,7 +226,11 @@ impl PartitionTable {
         }
         let mut records = BTreeMap::new();
         let mut owned = BTreeSet::new();
-        for (key, value) in store.scan_prefix(ns, GUEST_PREFIX).map_err(store_err("reading guest records"))? {
+        // Each guest owns at least one PU, and no PU is owned twice.
+        let most = dev.total_pus();
+        for (key, value) in
+            store.scan_prefix_limit(ns, GUEST_PREFIX, most).map_err(store_err("reading guest records"))?
+        {
             let key = String::from_utf8_lossy(&key).into_owned();
             let bad = |reason: String| DriverError::BadRecord { key: key.clone(), reason };
             let r: GuestRecord = serde_json::from_slice(&value).map_err(|e| bad(e.to_string()))?;
@@ -391,6 +395,23 @@ mod tests {
         assert!(p.open_limit_binds());
         assert!(Partition::new(&dev, &[2], false).is_err());
         assert!(Partition::new(&dev, &[0, 0], false).is_err());
+    }
+
+    #[test]
+    fn more_guest_records_than_pus_are_refused_before_they_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Geometry::tiny(); // 2 PUs: at most 2 guests
+        let store = Store::open(dir.path()).unwrap();
+        drop(PartitionTable::load(store.clone(), "host-ftl", &dev).unwrap());
+        let mut b = Batch::new();
+        for i in 0..3 {
+            b.put("host-ftl", format!("{GUEST_PREFIX}g{i}"), "{}");
+        }
+        store.commit(b).unwrap();
+        match PartitionTable::load(store, "host-ftl", &dev) {
+            Err(DriverError::Store { source: state_store::StoreError::TooMany { max: 2, .. }, .. }) => {}
+            other => panic!("{:?}", other.map(|t| t.records().len())),
+        }
     }
 
     #[test]

@@ -17,13 +17,20 @@ use std::task::{Context, Poll};
 use tokio::sync::oneshot;
 
 use super::admin;
-use super::engine::{aborted, GuestCounters, GuestShared, Job, Msg, Reply};
+use super::engine::{aborted, aborted_with, GuestCounters, GuestShared, Job, Msg, QueueSlot, Reply};
 use super::validate::{self, Checked};
 use super::Core;
-use crate::command::{Cqe, Sqe};
+use crate::command::{Cqe, Sqe, Status};
 use crate::dma::DmaRegion;
 use crate::geometry::Geometry;
 use crate::notify::ChunkNotification;
+
+/// Commands one guest may have accepted and not completed; more are refused at once with
+/// [`Status::QUEUE_FULL`], and the guest's other commands and every other guest carry on. The
+/// guest FTL keeps a few hundred in flight at most (rounds of 256 commands, beside 32 reads);
+/// a guest that submits without waiting holds at most this many checked commands (up to 64
+/// addresses each, about 1.5 KiB) in the driver: 1.5 MiB, not what it can submit.
+pub const MAX_QUEUE_DEPTH: usize = 1024;
 
 /// One guest's queue pair.
 #[derive(Clone)]
@@ -150,9 +157,11 @@ impl QueuePair {
         }
         let cid = checked.sqe.cid;
         let n = checked.addrs.len();
+        let Some(slot) = QueueSlot::take(&self.guest) else {
+            return self.refuse(aborted_with(cid, n, Status::QUEUE_FULL));
+        };
         let (tx, rx) = oneshot::channel();
-        let job =
-            Job { checked, region: self.guest.region.clone(), reply: Reply::Guest { tx, guest: self.guest.clone() } };
+        let job = Job { checked, region: self.guest.region.clone(), reply: Reply::Guest { tx, slot } };
         let msg = Msg::Submit { guest: self.guest.id, job, at: self.core.clock.now_ns() };
         if self.core.inbox.push(msg, !self.core.inline).is_err() {
             return self.refuse(aborted(cid, n));

@@ -163,11 +163,13 @@ impl FileMedia {
         FileMedia::with_file(path, file, geo.clone(), layout)
     }
 
-    /// Opens an existing media file, which must have been made for `geo` (timings aside).
+    /// Opens an existing media file, which must have been made for `geo` (timings aside). The
+    /// file's geometry is compared with `geo` before anything is allocated for it: a header may
+    /// claim billions of chunks and still pass [`Geometry::validate`].
     pub fn open(path: impl AsRef<Path>, geo: &Geometry) -> Result<FileMedia> {
-        let media = FileMedia::open_existing(path)?;
-        media.geo.check_same_media(geo)?;
-        Ok(media)
+        let (path, file, found, layout) = FileMedia::read_header(path)?;
+        found.check_same_media(geo)?;
+        FileMedia::with_file(path, file, found, layout)
     }
 
     /// Opens the media file at `path` if it exists, else creates it.
@@ -179,8 +181,15 @@ impl FileMedia {
         }
     }
 
-    /// Opens an existing media file with the geometry it records.
+    /// Opens an existing media file with the geometry it records, whatever it is (for tools and
+    /// tests that trust the file; the daemon uses [`FileMedia::open`]).
     pub fn open_existing(path: impl AsRef<Path>) -> Result<FileMedia> {
+        let (path, file, geo, layout) = FileMedia::read_header(path)?;
+        FileMedia::with_file(path, file, geo, layout)
+    }
+
+    /// Reads and checks a media file's header: the file, its geometry and layout.
+    fn read_header(path: impl AsRef<Path>) -> Result<(PathBuf, File, Geometry, Layout)> {
         let path = path.as_ref().to_path_buf();
         let bad = |reason: String| Error::BadMedia { path: path.clone(), reason };
         let file = OpenOptions::new()
@@ -207,7 +216,7 @@ impl FileMedia {
         if len < layout.file_len {
             return Err(bad(format!("truncated: {len} bytes, expected {}", layout.file_len)));
         }
-        FileMedia::with_file(path, file, geo, layout)
+        Ok((path, file, geo, layout))
     }
 
     fn with_file(path: PathBuf, file: File, geo: Geometry, layout: Layout) -> Result<FileMedia> {
@@ -621,6 +630,38 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(9000).unwrap();
         assert!(matches!(FileMedia::open(&path, &geo), Err(Error::BadMedia { .. })), "truncated");
+    }
+
+    #[test]
+    fn a_header_claiming_billions_of_chunks_is_compared_before_anything_is_sized_by_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        // 65535 x 65535 PUs of 16 one-block chunks: valid (5.5 TB), and 6.9e10 chunks. The file
+        // is as long as its layout says, sparse.
+        let huge = Geometry {
+            num_grp: u16::MAX,
+            num_pu: u16::MAX,
+            num_chk: 16,
+            clba: 1,
+            block_size: 64,
+            oob_size: 16,
+            ws_min: 1,
+            ws_opt: 1,
+            mw_cunits: 0,
+            ..Geometry::default()
+        };
+        huge.validate().unwrap();
+        assert!(huge.total_chunks() > 1 << 35);
+        let layout = Layout::new(&huge);
+        let f = OpenOptions::new().read(true).write(true).create_new(true).open(&path).unwrap();
+        f.write_all_at(&layout.header(), 0).unwrap();
+        f.write_all_at(&huge.to_page()[..], GEOMETRY_AT).unwrap();
+        f.set_len(layout.file_len).unwrap();
+        match FileMedia::open(&path, &Geometry::default()) {
+            Err(Error::GeometryMismatch { field: "num_grp", found: 65535, wanted: 2 }) => {}
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("opened with the wrong geometry"),
+        }
     }
 
     #[test]

@@ -20,6 +20,10 @@ use crate::chain::{modifies, Filter, Next};
 use crate::request::{Completion, Head, Reply, Request, Verdict};
 
 const SHARDS: usize = 16;
+/// The most data one disk's cache holds: 1 GiB, 2 Mi blocks of 512 bytes (with about 80 bytes
+/// of index each). The size is the operator's, but nothing checked it, and the cache fills as
+/// the guest reads, so "1T" meant a terabyte of daemon memory.
+pub const MAX_CACHE_BYTES: u64 = 1 << 30;
 
 struct Slot {
     block: u64,
@@ -95,13 +99,17 @@ pub struct Cache {
     hits: AtomicU64,
     misses: AtomicU64,
     blocks: AtomicU64,
+    /// Shard locks taken, for tests of how much an invalidation costs.
+    #[cfg(test)]
+    locks: AtomicU64,
 }
 
 impl Cache {
-    /// A cache of at most `bytes` of data, in blocks of `block_size`.
+    /// A cache of at most `bytes` (no more than [`MAX_CACHE_BYTES`]) of data, in blocks of
+    /// `block_size`.
     pub fn new(bytes: u64, block_size: u32) -> Cache {
-        let block = u64::from(block_size);
-        let per_shard = ((bytes / block) as usize).div_ceil(SHARDS).max(1);
+        let block = u64::from(block_size).max(1);
+        let per_shard = ((bytes.min(MAX_CACHE_BYTES) / block) as usize).div_ceil(SHARDS).max(1);
         let shards = (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect();
         Cache {
             block,
@@ -111,11 +119,19 @@ impl Cache {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             blocks: AtomicU64::new(0),
+            #[cfg(test)]
+            locks: AtomicU64::new(0),
         }
     }
 
     fn shard(&self, block: u64) -> std::sync::MutexGuard<'_, Shard> {
-        self.shards[(block % SHARDS as u64) as usize].lock().unwrap_or_else(|p| p.into_inner())
+        self.lock_shard(&self.shards[(block % SHARDS as u64) as usize])
+    }
+
+    fn lock_shard<'a>(&self, shard: &'a Mutex<Shard>) -> std::sync::MutexGuard<'a, Shard> {
+        #[cfg(test)]
+        self.locks.fetch_add(1, Relaxed);
+        shard.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Copies the range from the cache into `out` if every block of it is there.
@@ -144,13 +160,14 @@ impl Cache {
         }
     }
 
+    /// Drops the blocks of a changed range: block by block, or, for a range of more blocks than
+    /// the cache holds, by a sweep of what it holds, so the cost is the smaller of the two.
     fn invalidate(&self, head: &Head) {
         let first = head.offset / self.block;
         let count = head.len / self.block;
-        if count as usize > self.per_shard * SHARDS {
-            // A range larger than the cache: sweep the cache instead of the range.
+        if count > self.blocks.load(Relaxed) {
             for shard in self.shards.iter() {
-                let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+                let mut shard = self.lock_shard(shard);
                 let doomed: Vec<u64> =
                     shard.map.keys().copied().filter(|b| (first..first + count).contains(b)).collect();
                 for b in doomed {
@@ -223,5 +240,38 @@ impl Filter for Cache {
             self.invalidate(done.head);
             self.seq.fetch_add(1, SeqCst);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn discard(offset: u64, len: u64) -> Head {
+        Head { kind: RequestKind::Discard, offset, len, fua: false }
+    }
+
+    #[test]
+    fn invalidating_a_long_range_costs_what_the_cache_holds_not_the_range() {
+        let cache = Cache::new(1 << 40, 512);
+        assert_eq!(cache.per_shard * SHARDS, (MAX_CACHE_BYTES / 512) as usize, "the size is capped");
+        for b in 0..10u64 {
+            cache.fill(b * 2_000_000 * 512, &[b as u8; 512]);
+        }
+        assert_eq!(cache.counters().2, 10 * 512);
+        let before = cache.locks.load(Relaxed);
+        // 1 Mi blocks, fewer than the cache may hold but more than it holds.
+        cache.invalidate(&discard(0, 512 << 20));
+        let taken = cache.locks.load(Relaxed) - before;
+        assert!(taken <= SHARDS as u64, "{taken} shard locks to invalidate 1 Mi blocks");
+        assert_eq!(cache.counters().2, 9 * 512, "block 0 went, the others stay");
+        let mut out = [0u8; 512];
+        assert!(!cache.lookup(0, &mut out));
+        assert!(cache.lookup(2_000_000 * 512, &mut out) && out == [1; 512]);
+        // A short range goes block by block.
+        let before = cache.locks.load(Relaxed);
+        cache.invalidate(&discard(2_000_000 * 512, 1024));
+        assert_eq!(cache.locks.load(Relaxed) - before, 2);
+        assert_eq!(cache.counters().2, 8 * 512);
     }
 }

@@ -3,6 +3,12 @@
 //! Checksums live in memory and in the disk's namespace, in pages of [`PAGE_BLOCKS`] checksums
 //! (a missing page means every block in it holds zeroes, as a new disk does).
 //!
+//! In memory a page exists only once it was written (or loaded with checksums other than
+//! zeroes'), in a two-level table, so what a disk costs follows what was written to it, not
+//! its size: a 64 TiB disk nobody wrote opens with 2 MiB of table. A discard or write-zeroes
+//! leaves pages that do not exist alone: they already say "zeroes", on disk and in the store,
+//! so they need neither a mark nor a change.
+//!
 //! Keeping them consistent with the data across a crash, without a synced state-store write per
 //! data write, follows md RAID's write-intent bitmap:
 //!
@@ -26,8 +32,9 @@
 //! mismatch is told apart by a per-page count of writes started and finished, and the read is
 //! tried again.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use state_store::{Batch, Store};
 use tokio::sync::{Mutex, OnceCell, RwLock};
@@ -36,9 +43,24 @@ use vdisk::{BlockError, IoBuf, IoFuture, IoResult, RequestKind};
 use crate::blocking::{offload, store_error};
 use crate::chain::{Filter, Next};
 use crate::request::{io_error, Reply, Request, Verdict};
+use crate::FilterError;
 
 /// Checksums per stored page.
 pub const PAGE_BLOCKS: u64 = 1024;
+/// Pages per directory of the in-memory page table: a directory (16 KiB of pointers) covers
+/// 2^20 blocks, and is allocated with the first of its pages.
+const DIR_PAGES: u64 = 1024;
+/// Most blocks a disk with the integrity filter may have: 2^37, 64 TiB in 512-byte blocks
+/// (512 TiB in 4 KiB ones). The table's top level costs 16 bytes per directory whether used or
+/// not: 2 MiB at this size.
+pub const MAX_BLOCKS: u64 = 1 << 37;
+/// Intent marks committed in one batch: a discard over many written pages commits its marks in
+/// pieces of this many (about 100 KiB of keys), not in one batch as large as the range.
+const MARK_BATCH: usize = 4096;
+/// Write-activity counters, shared by pages with the same number modulo this: a count per page
+/// would cost memory per page of the disk. A read retried because a write to another page of
+/// its stripe was in flight costs a retry, nothing else.
+const ACTIVITY_STRIPES: u64 = 1024;
 const CRC_PREFIX: &str = "integrity/crc/";
 const INTENT_PREFIX: &str = "integrity/intent/";
 /// Reads tried again after a mismatch that a concurrent write explains.
@@ -57,14 +79,55 @@ fn page_of_key(key: &[u8], prefix: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
-#[derive(Default)]
-struct PageState {
+/// One page of checksums in memory, with its flags.
+struct Page {
+    crcs: [AtomicU32; PAGE_BLOCKS as usize],
     /// The intent mark is committed.
     marked: AtomicBool,
     /// Written since the last flush.
     written: AtomicBool,
     /// Checksums changed since they were last committed.
     dirty: AtomicBool,
+}
+
+type Dir = Box<[OnceLock<Box<Page>>]>;
+
+/// The pages that exist, by page number (see the module docs).
+struct PageTable {
+    dirs: Box<[OnceLock<Dir>]>,
+    npages: u64,
+    zero_crc: u32,
+}
+
+impl PageTable {
+    fn new(npages: u64, zero_crc: u32) -> PageTable {
+        let dirs = (0..npages.div_ceil(DIR_PAGES)).map(|_| OnceLock::new()).collect();
+        PageTable { dirs, npages, zero_crc }
+    }
+
+    fn get(&self, p: u64) -> Option<&Page> {
+        let dir = self.dirs.get((p / DIR_PAGES) as usize)?.get()?;
+        dir[(p % DIR_PAGES) as usize].get().map(|b| &**b)
+    }
+
+    /// Page `p`, made (all zeroes' checksums) if it does not exist; `None` past the disk.
+    fn get_or_make(&self, p: u64) -> Option<&Page> {
+        let dir =
+            self.dirs.get((p / DIR_PAGES) as usize)?.get_or_init(|| (0..DIR_PAGES).map(|_| OnceLock::new()).collect());
+        let page = dir[(p % DIR_PAGES) as usize].get_or_init(|| {
+            Box::new(Page {
+                crcs: std::array::from_fn(|_| AtomicU32::new(self.zero_crc)),
+                marked: AtomicBool::new(false),
+                written: AtomicBool::new(false),
+                dirty: AtomicBool::new(false),
+            })
+        });
+        Some(page)
+    }
+}
+
+#[derive(Default)]
+struct Activity {
     started: AtomicU64,
     finished: AtomicU64,
 }
@@ -75,9 +138,14 @@ pub struct Integrity {
     store: Arc<Store>,
     namespace: String,
     block: u64,
-    crcs: Vec<AtomicU32>,
-    pages: Vec<PageState>,
+    /// Blocks of the disk.
+    blocks: u64,
+    table: PageTable,
     zero_crc: u32,
+    /// Writes started and finished, by page modulo [`ACTIVITY_STRIPES`].
+    activity: Box<[Activity]>,
+    /// Pages whose intent mark is committed (each at most once): what a flush looks at.
+    marked_pages: std::sync::Mutex<Vec<u64>>,
     /// Pages marked when the disk was opened: recomputed before the first request.
     suspects: Vec<u64>,
     recovered: OnceCell<()>,
@@ -96,32 +164,53 @@ impl Integrity {
         namespace: &str,
         capacity: u64,
         block_size: u32,
-    ) -> Result<Integrity, String> {
+    ) -> Result<Integrity, FilterError> {
+        let shape = |reason: String| FilterError::Shape { disk: disk.to_owned(), reason };
         let block = u64::from(block_size);
-        let blocks = capacity / block;
+        let blocks = capacity.checked_div(block).ok_or_else(|| shape("block size 0".into()))?;
+        if blocks > MAX_BLOCKS {
+            return Err(shape(format!(
+                "the integrity filter keeps checksums of at most {MAX_BLOCKS} blocks; the disk has {blocks}"
+            )));
+        }
         let zero_crc = crc32fast::hash(&vec![0u8; block_size as usize]);
-        let crcs: Vec<AtomicU32> = (0..blocks).map(|_| AtomicU32::new(zero_crc)).collect();
         let npages = blocks.div_ceil(PAGE_BLOCKS);
-        let pages: Vec<PageState> = (0..npages).map(|_| PageState::default()).collect();
-        let stored = store.scan_prefix(namespace, CRC_PREFIX).map_err(|e| format!("cannot load checksums: {e}"))?;
-        for (key, value) in stored {
-            let Some(page) = page_of_key(&key, CRC_PREFIX) else { continue };
-            for (i, word) in value.chunks_exact(4).enumerate() {
-                let b = page * PAGE_BLOCKS + i as u64;
-                if let Some(slot) = crcs.get(b as usize) {
-                    slot.store(u32::from_le_bytes([word[0], word[1], word[2], word[3]]), SeqCst);
-                }
+        let table = PageTable::new(npages, zero_crc);
+        let bad = |key: &[u8], reason: String| FilterError::BadRecord {
+            disk: disk.to_owned(),
+            key: String::from_utf8_lossy(key).into_owned(),
+            reason,
+        };
+        let page_in = |key: &[u8], prefix: &str| {
+            page_of_key(key, prefix)
+                .filter(|p| *p < npages)
+                .ok_or_else(|| bad(key, format!("not a page of this disk's {npages}")))
+        };
+        store.for_each_prefix(namespace, CRC_PREFIX, npages as usize, |key, value| {
+            let page = page_in(key, CRC_PREFIX)?;
+            let want = (blocks - page * PAGE_BLOCKS).min(PAGE_BLOCKS) * 4;
+            if value.len() as u64 != want {
+                return Err(bad(key, format!("{} bytes, a page of checksums here has {want}", value.len())));
             }
-        }
-        let marks =
-            store.scan_prefix(namespace, INTENT_PREFIX).map_err(|e| format!("cannot load intent marks: {e}"))?;
+            let crcs = value.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+            if crcs.clone().all(|c| c == zero_crc) {
+                // Zeroes: what a page that does not exist says already.
+                return Ok(());
+            }
+            let p = table.get_or_make(page).ok_or_else(|| bad(key, "past the disk".into()))?;
+            for (slot, crc) in p.crcs.iter().zip(crcs) {
+                slot.store(crc, SeqCst);
+            }
+            Ok(())
+        })?;
         let mut suspects = Vec::new();
-        for key in marks.keys() {
-            if let Some(page) = page_of_key(key, INTENT_PREFIX).filter(|p| *p < npages) {
-                pages[page as usize].marked.store(true, SeqCst);
-                suspects.push(page);
-            }
-        }
+        store.for_each_prefix(namespace, INTENT_PREFIX, npages as usize, |key, _| {
+            let page = page_in(key, INTENT_PREFIX)?;
+            let p = table.get_or_make(page).ok_or_else(|| bad(key, "past the disk".into()))?;
+            p.marked.store(true, SeqCst);
+            suspects.push(page);
+            Ok::<(), FilterError>(())
+        })?;
         if !suspects.is_empty() {
             tracing::warn!(
                 disk,
@@ -134,9 +223,11 @@ impl Integrity {
             store,
             namespace: namespace.to_owned(),
             block,
-            crcs,
-            pages,
+            blocks,
+            table,
             zero_crc,
+            activity: (0..ACTIVITY_STRIPES).map(|_| Activity::default()).collect(),
+            marked_pages: std::sync::Mutex::new(Vec::new()),
             suspects,
             recovered: OnceCell::new(),
             barrier: RwLock::new(()),
@@ -151,17 +242,36 @@ impl Integrity {
         (self.checked.load(SeqCst), self.mismatches.load(SeqCst))
     }
 
-    fn pages_of(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+    fn pages_of(&self, offset: u64, len: u64) -> Range<u64> {
         let first = offset / self.block;
         let last = (offset + len).div_ceil(self.block);
         first / PAGE_BLOCKS..last.div_ceil(PAGE_BLOCKS)
     }
 
-    /// The committed page of checksums as bytes.
-    fn page_bytes(&self, page: u64) -> Vec<u8> {
-        let first = (page * PAGE_BLOCKS) as usize;
-        let last = (first + PAGE_BLOCKS as usize).min(self.crcs.len());
-        self.crcs[first..last].iter().flat_map(|c| c.load(SeqCst).to_le_bytes()).collect()
+    /// The blocks of page `p` that are blocks of the disk.
+    fn blocks_of_page(&self, p: u64) -> Range<u64> {
+        p * PAGE_BLOCKS..((p + 1) * PAGE_BLOCKS).min(self.blocks)
+    }
+
+    /// The checksum of block `b` in memory.
+    fn crc_of(&self, b: u64) -> u32 {
+        match self.table.get(b / PAGE_BLOCKS) {
+            Some(page) => page.crcs[(b % PAGE_BLOCKS) as usize].load(SeqCst),
+            None => self.zero_crc,
+        }
+    }
+
+    /// A page of checksums as stored.
+    fn page_bytes(&self, p: u64, page: &Page) -> Vec<u8> {
+        let n = self.blocks_of_page(p).count();
+        page.crcs[..n].iter().flat_map(|c| c.load(SeqCst).to_le_bytes()).collect()
+    }
+
+    /// The write-activity stripes of `pages`: each stripe once (all of them for a range that
+    /// long), so that the count of a request is the same when it starts and when it finishes.
+    fn stripes(pages: Range<u64>) -> impl Iterator<Item = usize> {
+        let n = (pages.end - pages.start).min(ACTIVITY_STRIPES);
+        (pages.start..pages.start + n).map(|p| (p % ACTIVITY_STRIPES) as usize)
     }
 
     async fn commit(&self, batch: Batch) -> IoResult<()> {
@@ -171,18 +281,19 @@ impl Integrity {
 
     /// Recomputes the checksums of pages marked when the disk was opened. Runs once.
     async fn recover(&self, next: Next<'_>) -> IoResult<()> {
-        for &page in &self.suspects {
-            let first = page * PAGE_BLOCKS;
-            let blocks = PAGE_BLOCKS.min(self.crcs.len() as u64 - first);
-            let buf = next.read(first * self.block, IoBuf::scratch((blocks * self.block) as usize)).await?;
-            for (i, data) in buf.as_slice().chunks(self.block as usize).enumerate() {
-                self.crcs[(first + i as u64) as usize].store(crc32fast::hash(data), SeqCst);
+        for &p in &self.suspects {
+            let Some(page) = self.table.get(p) else { continue };
+            let blocks = self.blocks_of_page(p);
+            let (first, n) = (blocks.start, blocks.end - blocks.start);
+            let buf = next.read(first * self.block, IoBuf::scratch((n * self.block) as usize)).await?;
+            for (slot, data) in page.crcs.iter().zip(buf.as_slice().chunks(self.block as usize)) {
+                slot.store(crc32fast::hash(data), SeqCst);
             }
             let mut batch = Batch::new();
-            batch.put(&self.namespace, crc_key(page), self.page_bytes(page));
-            batch.delete(&self.namespace, intent_key(page));
+            batch.put(&self.namespace, crc_key(p), self.page_bytes(p, page));
+            batch.delete(&self.namespace, intent_key(p));
             self.commit(batch).await?;
-            self.pages[page as usize].marked.store(false, SeqCst);
+            page.marked.store(false, SeqCst);
             // This page is recovered and unmarked; the pages after it are still marked.
             failpoint::hit("integrity::recover::page-done");
         }
@@ -192,83 +303,114 @@ impl Integrity {
         Ok(())
     }
 
-    /// Commits the intent marks of the pages not marked yet, before data goes to them.
-    async fn mark(&self, pages: std::ops::Range<u64>) -> IoResult<()> {
-        if pages.clone().all(|p| self.pages[p as usize].marked.load(SeqCst)) {
+    /// Whether page `p` needs its intent mark committed before a change: a write makes the page;
+    /// zeroes need nothing on a page that does not exist.
+    fn needs_mark(&self, p: u64, zeroes: bool) -> bool {
+        match self.table.get(p) {
+            Some(page) => !page.marked.load(SeqCst),
+            None => !zeroes,
+        }
+    }
+
+    /// Commits the intent marks of the pages not marked yet, before data goes to them, in
+    /// batches of at most [`MARK_BATCH`].
+    async fn mark(&self, pages: Range<u64>, zeroes: bool) -> IoResult<()> {
+        if !pages.clone().any(|p| self.needs_mark(p, zeroes)) {
             return Ok(());
         }
         let _one = self.marking.lock().await;
-        let mut batch = Batch::new();
         let mut todo = Vec::new();
-        for p in pages {
-            if !self.pages[p as usize].marked.load(SeqCst) {
+        let mut pending = pages.filter(|&p| self.needs_mark(p, zeroes)).peekable();
+        while pending.peek().is_some() {
+            let mut batch = Batch::new();
+            todo.clear();
+            for p in pending.by_ref().take(MARK_BATCH) {
                 batch.put(&self.namespace, intent_key(p), []);
                 todo.push(p);
             }
-        }
-        if todo.is_empty() {
-            return Ok(());
-        }
-        self.commit(batch).await?;
-        // The marks are durable; the data write has not gone out.
-        failpoint::hit("integrity::mark::committed");
-        for p in todo {
-            self.pages[p as usize].marked.store(true, SeqCst);
+            self.commit(batch).await?;
+            // The marks are durable; the data write has not gone out.
+            failpoint::hit("integrity::mark::committed");
+            let mut listed = lock(&self.marked_pages);
+            for &p in &todo {
+                if let Some(page) = self.table.get_or_make(p) {
+                    if !page.marked.swap(true, SeqCst) {
+                        listed.push(p);
+                    }
+                }
+            }
         }
         Ok(())
     }
 
-    /// Sets the checksums of a range from its new data (`None`: zeroes).
+    /// Sets the checksums of a range from its new data (`None`: zeroes, on the pages that exist).
     fn set_crcs(&self, offset: u64, len: u64, data: Option<&[u8]>) {
         let first = offset / self.block;
-        match data {
-            Some(data) => {
-                for (i, chunk) in data.chunks(self.block as usize).enumerate() {
-                    self.crcs[first as usize + i].store(crc32fast::hash(chunk), SeqCst);
-                }
-            }
-            None => {
-                for b in first..first + len / self.block {
-                    self.crcs[b as usize].store(self.zero_crc, SeqCst);
-                }
-            }
-        }
+        let end = first + len / self.block;
         for p in self.pages_of(offset, len) {
-            self.pages[p as usize].dirty.store(true, SeqCst);
+            let page = match data {
+                Some(_) => self.table.get_or_make(p),
+                None => self.table.get(p),
+            };
+            let Some(page) = page else { continue };
+            let blocks = self.blocks_of_page(p);
+            for b in blocks.start.max(first)..blocks.end.min(end) {
+                let crc = match data {
+                    Some(d) => {
+                        let at = ((b - first) * self.block) as usize;
+                        d.get(at..at + self.block as usize).map_or(self.zero_crc, crc32fast::hash)
+                    }
+                    None => self.zero_crc,
+                };
+                page.crcs[(b % PAGE_BLOCKS) as usize].store(crc, SeqCst);
+            }
+            page.dirty.store(true, SeqCst);
         }
     }
 
     async fn change(&self, req: Request, next: Next<'_>) -> IoResult<Reply> {
         let head = req.head;
+        let zeroes = req.buf.is_none();
         let _shared = self.barrier.read().await;
         let pages = self.pages_of(head.offset, head.len);
-        self.mark(pages.clone()).await?;
+        if pages.end > self.table.npages {
+            return Err(io_error(std::io::ErrorKind::InvalidInput, "request past the end of the disk"));
+        }
+        self.mark(pages.clone(), zeroes).await?;
+        for s in Self::stripes(pages.clone()) {
+            self.activity[s].started.fetch_add(1, SeqCst);
+        }
         for p in pages.clone() {
-            let state = &self.pages[p as usize];
-            state.started.fetch_add(1, SeqCst);
-            state.written.store(true, SeqCst);
+            if let Some(page) = self.table.get(p) {
+                page.written.store(true, SeqCst);
+            }
         }
         self.set_crcs(head.offset, head.len, req.buf.as_ref().map(|b| b.as_slice()));
         let result = next.submit(req).await;
         if result.is_err() {
             // What the range holds now is unknown: take the checksums of whatever is there.
+            // Pages zeroes left alone may now hold something: they are made, and marked first.
             if let Ok(buf) =
                 next.read(head.offset, IoBuf::scratch(head.len.min(vdisk::device::MAX_IO_BYTES) as usize)).await
             {
-                self.set_crcs(head.offset, buf.len() as u64, Some(buf.as_slice()));
+                let len = buf.len() as u64;
+                if self.mark(self.pages_of(head.offset, len), false).await.is_ok() {
+                    self.set_crcs(head.offset, len, Some(buf.as_slice()));
+                }
             }
         }
-        for p in pages {
-            self.pages[p as usize].finished.fetch_add(1, SeqCst);
+        for s in Self::stripes(pages) {
+            self.activity[s].finished.fetch_add(1, SeqCst);
         }
         result
     }
 
-    /// (started, finished) write counts of the pages of a range.
-    fn activity(&self, pages: std::ops::Range<u64>) -> Vec<(u64, u64)> {
-        pages
-            .map(|p| (self.pages[p as usize].started.load(SeqCst), self.pages[p as usize].finished.load(SeqCst)))
-            .collect()
+    /// (started, finished) write counts of the stripes of a range's pages, summed. Finished is
+    /// read first, so a sum of started below finished never shows.
+    fn activity(&self, pages: Range<u64>) -> (u64, u64) {
+        let finished = Self::stripes(pages.clone()).map(|s| self.activity[s].finished.load(SeqCst)).sum();
+        let started = Self::stripes(pages).map(|s| self.activity[s].started.load(SeqCst)).sum();
+        (started, finished)
     }
 
     async fn read(&self, req: Request, next: Next<'_>) -> IoResult<Reply> {
@@ -282,7 +424,7 @@ impl Integrity {
             self.checked.fetch_add(head.len / self.block, SeqCst);
             let Some(block) = bad else { return Ok(Some(buf)) };
             let after = self.activity(pages.clone());
-            let raced = before != after || after.iter().any(|(s, f)| s != f);
+            let raced = before != after || after.0 != after.1;
             if raced && attempt < RETRIES {
                 tokio::task::yield_now().await;
                 continue;
@@ -301,27 +443,30 @@ impl Integrity {
         let first = offset / self.block;
         data.chunks(self.block as usize)
             .enumerate()
-            .find(|(i, chunk)| crc32fast::hash(chunk) != self.crcs[first as usize + i].load(SeqCst))
+            .find(|(i, chunk)| crc32fast::hash(chunk) != self.crc_of(first + *i as u64))
             .map(|(i, _)| first + i as u64)
     }
 
+    /// Commits the changed checksum pages and clears the marks of pages not written since the
+    /// last flush. Looks only at the pages marked, not at every page of the disk.
     async fn flush(&self, req: Request, next: Next<'_>) -> IoResult<Reply> {
         let _alone = self.barrier.write().await;
         let reply = next.submit(req).await?;
         // The data is durable; the checksums that match it are not committed.
         failpoint::hit("integrity::flush::data-flushed");
+        let listed = lock(&self.marked_pages).clone();
         let mut batch = Batch::new();
         let (mut committed, mut cleared) = (Vec::new(), Vec::new());
-        for (p, state) in self.pages.iter().enumerate() {
-            let p = p as u64;
-            if state.dirty.swap(false, SeqCst) {
-                batch.put(&self.namespace, crc_key(p), self.page_bytes(p));
-                committed.push(p);
+        for &p in &listed {
+            let Some(page) = self.table.get(p) else { continue };
+            if page.dirty.swap(false, SeqCst) {
+                batch.put(&self.namespace, crc_key(p), self.page_bytes(p, page));
+                committed.push(page);
             }
-            if !state.written.swap(false, SeqCst) && state.marked.load(SeqCst) {
+            if !page.written.swap(false, SeqCst) && page.marked.load(SeqCst) {
                 batch.delete(&self.namespace, intent_key(p));
-                state.marked.store(false, SeqCst);
-                cleared.push(p);
+                page.marked.store(false, SeqCst);
+                cleared.push(page);
             }
         }
         if batch.is_empty() {
@@ -329,16 +474,21 @@ impl Integrity {
         }
         if let Err(e) = self.commit(batch).await {
             // Nothing was committed: the pages stay dirty and marked.
-            for p in committed {
-                self.pages[p as usize].dirty.store(true, SeqCst);
+            for page in committed {
+                page.dirty.store(true, SeqCst);
             }
-            for p in cleared {
-                self.pages[p as usize].marked.store(true, SeqCst);
+            for page in cleared {
+                page.marked.store(true, SeqCst);
             }
             return Err(e);
         }
+        lock(&self.marked_pages).retain(|&p| self.table.get(p).is_some_and(|page| page.marked.load(SeqCst)));
         Ok(reply)
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Filter for Integrity {

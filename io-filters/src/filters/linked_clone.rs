@@ -25,7 +25,12 @@
 //!
 //! Grains being allocated (written for the first time, copied on read, copied by `flatten`) are
 //! serialised by striped locks; writes to allocated grains take no lock.
+//!
+//! Nothing here is sized by a request's length: a discard or write-zeroes (which may cover the
+//! whole disk) is run in pieces of [`PIECE_GRAINS`], the stripes a piece locks are a 256-bit
+//! set, and the bitmap is read and set a 64-bit word at a time.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 
@@ -36,6 +41,7 @@ use vdisk::{BlockDevice, DiskResolver, IoBuf, IoFuture, IoResult, RequestKind};
 use crate::blocking::{offload, store_error};
 use crate::chain::{Filter, Next};
 use crate::request::{io_error, Reply, Request, Verdict};
+use crate::FilterError;
 
 /// Bytes per bitmap bit.
 pub const GRAIN: u64 = 4096;
@@ -46,6 +52,15 @@ const BITMAP_PREFIX: &str = "clone/bitmap/";
 const STRIPES: usize = 256;
 /// Grains copied by one step of a flatten or a copy-on-read.
 const RUN_GRAINS: u64 = 256;
+/// Grains of a discard or write-zeroes allocated in one piece (64 MiB): a request longer than
+/// this is sent below in pieces, each locked, filled and set on its own, so what one request
+/// holds and walks at once does not grow with its length.
+pub const PIECE_GRAINS: u64 = RUN_GRAINS * 64;
+/// Bytes of a mixed read sent below or to the parent at once (1 MiB). A read mixed at every
+/// level of a family nests one level per clone, each holding its piece while the level above
+/// waits, so a read holds at most the family's depth times this (256 MiB at the deepest),
+/// not the depth times its own length.
+pub const MIXED_PIECE: u64 = 1 << 20;
 
 fn page_key(page: usize) -> String {
     format!("{BITMAP_PREFIX}{page:016x}")
@@ -83,6 +98,38 @@ impl Bitmap {
         self.words[(g / 64) as usize].load(SeqCst) & (1 << (g % 64)) != 0
     }
 
+    /// Each word of `range` with the mask of the range's bits in it.
+    fn masks(&self, range: Range<u64>) -> impl Iterator<Item = (&AtomicU64, u64)> {
+        let (a, b) = (range.start, range.end.min(self.grains));
+        let words = if a < b { a / 64..(b - 1) / 64 + 1 } else { 0..0 };
+        words.filter_map(move |w| {
+            let lo = if w == a / 64 { a % 64 } else { 0 };
+            let hi = if w == (b - 1) / 64 { (b - 1) % 64 + 1 } else { 64 };
+            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+            self.words.get(w as usize).map(|word| (word, mask))
+        })
+    }
+
+    /// Whether every grain of `range` is set.
+    pub fn all_set(&self, range: Range<u64>) -> bool {
+        self.masks(range).all(|(w, m)| w.load(SeqCst) & m == m)
+    }
+
+    /// Whether no grain of `range` is set.
+    pub fn none_set(&self, range: Range<u64>) -> bool {
+        self.masks(range).all(|(w, m)| w.load(SeqCst) & m == 0)
+    }
+
+    /// Sets every grain of `range`.
+    fn set_range(&self, range: Range<u64>) {
+        let first = range.start / 64;
+        for (i, (w, m)) in self.masks(range).enumerate() {
+            if w.fetch_or(m, SeqCst) & m != m {
+                self.dirty[(first as usize + i) / PAGE_WORDS].store(true, SeqCst);
+            }
+        }
+    }
+
     pub fn set(&self, g: u64) {
         let w = (g / 64) as usize;
         if self.words[w].fetch_or(1 << (g % 64), SeqCst) & (1 << (g % 64)) == 0 {
@@ -91,8 +138,8 @@ impl Bitmap {
     }
 
     /// How many grains of `range` are set.
-    pub fn count(&self, range: std::ops::Range<u64>) -> u64 {
-        range.filter(|g| self.is_set(*g)).count() as u64
+    pub fn count(&self, range: Range<u64>) -> u64 {
+        self.masks(range).map(|(w, m)| u64::from((w.load(SeqCst) & m).count_ones())).sum()
     }
 
     pub fn allocated(&self) -> u64 {
@@ -116,14 +163,53 @@ impl Bitmap {
         self.words[first..last].iter().map(|w| w.load(SeqCst)).collect()
     }
 
-    fn load_page(&self, p: usize, bytes: &[u8]) {
-        for (i, chunk) in bytes.chunks_exact(8).enumerate() {
-            if let Some(w) = self.words.get(p * PAGE_WORDS + i) {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(chunk);
-                w.fetch_or(u64::from_le_bytes(b), SeqCst);
-            }
+    /// ORs a stored page into the bitmap, if it is one of this bitmap's pages: its number
+    /// below the page count, its length that of the page, no bit past the last grain.
+    fn load_page(&self, p: u64, bytes: &[u8]) -> Result<(), String> {
+        let pages = self.dirty.len() as u64;
+        if p >= pages {
+            return Err(format!("page {p} of a bitmap of {pages}"));
         }
+        let first = p as usize * PAGE_WORDS;
+        let words = &self.words[first..(first + PAGE_WORDS).min(self.words.len())];
+        if bytes.len() != words.len() * 8 {
+            return Err(format!("{} bytes, the page has {}", bytes.len(), words.len() * 8));
+        }
+        let tail = self.grains % 64;
+        for (i, (w, chunk)) in words.iter().zip(bytes.chunks_exact(8)).enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            let bits = u64::from_le_bytes(b);
+            if first + i + 1 == self.words.len() && tail != 0 && bits >> tail != 0 {
+                return Err("bits set past the last grain".into());
+            }
+            w.fetch_or(bits, SeqCst);
+        }
+        Ok(())
+    }
+}
+
+/// Lock stripes, a bit each: a request names at most all [`STRIPES`] of them, whatever its
+/// length.
+#[derive(Default)]
+struct StripeSet([u64; STRIPES / 64]);
+
+impl StripeSet {
+    fn insert(&mut self, s: usize) {
+        self.0[s / 64] |= 1 << (s % 64);
+    }
+
+    fn len(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    fn is_full(&self) -> bool {
+        self.0.iter().all(|w| *w == u64::MAX)
+    }
+
+    /// The stripes in increasing order (the order locks are taken in).
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..STRIPES).filter(|s| self.0[s / 64] & (1 << (s % 64)) != 0)
     }
 }
 
@@ -159,22 +245,25 @@ pub struct CloneSetup<'a> {
 }
 
 impl LinkedClone {
-    /// Loads the clone's bitmap. Blocking (state-store reads).
-    pub fn open(setup: CloneSetup<'_>) -> Result<LinkedClone, String> {
+    /// Loads the clone's bitmap. Blocking (state-store reads). A stored page that is not one of
+    /// this bitmap's is an error: the disk stays unavailable rather than read the wrong grains.
+    pub fn open(setup: CloneSetup<'_>) -> Result<LinkedClone, FilterError> {
         let bitmap = Bitmap::new(setup.capacity);
-        let stored = setup
-            .store
-            .scan_prefix(setup.namespace, BITMAP_PREFIX)
-            .map_err(|e| format!("cannot load the clone bitmap: {e}"))?;
-        for (key, value) in stored {
-            let page = std::str::from_utf8(&key)
+        let pages = bitmap.dirty.len();
+        setup.store.for_each_prefix(setup.namespace, BITMAP_PREFIX, pages, |key, value| {
+            let bad = |reason: String| FilterError::BadRecord {
+                disk: setup.disk.to_owned(),
+                key: String::from_utf8_lossy(key).into_owned(),
+                reason,
+            };
+            let page = std::str::from_utf8(key)
                 .ok()
                 .and_then(|k| k.strip_prefix(BITMAP_PREFIX))
-                .and_then(|h| usize::from_str_radix(h, 16).ok());
-            if let Some(p) = page {
-                bitmap.load_page(p, &value);
-            }
-        }
+                .filter(|h| h.len() == 16)
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+                .ok_or_else(|| bad("not a page key".into()))?;
+            bitmap.load_page(page, value).map_err(bad)
+        })?;
         Ok(LinkedClone {
             disk: setup.disk.to_owned(),
             parent_name: setup.parent.to_owned(),
@@ -215,12 +304,11 @@ impl LinkedClone {
     }
 
     /// The state-store keys of the bitmap, for the batch that cuts the link.
-    pub fn delete_bitmap(&self, batch: &mut Batch) -> Result<(), String> {
-        let stored = self.store.scan_prefix(&self.namespace, BITMAP_PREFIX).map_err(|e| e.to_string())?;
-        for key in stored.keys() {
+    pub fn delete_bitmap(&self, batch: &mut Batch) -> Result<(), FilterError> {
+        self.store.for_each_prefix(&self.namespace, BITMAP_PREFIX, self.bitmap.dirty.len(), |key, _| {
             batch.delete(&self.namespace, key);
-        }
-        Ok(())
+            Ok::<(), FilterError>(())
+        })
     }
 
     fn parent(&self) -> IoResult<Arc<dyn BlockDevice>> {
@@ -245,12 +333,24 @@ impl LinkedClone {
         g * GRAIN..((g + 1) * GRAIN).min(self.capacity)
     }
 
-    async fn lock(&self, grains: impl Iterator<Item = u64>) -> Vec<MutexGuard<'_, ()>> {
-        let mut stripes: Vec<usize> = grains.map(|g| (g % STRIPES as u64) as usize).collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        let mut guards = Vec::with_capacity(stripes.len());
-        for s in stripes {
+    /// Takes the locks of the grains of `grains` not set yet (at most every stripe once, in
+    /// stripe order). A grain set meanwhile needs none; a grain set stays set.
+    async fn lock(&self, grains: Range<u64>) -> Vec<MutexGuard<'_, ()>> {
+        let mut set = StripeSet::default();
+        let first_word = grains.start / 64;
+        for (i, (w, m)) in self.bitmap.masks(grains).enumerate() {
+            let mut unset = !w.load(SeqCst) & m;
+            while unset != 0 {
+                let g = (first_word + i as u64) * 64 + u64::from(unset.trailing_zeros());
+                set.insert((g % STRIPES as u64) as usize);
+                unset &= unset - 1;
+            }
+            if set.is_full() {
+                break;
+            }
+        }
+        let mut guards = Vec::with_capacity(set.len());
+        for s in set.iter() {
             guards.push(self.stripes[s].lock().await);
         }
         guards
@@ -321,7 +421,7 @@ impl LinkedClone {
         while pos < head.end() {
             let own = self.bitmap.is_set(pos / GRAIN);
             let mut end = (pos / GRAIN + 1) * GRAIN;
-            while end < head.end() && self.bitmap.is_set(end / GRAIN) == own {
+            while end < head.end() && end - pos < MIXED_PIECE && self.bitmap.is_set(end / GRAIN) == own {
                 end += GRAIN;
             }
             let end = end.min(head.end());
@@ -339,13 +439,41 @@ impl LinkedClone {
         Ok(Some(buf))
     }
 
-    /// Runs a write, discard or write-zeroes that reaches grains not allocated yet.
+    /// Runs a write, discard or write-zeroes that reaches grains not allocated yet; a discard
+    /// or write-zeroes longer than [`PIECE_GRAINS`] in pieces (writes are shorter than one).
     async fn allocate(&self, req: Request, next: Next<'_>) -> IoResult<Reply> {
         let head = req.head;
+        if req.buf.is_some() || head.len <= PIECE_GRAINS * GRAIN {
+            let reply = self.allocate_piece(req, next).await?;
+            if head.fua {
+                self.flush(Request::flush(), next).await?;
+            }
+            return Ok(reply);
+        }
+        let mut at = head.offset;
+        while at < head.end() {
+            let end = ((at / GRAIN + PIECE_GRAINS) * GRAIN).min(head.end());
+            let piece = match head.kind {
+                RequestKind::Discard => Request::discard(at, end - at),
+                _ => Request::write_zeroes(at, end - at, false),
+            };
+            self.allocate_piece(req.child(piece), next).await?;
+            at = end;
+        }
+        // The pieces went without FUA: one flush makes them and their bits durable.
+        if head.fua {
+            self.flush(Request::flush(), next).await?;
+        }
+        Ok(None)
+    }
+
+    /// Allocates the grains of one request (at most [`PIECE_GRAINS`] for zeroes).
+    async fn allocate_piece(&self, req: Request, next: Next<'_>) -> IoResult<Reply> {
+        let head = req.head;
         let grains = self.grains(head.offset, head.len);
-        let _locks = self.lock(grains.clone().filter(|g| !self.bitmap.is_set(*g))).await;
-        // The grains this request allocates, fills included: a FUA request commits their bits.
-        let fresh: Vec<u64> = grains.clone().filter(|g| !self.bitmap.is_set(*g)).collect();
+        // The grains not set yet are ours to set while we hold their stripes: nobody else sets
+        // them meanwhile, so every grain of the range is set once the request is done.
+        let _locks = self.lock(grains.clone()).await;
         // Grains the request covers only in part get the parent's data first.
         let first = grains.start;
         let last = grains.end - 1;
@@ -356,12 +484,7 @@ impl LinkedClone {
             self.fill_locked(last..last + 1, next, head.fua).await?;
         }
         let reply = next.submit(req).await?;
-        for &g in &fresh {
-            self.bitmap.set(g);
-        }
-        if head.fua {
-            self.flush(Request::flush(), next).await?;
-        }
+        self.bitmap.set_range(grains);
         Ok(reply)
     }
 
@@ -435,15 +558,13 @@ impl Filter for LinkedClone {
             }
             kind => {
                 let grains = self.grains(head.offset, head.len);
-                let n = grains.end - grains.start;
-                let set = self.bitmap.count(grains.clone());
-                if set == n {
+                if self.bitmap.all_set(grains.clone()) {
                     if head.fua && self.needs_sync(grains) {
                         Verdict::Handle
                     } else {
                         Verdict::Continue
                     }
-                } else if kind == RequestKind::Read && set == 0 && !self.copy_on_read {
+                } else if kind == RequestKind::Read && !self.copy_on_read && self.bitmap.none_set(grains) {
                     self.redirected.fetch_add(1, SeqCst);
                     match self.parent() {
                         Ok(p) => Verdict::Redirect(p),
@@ -462,7 +583,7 @@ impl Filter for LinkedClone {
                 RequestKind::Flush => self.flush(req, next).await,
                 RequestKind::Read if self.copy_on_read => {
                     let grains = self.grains(req.head.offset, req.head.len);
-                    if self.bitmap.count(grains.clone()) < grains.end - grains.start {
+                    if !self.bitmap.all_set(grains.clone()) {
                         self.redirected.fetch_add(1, SeqCst);
                     }
                     self.fill(grains, next).await?;
@@ -471,7 +592,7 @@ impl Filter for LinkedClone {
                 RequestKind::Read => self.read_mixed(req, next).await,
                 RequestKind::Write | RequestKind::Discard | RequestKind::WriteZeroes => {
                     let grains = self.grains(req.head.offset, req.head.len);
-                    if self.bitmap.count(grains.clone()) < grains.end - grains.start {
+                    if !self.bitmap.all_set(grains) {
                         self.allocate(req, next).await
                     } else {
                         // A FUA request to allocated grains whose bits may not be stored yet.
@@ -482,5 +603,51 @@ impl Filter for LinkedClone {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_operations_agree_with_bit_by_bit_ones() {
+        // 1000 grains: the last word holds 40 of them.
+        let bitmap = Bitmap::new(1000 * GRAIN);
+        for g in [0, 1, 63, 64, 65, 200, 511, 512, 998, 999] {
+            bitmap.set(g);
+        }
+        let mut seed = 7u64;
+        for _ in 0..2000 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let a = (seed >> 33) % 1000;
+            let b = a + (seed >> 13) % (1001 - a);
+            let naive = (a..b).filter(|g| bitmap.is_set(*g)).count() as u64;
+            assert_eq!(bitmap.count(a..b), naive, "{a}..{b}");
+            assert_eq!(bitmap.all_set(a..b), naive == b - a, "{a}..{b}");
+            assert_eq!(bitmap.none_set(a..b), naive == 0, "{a}..{b}");
+        }
+        bitmap.set_range(100..700);
+        assert!(bitmap.all_set(100..700));
+        assert_eq!(bitmap.count(0..1000), 600 + 7);
+        assert!(!bitmap.is_set(99) && !bitmap.is_set(700));
+        assert!(bitmap.dirty[0].load(SeqCst));
+    }
+
+    #[test]
+    fn a_stored_page_must_be_one_of_the_bitmaps() {
+        // 1000 grains: one page of 16 words, the last one holding 40 grains.
+        let bitmap = Bitmap::new(1000 * GRAIN);
+        assert!(bitmap.load_page(1, &[0; 128]).is_err());
+        assert!(bitmap.load_page(u64::MAX, &[0xff; 128]).is_err());
+        assert!(bitmap.load_page(0, &[0xff; 120]).is_err());
+        let mut page = vec![0u8; 128];
+        page[127] = 0x80; // grain 1023
+        assert!(bitmap.load_page(0, &page).is_err());
+        assert_eq!(bitmap.allocated(), 0, "nothing of a refused page is loaded");
+        page[127] = 0;
+        page[124] = 0x80; // grain 999
+        bitmap.load_page(0, &page).unwrap();
+        assert!(bitmap.is_set(999) && bitmap.allocated() == 1);
     }
 }
