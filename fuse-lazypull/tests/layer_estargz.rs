@@ -301,3 +301,21 @@ fn a_toc_that_does_not_match_the_tar_fails_the_unpack_needs_root() {
         .to_string();
     assert!(err.contains("bin/tool: mode is 644 in the blob, 4755 in the index"), "{err}");
 }
+
+/// A device number of the table of contents that does not fit 32 bits is refused, not cut.
+#[test]
+fn a_toc_device_number_over_32_bits_is_refused() {
+    let layer = source_layer(b"x");
+    let (blob, _) = convert(&layer, &[]);
+    let (blob, toc_digest) = with_toc_edited(&blob, |toc| {
+        for e in toc["entries"].as_array_mut().unwrap() {
+            if e["name"] == "dev/zero" {
+                e["devMajor"] = serde_json::json!(4294967297u64);
+            }
+        }
+    });
+    match index_of(&blob, &toc_digest) {
+        Err(LayerError::Malicious { path, why }) => assert!(path == "dev/zero" && why.contains("32 bits"), "{why}"),
+        other => panic!("{:?}", other.map(|(i, _)| summary(&i))),
+    }
+}

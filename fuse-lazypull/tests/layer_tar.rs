@@ -451,3 +451,47 @@ fn uncompressed_tar_layers_are_read_in_verified_spans() {
         assert_eq!(std::fs::read(dir.path().join("lower/big")).unwrap(), big);
     }
 }
+
+/// A PAX size near 2^64, let through by limits read from a file, cannot be rounded up to whole
+/// tar blocks: the entry is refused (it used to overflow, a panic in debug builds).
+#[test]
+fn a_size_that_overflows_its_padding_is_refused() {
+    let header = fuse_lazypull::layer::tar::header_bytes(&fuse_lazypull::layer::tar::NewHeader {
+        name: b"huge",
+        kind: &RawKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        size: u64::MAX - 100,
+        xattrs: &[],
+    });
+    let mut tar = Tar::default();
+    tar.raw(&header);
+    let lax = Limits { max_total_size: u64::MAX, ..Limits::DEFAULT };
+    let text = refused(build_limited(tar.finish(), &lax), "huge");
+    assert!(text.contains("whole tar blocks"), "{text}");
+}
+
+/// A base-256 device number of 2^32 + 1 is refused, not cut to 1.
+#[test]
+fn a_device_number_over_32_bits_is_refused() {
+    let mut block = header_block(b"dev/odd", b'3', 0, b"");
+    block[329..337].copy_from_slice(&[0x80, 0, 0, 1, 0, 0, 0, 1]);
+    block[337..345].copy_from_slice(b"0000005\0");
+    let mut tar = Tar::default();
+    tar.raw_header(block);
+    let text = refused(build(tar.finish()), "dev/odd");
+    assert!(text.contains("32 bits"), "{text}");
+}
+
+/// Limits from a file are checked against ceilings; the defaults are within them.
+#[test]
+fn limits_above_their_ceilings_are_refused() {
+    Limits::DEFAULT.validate().unwrap();
+    Limits::CEILING.validate().unwrap();
+    let err = Limits { max_total_size: u64::MAX, ..Limits::DEFAULT }.validate().unwrap_err();
+    assert!(matches!(err, LayerError::BadLimit { name: "max_total_size", .. }), "{err:?}");
+    let err = Limits { max_meta_size: (16 << 20) + 1, ..Limits::DEFAULT }.validate().unwrap_err();
+    assert!(err.to_string().contains("max_meta_size"), "{err}");
+}

@@ -202,6 +202,10 @@ fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<
             continue;
         }
         let path = tar::normalize(e.name.as_bytes()).map_err(|why| LayerError::Malicious { path: shown(), why })?;
+        let device = |n: u64| {
+            u32::try_from(n)
+                .map_err(|_| LayerError::Malicious { path: shown(), why: "device number does not fit 32 bits".into() })
+        };
         let link = || -> Result<PathBuf, LayerError> {
             if e.link_name.is_empty() {
                 return Err(LayerError::Malicious { path: shown(), why: "empty link target".into() });
@@ -220,8 +224,8 @@ fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<
                 }
                 RawKind::HardLink(target)
             }
-            "char" => RawKind::CharDev { major: e.dev_major as u32, minor: e.dev_minor as u32 },
-            "block" => RawKind::BlockDev { major: e.dev_major as u32, minor: e.dev_minor as u32 },
+            "char" => RawKind::CharDev { major: device(e.dev_major)?, minor: device(e.dev_minor)? },
+            "block" => RawKind::BlockDev { major: device(e.dev_major)?, minor: device(e.dev_minor)? },
             "fifo" => RawKind::Fifo,
             other => return Err(LayerError::Unsupported { path: shown(), why: format!("TOC entry type {other:?}") }),
         };

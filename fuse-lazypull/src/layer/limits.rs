@@ -38,6 +38,43 @@ impl Limits {
         expansion_allowance: 64 << 20,
     };
 
+    /// The largest value `--layer-limits` may set for each limit. Above them one layer could
+    /// make us hold more than a host has, or the arithmetic on sizes could overflow:
+    /// - entries: 16 Mi, about 5 GB of index at some 300 bytes an entry;
+    /// - files: 1 TiB, the largest blob the cache takes;
+    /// - one metadata header: 16 MiB, held in memory while it is parsed;
+    /// - metadata of a layer: 1 GiB, all of it kept in the index;
+    /// - extended attributes of an entry: 1 MiB (Linux keeps at most 64 KiB);
+    /// - expansion: 1032, deflate's own maximum, so any larger value means no limit anyway;
+    /// - expansion allowance: 1 TiB, as files.
+    pub const CEILING: Limits = Limits {
+        max_entries: 16 << 20,
+        max_total_size: 1 << 40,
+        max_meta_size: 16 << 20,
+        max_total_meta: 1 << 30,
+        max_entry_xattrs: 1 << 20,
+        max_expansion: 1032,
+        expansion_allowance: 1 << 40,
+    };
+
+    /// Refuses limits above [`Limits::CEILING`] (limits read from a file).
+    pub fn validate(&self) -> Result<(), LayerError> {
+        let c = &Limits::CEILING;
+        let pairs = [
+            ("max_entries", self.max_entries, c.max_entries),
+            ("max_total_size", self.max_total_size, c.max_total_size),
+            ("max_meta_size", self.max_meta_size, c.max_meta_size),
+            ("max_total_meta", self.max_total_meta, c.max_total_meta),
+            ("max_entry_xattrs", self.max_entry_xattrs, c.max_entry_xattrs),
+            ("max_expansion", self.max_expansion, c.max_expansion),
+            ("expansion_allowance", self.expansion_allowance, c.expansion_allowance),
+        ];
+        match pairs.into_iter().find(|(_, value, max)| value > max) {
+            Some((name, value, max)) => Err(LayerError::BadLimit { name, value, max }),
+            None => Ok(()),
+        }
+    }
+
     /// Refuses a stream that inflated `compressed` bytes into more than the limit allows.
     pub fn check_expansion(&self, compressed: u64, uncompressed: u64) -> Result<(), LayerError> {
         let allowed = self.max_expansion.saturating_mul(compressed).saturating_add(self.expansion_allowance);

@@ -74,6 +74,9 @@ pub enum LayerError {
     },
     #[error("bad layer index: {0}")]
     Index(String),
+    /// A limit of [`Limits`] above its ceiling ([`Limits::CEILING`]).
+    #[error("layer limit {name} = {value} is above its ceiling of {max}")]
+    BadLimit { name: &'static str, value: u64, max: u64 },
 }
 
 impl LayerError {
