@@ -423,7 +423,8 @@ impl ImageMount {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let indexes = index_layers(&cache, &image.layers, &layers, &options.limits)?;
-        let tree = Tree::build(&indexes).map_err(|source| MountError::Tree { reference: name.clone(), source })?;
+        let tree = Tree::build_within(&indexes, &options.limits)
+            .map_err(|source| MountError::Tree { reference: name.clone(), source })?;
         let indexes: Vec<Arc<LayerIndex>> = indexes.into_iter().map(Arc::new).collect();
         let fs_stats = Arc::new(FsStats::new());
         let layer_data = layers

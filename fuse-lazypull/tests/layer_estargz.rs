@@ -319,3 +319,30 @@ fn a_toc_device_number_over_32_bits_is_refused() {
         other => panic!("{:?}", other.map(|(i, _)| summary(&i))),
     }
 }
+
+/// Table-of-contents names obey the path limits, and count as the layer's metadata.
+#[test]
+fn toc_names_are_bounded_and_count_as_metadata() {
+    let layer = source_layer(b"x");
+    let (blob, _) = convert(&layer, &[]);
+    let (long, toc_digest) = with_toc_edited(&blob, |toc| {
+        for e in toc["entries"].as_array_mut().unwrap() {
+            if e["name"] == "etc/empty" {
+                e["name"] = serde_json::json!("a/".repeat(4 << 20));
+            }
+        }
+    });
+    match index_of(&long, &toc_digest) {
+        Err(LayerError::Malicious { why, .. }) => assert!(why.contains("path of 8388608 bytes"), "{why}"),
+        other => panic!("{:?}", other.map(|(i, _)| summary(&i).len())),
+    }
+
+    let (_, converted) = convert(&layer, &[]);
+    let desc = descriptor(&blob, &[(TOC_DIGEST_ANNOTATION, converted.toc_digest.as_str())]);
+    let names: usize = ["", "etc", "etc/hosts", "etc/empty", "bin/tool", "big"].iter().map(|n| n.len()).sum();
+    let tight = Limits { max_total_meta: names as u64, ..Limits::DEFAULT };
+    match LayerIndex::build(&desc, &MemSource::new(blob.clone()), &tight) {
+        Err(LayerError::Malicious { why, .. }) => assert!(why.contains("bytes of metadata"), "{why}"),
+        other => panic!("{:?}", other.map(|i| summary(&i))),
+    }
+}

@@ -495,3 +495,32 @@ fn limits_above_their_ceilings_are_refused() {
     let err = Limits { max_meta_size: (16 << 20) + 1, ..Limits::DEFAULT }.validate().unwrap_err();
     assert!(err.to_string().contains("max_meta_size"), "{err}");
 }
+
+/// A path is at most PATH_MAX bytes and 256 directories deep (each would be a node of the
+/// merged tree); a symlink target at most PATH_MAX bytes.
+#[test]
+fn long_and_deep_paths_are_refused() {
+    let long = "a/".repeat(300_000);
+    let mut tar = Tar::default();
+    tar.add(E::file(&long, b"x"));
+    let text = refused(build(tar.finish()), "a/a/a/a");
+    assert!(text.contains("path of 600000 bytes (limit 4096)"), "{}", &text[text.len() - 80..]);
+
+    let deep = format!("{}f", "d/".repeat(256));
+    let mut tar = Tar::default();
+    tar.add(E::file(&deep, b"x"));
+    let text = refused(build(tar.finish()), "d/d/d");
+    assert!(text.contains("257 directories deep (limit 256)"), "{text}");
+    let mut tar = Tar::default();
+    tar.add(E::file(&deep[2..], b"x"));
+    build(tar.finish()).unwrap();
+
+    let mut tar = Tar::default();
+    tar.add(E::symlink("link", &"t".repeat(5000)));
+    let text = refused(build(tar.finish()), "link");
+    assert!(text.contains("symlink target: path of 5000 bytes"), "{text}");
+    let mut tar = Tar::default();
+    tar.add(E::file("x", b"")).add(E::hardlink("y", &long));
+    let text = refused(build(tar.finish()), "\"y\"");
+    assert!(text.contains("hard link target: path of 600000 bytes"), "{text}");
+}

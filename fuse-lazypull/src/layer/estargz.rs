@@ -180,6 +180,8 @@ fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<
     let mut meta_total: u64 = 0;
     for e in &toc.entries {
         let shown = || e.name.clone();
+        // Names are metadata like a tar's long names (chunk entries repeat their file's).
+        limits.add_meta(&e.name, (e.name.len() + e.link_name.len()) as u64, &mut meta_total)?;
         if e.name == PREFETCH_LANDMARK {
             prefetch_end = Some(e.offset);
             continue;
@@ -189,7 +191,7 @@ fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<
         }
         if e.kind == "chunk" {
             let Some((file, chunks)) = files.last_mut() else { return Err(bad("chunk without a file")) };
-            if file.path != tar::normalize(e.name.as_bytes()).unwrap_or_default() {
+            if limits.path(e.name.as_bytes()).ok().as_ref() != Some(&file.path) {
                 return Err(bad(format!("chunk of {} after another file", e.name)));
             }
             chunks.push(Chunk {
@@ -201,7 +203,7 @@ fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<
             });
             continue;
         }
-        let path = tar::normalize(e.name.as_bytes()).map_err(|why| LayerError::Malicious { path: shown(), why })?;
+        let path = limits.path(e.name.as_bytes()).map_err(|why| LayerError::Malicious { path: shown(), why })?;
         let device = |n: u64| {
             u32::try_from(n)
                 .map_err(|_| LayerError::Malicious { path: shown(), why: "device number does not fit 32 bits".into() })
@@ -210,6 +212,9 @@ fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<
             if e.link_name.is_empty() {
                 return Err(LayerError::Malicious { path: shown(), why: "empty link target".into() });
             }
+            limits
+                .link_target(e.link_name.as_bytes())
+                .map_err(|why| LayerError::Malicious { path: shown(), why: format!("symlink target: {why}") })?;
             Ok(PathBuf::from(&e.link_name))
         };
         let kind = match e.kind.as_str() {
@@ -217,7 +222,8 @@ fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<
             "dir" => RawKind::Dir,
             "symlink" => RawKind::Symlink(link()?),
             "hardlink" => {
-                let target = tar::normalize(e.link_name.as_bytes())
+                let target = limits
+                    .path(e.link_name.as_bytes())
                     .map_err(|why| LayerError::Malicious { path: shown(), why: format!("hard link target: {why}") })?;
                 if target.as_os_str().is_empty() {
                     return Err(LayerError::Malicious { path: shown(), why: "hard link to the root".into() });

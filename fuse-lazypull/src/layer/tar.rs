@@ -223,7 +223,7 @@ impl<R: Read> TarReader<R> {
             if !pax.with_prefix("GNU.sparse.").is_empty() {
                 return Err(LayerError::Unsupported { path: shown, why: "GNU sparse file (PAX)".into() });
             }
-            let path = normalize(&raw_name).map_err(|why| LayerError::Malicious { path: shown.clone(), why })?;
+            let path = self.limits.path(&raw_name).map_err(|why| LayerError::Malicious { path: shown.clone(), why })?;
             let field =
                 |off, len| h.number(off, len).map_err(|why| LayerError::BadHeader { offset: header_offset, why });
             let size = match pax.get("size") {
@@ -245,7 +245,7 @@ impl<R: Read> TarReader<R> {
             let kind = match h.typeflag() {
                 b'0' | 0 | b'7' => RawKind::File,
                 b'1' => {
-                    let target = normalize(&link_raw).map_err(|why| LayerError::Malicious {
+                    let target = self.limits.path(&link_raw).map_err(|why| LayerError::Malicious {
                         path: shown.clone(),
                         why: format!("hard link target: {why}"),
                     })?;
@@ -258,6 +258,10 @@ impl<R: Read> TarReader<R> {
                     if link_raw.contains(&0) || link_raw.is_empty() {
                         return Err(LayerError::Malicious { path: shown, why: "empty symlink target".into() });
                     }
+                    self.limits.link_target(&link_raw).map_err(|why| LayerError::Malicious {
+                        path: shown.clone(),
+                        why: format!("symlink target: {why}"),
+                    })?;
                     RawKind::Symlink(PathBuf::from(os_from_bytes(link_raw.clone())))
                 }
                 b'3' => RawKind::CharDev { major, minor },
