@@ -31,7 +31,7 @@ use crate::tree::Tree;
 /// Kind of the derived data under which a layer's index is cached.
 /// Its number changes when what an index holds or refuses changes, so indexes made before are
 /// built again (and collected with their blob).
-pub const LAYER_INDEX: &str = "layer-index-2";
+pub const LAYER_INDEX: &str = "layer-index-3";
 /// The first wait before the background fetch retries; it doubles up to [`MAX_RETRY_WAIT`].
 const FIRST_RETRY_WAIT: Duration = Duration::from_millis(200);
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
