@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
 
+mod alloc_counter;
 mod layer_support;
 
 use std::io::Read;
@@ -345,4 +346,25 @@ fn toc_names_are_bounded_and_count_as_metadata() {
         Err(LayerError::Malicious { why, .. }) => assert!(why.contains("bytes of metadata"), "{why}"),
         other => panic!("{:?}", other.map(|i| summary(&i))),
     }
+}
+
+/// A table of contents with far more entries than the limit is refused while it is read: the
+/// entries are never all held (300 000 of them took some 160 MB before they were counted).
+#[test]
+fn toc_entries_are_counted_while_they_are_read() {
+    let layer = source_layer(b"x");
+    let (blob, _) = convert(&layer, &[]);
+    let (blob, toc_digest) = with_toc_edited(&blob, |toc| {
+        let entries = toc["entries"].as_array_mut().unwrap();
+        entries.extend((0..300_000).map(|_| serde_json::json!({"name": "d", "type": "dir"})));
+    });
+    let source = MemSource::new(blob.clone());
+    let desc = descriptor(&blob, &[(TOC_DIGEST_ANNOTATION, toc_digest.as_str())]);
+    let limits = Limits { max_entries: 10_000, ..Limits::DEFAULT };
+    let (result, peak) = alloc_counter::peak_during(|| LayerIndex::build(&desc, &source, &limits));
+    match result {
+        Err(LayerError::Malicious { why, .. }) => assert!(why.contains("more than 10000 entries"), "{why}"),
+        other => panic!("{:?}", other.map(|i| i.entries.len())),
+    }
+    assert!(peak < 64 << 20, "reading the table of contents held {peak} bytes at once");
 }

@@ -148,16 +148,101 @@ pub fn read_toc(
     if actual != expected {
         return Err(LayerError::TocDigest { expected: toc_digest.to_string(), actual });
     }
-    let toc: Toc = serde_json::from_slice(&json).map_err(|e| bad(format!("table of contents: {e}")))?;
+    let too_many = std::cell::Cell::new(false);
+    let seed = TocSeed { max_entries: limits.max_entries, too_many: &too_many };
+    let mut de = serde_json::Deserializer::from_slice(&json);
+    let toc = serde::de::DeserializeSeed::deserialize(seed, &mut de).and_then(|toc| de.end().map(|()| toc));
+    let toc = toc.map_err(|e| match too_many.get() {
+        true => too_many_entries(limits),
+        false => bad(format!("table of contents: {e}")),
+    })?;
     entries_from_toc(&toc, toc_offset, limits)
+}
+
+fn too_many_entries(limits: &Limits) -> LayerError {
+    LayerError::Malicious { path: String::new(), why: format!("more than {} entries", limits.max_entries) }
+}
+
+/// Reads a table of contents, refusing it as soon as it holds more than `max_entries` entries
+/// (then setting `too_many`): a 64 MiB TOC of minimal entries is some 2.6 M of them, about
+/// 0.8 GB once read, so they are counted while they are read, not after.
+struct TocSeed<'a> {
+    max_entries: u64,
+    too_many: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for TocSeed<'_> {
+    type Value = Toc;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Toc, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TocSeed<'_> {
+    type Value = Toc;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an eStargz table of contents")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Toc, A::Error> {
+        let (mut version, mut entries) = (None, None);
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match &*key {
+                "version" => version = Some(map.next_value()?),
+                "entries" => {
+                    let seed = EntriesSeed { max_entries: self.max_entries, too_many: self.too_many };
+                    entries = Some(map.next_value_seed(seed)?);
+                }
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        let version = version.ok_or_else(|| serde::de::Error::missing_field("version"))?;
+        let entries = entries.ok_or_else(|| serde::de::Error::missing_field("entries"))?;
+        Ok(Toc { version, entries })
+    }
+}
+
+/// The `entries` array of a table of contents, at most `max_entries` of them.
+struct EntriesSeed<'a> {
+    max_entries: u64,
+    too_many: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = Vec<TocEntry>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<TocEntry>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EntriesSeed<'_> {
+    type Value = Vec<TocEntry>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("table of contents entries")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<TocEntry>, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(entry) = seq.next_element::<TocEntry>()? {
+            if entries.len() as u64 >= self.max_entries {
+                self.too_many.set(true);
+                return Err(serde::de::Error::custom(format_args!("more than {} entries", self.max_entries)));
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
 }
 
 fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<Entry>, Option<u64>), LayerError> {
     if toc.entries.len() as u64 > limits.max_entries {
-        return Err(LayerError::Malicious {
-            path: String::new(),
-            why: format!("more than {} entries", limits.max_entries),
-        });
+        return Err(too_many_entries(limits));
     }
     // Where each gzip member holding a chunk ends: at the next chunk's member, or at the TOC.
     let mut starts: Vec<u64> = toc
