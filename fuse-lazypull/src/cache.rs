@@ -72,6 +72,10 @@ const FETCH_ATTEMPTS: u32 = 3;
 const INDEX_WAIT: Duration = Duration::from_secs(30);
 /// Blobs larger than this are refused (a manifest must not make us map petabytes).
 const MAX_BLOB_SIZE: u64 = 1 << 40;
+/// Derived data is read back only up to this size: a layer index of a million entries is about
+/// 200 MB. Anything larger in the shared directory is not what we wrote, and is ignored (and
+/// written again).
+const MAX_DERIVED_BYTES: u64 = 512 << 20;
 /// The state-store namespace of the cache's index.
 pub const INDEX_NAMESPACE: &str = "blob-cache";
 
@@ -353,14 +357,28 @@ impl BlobCache {
         })
     }
 
-    /// Derived data kept beside a blob, e.g. a layer's index (`kind` = "layer-index").
+    /// Derived data kept beside a blob, e.g. a layer's index (`kind` = "layer-index"); none if
+    /// it is larger than [`MAX_DERIVED_BYTES`].
     pub fn get_derived(&self, digest: &Digest, kind: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        use std::io::Read as _;
         let path = self.derived_path(digest, kind)?;
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(CacheError::Io { what: "reading", path, source: e }),
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(CacheError::Io { what: "reading", path, source: e }),
+        };
+        let len = file.metadata().map_err(io("reading", &path))?.len();
+        let mut bytes = Vec::new();
+        if len <= MAX_DERIVED_BYTES {
+            bytes.reserve(len as usize);
+            // At most one byte more than allowed, in case the file grew since.
+            file.take(MAX_DERIVED_BYTES + 1).read_to_end(&mut bytes).map_err(io("reading", &path))?;
         }
+        if len > MAX_DERIVED_BYTES || bytes.len() as u64 > MAX_DERIVED_BYTES {
+            tracing::warn!(path = %path.display(), len, "derived data larger than {MAX_DERIVED_BYTES} bytes; ignoring it");
+            return Ok(None);
+        }
+        Ok(Some(bytes))
     }
 
     pub fn put_derived(&self, digest: &Digest, kind: &str, bytes: &[u8]) -> Result<(), CacheError> {

@@ -280,7 +280,7 @@ pub fn layer_index(
         .get_derived(&desc.digest, LAYER_INDEX)
         .map_err(|source| MountError::Blob { digest: desc.digest.clone(), source })?;
     if let Some(bytes) = cached {
-        match LayerIndex::from_bytes(&bytes) {
+        match LayerIndex::from_stored(&bytes, desc.size, limits) {
             Ok(index) => return Ok(index),
             Err(e) => {
                 tracing::warn!(layer = %desc.digest, error = %chain(&e), "cached layer index unreadable; indexing again")

@@ -320,6 +320,20 @@ fn derived_data_round_trips() {
     assert!(matches!(cache.put_derived(&d, "../escape", b""), Err(CacheError::BadKind(_))));
 }
 
+/// Derived data larger than any index we write (a sparse file of 600 MiB here) is ignored, not
+/// read into memory.
+#[test]
+fn oversized_derived_data_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(dir.path(), config(Duration::from_secs(1))).unwrap();
+    let d = Digest::of(b"x");
+    cache.put_derived(&d, "layer-index", b"index bytes").unwrap();
+    let path = dir.path().join("derived").join(d.hex()).join("layer-index");
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(600 << 20).unwrap();
+    let got = cache.get_derived(&d, "layer-index").unwrap();
+    assert!(got.is_none(), "read {} bytes", got.map_or(0, |b| b.len()));
+}
+
 fn gc_config(size_limit: u64, gc_grace: Duration) -> CacheConfig {
     CacheConfig { size_limit, fetch_timeout: Duration::from_secs(30), gc_grace }
 }

@@ -368,3 +368,34 @@ fn toc_entries_are_counted_while_they_are_read() {
     }
     assert!(peak < 64 << 20, "reading the table of contents held {peak} bytes at once");
 }
+
+/// A stored eStargz index whose chunk has its end before its start, or a size near 2^64, is
+/// refused when read back (reading with it used to underflow, overflow, or allocate the size).
+#[test]
+fn a_stored_index_with_bad_chunks_is_refused() {
+    let layer = source_layer(&big());
+    let (blob, converted) = convert(&layer, &[]);
+    let (index, _) = index_of(&blob, converted.toc_digest.as_str()).unwrap();
+    let text = String::from_utf8(index.to_bytes()).unwrap();
+    LayerIndex::from_stored(text.as_bytes(), blob.len() as u64, &Limits::DEFAULT).unwrap();
+    let edited = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for e in v["entries"].as_array_mut().unwrap() {
+            if e["path"] == "big" {
+                f(&mut e["kind"]["File"]["loc"]["Chunks"][1]);
+            }
+        }
+        serde_json::to_vec(&v).unwrap()
+    };
+    for bytes in [
+        edited(&|c| c["end"] = 0.into()),
+        edited(&|c| c["size"] = u64::MAX.into()),
+        edited(&|c| c["chunk_offset"] = 1.into()),
+        edited(&|c| c["sha256"] = "x".into()),
+    ] {
+        assert!(matches!(LayerIndex::from_bytes(&bytes), Err(LayerError::Index(_))));
+    }
+    let past = edited(&|c| c["end"] = (blob.len() as u64 + 1).into());
+    LayerIndex::from_bytes(&past).unwrap();
+    assert!(matches!(LayerIndex::from_stored(&past, blob.len() as u64, &Limits::DEFAULT), Err(LayerError::Index(_))));
+}

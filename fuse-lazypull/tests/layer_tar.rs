@@ -418,6 +418,62 @@ fn a_damaged_stored_index_is_refused() {
     assert!(matches!(LayerIndex::from_bytes(damaged.as_bytes()), Err(LayerError::Index(_))));
 }
 
+/// Stored indexes are checked for every place a read relies on: a gzip span past the blob, a
+/// file past the end of the stream, a tar index with a digest missing, entries outside the
+/// limits.
+#[test]
+fn stored_indexes_are_checked_entry_by_entry() {
+    let mut tar = Tar::default();
+    tar.add(E::file("x", b"data")).add(E::symlink("l", "x"));
+    let (index, source) = build(tar.finish()).unwrap();
+    let size = source.bytes.len() as u64;
+    let text = String::from_utf8(index.to_bytes()).unwrap();
+    LayerIndex::from_stored(text.as_bytes(), size, &Limits::DEFAULT).unwrap();
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        f(&mut v);
+        serde_json::to_vec(&v).unwrap()
+    };
+    let index_error = |bytes: &[u8]| {
+        let err = LayerIndex::from_stored(bytes, size, &Limits::DEFAULT).expect_err("refused");
+        assert!(matches!(err, LayerError::Index(_)), "{err:?}");
+    };
+    let far = edit(&|v| v["entries"][0]["kind"]["File"]["loc"]["Tar"] = (u64::MAX - 10).into());
+    assert!(matches!(LayerIndex::from_bytes(&far), Err(LayerError::Index(_))));
+    index_error(&far);
+    let past = edit(&|v| v["format"]["Gzip"]["checkpoints"][0]["span_end"] = (size + 1).into());
+    LayerIndex::from_bytes(&past).unwrap();
+    index_error(&past);
+    let long = edit(&|v| v["format"]["Gzip"]["checkpoints"][0]["span_end"] = (1u64 << 40).into());
+    index_error(&long);
+    let two_sizes = edit(&|v| v["entries"][0]["size"] = 5.into());
+    index_error(&two_sizes);
+    // Outside the limits given: refused as if the layer were indexed now.
+    let tight = Limits { max_entries: 1, ..Limits::DEFAULT };
+    assert!(matches!(LayerIndex::from_stored(text.as_bytes(), size, &tight), Err(LayerError::Malicious { .. })));
+    let escaping = edit(&|v| v["entries"][0]["path"] = "../x".into());
+    let err = LayerIndex::from_stored(&escaping, size, &Limits::DEFAULT).expect_err("refused");
+    assert!(err.to_string().contains("escapes the image root"), "{err}");
+    let long_link = edit(&|v| v["entries"][1]["kind"]["Symlink"] = "t".repeat(5000).into());
+    assert!(LayerIndex::from_stored(&long_link, size, &Limits::DEFAULT).is_err());
+
+    let mut desc = descriptor(&tar_blob(), &[]);
+    desc.media_type = "application/vnd.oci.image.layer.v1.tar".into();
+    let plain = LayerIndex::build(&desc, &MemSource::new(tar_blob()), &Limits::DEFAULT).unwrap();
+    let text = String::from_utf8(plain.to_bytes()).unwrap();
+    LayerIndex::from_stored(text.as_bytes(), desc.size, &Limits::DEFAULT).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["format"]["Tar"]["spans"] = serde_json::json!([]);
+    assert!(matches!(LayerIndex::from_bytes(&serde_json::to_vec(&v).unwrap()), Err(LayerError::Index(_))));
+    assert!(LayerIndex::from_stored(text.as_bytes(), desc.size + 1, &Limits::DEFAULT).is_err());
+}
+
+fn tar_blob() -> Vec<u8> {
+    let mut tar = Tar::default();
+    tar.add(E::file("x", b"data"));
+    tar.finish()
+}
+
 #[test]
 fn uncompressed_tar_layers_are_read_in_verified_spans() {
     let big: Vec<u8> = (0..2_600_000u32).map(|i| (i % 253) as u8).collect();

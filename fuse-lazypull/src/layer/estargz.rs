@@ -376,6 +376,28 @@ fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<
     Ok((builder.finish()?, prefetch_end))
 }
 
+/// Checks the chunks of a file of `file_size` bytes read back from a stored index: in order
+/// from the file's start to its end, each its own blob range of at most [`MAX_CHUNK_SIZE`]
+/// bytes, with a digest.
+pub(super) fn check_chunks(chunks: &[Chunk], file_size: u64) -> Result<(), String> {
+    let mut next = 0;
+    for c in chunks {
+        let well_formed = c.chunk_offset == next
+            && (1..=MAX_CHUNK_SIZE).contains(&c.size)
+            && c.offset < c.end
+            && c.sha256.len() == 64
+            && c.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+        if !well_formed {
+            return Err(format!("bad chunk at file byte {}", c.chunk_offset));
+        }
+        next = c.chunk_offset + c.size;
+    }
+    if next != file_size {
+        return Err(format!("chunks cover {next} of {file_size} bytes"));
+    }
+    Ok(())
+}
+
 fn is_landmark(name: &str) -> bool {
     name == PREFETCH_LANDMARK || name == NO_PREFETCH_LANDMARK
 }
