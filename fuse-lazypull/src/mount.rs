@@ -13,7 +13,7 @@
 //! it ends; an overlay left behind keeps its unpacked layers by being mounted.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -119,6 +119,9 @@ pub enum MountError {
     NotComplete(Phase),
     #[error("the mount was stopped before the image was complete")]
     Stopped,
+    /// The image as a whole is over [`Limits::max_image_bytes`] or [`Limits::max_image_entries`].
+    #[error("the image is over its limits: {0}")]
+    ImageLimits(String),
 }
 
 #[derive(Clone, Debug)]
@@ -344,17 +347,33 @@ fn build_index(
     }
 }
 
+/// Refuses an image whose layer blobs together are declared larger than
+/// [`Limits::max_image_bytes`], before any of them is opened.
+pub fn check_image_size(descs: &[Descriptor], limits: &Limits) -> Result<(), MountError> {
+    let bytes = descs.iter().map(|d| d.size).fold(0, u64::saturating_add);
+    if bytes > limits.max_image_bytes {
+        return Err(MountError::ImageLimits(format!(
+            "its layers are {bytes} bytes, more than {}",
+            limits.max_image_bytes
+        )));
+    }
+    Ok(())
+}
+
 /// Indexes the layers of an image ([`layer_index`]), [`INDEXERS`] at a time: a first mount of a
 /// gzip image reads every layer whole before it can serve. The first error is returned (and no
-/// further layer is started).
+/// further layer is started). The layers together may hold at most
+/// [`Limits::max_image_entries`] entries, counted as each layer is indexed.
 pub fn index_layers(
     cache: &BlobCache,
     descs: &[Descriptor],
     blobs: &[Arc<Blob>],
     limits: &Limits,
 ) -> Result<Vec<LayerIndex>, MountError> {
+    check_image_size(descs, limits)?;
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
+    let entries = AtomicU64::new(0);
     let results: Vec<Mutex<Option<Result<LayerIndex, MountError>>>> = descs.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|s| {
         for _ in 0..INDEXERS.min(descs.len()) {
@@ -362,7 +381,16 @@ pub fn index_layers(
                 while !failed.load(Relaxed) {
                     let i = next.fetch_add(1, Relaxed);
                     let (Some(desc), Some(blob)) = (descs.get(i), blobs.get(i)) else { return };
-                    let result = layer_index(cache, desc, blob, limits);
+                    let result = layer_index(cache, desc, blob, limits).and_then(|index| {
+                        let total = entries.fetch_add(index.entries.len() as u64, Relaxed) + index.entries.len() as u64;
+                        if total > limits.max_image_entries {
+                            return Err(MountError::ImageLimits(format!(
+                                "its layers hold more than {} entries",
+                                limits.max_image_entries
+                            )));
+                        }
+                        Ok(index)
+                    });
                     if result.is_err() {
                         failed.store(true, Relaxed);
                     }
@@ -408,6 +436,7 @@ impl ImageMount {
         let image =
             registry.resolve(reference).map_err(|source| MountError::Resolve { reference: name.clone(), source })?;
         tracing::info!(image = %name, manifest = %image.digest, layers = image.layers.len(), "resolved");
+        check_image_size(&image.layers, &options.limits)?;
         // Before any blob is opened, so another daemon's gc sees that they are needed: the
         // layers, and the unpacked layers that may be keyed by their chain.
         let digests: Vec<Digest> = image.layers.iter().map(|d| d.digest.clone()).collect();

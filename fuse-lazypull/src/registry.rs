@@ -45,6 +45,10 @@ pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.ta
 
 /// Manifests larger than this are refused (a registry must not make us hold unbounded JSON).
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Layers of one image at most: each costs a blob, an index and an overlayfs lower directory,
+/// and a 4 MiB manifest could name some 30 000. Docker's overlay2 driver refuses images of more
+/// than 128 layers too.
+pub const MAX_LAYERS: usize = 128;
 /// Whole-blob GETs into memory (configs) are limited to this.
 const MAX_WHOLE_BLOB_BYTES: u64 = 64 << 20;
 /// A registry that ignores `Range` answers a ranged GET with the whole blob (200): the bytes
@@ -877,6 +881,9 @@ pub(crate) fn parse_manifest(image: &ImageRef, bytes: &[u8]) -> Result<(Descript
         serde_json::from_slice(bytes).map_err(|e| bad_manifest(image, &format!("not manifest JSON: {e}")))?;
     let config = parsed.config.ok_or_else(|| bad_manifest(image, "no config"))?;
     let layers = parsed.layers.ok_or_else(|| bad_manifest(image, "no layers"))?;
+    if layers.len() > MAX_LAYERS {
+        return Err(bad_manifest(image, &format!("{} layers, more than {MAX_LAYERS}", layers.len())));
+    }
     Ok((config, layers))
 }
 
@@ -1115,6 +1122,21 @@ mod tests {
         // A bad digest inside a manifest is refused.
         let bad = r#"{"schemaVersion":2,"config":{"mediaType":"x","size":1,"digest":"sha256:xyz"},"layers":[]}"#;
         assert!(parse_manifest(&image(), bad.as_bytes()).is_err());
+    }
+
+    /// An image of more than MAX_LAYERS layers is refused.
+    #[test]
+    fn a_manifest_of_too_many_layers_is_refused() {
+        let manifest = |n: usize| {
+            let layer = format!(r#"{{"mediaType":"{OCI_LAYER_GZIP}","size":10,"digest":"{D2}"}}"#);
+            format!(
+                r#"{{"schemaVersion":2,"config":{{"mediaType":"{OCI_CONFIG}","size":7,"digest":"{D1}"}},"layers":[{}]}}"#,
+                vec![layer; n].join(",")
+            )
+        };
+        assert_eq!(parse_manifest(&image(), manifest(MAX_LAYERS).as_bytes()).unwrap().1.len(), MAX_LAYERS);
+        let err = parse_manifest(&image(), manifest(MAX_LAYERS + 1).as_bytes()).unwrap_err();
+        assert!(matches!(&err, RegistryError::BadManifest { detail, .. } if detail.contains("129 layers")), "{err:?}");
     }
 
     #[test]

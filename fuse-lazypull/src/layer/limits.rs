@@ -36,6 +36,9 @@ pub struct Limits {
     /// Entries of all layers of an image together, and nodes of the merged tree (directories a
     /// path implies count too): the whole image is held in memory while it is mounted.
     pub max_image_entries: u64,
+    /// Bytes of all layer blobs of an image together, as the manifest declares them: 1 TiB, the
+    /// largest single blob the cache takes.
+    pub max_image_bytes: u64,
 }
 
 impl Limits {
@@ -50,6 +53,7 @@ impl Limits {
         max_path_bytes: 4096,
         max_path_depth: 256,
         max_image_entries: 4 << 20,
+        max_image_bytes: 1 << 40,
     };
 
     /// The largest value `--layer-limits` may set for each limit. Above them one layer could
@@ -62,7 +66,7 @@ impl Limits {
     /// - expansion: 1032, deflate's own maximum, so any larger value means no limit anyway;
     /// - expansion allowance: 1 TiB, as files;
     /// - path bytes: PATH_MAX, 4096; path depth: 2048, as deep as 4096 bytes go;
-    /// - image entries: 64 Mi, some 20 GB of index and tree.
+    /// - image entries: 64 Mi, some 20 GB of index and tree; image bytes: 16 TiB.
     pub const CEILING: Limits = Limits {
         max_entries: 16 << 20,
         max_total_size: 1 << 40,
@@ -74,6 +78,7 @@ impl Limits {
         max_path_bytes: 4096,
         max_path_depth: 2048,
         max_image_entries: 64 << 20,
+        max_image_bytes: 16 << 40,
     };
 
     /// Refuses limits above [`Limits::CEILING`] (limits read from a file).
@@ -90,6 +95,7 @@ impl Limits {
             ("max_path_bytes", self.max_path_bytes, c.max_path_bytes),
             ("max_path_depth", self.max_path_depth, c.max_path_depth),
             ("max_image_entries", self.max_image_entries, c.max_image_entries),
+            ("max_image_bytes", self.max_image_bytes, c.max_image_bytes),
         ];
         match pairs.into_iter().find(|(_, value, max)| value > max) {
             Some((name, value, max)) => Err(LayerError::BadLimit { name, value, max }),
