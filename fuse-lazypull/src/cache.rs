@@ -136,6 +136,14 @@ pub enum CacheError {
     },
 }
 
+impl CacheError {
+    /// Whether a fetch failed because the registry ignores `Range` for a range it cannot skip
+    /// to ([`RegistryError::IgnoresRange`]): trying again cannot help.
+    pub fn is_ignored_range(&self) -> bool {
+        matches!(self, CacheError::Fetch { source, .. } if matches!(**source, RegistryError::IgnoresRange { .. }))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
     /// Unreferenced content is garbage-collected down to this many bytes.

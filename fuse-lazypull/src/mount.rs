@@ -717,6 +717,10 @@ fn fetch_until_done(
         match fetch() {
             Ok(()) => return Ok(()),
             Err(CacheError::Stopped) => return Err(MountError::Stopped),
+            // A registry that ignores Range for this blob will go on ignoring it.
+            Err(source @ CacheError::Fetch { .. }) if source.is_ignored_range() => {
+                return Err(MountError::Fetch { digest: digest.clone(), source })
+            }
             Err(e @ (CacheError::Timeout { .. } | CacheError::Fetch { .. })) => {
                 tracing::warn!(layer = %digest, error = %chain(&e), retry_in = ?wait, "background fetch failed; retrying");
                 std::thread::sleep(wait);
@@ -845,6 +849,19 @@ mod tests {
         let err = result.unwrap_err();
         assert!(matches!(err, MountError::Fetch { source: CacheError::Corrupt { .. }, .. }), "{err:?}");
         assert!(chain(&err).contains("is corrupt: fetched 3 times"), "{}", chain(&err));
+        assert_eq!(calls.get(), 1);
+    }
+
+    /// A registry that ignores Range past what can be skipped is given up on, not asked again.
+    #[test]
+    fn a_registry_ignoring_range_is_given_up_on() {
+        let calls = Cell::new(0);
+        let result = fetch_until_done(&AtomicBool::new(false), &digest(), Duration::from_millis(1), || {
+            calls.set(calls.get() + 1);
+            let source = Arc::new(RegistryError::IgnoresRange { url: "http://r/blob".into(), start: 1 << 30 });
+            Err(CacheError::Fetch { digest: digest(), start: 1 << 30, end: (1 << 30) + 1, source })
+        });
+        assert!(matches!(result, Err(MountError::Fetch { .. })), "{result:?}");
         assert_eq!(calls.get(), 1);
     }
 

@@ -10,9 +10,9 @@
 //!
 //! Every request has bounded connect and read timeouts and an overall deadline (see
 //! [`MIN_BYTES_PER_SEC`]); transport errors, 5xx/429 answers and short bodies are retried with
-//! exponential backoff. Manifests and whole blobs are checked
-//! against their sha256 before they are returned; ranged reads are not (a range cannot be), and
-//! the cache checks whole blobs and the layer code checks chunks.
+//! exponential backoff. Manifests and whole blobs are checked against their sha256 before they
+//! are returned; ranged reads are not (a range cannot be), and the cache checks whole blobs and
+//! the layer code checks chunks.
 //!
 //! # Credentials
 //! [`RegistryConfig::credentials`] maps a registry host (`host[:port]` as in image references,
@@ -103,6 +103,10 @@ pub enum RegistryError {
     },
     #[error("registry configuration: {0}")]
     Config(String),
+    /// The registry answers a ranged GET with the whole blob, and the range starts past
+    /// [`MAX_SKIPPED_PREFIX`]: asking again cannot help.
+    #[error("GET {url}: the registry ignores Range; bytes from {start} would come after all those before them")]
+    IgnoresRange { url: String, start: u64 },
 }
 
 /// A username and password for one registry.
@@ -365,16 +369,7 @@ impl Registry {
                     (reply.body.len() as u64 == want).then_some(reply.body)
                 }
                 _ if range.start > MAX_SKIPPED_PREFIX => {
-                    return Err(RegistryError::Http {
-                        method: "GET".into(),
-                        url,
-                        status: reply.status,
-                        detail: format!(
-                            "the registry ignores Range: bytes from {} would be sent after all those before \
-                             them (at most {MAX_SKIPPED_PREFIX} are read and dropped)",
-                            range.start
-                        ),
-                    });
+                    return Err(RegistryError::IgnoresRange { url, start: range.start });
                 }
                 _ => (reply.skipped == range.start && reply.body.len() as u64 == want).then_some(reply.body),
             };

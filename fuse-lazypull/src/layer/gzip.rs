@@ -4,7 +4,9 @@
 //! output). A later read starts inflating at the nearest checkpoint before it. The compressed
 //! bytes between two checkpoints (a span) have their sha256 recorded, so ranged reads of a blob
 //! that is not complete locally are verified before they are inflated. Multi-member streams
-//! (concatenated gzip files, as in eStargz) are followed member by member.
+//! (concatenated gzip files, as in eStargz) are followed member by member. Both are bounded: a
+//! span is at most [`MAX_SPAN_COMPRESSED`] bytes, and at most [`MAX_ENTRY_POINTS`] checkpoints
+//! keep their window (a read starts at the nearest one that does).
 
 use sha2::{Digest as _, Sha256};
 
