@@ -157,7 +157,9 @@ fn layer_limits(args: &CacheArgs) -> Result<Limits, String> {
     match &args.layer_limits {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+            let limits: Limits = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            limits.validate().map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(limits)
         }
         None => Ok(Limits::DEFAULT),
     }

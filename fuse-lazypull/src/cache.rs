@@ -28,7 +28,8 @@
 //! # Fetching
 //! A blob is cut into [`CHUNK`]-sized chunks, each missing, being fetched, or present. A read of
 //! missing chunks starts their fetch at once on a thread of its own (one ranged GET per run of
-//! missing chunks), so it never queues behind the background [`Blob::fetch_all`]; readers of
+//! missing chunks, at most [`MAX_FETCH_THREADS`] per blob at once: a reader finding them all busy
+//! waits for one), so it never queues behind the background [`Blob::fetch_all`]; readers of
 //! chunks already being fetched wait for that fetch. A read waits at most the configured
 //! `fetch_timeout` and then fails with [`CacheError::Timeout`]; the fetch goes on and its bytes
 //! serve later reads. Bytes of a partial blob are served unverified: the layer code checks them
@@ -58,6 +59,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use state_store::{Batch, Store, StoreError};
 
+mod chunk_map;
+
+use chunk_map::{Chunk, ChunkMap};
+
 use crate::digest::{Digest, Hasher};
 use crate::reference::ImageRef;
 use crate::registry::{Descriptor, Image, Registry, RegistryError};
@@ -72,6 +77,15 @@ const FETCH_ATTEMPTS: u32 = 3;
 const INDEX_WAIT: Duration = Duration::from_secs(30);
 /// Blobs larger than this are refused (a manifest must not make us map petabytes).
 const MAX_BLOB_SIZE: u64 = 1 << 40;
+/// Derived data is read back only up to this size: a layer index of a million entries is about
+/// 200 MB. Anything larger in the shared directory is not what we wrote, and is ignored (and
+/// written again).
+const MAX_DERIVED_BYTES: u64 = 512 << 20;
+/// Threads fetching for the readers of one blob at most; a reader that finds them all busy waits
+/// for one to end. Each holds a connection and reserves 8 MiB of stack, and a reader gives up
+/// after `fetch_timeout` while its fetch goes on: a registry that stalls would otherwise collect
+/// one thread for every missing range the container reads.
+const MAX_FETCH_THREADS: usize = 16;
 /// The state-store namespace of the cache's index.
 pub const INDEX_NAMESPACE: &str = "blob-cache";
 
@@ -120,6 +134,14 @@ pub enum CacheError {
         #[source]
         source: Box<RegistryError>,
     },
+}
+
+impl CacheError {
+    /// Whether a fetch failed because the registry ignores `Range` for a range it cannot skip
+    /// to ([`RegistryError::IgnoresRange`]): trying again cannot help.
+    pub fn is_ignored_range(&self) -> bool {
+        matches!(self, CacheError::Fetch { source, .. } if matches!(**source, RegistryError::IgnoresRange { .. }))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -353,14 +375,28 @@ impl BlobCache {
         })
     }
 
-    /// Derived data kept beside a blob, e.g. a layer's index (`kind` = "layer-index").
+    /// Derived data kept beside a blob, e.g. a layer's index (`kind` = "layer-index"); none if
+    /// it is larger than [`MAX_DERIVED_BYTES`].
     pub fn get_derived(&self, digest: &Digest, kind: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        use std::io::Read as _;
         let path = self.derived_path(digest, kind)?;
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(CacheError::Io { what: "reading", path, source: e }),
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(CacheError::Io { what: "reading", path, source: e }),
+        };
+        let len = file.metadata().map_err(io("reading", &path))?.len();
+        let mut bytes = Vec::new();
+        if len <= MAX_DERIVED_BYTES {
+            bytes.reserve(len as usize);
+            // At most one byte more than allowed, in case the file grew since.
+            file.take(MAX_DERIVED_BYTES + 1).read_to_end(&mut bytes).map_err(io("reading", &path))?;
         }
+        if len > MAX_DERIVED_BYTES || bytes.len() as u64 > MAX_DERIVED_BYTES {
+            tracing::warn!(path = %path.display(), len, "derived data larger than {MAX_DERIVED_BYTES} bytes; ignoring it");
+            return Ok(None);
+        }
+        Ok(Some(bytes))
     }
 
     pub fn put_derived(&self, digest: &Digest, kind: &str, bytes: &[u8]) -> Result<(), CacheError> {
@@ -843,24 +879,21 @@ fn is_lock_error(e: &StoreError) -> bool {
     text.contains("lock")
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Chunk {
-    Missing,
-    Fetching,
-    Present,
-}
-
 /// Where a blob's bytes are locally.
 struct Local {
     file: Arc<File>,
     /// Empty once the blob is complete.
-    chunks: Vec<Chunk>,
+    chunks: ChunkMap,
     complete: bool,
     path: PathBuf,
     /// The last failed fetch, for readers that waited on it.
     last_error: Option<Arc<RegistryError>>,
     /// Counts changes to the chunk map, so `fetch_all` knows the bytes it hashed are still there.
     changes: u64,
+    /// Threads fetching for readers now ([`MAX_FETCH_THREADS`]).
+    fetchers: usize,
+    /// Fetches that failed so far, so a reader can tell whether its own did.
+    failed_fetches: u64,
 }
 
 /// Random access to one blob: missing ranges are fetched on demand (ahead of background work);
@@ -898,11 +931,13 @@ impl Blob {
         let local = match open_complete(&complete_path, desc)? {
             Some(file) => Local {
                 file: Arc::new(file),
-                chunks: Vec::new(),
+                chunks: ChunkMap::new(0),
                 complete: true,
                 path: complete_path.clone(),
                 last_error: None,
                 changes: 0,
+                fetchers: 0,
+                failed_fetches: 0,
             },
             None => {
                 let file = File::options()
@@ -915,11 +950,13 @@ impl Blob {
                 file.set_len(desc.size).map_err(io("sizing", &partial_path))?;
                 Local {
                     file: Arc::new(file),
-                    chunks: vec![Chunk::Missing; desc.size.div_ceil(CHUNK) as usize],
+                    chunks: ChunkMap::new(desc.size.div_ceil(CHUNK) as usize),
                     complete: false,
                     path: partial_path,
                     last_error: None,
                     changes: 0,
+                    fetchers: 0,
+                    failed_fetches: 0,
                 }
             }
         };
@@ -1006,14 +1043,15 @@ impl Blob {
                 if local.complete {
                     return Ok(());
                 }
-                match local.chunks.iter().position(|c| *c == Chunk::Missing) {
+                match local.chunks.first_missing() {
                     Some(first) => {
                         let max = (BACKGROUND_RUN / CHUNK) as usize;
-                        let len = local.chunks[first..].iter().take(max).take_while(|c| **c == Chunk::Missing).count();
-                        local.chunks[first..first + len].fill(Chunk::Fetching);
+                        let len =
+                            (first..first + max).take_while(|&i| local.chunks.get(i) == Some(Chunk::Missing)).count();
+                        local.chunks.set(first..first + len, Chunk::Missing, Chunk::Fetching);
                         first..first + len
                     }
-                    None if local.chunks.iter().all(|c| *c == Chunk::Present) => return Ok(()),
+                    None if local.chunks.present() == local.chunks.len() => return Ok(()),
                     None => {
                         // Readers are fetching the rest; their fetches end in bytes or an error.
                         let _ = self.changed.wait_timeout(local, Duration::from_millis(200));
@@ -1063,18 +1101,13 @@ impl Blob {
         if !local.complete {
             let mark = if stored.is_ok() { Chunk::Present } else { Chunk::Missing };
             local.changes += 1;
-            for c in &mut local.chunks[run.clone()] {
-                if *c == Chunk::Fetching {
-                    *c = mark;
-                }
-            }
+            local.chunks.set(run.clone(), Chunk::Fetching, mark);
             if let Err(e) = &stored {
                 tracing::warn!(digest = %self.digest, start = bytes.start, end = bytes.end, error = %crate::error::chain(&**e), "fetch failed");
                 local.last_error = Some(Arc::clone(e));
+                local.failed_fetches += 1;
             }
-            // The last chunk may be short.
-            let held = local.chunks.iter().filter(|c| **c == Chunk::Present).count() as u64 * CHUNK;
-            self.local_bytes.store(held.min(self.size), Ordering::Relaxed);
+            self.note_present(&local);
         }
         drop(local);
         self.changed.notify_all();
@@ -1107,11 +1140,11 @@ impl Blob {
             if local.complete {
                 return Ok(true);
             }
-            if local.changes != changes || local.chunks.iter().any(|c| *c != Chunk::Present) {
+            if local.changes != changes || local.chunks.present() != local.chunks.len() {
                 return Ok(false);
             }
             std::fs::rename(&local.path, &self.complete_path).map_err(io("publishing", &self.complete_path))?;
-            local.chunks = Vec::new();
+            local.chunks = ChunkMap::new(0);
             local.complete = true;
             local.path = self.complete_path.clone();
             self.local_bytes.store(self.size, Ordering::Relaxed);
@@ -1132,7 +1165,7 @@ impl Blob {
         if !local.complete {
             let _ = std::fs::remove_file(&local.path);
             local.file = Arc::new(file);
-            local.chunks = Vec::new();
+            local.chunks = ChunkMap::new(0);
             local.complete = true;
             local.path = self.complete_path.clone();
             self.local_bytes.store(self.size, Ordering::Relaxed);
@@ -1147,34 +1180,61 @@ impl Blob {
         if local.complete {
             return;
         }
-        for c in &mut local.chunks {
-            if *c == Chunk::Present {
-                *c = Chunk::Missing;
-            }
-        }
+        let all = 0..local.chunks.len();
+        local.chunks.set(all, Chunk::Present, Chunk::Missing);
         local.changes += 1;
         self.local_bytes.store(0, Ordering::Relaxed);
     }
 
-    /// Marks the missing chunks of `wanted` as being fetched and returns them as runs, for the
-    /// caller to fetch. A complete blob (no chunk map) has nothing to fetch.
-    fn start_fetches(&self, local: &mut Local, wanted: Range<usize>) -> Vec<Range<usize>> {
+    /// Publishes how many bytes are local, from the chunk map (the last chunk may be short).
+    fn note_present(&self, local: &Local) {
+        let held = local.chunks.present() as u64 * CHUNK;
+        self.local_bytes.store(held.min(self.size), Ordering::Relaxed);
+    }
+
+    /// Marks the missing chunks of `wanted` as being fetched and returns them as runs, at most
+    /// `max` runs, for the caller to fetch. A complete blob (no chunk map) has nothing to fetch.
+    fn start_fetches(&self, local: &mut Local, wanted: Range<usize>, max: usize) -> Vec<Range<usize>> {
         let mut runs = Vec::new();
         let end = wanted.end.min(local.chunks.len());
         let mut i = wanted.start;
-        while i < end {
-            if local.chunks[i] != Chunk::Missing {
+        while i < end && runs.len() < max {
+            if local.chunks.get(i) != Some(Chunk::Missing) {
                 i += 1;
                 continue;
             }
             let start = i;
-            while i < end && local.chunks[i] == Chunk::Missing {
-                local.chunks[i] = Chunk::Fetching;
+            while i < end && local.chunks.get(i) == Some(Chunk::Missing) {
                 i += 1;
             }
+            local.chunks.set(start..i, Chunk::Missing, Chunk::Fetching);
             runs.push(start..i);
         }
         runs
+    }
+
+    /// Fetches chunks `run` (marked `Fetching`) on a thread of its own, counted against
+    /// [`MAX_FETCH_THREADS`].
+    fn spawn_fetch(&self, local: &mut Local, run: Range<usize>) -> Result<(), CacheError> {
+        let blob = self.me.upgrade();
+        let thread_run = run.clone();
+        let spawned = std::thread::Builder::new().name("blob-fetch".into()).spawn(move || {
+            if let Some(blob) = blob {
+                let _ = blob.fetch_run(thread_run);
+                lock(&blob.local).fetchers -= 1;
+                blob.changed.notify_all();
+            }
+        });
+        match spawned {
+            Ok(_) => {
+                local.fetchers += 1;
+                Ok(())
+            }
+            Err(e) => {
+                local.chunks.set(run, Chunk::Fetching, Chunk::Missing);
+                Err(CacheError::Io { what: "starting a fetch thread for", path: self.complete_path.clone(), source: e })
+            }
+        }
     }
 }
 
@@ -1246,15 +1306,18 @@ impl crate::layer::BlobSource for Blob {
         let wanted = (offset / CHUNK) as usize..end.div_ceil(CHUNK) as usize;
         let deadline = Instant::now() + self.fetch_timeout;
         let mut local = lock(&self.local);
-        let mut rounds = 0;
+        // Failed fetches of this blob when this reader last started its own.
+        let mut failed_before = None;
         let file = loop {
-            if local.complete || local.chunks[wanted.clone()].iter().all(|c| *c == Chunk::Present) {
+            if local.complete || local.chunks.all(wanted.clone(), Chunk::Present) {
                 break Arc::clone(&local.file);
             }
-            if local.chunks[wanted.clone()].contains(&Chunk::Missing) {
-                // A second round of missing chunks means a fetch we waited for failed (or the
-                // bytes were discarded); fail rather than spin, unless another blob published.
-                if rounds > 0 {
+            // With every fetch thread busy, wait for one to end.
+            if local.chunks.any(wanted.clone(), Chunk::Missing) && local.fetchers < MAX_FETCH_THREADS {
+                // Missing chunks again after a fetch failed since ours started mean ours failed
+                // (rather than its bytes being discarded): fail rather than spin, unless another
+                // blob published.
+                if failed_before.is_some_and(|n| local.failed_fetches > n) {
                     if let Some(e) = &local.last_error {
                         return Err(CacheError::Fetch {
                             digest: self.digest.clone(),
@@ -1264,7 +1327,6 @@ impl crate::layer::BlobSource for Blob {
                         });
                     }
                 }
-                rounds += 1;
                 drop(local);
                 let adopted = self.adopt_published()?;
                 local = lock(&self.local);
@@ -1273,16 +1335,10 @@ impl crate::layer::BlobSource for Blob {
                 if adopted || local.complete {
                     continue;
                 }
-                for run in self.start_fetches(&mut local, wanted.clone()) {
-                    let blob = self.me.upgrade();
-                    std::thread::Builder::new()
-                        .name("blob-fetch".into())
-                        .spawn(move || {
-                            if let Some(blob) = blob {
-                                let _ = blob.fetch_run(run);
-                            }
-                        })
-                        .map_err(io("starting a fetch thread for", &self.complete_path))?;
+                failed_before = Some(local.failed_fetches);
+                let free = MAX_FETCH_THREADS.saturating_sub(local.fetchers);
+                for run in self.start_fetches(&mut local, wanted.clone(), free) {
+                    self.spawn_fetch(&mut local, run)?;
                 }
                 continue;
             }
@@ -1308,7 +1364,7 @@ impl crate::layer::BlobSource for Blob {
             return true;
         }
         let chunks = (range.start / CHUNK) as usize..range.end.div_ceil(CHUNK) as usize;
-        local.chunks.get(chunks).is_some_and(|c| c.iter().all(|c| *c == Chunk::Present))
+        local.chunks.all(chunks, Chunk::Present)
     }
 
     fn discard(&self, offset: u64, len: u64) {
@@ -1318,14 +1374,8 @@ impl crate::layer::BlobSource for Blob {
         }
         let end = offset.saturating_add(len).min(self.size);
         let chunks = (offset / CHUNK) as usize..end.div_ceil(CHUNK) as usize;
-        let n = local.chunks.len();
-        for c in &mut local.chunks[chunks.start.min(n)..chunks.end.min(n)] {
-            if *c == Chunk::Present {
-                *c = Chunk::Missing;
-            }
-        }
-        let held = local.chunks.iter().filter(|c| **c == Chunk::Present).count() as u64 * CHUNK;
-        self.local_bytes.store(held.min(self.size), Ordering::Relaxed);
+        local.chunks.set(chunks, Chunk::Present, Chunk::Missing);
+        self.note_present(&local);
         local.last_error = None;
         local.changes += 1;
     }

@@ -12,8 +12,10 @@
 //! kernel drops the connection: after the FUSE mount was detached and the last file opened
 //! through it was closed.
 
-use std::ffi::{CString, OsStr};
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr, OsString};
 use std::io;
+use std::ops::Bound;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -173,6 +175,20 @@ pub struct ImageFs {
     fetch: Pool,
     /// Reads of local data.
     local: Pool,
+    /// Open directory handles (one per opendir until its releasedir) and where each listing got.
+    dirs: HashMap<u64, DirCursor>,
+    next_fh: u64,
+}
+
+/// Where the listing of an open directory got to, so the next readdir goes on from the last
+/// name returned instead of walking the directory from its start to the offset (which made
+/// listing a directory of n entries cost n² / entries per reply).
+struct DirCursor {
+    ino: Ino,
+    /// The offset the kernel passes to continue after `last`.
+    offset: i64,
+    /// The last child returned, if the listing got past `.` and `..`.
+    last: Option<OsString>,
 }
 
 impl ImageFs {
@@ -185,6 +201,8 @@ impl ImageFs {
             shared: Arc::new(Shared { tree, layers, stats, blocks, error_log }),
             fetch: Pool::new("image-read", FETCH_WORKERS)?,
             local: Pool::new("image-read-local", LOCAL_WORKERS)?,
+            dirs: HashMap::new(),
+            next_fh: 1,
         })
     }
 
@@ -323,38 +341,44 @@ impl Filesystem for ImageFs {
 
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
         match self.node(ino).map(|n| &n.kind) {
-            Ok(NodeKind::Dir { .. }) => reply.opened(0, 0),
+            Ok(NodeKind::Dir { .. }) => {
+                let fh = self.next_fh;
+                self.next_fh += 1;
+                self.dirs.insert(fh, DirCursor { ino, offset: 0, last: None });
+                reply.opened(fh, 0)
+            }
             Ok(_) => reply.error(libc::ENOTDIR),
             Err(e) => reply.error(e),
         }
     }
 
-    fn readdir(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, mut reply: ReplyDirectory) {
-        let entries = match self.dir_entries(ino) {
-            Ok(entries) => entries,
-            Err(e) => return reply.error(e),
-        };
-        for (i, (child, name)) in entries.iter().enumerate().skip(offset.max(0) as usize) {
-            let kind = self.shared.tree.node(*child).map(|n| file_type(&n.kind)).unwrap_or(FileType::RegularFile);
-            if reply.add(*child, i as i64 + 1, kind, name) {
-                break;
-            }
-        }
+    fn releasedir(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _flags: i32, reply: ReplyEmpty) {
+        self.dirs.remove(&fh);
         reply.ok()
     }
 
-    fn readdirplus(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, mut reply: ReplyDirectoryPlus) {
-        let entries = match self.dir_entries(ino) {
-            Ok(entries) => entries,
-            Err(e) => return reply.error(e),
-        };
-        for (i, (child, name)) in entries.iter().enumerate().skip(offset.max(0) as usize) {
-            let Ok(attr) = self.attr(*child) else { continue };
-            if reply.add(*child, i as i64 + 1, name, &TTL, &attr, 0) {
-                break;
-            }
+    fn readdir(&mut self, _req: &Request<'_>, ino: u64, fh: u64, offset: i64, mut reply: ReplyDirectory) {
+        let shared = Arc::clone(&self.shared);
+        let listed = self.list(ino, fh, offset, |child, next, name| {
+            let kind = shared.tree.node(child).map(|n| file_type(&n.kind)).unwrap_or(FileType::RegularFile);
+            reply.add(child, next, kind, name)
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok()
+    }
+
+    fn readdirplus(&mut self, _req: &Request<'_>, ino: u64, fh: u64, offset: i64, mut reply: ReplyDirectoryPlus) {
+        let shared = Arc::clone(&self.shared);
+        let listed = self.list(ino, fh, offset, |child, next, name| match shared.tree.node(child) {
+            Some(node) => reply.add(child, next, name, &TTL, &attr_of(child, node), 0),
+            None => false,
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
@@ -414,18 +438,54 @@ impl Filesystem for ImageFs {
 }
 
 impl ImageFs {
-    /// `.`, `..` and the children of directory `ino`, in a stable order (readdir offsets index it).
-    fn dir_entries(&self, ino: u64) -> Result<Vec<(u64, &OsStr)>, i32> {
-        match &self.node(ino)?.kind {
-            NodeKind::Dir { parent, children } => {
-                let mut out = Vec::with_capacity(children.len() + 2);
-                out.push((ino, OsStr::new(".")));
-                out.push((*parent, OsStr::new("..")));
-                out.extend(children.iter().map(|(name, child)| (*child, name.as_os_str())));
-                Ok(out)
+    /// Lists directory `ino` from `offset` for handle `fh`: `.`, `..`, then the children in name
+    /// order, the entry at position i (from 0) with offset i + 1. Each entry (its inode, its
+    /// offset, its name) goes to `add` until `add` says the reply is full. A listing that goes
+    /// on where the handle's last one ended starts at the name after the last one returned;
+    /// any other offset (a seekdir) walks from the start.
+    fn list(
+        &mut self,
+        ino: u64,
+        fh: u64,
+        offset: i64,
+        mut add: impl FnMut(Ino, i64, &OsStr) -> bool,
+    ) -> Result<(), i32> {
+        let shared = Arc::clone(&self.shared);
+        let NodeKind::Dir { parent, children } = &shared.tree.node(ino).ok_or(libc::ENOENT)?.kind else {
+            return Err(libc::ENOTDIR);
+        };
+        let mut at = offset.max(0);
+        let resume = match self.dirs.get(&fh) {
+            Some(c) if c.ino == ino && c.offset == at && at > 2 => c.last.clone(),
+            _ => None,
+        };
+        let mut last: Option<&OsString> = None;
+        'fill: {
+            for (entry, name) in [(ino, "."), (*parent, "..")].into_iter().skip(at.min(2) as usize) {
+                if add(entry, at + 1, OsStr::new(name)) {
+                    break 'fill;
+                }
+                at += 1;
             }
-            _ => Err(libc::ENOTDIR),
+            let rest: Box<dyn Iterator<Item = (&OsString, &Ino)>> = match &resume {
+                Some(after) => {
+                    Box::new(children.range::<OsStr, _>((Bound::Excluded(after.as_os_str()), Bound::Unbounded)))
+                }
+                None => Box::new(children.iter().skip((at - 2).max(0) as usize)),
+            };
+            for (name, child) in rest {
+                if add(*child, at + 1, name) {
+                    break;
+                }
+                at += 1;
+                last = Some(name);
+            }
         }
+        if let Some(cursor) = self.dirs.get_mut(&fh) {
+            let last = last.cloned().or(resume);
+            *cursor = DirCursor { ino, offset: at, last: if at > 2 { last } else { None } };
+        }
+        Ok(())
     }
 }
 

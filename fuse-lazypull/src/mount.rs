@@ -13,7 +13,7 @@
 //! it ends; an overlay left behind keeps its unpacked layers by being mounted.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -31,7 +31,7 @@ use crate::tree::Tree;
 /// Kind of the derived data under which a layer's index is cached.
 /// Its number changes when what an index holds or refuses changes, so indexes made before are
 /// built again (and collected with their blob).
-pub const LAYER_INDEX: &str = "layer-index-2";
+pub const LAYER_INDEX: &str = "layer-index-3";
 /// The first wait before the background fetch retries; it doubles up to [`MAX_RETRY_WAIT`].
 const FIRST_RETRY_WAIT: Duration = Duration::from_millis(200);
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
@@ -119,6 +119,9 @@ pub enum MountError {
     NotComplete(Phase),
     #[error("the mount was stopped before the image was complete")]
     Stopped,
+    /// The image as a whole is over [`Limits::max_image_bytes`] or [`Limits::max_image_entries`].
+    #[error("the image is over its limits: {0}")]
+    ImageLimits(String),
 }
 
 #[derive(Clone, Debug)]
@@ -280,7 +283,7 @@ pub fn layer_index(
         .get_derived(&desc.digest, LAYER_INDEX)
         .map_err(|source| MountError::Blob { digest: desc.digest.clone(), source })?;
     if let Some(bytes) = cached {
-        match LayerIndex::from_bytes(&bytes) {
+        match LayerIndex::from_stored(&bytes, desc.size, limits) {
             Ok(index) => return Ok(index),
             Err(e) => {
                 tracing::warn!(layer = %desc.digest, error = %chain(&e), "cached layer index unreadable; indexing again")
@@ -344,17 +347,33 @@ fn build_index(
     }
 }
 
+/// Refuses an image whose layer blobs together are declared larger than
+/// [`Limits::max_image_bytes`], before any of them is opened.
+pub fn check_image_size(descs: &[Descriptor], limits: &Limits) -> Result<(), MountError> {
+    let bytes = descs.iter().map(|d| d.size).fold(0, u64::saturating_add);
+    if bytes > limits.max_image_bytes {
+        return Err(MountError::ImageLimits(format!(
+            "its layers are {bytes} bytes, more than {}",
+            limits.max_image_bytes
+        )));
+    }
+    Ok(())
+}
+
 /// Indexes the layers of an image ([`layer_index`]), [`INDEXERS`] at a time: a first mount of a
 /// gzip image reads every layer whole before it can serve. The first error is returned (and no
-/// further layer is started).
+/// further layer is started). The layers together may hold at most
+/// [`Limits::max_image_entries`] entries, counted as each layer is indexed.
 pub fn index_layers(
     cache: &BlobCache,
     descs: &[Descriptor],
     blobs: &[Arc<Blob>],
     limits: &Limits,
 ) -> Result<Vec<LayerIndex>, MountError> {
+    check_image_size(descs, limits)?;
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
+    let entries = AtomicU64::new(0);
     let results: Vec<Mutex<Option<Result<LayerIndex, MountError>>>> = descs.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|s| {
         for _ in 0..INDEXERS.min(descs.len()) {
@@ -362,7 +381,16 @@ pub fn index_layers(
                 while !failed.load(Relaxed) {
                     let i = next.fetch_add(1, Relaxed);
                     let (Some(desc), Some(blob)) = (descs.get(i), blobs.get(i)) else { return };
-                    let result = layer_index(cache, desc, blob, limits);
+                    let result = layer_index(cache, desc, blob, limits).and_then(|index| {
+                        let total = entries.fetch_add(index.entries.len() as u64, Relaxed) + index.entries.len() as u64;
+                        if total > limits.max_image_entries {
+                            return Err(MountError::ImageLimits(format!(
+                                "its layers hold more than {} entries",
+                                limits.max_image_entries
+                            )));
+                        }
+                        Ok(index)
+                    });
                     if result.is_err() {
                         failed.store(true, Relaxed);
                     }
@@ -408,6 +436,7 @@ impl ImageMount {
         let image =
             registry.resolve(reference).map_err(|source| MountError::Resolve { reference: name.clone(), source })?;
         tracing::info!(image = %name, manifest = %image.digest, layers = image.layers.len(), "resolved");
+        check_image_size(&image.layers, &options.limits)?;
         // Before any blob is opened, so another daemon's gc sees that they are needed: the
         // layers, and the unpacked layers that may be keyed by their chain.
         let digests: Vec<Digest> = image.layers.iter().map(|d| d.digest.clone()).collect();
@@ -423,7 +452,8 @@ impl ImageMount {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let indexes = index_layers(&cache, &image.layers, &layers, &options.limits)?;
-        let tree = Tree::build(&indexes).map_err(|source| MountError::Tree { reference: name.clone(), source })?;
+        let tree = Tree::build_within(&indexes, &options.limits)
+            .map_err(|source| MountError::Tree { reference: name.clone(), source })?;
         let indexes: Vec<Arc<LayerIndex>> = indexes.into_iter().map(Arc::new).collect();
         let fs_stats = Arc::new(FsStats::new());
         let layer_data = layers
@@ -687,6 +717,10 @@ fn fetch_until_done(
         match fetch() {
             Ok(()) => return Ok(()),
             Err(CacheError::Stopped) => return Err(MountError::Stopped),
+            // A registry that ignores Range for this blob will go on ignoring it.
+            Err(source @ CacheError::Fetch { .. }) if source.is_ignored_range() => {
+                return Err(MountError::Fetch { digest: digest.clone(), source })
+            }
             Err(e @ (CacheError::Timeout { .. } | CacheError::Fetch { .. })) => {
                 tracing::warn!(layer = %digest, error = %chain(&e), retry_in = ?wait, "background fetch failed; retrying");
                 std::thread::sleep(wait);
@@ -817,6 +851,19 @@ mod tests {
         let err = result.unwrap_err();
         assert!(matches!(err, MountError::Fetch { source: CacheError::Corrupt { .. }, .. }), "{err:?}");
         assert!(chain(&err).contains("is corrupt: fetched 3 times"), "{}", chain(&err));
+        assert_eq!(calls.get(), 1);
+    }
+
+    /// A registry that ignores Range past what can be skipped is given up on, not asked again.
+    #[test]
+    fn a_registry_ignoring_range_is_given_up_on() {
+        let calls = Cell::new(0);
+        let result = fetch_until_done(&AtomicBool::new(false), &digest(), Duration::from_millis(1), || {
+            calls.set(calls.get() + 1);
+            let source = Arc::new(RegistryError::IgnoresRange { url: "http://r/blob".into(), start: 1 << 30 });
+            Err(CacheError::Fetch { digest: digest(), start: 1 << 30, end: (1 << 30) + 1, source })
+        });
+        assert!(matches!(result, Err(MountError::Fetch { .. })), "{result:?}");
         assert_eq!(calls.get(), 1);
     }
 

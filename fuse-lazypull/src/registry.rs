@@ -8,10 +8,11 @@
 //! for loopback registries (127.0.0.0/8, `::1`, `localhost`, as Docker does) unless listed in
 //! [`RegistryConfig::https`], and for those listed in [`RegistryConfig::insecure`].
 //!
-//! Every request has bounded connect and read timeouts; transport errors, 5xx/429 answers and
-//! short bodies are retried with exponential backoff. Manifests and whole blobs are checked
-//! against their sha256 before they are returned; ranged reads are not (a range cannot be), and
-//! the cache checks whole blobs and the layer code checks chunks.
+//! Every request has bounded connect and read timeouts and an overall deadline (see
+//! [`MIN_BYTES_PER_SEC`]); transport errors, 5xx/429 answers and short bodies are retried with
+//! exponential backoff. Manifests and whole blobs are checked against their sha256 before they
+//! are returned; ranged reads are not (a range cannot be), and the cache checks whole blobs and
+//! the layer code checks chunks.
 //!
 //! # Credentials
 //! [`RegistryConfig::credentials`] maps a registry host (`host[:port]` as in image references,
@@ -44,8 +45,22 @@ pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.ta
 
 /// Manifests larger than this are refused (a registry must not make us hold unbounded JSON).
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Layers of one image at most: each costs a blob, an index and an overlayfs lower directory,
+/// and a 4 MiB manifest could name some 30 000. Docker's overlay2 driver refuses images of more
+/// than 128 layers too.
+pub const MAX_LAYERS: usize = 128;
 /// Whole-blob GETs into memory (configs) are limited to this.
 const MAX_WHOLE_BLOB_BYTES: u64 = 64 << 20;
+/// A registry that ignores `Range` answers a ranged GET with the whole blob (200): the bytes
+/// before the range are read and dropped, never held. Past this many the blob is refused
+/// instead, since every range of it (the background fetch asks for every 4 MiB) would transfer
+/// the blob from its start again.
+const MAX_SKIPPED_PREFIX: u64 = 64 << 20;
+/// A request may take twice the configured timeout, plus a second for every MiB it sends or
+/// receives: a registry slower than 1 MiB/s is taken for failing (and the request is retried).
+/// Without an overall deadline, a registry that sends a byte just within the read timeout holds
+/// a request for years.
+const MIN_BYTES_PER_SEC: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -88,6 +103,10 @@ pub enum RegistryError {
     },
     #[error("registry configuration: {0}")]
     Config(String),
+    /// The registry answers a ranged GET with the whole blob, and the range starts past
+    /// [`MAX_SKIPPED_PREFIX`]: asking again cannot help.
+    #[error("GET {url}: the registry ignores Range; bytes from {start} would come after all those before them")]
+    IgnoresRange { url: String, start: u64 },
 }
 
 /// A username and password for one registry.
@@ -118,7 +137,8 @@ pub struct RegistryConfig {
     pub credentials: BTreeMap<String, Credentials>,
     /// A Docker `config.json` or containers `auth.json` to take credentials from.
     pub auth_file: Option<PathBuf>,
-    /// Connect timeout, and the longest wait for any read or write on a connection.
+    /// Connect timeout, and the longest wait for any read or write on a connection. A whole
+    /// request may take twice this plus a second per MiB it moves.
     pub timeout_secs: u64,
     /// How many times a failed request (connection error, 5xx, 429, short body) is retried.
     pub retries: u32,
@@ -214,6 +234,8 @@ struct Reply {
     content_range: Option<String>,
     url: String,
     body: Vec<u8>,
+    /// Bytes read and dropped before `body` (the prefix of a whole blob sent for a range).
+    skipped: u64,
 }
 
 enum Body<'a> {
@@ -326,12 +348,13 @@ impl Registry {
         let want = range.end - range.start;
         let header = [("Range", format!("bytes={}-{}", range.start, range.end - 1))];
         let scope = self.scope(image, false);
+        let limit = Limit::Range { start: range.start, len: want };
         let mut attempt = 0;
         loop {
             let reply = self
-                .exchange(&scope, "GET", &url, &header, Body::Empty, Limit::Prefix(range.end.max(want)))
+                .exchange(&scope, "GET", &url, &header, Body::Empty, limit)
                 .map_err(|e| not_found_as(e, image, &format!("no blob {digest}")))?;
-            self.bytes_fetched.fetch_add(reply.body.len() as u64, Ordering::Relaxed);
+            self.bytes_fetched.fetch_add(reply.body.len() as u64 + reply.skipped, Ordering::Relaxed);
             let got = match reply.status {
                 206 => {
                     let start = reply.content_range.as_deref().and_then(content_range_start);
@@ -345,8 +368,10 @@ impl Registry {
                     }
                     (reply.body.len() as u64 == want).then_some(reply.body)
                 }
-                _ => (reply.body.len() as u64 >= range.end)
-                    .then(|| reply.body[range.start as usize..range.end as usize].to_vec()),
+                _ if range.start > MAX_SKIPPED_PREFIX => {
+                    return Err(RegistryError::IgnoresRange { url, start: range.start });
+                }
+                _ => (reply.skipped == range.start && reply.body.len() as u64 == want).then_some(reply.body),
             };
             match got {
                 Some(bytes) => return Ok(bytes),
@@ -458,8 +483,8 @@ impl Registry {
                 req = req.set("Authorization", &value);
             }
             let sent = match &body {
-                Body::Empty => req.call(),
-                Body::Bytes(b) => req.send_bytes(b),
+                Body::Empty => req.timeout(self.deadline(limit.bytes())).call(),
+                Body::Bytes(b) => req.timeout(self.deadline(limit.bytes() + b.len() as u64)).send_bytes(b),
                 Body::File(path) => {
                     let file = std::fs::File::open(path)
                         .map_err(|source| RegistryError::Io { what: format!("opening {}", path.display()), source })?;
@@ -467,7 +492,7 @@ impl Registry {
                         .metadata()
                         .map_err(|source| RegistryError::Io { what: format!("reading {}", path.display()), source })?
                         .len();
-                    req.set("Content-Length", &len.to_string()).send(file)
+                    req.timeout(self.deadline(limit.bytes() + len)).set("Content-Length", &len.to_string()).send(file)
                 }
             };
             let retryable = match sent {
@@ -505,6 +530,12 @@ impl Registry {
             backoff(attempt);
             attempt += 1;
         }
+    }
+
+    /// How long a whole request that moves `bytes` may take: see [`MIN_BYTES_PER_SEC`].
+    fn deadline(&self, bytes: u64) -> Duration {
+        let base = Duration::from_secs(self.config.timeout_secs.max(1)).saturating_mul(2);
+        base.saturating_add(Duration::from_secs(bytes / MIN_BYTES_PER_SEC))
     }
 
     fn auth_header(&self, scope: &Scope<'_>) -> Option<String> {
@@ -564,7 +595,7 @@ impl Registry {
                     }
                 }
                 let url = if query.is_empty() { realm.clone() } else { format!("{realm}?{}", query.join("&")) };
-                let mut req = self.agent.get(&url);
+                let mut req = self.agent.get(&url).timeout(self.deadline(TOKEN_REPLY_BYTES));
                 if let Some(c) = creds {
                     req = req.set("Authorization", &basic_header(c));
                 }
@@ -577,7 +608,7 @@ impl Registry {
                         return Err(RegistryError::Transport { method: "GET".into(), url, source: Box::new(t) });
                     }
                 };
-                let reply = read_reply("GET", resp, Limit::Refuse(1 << 20))?;
+                let reply = read_reply("GET", resp, Limit::Refuse(TOKEN_REPLY_BYTES))?;
                 #[derive(serde::Deserialize)]
                 struct TokenReply {
                     token: Option<String>,
@@ -638,14 +669,28 @@ fn basic_header(c: &Credentials) -> String {
     format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
 }
 
+/// A token realm's answer is at most this long.
+const TOKEN_REPLY_BYTES: u64 = 1 << 20;
+
 /// How much of a body to read.
 #[derive(Clone, Copy)]
 enum Limit {
     /// Refuse a longer body.
     Refuse(u64),
-    /// Read at most this many bytes of a whole-blob answer (200) to a ranged GET and drop the
-    /// rest: a registry that ignores `Range` must not make us read the whole blob.
-    Prefix(u64),
+    /// The answer to a GET of `len` bytes from `start`: a 206 longer than `len` is refused; of a
+    /// whole blob (200, a registry that ignores `Range`) the first `start` bytes are read and
+    /// dropped (up to [`MAX_SKIPPED_PREFIX`]; beyond, nothing is read) and `len` are kept.
+    Range { start: u64, len: u64 },
+}
+
+impl Limit {
+    /// The most bytes an answer within the limit carries.
+    fn bytes(self) -> u64 {
+        match self {
+            Limit::Refuse(n) => n,
+            Limit::Range { start, len } => len.saturating_add(start.min(MAX_SKIPPED_PREFIX)),
+        }
+    }
 }
 
 fn read_reply(method: &str, resp: ureq::Response, limit: Limit) -> Result<Reply, RegistryError> {
@@ -658,16 +703,21 @@ fn read_reply(method: &str, resp: ureq::Response, limit: Limit) -> Result<Reply,
     let url = resp.get_url().to_owned();
     let declared = header("content-length").and_then(|v| v.parse::<u64>().ok());
     let mut body = Vec::new();
-    let (limit, prefix) = match limit {
-        Limit::Refuse(n) => (n, false),
-        Limit::Prefix(n) => (n, status == 200),
+    let mut skipped = 0;
+    let (limit, skip) = match limit {
+        Limit::Refuse(n) => (n, None),
+        Limit::Range { start, len } if status == 200 => (len, Some(start)),
+        Limit::Range { len, .. } => (len, None),
     };
-    if method != "HEAD" && prefix {
-        resp.into_reader().take(limit).read_to_end(&mut body).map_err(|source| RegistryError::Body {
-            method: method.to_owned(),
-            url: url.clone(),
-            source,
-        })?;
+    let body_error = |source| RegistryError::Body { method: method.to_owned(), url: url.clone(), source };
+    if let (false, Some(start)) = (method == "HEAD", skip) {
+        if start <= MAX_SKIPPED_PREFIX {
+            let mut reader = resp.into_reader();
+            skipped = std::io::copy(&mut (&mut reader).take(start), &mut std::io::sink()).map_err(body_error)?;
+            if skipped == start {
+                reader.take(limit).read_to_end(&mut body).map_err(body_error)?;
+            }
+        }
     } else if method != "HEAD" {
         if declared.is_some_and(|n| n > limit) {
             return Err(RegistryError::Http {
@@ -702,7 +752,7 @@ fn read_reply(method: &str, resp: ureq::Response, limit: Limit) -> Result<Reply,
             }
         }
     }
-    Ok(Reply { status, content_type, docker_digest, location, content_range, url, body })
+    Ok(Reply { status, content_type, docker_digest, location, content_range, url, body, skipped })
 }
 
 /// An error answer, with the registry's own error code and message when it sent them.
@@ -826,6 +876,9 @@ pub(crate) fn parse_manifest(image: &ImageRef, bytes: &[u8]) -> Result<(Descript
         serde_json::from_slice(bytes).map_err(|e| bad_manifest(image, &format!("not manifest JSON: {e}")))?;
     let config = parsed.config.ok_or_else(|| bad_manifest(image, "no config"))?;
     let layers = parsed.layers.ok_or_else(|| bad_manifest(image, "no layers"))?;
+    if layers.len() > MAX_LAYERS {
+        return Err(bad_manifest(image, &format!("{} layers, more than {MAX_LAYERS}", layers.len())));
+    }
     Ok((config, layers))
 }
 
@@ -1064,6 +1117,21 @@ mod tests {
         // A bad digest inside a manifest is refused.
         let bad = r#"{"schemaVersion":2,"config":{"mediaType":"x","size":1,"digest":"sha256:xyz"},"layers":[]}"#;
         assert!(parse_manifest(&image(), bad.as_bytes()).is_err());
+    }
+
+    /// An image of more than MAX_LAYERS layers is refused.
+    #[test]
+    fn a_manifest_of_too_many_layers_is_refused() {
+        let manifest = |n: usize| {
+            let layer = format!(r#"{{"mediaType":"{OCI_LAYER_GZIP}","size":10,"digest":"{D2}"}}"#);
+            format!(
+                r#"{{"schemaVersion":2,"config":{{"mediaType":"{OCI_CONFIG}","size":7,"digest":"{D1}"}},"layers":[{}]}}"#,
+                vec![layer; n].join(",")
+            )
+        };
+        assert_eq!(parse_manifest(&image(), manifest(MAX_LAYERS).as_bytes()).unwrap().1.len(), MAX_LAYERS);
+        let err = parse_manifest(&image(), manifest(MAX_LAYERS + 1).as_bytes()).unwrap_err();
+        assert!(matches!(&err, RegistryError::BadManifest { detail, .. } if detail.contains("129 layers")), "{err:?}");
     }
 
     #[test]

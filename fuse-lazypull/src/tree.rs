@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
-use crate::layer::{EntryKind, FileData, LayerError, LayerIndex};
+use crate::layer::{EntryKind, FileData, LayerError, LayerIndex, Limits};
 
 /// FUSE inode number; 1 is the root.
 pub type Ino = u64;
@@ -71,9 +71,19 @@ pub enum NodeKind {
 
 impl Tree {
     /// Applies `layers` bottom first: whiteouts delete, opaque markers hide lower contents, hard
-    /// links share one node.
+    /// links share one node. Within the default limits.
     pub fn build(layers: &[LayerIndex]) -> Result<Tree, LayerError> {
-        let mut b = Builder { nodes: vec![implied_dir(0), implied_dir(ROOT)], this_layer: HashSet::new() };
+        Tree::build_within(layers, &Limits::DEFAULT)
+    }
+
+    /// [`Tree::build`] with at most [`Limits::max_image_entries`] nodes, implied directories
+    /// included (nodes replaced by later layers count until the end of the build).
+    pub fn build_within(layers: &[LayerIndex], limits: &Limits) -> Result<Tree, LayerError> {
+        let mut b = Builder {
+            nodes: vec![implied_dir(0), implied_dir(ROOT)],
+            this_layer: HashSet::new(),
+            max_nodes: limits.max_image_entries,
+        };
         for (layer, index) in layers.iter().enumerate() {
             b.this_layer.clear();
             for e in index.entries.iter().filter(|e| matches!(e.kind, EntryKind::Opaque)) {
@@ -142,6 +152,7 @@ struct Builder {
     nodes: Vec<Node>,
     /// Paths where the layer being applied put a non-directory (whiteouts included).
     this_layer: HashSet<PathBuf>,
+    max_nodes: u64,
 }
 
 impl Builder {
@@ -151,6 +162,21 @@ impl Builder {
             // Only called with directories.
             _ => unreachable!("children of a non-directory"),
         }
+    }
+
+    /// Adds a node to directory `parent` under `name`; refused past the node limit.
+    fn add(&mut self, parent: Ino, name: OsString, node: Node) -> Result<Ino, LayerError> {
+        // Slot 0 is not a node.
+        if self.nodes.len() as u64 > self.max_nodes {
+            return Err(LayerError::Malicious {
+                path: Path::new(&name).display().to_string(),
+                why: format!("more than {} nodes in the image", self.max_nodes),
+            });
+        }
+        let ino = self.nodes.len() as Ino;
+        self.nodes.push(node);
+        self.children(parent).insert(name, ino);
+        Ok(ino)
     }
 
     fn is_dir(&self, ino: Ino) -> bool {
@@ -164,12 +190,7 @@ impl Builder {
             let name = c.as_os_str().to_os_string();
             dir = match self.children(dir).get(&name).copied() {
                 Some(ino) if self.is_dir(ino) => ino,
-                _ => {
-                    let ino = self.nodes.len() as Ino;
-                    self.nodes.push(implied_dir(dir));
-                    self.children(dir).insert(name, ino);
-                    ino
-                }
+                _ => self.add(dir, name, implied_dir(dir))?,
             };
         }
         Ok(dir)
@@ -287,9 +308,7 @@ impl Builder {
             EntryKind::Fifo => node(NodeKind::Fifo, 0),
         };
         let parent = self.make_dir_path(parent_path)?;
-        let ino = self.nodes.len() as Ino;
-        self.nodes.push(new);
-        self.children(parent).insert(name, ino);
+        self.add(parent, name, new)?;
         Ok(())
     }
 

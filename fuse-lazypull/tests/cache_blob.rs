@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
 
+mod alloc_counter;
 mod layer_support;
 
 use std::collections::BTreeMap;
@@ -33,6 +34,9 @@ struct MemSource {
     fail: std::sync::atomic::AtomicBool,
     stalled: Mutex<bool>,
     unstall: Condvar,
+    /// Fetches held by the stall now, and the most at once.
+    waiting: AtomicU32,
+    most_waiting: AtomicU32,
     requests: Mutex<Vec<Range<u64>>>,
     bytes: AtomicU64,
 }
@@ -50,8 +54,13 @@ impl MemSource {
 impl RangeSource for MemSource {
     fn fetch(&self, range: Range<u64>) -> Result<Vec<u8>, RegistryError> {
         let mut stalled = self.stalled.lock().unwrap();
-        while *stalled {
-            stalled = self.unstall.wait(stalled).unwrap();
+        if *stalled {
+            let now = self.waiting.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_waiting.fetch_max(now, Ordering::SeqCst);
+            while *stalled {
+                stalled = self.unstall.wait(stalled).unwrap();
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
         }
         drop(stalled);
         if self.fail.load(Ordering::SeqCst) {
@@ -212,6 +221,46 @@ fn stalled_source_times_out_then_recovers() {
     assert_eq!(read(&*blob, 100_000, 1000), &data[100_000..101_000]);
 }
 
+/// While the source stalls, reads of 100 distinct missing chunks (each giving up after 20 ms)
+/// start at most 16 fetch threads between them; the rest wait for a thread and time out. Once
+/// the source answers, every byte comes.
+#[test]
+fn a_stalled_source_holds_at_most_16_fetch_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(dir.path(), config(Duration::from_millis(20))).unwrap();
+    let data = random_bytes(100 * CHUNK as usize, 8);
+    let source = MemSource::new(data.clone());
+    source.stall(true);
+    let blob = cache.blob_from(&desc(&data), source.clone()).unwrap();
+    for i in 0..100 {
+        let err = blob.read_at(i * CHUNK, &mut [0u8; 10]).unwrap_err();
+        assert!(matches!(err, CacheError::Timeout { .. }), "{err:?}");
+    }
+    // Let every fetch started reach the source.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while source.waiting.load(Ordering::SeqCst) < 16 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let most = source.most_waiting.load(Ordering::SeqCst);
+    assert!((1..=16).contains(&most), "{most} fetches at once");
+    source.stall(false);
+    blob.fetch_all().unwrap();
+    assert!(read(&*blob, 0, data.len()) == data);
+}
+
+/// A blob declared 1 TiB costs little memory until its bytes come (its chunk map was 16 MiB).
+#[test]
+fn a_blob_declared_a_terabyte_is_opened_in_little_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(dir.path(), config(Duration::from_secs(1))).unwrap();
+    let huge = Descriptor { size: 1 << 40, ..desc(b"a terabyte, they say") };
+    let (blob, peak) = alloc_counter::peak_during(|| cache.blob_from(&huge, MemSource::new(Vec::new())).unwrap());
+    assert!(peak < 1 << 20, "opening the blob held {peak} bytes");
+    assert_eq!(blob.size(), 1 << 40);
+    assert!(!blob.is_local(0..1));
+}
+
 /// A source that fails makes the read fail with the cause, at once.
 #[test]
 fn failing_source_gives_the_cause() {
@@ -318,6 +367,20 @@ fn derived_data_round_trips() {
     cache.put_derived(&d, "layer-index", b"index bytes").unwrap();
     assert_eq!(cache.get_derived(&d, "layer-index").unwrap().as_deref(), Some(&b"index bytes"[..]));
     assert!(matches!(cache.put_derived(&d, "../escape", b""), Err(CacheError::BadKind(_))));
+}
+
+/// Derived data larger than any index we write (a sparse file of 600 MiB here) is ignored, not
+/// read into memory.
+#[test]
+fn oversized_derived_data_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(dir.path(), config(Duration::from_secs(1))).unwrap();
+    let d = Digest::of(b"x");
+    cache.put_derived(&d, "layer-index", b"index bytes").unwrap();
+    let path = dir.path().join("derived").join(d.hex()).join("layer-index");
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(600 << 20).unwrap();
+    let got = cache.get_derived(&d, "layer-index").unwrap();
+    assert!(got.is_none(), "read {} bytes", got.map_or(0, |b| b.len()));
 }
 
 fn gc_config(size_limit: u64, gc_grace: Duration) -> CacheConfig {

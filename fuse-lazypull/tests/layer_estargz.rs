@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
 
+mod alloc_counter;
 mod layer_support;
 
 use std::io::Read;
@@ -300,4 +301,101 @@ fn a_toc_that_does_not_match_the_tar_fails_the_unpack_needs_root() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("bin/tool: mode is 644 in the blob, 4755 in the index"), "{err}");
+}
+
+/// A device number of the table of contents that does not fit 32 bits is refused, not cut.
+#[test]
+fn a_toc_device_number_over_32_bits_is_refused() {
+    let layer = source_layer(b"x");
+    let (blob, _) = convert(&layer, &[]);
+    let (blob, toc_digest) = with_toc_edited(&blob, |toc| {
+        for e in toc["entries"].as_array_mut().unwrap() {
+            if e["name"] == "dev/zero" {
+                e["devMajor"] = serde_json::json!(4294967297u64);
+            }
+        }
+    });
+    match index_of(&blob, &toc_digest) {
+        Err(LayerError::Malicious { path, why }) => assert!(path == "dev/zero" && why.contains("32 bits"), "{why}"),
+        other => panic!("{:?}", other.map(|(i, _)| summary(&i))),
+    }
+}
+
+/// Table-of-contents names obey the path limits, and count as the layer's metadata.
+#[test]
+fn toc_names_are_bounded_and_count_as_metadata() {
+    let layer = source_layer(b"x");
+    let (blob, _) = convert(&layer, &[]);
+    let (long, toc_digest) = with_toc_edited(&blob, |toc| {
+        for e in toc["entries"].as_array_mut().unwrap() {
+            if e["name"] == "etc/empty" {
+                e["name"] = serde_json::json!("a/".repeat(4 << 20));
+            }
+        }
+    });
+    match index_of(&long, &toc_digest) {
+        Err(LayerError::Malicious { why, .. }) => assert!(why.contains("path of 8388608 bytes"), "{why}"),
+        other => panic!("{:?}", other.map(|(i, _)| summary(&i).len())),
+    }
+
+    let (_, converted) = convert(&layer, &[]);
+    let desc = descriptor(&blob, &[(TOC_DIGEST_ANNOTATION, converted.toc_digest.as_str())]);
+    let names: usize = ["", "etc", "etc/hosts", "etc/empty", "bin/tool", "big"].iter().map(|n| n.len()).sum();
+    let tight = Limits { max_total_meta: names as u64, ..Limits::DEFAULT };
+    match LayerIndex::build(&desc, &MemSource::new(blob.clone()), &tight) {
+        Err(LayerError::Malicious { why, .. }) => assert!(why.contains("bytes of metadata"), "{why}"),
+        other => panic!("{:?}", other.map(|i| summary(&i))),
+    }
+}
+
+/// A table of contents with far more entries than the limit is refused while it is read: the
+/// entries are never all held (300 000 of them took some 160 MB before they were counted).
+#[test]
+fn toc_entries_are_counted_while_they_are_read() {
+    let layer = source_layer(b"x");
+    let (blob, _) = convert(&layer, &[]);
+    let (blob, toc_digest) = with_toc_edited(&blob, |toc| {
+        let entries = toc["entries"].as_array_mut().unwrap();
+        entries.extend((0..300_000).map(|_| serde_json::json!({"name": "d", "type": "dir"})));
+    });
+    let source = MemSource::new(blob.clone());
+    let desc = descriptor(&blob, &[(TOC_DIGEST_ANNOTATION, toc_digest.as_str())]);
+    let limits = Limits { max_entries: 10_000, ..Limits::DEFAULT };
+    let (result, peak) = alloc_counter::peak_during(|| LayerIndex::build(&desc, &source, &limits));
+    match result {
+        Err(LayerError::Malicious { why, .. }) => assert!(why.contains("more than 10000 entries"), "{why}"),
+        other => panic!("{:?}", other.map(|i| i.entries.len())),
+    }
+    assert!(peak < 64 << 20, "reading the table of contents held {peak} bytes at once");
+}
+
+/// A stored eStargz index whose chunk has its end before its start, or a size near 2^64, is
+/// refused when read back (reading with it used to underflow, overflow, or allocate the size).
+#[test]
+fn a_stored_index_with_bad_chunks_is_refused() {
+    let layer = source_layer(&big());
+    let (blob, converted) = convert(&layer, &[]);
+    let (index, _) = index_of(&blob, converted.toc_digest.as_str()).unwrap();
+    let text = String::from_utf8(index.to_bytes()).unwrap();
+    LayerIndex::from_stored(text.as_bytes(), blob.len() as u64, &Limits::DEFAULT).unwrap();
+    let edited = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for e in v["entries"].as_array_mut().unwrap() {
+            if e["path"] == "big" {
+                f(&mut e["kind"]["File"]["loc"]["Chunks"][1]);
+            }
+        }
+        serde_json::to_vec(&v).unwrap()
+    };
+    for bytes in [
+        edited(&|c| c["end"] = 0.into()),
+        edited(&|c| c["size"] = u64::MAX.into()),
+        edited(&|c| c["chunk_offset"] = 1.into()),
+        edited(&|c| c["sha256"] = "x".into()),
+    ] {
+        assert!(matches!(LayerIndex::from_bytes(&bytes), Err(LayerError::Index(_))));
+    }
+    let past = edited(&|c| c["end"] = (blob.len() as u64 + 1).into());
+    LayerIndex::from_bytes(&past).unwrap();
+    assert!(matches!(LayerIndex::from_stored(&past, blob.len() as u64, &Limits::DEFAULT), Err(LayerError::Index(_))));
 }

@@ -7,10 +7,10 @@ mod layer_support;
 
 use std::io::Read;
 
-use fuse_lazypull::layer::gzip::GzipIndexer;
+use fuse_lazypull::layer::gzip::{GzipIndexer, MAX_ENTRY_POINTS, MAX_SPAN_COMPRESSED};
 use fuse_lazypull::layer::LayerError;
-use fuse_lazypull::layer::Limits;
-use layer_support::{gzip, MemSource};
+use fuse_lazypull::layer::{LayerIndex, Limits};
+use layer_support::{descriptor, gzip, MemSource, Tar, E};
 use proptest::prelude::*;
 
 /// Data that compresses somewhat (so blocks hold back references) but not to nothing.
@@ -134,6 +134,107 @@ fn a_truncated_stream_is_an_error() {
     let mut indexer = GzipIndexer::new(&source, &Limits::DEFAULT).unwrap();
     let mut out = Vec::new();
     assert!(indexer.read_to_end(&mut out).is_err());
+}
+
+/// Bits written least significant first, as deflate packs them.
+#[derive(Default)]
+struct Bits {
+    out: Vec<u8>,
+    acc: u64,
+    n: u32,
+}
+
+impl Bits {
+    fn put(&mut self, value: u32, len: u32) {
+        self.acc |= u64::from(value) << self.n;
+        self.n += len;
+        while self.n >= 8 {
+            self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.n -= 8;
+        }
+    }
+    /// A Huffman code, whose bits go most significant first.
+    fn code(&mut self, code: u32, len: u32) {
+        self.put(code.reverse_bits() >> (32 - len), len);
+    }
+}
+
+/// `data` as a gzip member of one fixed-Huffman deflate block of literals, however long: no
+/// compressor writes this (zlib ends a block every 16 Ki symbols), a hostile layer may.
+fn one_block_gzip(data: &[u8]) -> Vec<u8> {
+    let mut bits = Bits::default();
+    bits.put(1, 1); // the last block
+    bits.put(1, 2); // fixed Huffman codes
+    for &b in data {
+        match b {
+            0..=143 => bits.code(0x30 + u32::from(b), 8),
+            _ => bits.code(0x190 + u32::from(b - 144), 9),
+        }
+    }
+    bits.code(0, 7); // end of block
+    if bits.n > 0 {
+        bits.out.push(bits.acc as u8);
+    }
+    let mut crc = flate2::Crc::new();
+    crc.update(data);
+    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+    out.extend_from_slice(&bits.out);
+    out.extend_from_slice(&crc.sum().to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out
+}
+
+/// One deflate block of 24 MiB would make every read of the layer load and hash all of it: the
+/// layer is refused while it is indexed.
+#[test]
+fn a_deflate_block_longer_than_a_span_allows_is_refused() {
+    let big: Vec<u8> = (0..24u32 << 20).map(|i| (i % 251) as u8).collect();
+    let mut tar = Tar::default();
+    tar.add(E::file("big", &big));
+    let tar = tar.finish();
+    let blob = one_block_gzip(&tar);
+    let mut check = Vec::new();
+    flate2::read::GzDecoder::new(&blob[..]).read_to_end(&mut check).unwrap();
+    assert!(check == tar, "the hand-made stream is valid gzip");
+    match LayerIndex::build(&descriptor(&blob, &[]), &MemSource::new(blob.clone()), &Limits::DEFAULT) {
+        Err(LayerError::Malicious { why, .. }) => assert!(why.contains("without a deflate block boundary"), "{why}"),
+        other => panic!("{:?}", other.map(|i| i.entries.len())),
+    }
+}
+
+/// A stored index whose span is longer than any indexer makes is refused.
+#[test]
+fn a_stored_index_with_a_long_span_is_refused() {
+    let plain = data(1 << 20, 3);
+    let (_, mut index, _) = index(&gzip(&plain), 128 << 10);
+    index.validate().unwrap();
+    let cp = &mut index.checkpoints[1];
+    cp.span_end = cp.input + MAX_SPAN_COMPRESSED + 1;
+    assert!(matches!(index.validate(), Err(LayerError::Index(_))));
+    index.checkpoints[1].span_end = index.checkpoints[1].input + (1 << 40);
+    assert!(matches!(index.validate(), Err(LayerError::Index(_))));
+}
+
+/// A stream of many spans keeps at most MAX_ENTRY_POINTS windows (here 5000 members of 4 KiB,
+/// each member start a checkpoint), and reads anywhere still give its bytes.
+#[test]
+fn a_long_stream_keeps_a_bounded_number_of_windows() {
+    let plain = data(5000 * 4096, 13);
+    let blob: Vec<u8> = plain.chunks(4096).flat_map(gzip).collect();
+    let (source, index, streamed) = index(&blob, 4096);
+    assert!(streamed == plain);
+    assert!(index.checkpoints.len() >= 4999, "{} checkpoints", index.checkpoints.len());
+    let window_bytes: usize = index.checkpoints.iter().map(|c| c.window.len()).sum();
+    assert!(window_bytes <= MAX_ENTRY_POINTS * (32 << 10), "{window_bytes} bytes of windows");
+    let entries = index.checkpoints.iter().filter(|c| c.entry).count();
+    assert!((MAX_ENTRY_POINTS / 2..=MAX_ENTRY_POINTS).contains(&entries), "{entries} entry points");
+    index.validate().unwrap();
+    for off in [0, 4095, 4096, 1 << 20, 10_000_001, plain.len() - 5000, plain.len() - 1] {
+        let mut buf = vec![0u8; 9000];
+        let n = index.read_at(&source, off as u64, &mut buf).unwrap();
+        assert!(buf[..n] == plain[off..(off + 9000).min(plain.len())], "at {off}");
+    }
 }
 
 proptest! {

@@ -418,6 +418,62 @@ fn a_damaged_stored_index_is_refused() {
     assert!(matches!(LayerIndex::from_bytes(damaged.as_bytes()), Err(LayerError::Index(_))));
 }
 
+/// Stored indexes are checked for every place a read relies on: a gzip span past the blob, a
+/// file past the end of the stream, a tar index with a digest missing, entries outside the
+/// limits.
+#[test]
+fn stored_indexes_are_checked_entry_by_entry() {
+    let mut tar = Tar::default();
+    tar.add(E::file("x", b"data")).add(E::symlink("l", "x"));
+    let (index, source) = build(tar.finish()).unwrap();
+    let size = source.bytes.len() as u64;
+    let text = String::from_utf8(index.to_bytes()).unwrap();
+    LayerIndex::from_stored(text.as_bytes(), size, &Limits::DEFAULT).unwrap();
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        f(&mut v);
+        serde_json::to_vec(&v).unwrap()
+    };
+    let index_error = |bytes: &[u8]| {
+        let err = LayerIndex::from_stored(bytes, size, &Limits::DEFAULT).expect_err("refused");
+        assert!(matches!(err, LayerError::Index(_)), "{err:?}");
+    };
+    let far = edit(&|v| v["entries"][0]["kind"]["File"]["loc"]["Tar"] = (u64::MAX - 10).into());
+    assert!(matches!(LayerIndex::from_bytes(&far), Err(LayerError::Index(_))));
+    index_error(&far);
+    let past = edit(&|v| v["format"]["Gzip"]["checkpoints"][0]["span_end"] = (size + 1).into());
+    LayerIndex::from_bytes(&past).unwrap();
+    index_error(&past);
+    let long = edit(&|v| v["format"]["Gzip"]["checkpoints"][0]["span_end"] = (1u64 << 40).into());
+    index_error(&long);
+    let two_sizes = edit(&|v| v["entries"][0]["size"] = 5.into());
+    index_error(&two_sizes);
+    // Outside the limits given: refused as if the layer were indexed now.
+    let tight = Limits { max_entries: 1, ..Limits::DEFAULT };
+    assert!(matches!(LayerIndex::from_stored(text.as_bytes(), size, &tight), Err(LayerError::Malicious { .. })));
+    let escaping = edit(&|v| v["entries"][0]["path"] = "../x".into());
+    let err = LayerIndex::from_stored(&escaping, size, &Limits::DEFAULT).expect_err("refused");
+    assert!(err.to_string().contains("escapes the image root"), "{err}");
+    let long_link = edit(&|v| v["entries"][1]["kind"]["Symlink"] = "t".repeat(5000).into());
+    assert!(LayerIndex::from_stored(&long_link, size, &Limits::DEFAULT).is_err());
+
+    let mut desc = descriptor(&tar_blob(), &[]);
+    desc.media_type = "application/vnd.oci.image.layer.v1.tar".into();
+    let plain = LayerIndex::build(&desc, &MemSource::new(tar_blob()), &Limits::DEFAULT).unwrap();
+    let text = String::from_utf8(plain.to_bytes()).unwrap();
+    LayerIndex::from_stored(text.as_bytes(), desc.size, &Limits::DEFAULT).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["format"]["Tar"]["spans"] = serde_json::json!([]);
+    assert!(matches!(LayerIndex::from_bytes(&serde_json::to_vec(&v).unwrap()), Err(LayerError::Index(_))));
+    assert!(LayerIndex::from_stored(text.as_bytes(), desc.size + 1, &Limits::DEFAULT).is_err());
+}
+
+fn tar_blob() -> Vec<u8> {
+    let mut tar = Tar::default();
+    tar.add(E::file("x", b"data"));
+    tar.finish()
+}
+
 #[test]
 fn uncompressed_tar_layers_are_read_in_verified_spans() {
     let big: Vec<u8> = (0..2_600_000u32).map(|i| (i % 253) as u8).collect();
@@ -450,4 +506,77 @@ fn uncompressed_tar_layers_are_read_in_verified_spans() {
         fuse_lazypull::layer::unpack(&index, &file, &dir.path().join("lower"), &[], &Limits::DEFAULT).unwrap();
         assert_eq!(std::fs::read(dir.path().join("lower/big")).unwrap(), big);
     }
+}
+
+/// A PAX size near 2^64, let through by limits read from a file, cannot be rounded up to whole
+/// tar blocks: the entry is refused (it used to overflow, a panic in debug builds).
+#[test]
+fn a_size_that_overflows_its_padding_is_refused() {
+    let header = fuse_lazypull::layer::tar::header_bytes(&fuse_lazypull::layer::tar::NewHeader {
+        name: b"huge",
+        kind: &RawKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        size: u64::MAX - 100,
+        xattrs: &[],
+    });
+    let mut tar = Tar::default();
+    tar.raw(&header);
+    let lax = Limits { max_total_size: u64::MAX, ..Limits::DEFAULT };
+    let text = refused(build_limited(tar.finish(), &lax), "huge");
+    assert!(text.contains("whole tar blocks"), "{text}");
+}
+
+/// A base-256 device number of 2^32 + 1 is refused, not cut to 1.
+#[test]
+fn a_device_number_over_32_bits_is_refused() {
+    let mut block = header_block(b"dev/odd", b'3', 0, b"");
+    block[329..337].copy_from_slice(&[0x80, 0, 0, 1, 0, 0, 0, 1]);
+    block[337..345].copy_from_slice(b"0000005\0");
+    let mut tar = Tar::default();
+    tar.raw_header(block);
+    let text = refused(build(tar.finish()), "dev/odd");
+    assert!(text.contains("32 bits"), "{text}");
+}
+
+/// Limits from a file are checked against ceilings; the defaults are within them.
+#[test]
+fn limits_above_their_ceilings_are_refused() {
+    Limits::DEFAULT.validate().unwrap();
+    Limits::CEILING.validate().unwrap();
+    let err = Limits { max_total_size: u64::MAX, ..Limits::DEFAULT }.validate().unwrap_err();
+    assert!(matches!(err, LayerError::BadLimit { name: "max_total_size", .. }), "{err:?}");
+    let err = Limits { max_meta_size: (16 << 20) + 1, ..Limits::DEFAULT }.validate().unwrap_err();
+    assert!(err.to_string().contains("max_meta_size"), "{err}");
+}
+
+/// A path is at most PATH_MAX bytes and 256 directories deep (each would be a node of the
+/// merged tree); a symlink target at most PATH_MAX bytes.
+#[test]
+fn long_and_deep_paths_are_refused() {
+    let long = "a/".repeat(300_000);
+    let mut tar = Tar::default();
+    tar.add(E::file(&long, b"x"));
+    let text = refused(build(tar.finish()), "a/a/a/a");
+    assert!(text.contains("path of 600000 bytes (limit 4096)"), "{}", &text[text.len() - 80..]);
+
+    let deep = format!("{}f", "d/".repeat(256));
+    let mut tar = Tar::default();
+    tar.add(E::file(&deep, b"x"));
+    let text = refused(build(tar.finish()), "d/d/d");
+    assert!(text.contains("257 directories deep (limit 256)"), "{text}");
+    let mut tar = Tar::default();
+    tar.add(E::file(&deep[2..], b"x"));
+    build(tar.finish()).unwrap();
+
+    let mut tar = Tar::default();
+    tar.add(E::symlink("link", &"t".repeat(5000)));
+    let text = refused(build(tar.finish()), "link");
+    assert!(text.contains("symlink target: path of 5000 bytes"), "{text}");
+    let mut tar = Tar::default();
+    tar.add(E::file("x", b"")).add(E::hardlink("y", &long));
+    let text = refused(build(tar.finish()), "\"y\"");
+    assert!(text.contains("hard link target: path of 600000 bytes"), "{text}");
 }

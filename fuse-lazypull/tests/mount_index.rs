@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use fuse_lazypull::cache::{BlobCache, CacheConfig, RangeSource};
 use fuse_lazypull::layer::Limits;
-use fuse_lazypull::mount::{index_layers, layer_index};
+use fuse_lazypull::mount::{index_layers, layer_index, MountError};
 use fuse_lazypull::registry::RegistryError;
 use layer_support::{descriptor, gzip, random_bytes, Tar, E};
 
@@ -188,4 +188,37 @@ fn the_layers_of_an_image_are_indexed_side_by_side() {
     assert_eq!(indexes.len(), 2);
     assert_eq!(indexes[1].entries[0].path, std::path::Path::new("f0"));
     assert!(!gave_up.load(Ordering::SeqCst), "the second layer was indexed while the first waited");
+}
+
+/// The layers of an image together are bounded: their declared size before a blob is read,
+/// their entries as each layer is indexed.
+#[test]
+fn an_image_over_its_limits_is_refused() {
+    let layers = [layer_of(2, 21), layer_of(2, 22)];
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(dir.path(), CacheConfig::default()).unwrap();
+    let descs: Vec<_> = layers.iter().map(|l| descriptor(l, &[])).collect();
+    let blobs: Vec<_> = layers
+        .iter()
+        .zip(&descs)
+        .map(|(data, desc)| {
+            let source = Flaky {
+                data: data.clone(),
+                fail_at: u64::MAX,
+                failures: AtomicU32::new(0),
+                damage: AtomicU32::new(0),
+                fetched: AtomicU64::new(0),
+            };
+            cache.blob_from(desc, Arc::new(source)).unwrap()
+        })
+        .collect();
+    let bytes: u64 = descs.iter().map(|d| d.size).sum();
+    let small = Limits { max_image_bytes: bytes - 1, ..Limits::DEFAULT };
+    let err = index_layers(&cache, &descs, &blobs, &small).unwrap_err();
+    assert!(matches!(&err, MountError::ImageLimits(why) if why.contains("bytes")), "{err:?}");
+    assert!(blobs.iter().all(|b| b.local_bytes() == 0), "nothing was fetched");
+    let few = Limits { max_image_entries: 3, ..Limits::DEFAULT };
+    let err = index_layers(&cache, &descs, &blobs, &few).unwrap_err();
+    assert!(matches!(&err, MountError::ImageLimits(why) if why.contains("more than 3 entries")), "{err:?}");
+    assert_eq!(index_layers(&cache, &descs, &blobs, &Limits::DEFAULT).unwrap().len(), 2);
 }

@@ -322,3 +322,17 @@ fn a_hard_link_to_a_missing_target_is_refused() {
     let l1 = layer(&[Op::HardLink("x".into(), "nowhere".into())]).unwrap();
     assert!(Tree::build(&[l1]).is_err());
 }
+
+/// Deep paths imply a directory node per component: the merged tree stops at the node limit,
+/// implied directories included; 1000 entries 255 deep stay within the default.
+#[test]
+fn the_tree_stops_at_its_node_limit() {
+    let deep = |i: usize| format!("top{i}/{}f", "d/".repeat(254));
+    let ops: Vec<Op> = (0..10).map(|i| f(&deep(i))).collect();
+    let small = Limits { max_image_entries: 1000, ..Limits::DEFAULT };
+    let err = Tree::build_within(&[layer(&ops).unwrap()], &small).err().expect("refused").to_string();
+    assert!(err.contains("more than 1000 nodes in the image"), "{err}");
+    let ops: Vec<Op> = (0..1000).map(|i| f(&deep(i))).collect();
+    let tree = Tree::build(&[layer(&ops).unwrap()]).unwrap();
+    assert_eq!(tree.len(), 1 + 1000 * 256);
+}

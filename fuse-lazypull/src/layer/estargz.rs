@@ -148,16 +148,101 @@ pub fn read_toc(
     if actual != expected {
         return Err(LayerError::TocDigest { expected: toc_digest.to_string(), actual });
     }
-    let toc: Toc = serde_json::from_slice(&json).map_err(|e| bad(format!("table of contents: {e}")))?;
+    let too_many = std::cell::Cell::new(false);
+    let seed = TocSeed { max_entries: limits.max_entries, too_many: &too_many };
+    let mut de = serde_json::Deserializer::from_slice(&json);
+    let toc = serde::de::DeserializeSeed::deserialize(seed, &mut de).and_then(|toc| de.end().map(|()| toc));
+    let toc = toc.map_err(|e| match too_many.get() {
+        true => too_many_entries(limits),
+        false => bad(format!("table of contents: {e}")),
+    })?;
     entries_from_toc(&toc, toc_offset, limits)
+}
+
+fn too_many_entries(limits: &Limits) -> LayerError {
+    LayerError::Malicious { path: String::new(), why: format!("more than {} entries", limits.max_entries) }
+}
+
+/// Reads a table of contents, refusing it as soon as it holds more than `max_entries` entries
+/// (then setting `too_many`): a 64 MiB TOC of minimal entries is some 2.6 M of them, about
+/// 0.8 GB once read, so they are counted while they are read, not after.
+struct TocSeed<'a> {
+    max_entries: u64,
+    too_many: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for TocSeed<'_> {
+    type Value = Toc;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Toc, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TocSeed<'_> {
+    type Value = Toc;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an eStargz table of contents")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Toc, A::Error> {
+        let (mut version, mut entries) = (None, None);
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match &*key {
+                "version" => version = Some(map.next_value()?),
+                "entries" => {
+                    let seed = EntriesSeed { max_entries: self.max_entries, too_many: self.too_many };
+                    entries = Some(map.next_value_seed(seed)?);
+                }
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        let version = version.ok_or_else(|| serde::de::Error::missing_field("version"))?;
+        let entries = entries.ok_or_else(|| serde::de::Error::missing_field("entries"))?;
+        Ok(Toc { version, entries })
+    }
+}
+
+/// The `entries` array of a table of contents, at most `max_entries` of them.
+struct EntriesSeed<'a> {
+    max_entries: u64,
+    too_many: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = Vec<TocEntry>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<TocEntry>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EntriesSeed<'_> {
+    type Value = Vec<TocEntry>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("table of contents entries")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<TocEntry>, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(entry) = seq.next_element::<TocEntry>()? {
+            if entries.len() as u64 >= self.max_entries {
+                self.too_many.set(true);
+                return Err(serde::de::Error::custom(format_args!("more than {} entries", self.max_entries)));
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
 }
 
 fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<Entry>, Option<u64>), LayerError> {
     if toc.entries.len() as u64 > limits.max_entries {
-        return Err(LayerError::Malicious {
-            path: String::new(),
-            why: format!("more than {} entries", limits.max_entries),
-        });
+        return Err(too_many_entries(limits));
     }
     // Where each gzip member holding a chunk ends: at the next chunk's member, or at the TOC.
     let mut starts: Vec<u64> = toc
@@ -180,6 +265,8 @@ fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<
     let mut meta_total: u64 = 0;
     for e in &toc.entries {
         let shown = || e.name.clone();
+        // Names are metadata like a tar's long names (chunk entries repeat their file's).
+        limits.add_meta(&e.name, (e.name.len() + e.link_name.len()) as u64, &mut meta_total)?;
         if e.name == PREFETCH_LANDMARK {
             prefetch_end = Some(e.offset);
             continue;
@@ -189,7 +276,7 @@ fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<
         }
         if e.kind == "chunk" {
             let Some((file, chunks)) = files.last_mut() else { return Err(bad("chunk without a file")) };
-            if file.path != tar::normalize(e.name.as_bytes()).unwrap_or_default() {
+            if limits.path(e.name.as_bytes()).ok().as_ref() != Some(&file.path) {
                 return Err(bad(format!("chunk of {} after another file", e.name)));
             }
             chunks.push(Chunk {
@@ -201,11 +288,18 @@ fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<
             });
             continue;
         }
-        let path = tar::normalize(e.name.as_bytes()).map_err(|why| LayerError::Malicious { path: shown(), why })?;
+        let path = limits.path(e.name.as_bytes()).map_err(|why| LayerError::Malicious { path: shown(), why })?;
+        let device = |n: u64| {
+            u32::try_from(n)
+                .map_err(|_| LayerError::Malicious { path: shown(), why: "device number does not fit 32 bits".into() })
+        };
         let link = || -> Result<PathBuf, LayerError> {
             if e.link_name.is_empty() {
                 return Err(LayerError::Malicious { path: shown(), why: "empty link target".into() });
             }
+            limits
+                .link_target(e.link_name.as_bytes())
+                .map_err(|why| LayerError::Malicious { path: shown(), why: format!("symlink target: {why}") })?;
             Ok(PathBuf::from(&e.link_name))
         };
         let kind = match e.kind.as_str() {
@@ -213,15 +307,16 @@ fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<
             "dir" => RawKind::Dir,
             "symlink" => RawKind::Symlink(link()?),
             "hardlink" => {
-                let target = tar::normalize(e.link_name.as_bytes())
+                let target = limits
+                    .path(e.link_name.as_bytes())
                     .map_err(|why| LayerError::Malicious { path: shown(), why: format!("hard link target: {why}") })?;
                 if target.as_os_str().is_empty() {
                     return Err(LayerError::Malicious { path: shown(), why: "hard link to the root".into() });
                 }
                 RawKind::HardLink(target)
             }
-            "char" => RawKind::CharDev { major: e.dev_major as u32, minor: e.dev_minor as u32 },
-            "block" => RawKind::BlockDev { major: e.dev_major as u32, minor: e.dev_minor as u32 },
+            "char" => RawKind::CharDev { major: device(e.dev_major)?, minor: device(e.dev_minor)? },
+            "block" => RawKind::BlockDev { major: device(e.dev_major)?, minor: device(e.dev_minor)? },
             "fifo" => RawKind::Fifo,
             other => return Err(LayerError::Unsupported { path: shown(), why: format!("TOC entry type {other:?}") }),
         };
@@ -279,6 +374,28 @@ fn entries_from_toc(toc: &Toc, toc_offset: u64, limits: &Limits) -> Result<(Vec<
         builder.push(raw, FileLoc::Chunks(chunks))?;
     }
     Ok((builder.finish()?, prefetch_end))
+}
+
+/// Checks the chunks of a file of `file_size` bytes read back from a stored index: in order
+/// from the file's start to its end, each its own blob range of at most [`MAX_CHUNK_SIZE`]
+/// bytes, with a digest.
+pub(super) fn check_chunks(chunks: &[Chunk], file_size: u64) -> Result<(), String> {
+    let mut next = 0;
+    for c in chunks {
+        let well_formed = c.chunk_offset == next
+            && (1..=MAX_CHUNK_SIZE).contains(&c.size)
+            && c.offset < c.end
+            && c.sha256.len() == 64
+            && c.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+        if !well_formed {
+            return Err(format!("bad chunk at file byte {}", c.chunk_offset));
+        }
+        next = c.chunk_offset + c.size;
+    }
+    if next != file_size {
+        return Err(format!("chunks cover {next} of {file_size} bytes"));
+    }
+    Ok(())
 }
 
 fn is_landmark(name: &str) -> bool {

@@ -4,7 +4,9 @@
 //! output). A later read starts inflating at the nearest checkpoint before it. The compressed
 //! bytes between two checkpoints (a span) have their sha256 recorded, so ranged reads of a blob
 //! that is not complete locally are verified before they are inflated. Multi-member streams
-//! (concatenated gzip files, as in eStargz) are followed member by member.
+//! (concatenated gzip files, as in eStargz) are followed member by member. Both are bounded: a
+//! span is at most [`MAX_SPAN_COMPRESSED`] bytes, and at most [`MAX_ENTRY_POINTS`] checkpoints
+//! keep their window (a read starts at the nearest one that does).
 
 use sha2::{Digest as _, Sha256};
 
@@ -12,6 +14,16 @@ use super::{b64, BlobSource, LayerError, Limits};
 
 /// Output bytes between checkpoints.
 pub const SPAN: u64 = 4 << 20;
+/// Compressed bytes of one span at most: a read loads and hashes its whole span. zlib and pigz
+/// end a deflate block every few hundred KiB, so a span is [`SPAN`] plus at most a block; only a
+/// hand-made stream (one huge block of literals) is longer, and it is refused.
+pub const MAX_SPAN_COMPRESSED: u64 = 16 << 20;
+/// Checkpoints that keep their 32 KiB window, so a read can start there: 2048 of them is 64 MiB
+/// held per layer while it is indexed, and in its stored index. Up to 2048 spans (8 GiB of a
+/// layer) every checkpoint keeps it; beyond that, every other window is dropped (again each
+/// time the count is reached), so reads in a huge layer start further back but its index stays
+/// bounded. A checkpoint without a window still verifies its span.
+pub const MAX_ENTRY_POINTS: usize = 2048;
 const WINDOW: usize = 32 << 10;
 const INPUT_CHUNK: usize = 256 << 10;
 
@@ -23,9 +35,11 @@ pub struct Checkpoint {
     pub input: u64,
     /// Bits (0..=7) of the byte at `input - 1` still to be used.
     pub bits: u8,
-    /// Up to 32 KiB of output before `out` (less at the start of a stream).
+    /// Up to 32 KiB of output before `out` (less at the start of a stream); empty if not `entry`.
     #[serde(with = "b64")]
     pub window: Vec<u8>,
+    /// Whether a read may start here (the window is kept): see [`MAX_ENTRY_POINTS`].
+    pub entry: bool,
     /// sha256 of the compressed bytes `span_start()..span_end` (hex).
     pub span_sha256: String,
     pub span_end: u64,
@@ -365,6 +379,10 @@ pub struct GzipIndexer<'a> {
     pending_valid: usize,
     span: u64,
     limits: Limits,
+    /// Entry points so far, and the output distance between them (doubled at each thinning).
+    entries: usize,
+    entry_every: u64,
+    last_entry_out: u64,
 }
 
 impl<'a> GzipIndexer<'a> {
@@ -373,10 +391,15 @@ impl<'a> GzipIndexer<'a> {
         GzipIndexer::with_span(source, SPAN, limits)
     }
 
-    /// Checkpoints about every `span` bytes of output (tests use small spans).
+    /// Checkpoints about every `span` bytes of output (tests use small spans); at most half of
+    /// [`MAX_SPAN_COMPRESSED`], so honest streams stay within it.
     pub fn with_span(source: &'a dyn BlobSource, span: u64, limits: &Limits) -> Result<GzipIndexer<'a>, LayerError> {
+        let span = span.clamp(1, MAX_SPAN_COMPRESSED / 2);
         Ok(GzipIndexer {
             span,
+            entries: 0,
+            entry_every: span,
+            last_entry_out: 0,
             limits: limits.clone(),
             source,
             input: StreamingInput {
@@ -411,12 +434,48 @@ impl<'a> GzipIndexer<'a> {
         w
     }
 
-    fn close_span(&mut self, end: u64) {
+    fn close_span(&mut self, end: u64) -> Result<(), LayerError> {
+        self.check_span(end)?;
         let hash = std::mem::replace(&mut self.input.span_hash, Sha256::new());
         if let Some(last) = self.index.checkpoints.last_mut() {
             last.span_sha256 = hex(&hash.finalize());
             last.span_end = end;
         }
+        Ok(())
+    }
+
+    /// Refuses a span that would end at compressed byte `end`, past [`MAX_SPAN_COMPRESSED`].
+    fn check_span(&self, end: u64) -> Result<(), LayerError> {
+        let Some(last) = self.index.checkpoints.last() else { return Ok(()) };
+        if end.saturating_sub(last.span_start()) > MAX_SPAN_COMPRESSED {
+            return Err(LayerError::Malicious {
+                path: String::new(),
+                why: format!(
+                    "more than {MAX_SPAN_COMPRESSED} compressed bytes from byte {} without a deflate block boundary",
+                    last.span_start()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Drops the window of every other entry point once there are more than
+    /// [`MAX_ENTRY_POINTS`], and spaces later ones twice as far apart.
+    fn thin_entry_points(&mut self) {
+        if self.entries <= MAX_ENTRY_POINTS {
+            return;
+        }
+        let mut k: usize = 0;
+        for cp in self.index.checkpoints.iter_mut().filter(|cp| cp.entry) {
+            if k % 2 == 1 {
+                cp.entry = false;
+                cp.window = Vec::new();
+            }
+            k += 1;
+        }
+        self.entries = k.div_ceil(2);
+        self.entry_every = self.entry_every.saturating_mul(2);
+        self.last_entry_out = self.index.checkpoints.iter().rev().find(|cp| cp.entry).map_or(0, |cp| cp.out);
     }
 
     /// Inflates the next piece into `pending`; returns how many bytes (0 at the end).
@@ -427,6 +486,7 @@ impl<'a> GzipIndexer<'a> {
             self.pending = pending;
             let step = step?;
             self.limits.check_expansion(self.input.position(), self.stream.out)?;
+            self.check_span(self.input.position())?;
             let produced = step.produced;
             // Keep the last 32 KiB of output: copy at most a window's worth, in up to two pieces.
             let recent = &self.pending[produced - produced.min(WINDOW)..produced];
@@ -441,20 +501,28 @@ impl<'a> GzipIndexer<'a> {
                 };
                 if due {
                     let input = self.input.position();
-                    self.close_span(input);
+                    self.close_span(input)?;
                     if bits > 0 {
                         let prev = self.input.last_byte;
                         self.input.span_hash.update([prev]);
                     }
-                    let window = self.window();
+                    let out = self.stream.out;
+                    let entry = self.entries == 0 || out - self.last_entry_out >= self.entry_every;
+                    let window = if entry { self.window() } else { Vec::new() };
                     self.index.checkpoints.push(Checkpoint {
-                        out: self.stream.out,
+                        out,
                         input,
                         bits,
                         window,
+                        entry,
                         span_sha256: String::new(),
                         span_end: 0,
                     });
+                    if entry {
+                        self.entries += 1;
+                        self.last_entry_out = out;
+                        self.thin_entry_points();
+                    }
                 }
             }
             if produced > 0 || self.stream.state == State::Done {
@@ -471,7 +539,7 @@ impl<'a> GzipIndexer<'a> {
             let n = self.input.fill(self.source)?.len();
             self.input.consume(n);
         }
-        self.close_span(self.input.size);
+        self.close_span(self.input.size)?;
         self.index.uncompressed_size = self.stream.out;
         Ok((self.index, hex(&self.input.blob_hash.finalize())))
     }
@@ -604,6 +672,12 @@ impl GzipIndex {
             if cp.bits > 7 || (cp.bits > 0 && cp.input == 0) || cp.span_end <= cp.span_start() {
                 return bad("a checkpoint is malformed");
             }
+            if cp.span_end - cp.span_start() > MAX_SPAN_COMPRESSED {
+                return bad("a span is too long");
+            }
+            if (i == 0 && !cp.entry) || cp.out > self.uncompressed_size {
+                return bad("a checkpoint is out of place");
+            }
             if cp.span_sha256.len() != 64 || cp.window.len() > WINDOW {
                 return bad("a span digest or window is malformed");
             }
@@ -616,9 +690,15 @@ impl GzipIndex {
         Ok(())
     }
 
+    /// The last entry point (a checkpoint with a window) at or before uncompressed `offset`.
+    fn entry_before(&self, offset: u64) -> Option<usize> {
+        let i = self.checkpoints.partition_point(|cp| cp.out <= offset);
+        self.checkpoints[..i].iter().rposition(|cp| cp.entry)
+    }
+
     /// The compressed bytes (whole verified spans) that inflating bytes `start..end` takes.
     pub fn blob_range(&self, start: u64, end: u64) -> Option<std::ops::Range<u64>> {
-        let first = self.checkpoints.partition_point(|cp| cp.out <= start).checked_sub(1)?;
+        let first = self.entry_before(start)?;
         let last = self.checkpoints.partition_point(|cp| cp.out < end).checked_sub(1)?;
         Some(self.checkpoints.get(first)?.span_start()..self.checkpoints.get(last)?.span_end)
     }
@@ -628,8 +708,7 @@ impl GzipIndex {
         if buf.is_empty() || offset >= self.uncompressed_size {
             return Ok(0);
         }
-        let i = self.checkpoints.partition_point(|cp| cp.out <= offset);
-        let Some(cp) = i.checked_sub(1).and_then(|i| self.checkpoints.get(i)) else {
+        let Some((i, cp)) = self.entry_before(offset).and_then(|i| Some((i, self.checkpoints.get(i)?))) else {
             return Err(LayerError::Gzip { offset: 0, why: "index has no checkpoint".into() });
         };
         // A suspended stream between the checkpoint and `offset` is never worse than the checkpoint.
@@ -649,13 +728,8 @@ impl GzipIndex {
             None => {
                 let bytes = verified_read(source, cp.span_start(), cp.span_end, &cp.span_sha256)?;
                 let prev = if cp.bits > 0 { bytes[0] } else { 0 };
-                let input = SpanInput {
-                    index: self,
-                    span: i - 1,
-                    bytes,
-                    offset: cp.span_start(),
-                    pos: usize::from(cp.bits > 0),
-                };
+                let input =
+                    SpanInput { index: self, span: i, bytes, offset: cp.span_start(), pos: usize::from(cp.bits > 0) };
                 (Stream::at_checkpoint(cp, prev)?, input)
             }
         };

@@ -74,6 +74,9 @@ pub enum LayerError {
     },
     #[error("bad layer index: {0}")]
     Index(String),
+    /// A limit of [`Limits`] above its ceiling ([`Limits::CEILING`]).
+    #[error("layer limit {name} = {value} is above its ceiling of {max}")]
+    BadLimit { name: &'static str, value: u64, max: u64 },
 }
 
 impl LayerError {
@@ -316,12 +319,101 @@ impl LayerIndex {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
+    /// An index from its bytes, checked for everything a read relies on: where each file's
+    /// bytes are lies within the layer as the index describes it.
     pub fn from_bytes(bytes: &[u8]) -> Result<LayerIndex, LayerError> {
         let index: LayerIndex = serde_json::from_slice(bytes).map_err(|e| LayerError::Index(e.to_string()))?;
-        if let Format::Gzip(gzip) = &index.format {
-            gzip.validate()?;
-        }
+        index.validate(None)?;
         Ok(index)
+    }
+
+    /// An index kept in the shared cache for a blob of `blob_size` bytes: as
+    /// [`LayerIndex::from_bytes`], and every blob range it names lies within the blob, and its
+    /// entries are within `limits` as if the layer had been indexed now. Any process using the
+    /// cache can write it, and a crash or a damaged disk can leave it half written.
+    pub fn from_stored(bytes: &[u8], blob_size: u64, limits: &Limits) -> Result<LayerIndex, LayerError> {
+        let index: LayerIndex = serde_json::from_slice(bytes).map_err(|e| LayerError::Index(e.to_string()))?;
+        index.validate(Some(blob_size))?;
+        index.check_limits(limits)?;
+        Ok(index)
+    }
+
+    /// Checks each file's location against the format (and `blob_size` when known).
+    fn validate(&self, blob_size: Option<u64>) -> Result<(), LayerError> {
+        let bad = |why: String| Err(LayerError::Index(why));
+        let within_blob = |end: u64| blob_size.is_none_or(|size| end <= size);
+        match &self.format {
+            Format::Gzip(gzip) => {
+                gzip.validate()?;
+                if !gzip.checkpoints.iter().all(|cp| within_blob(cp.span_end)) {
+                    return bad("a gzip span ends past the blob".into());
+                }
+            }
+            Format::Tar(plain) => {
+                plain.validate()?;
+                if blob_size.is_some_and(|size| size != plain.size) {
+                    return bad("the tar index is for a blob of another size".into());
+                }
+            }
+            Format::Estargz { prefetch_end } => {
+                if !prefetch_end.is_none_or(within_blob) {
+                    return bad("the prefetch range ends past the blob".into());
+                }
+            }
+        }
+        for e in &self.entries {
+            let EntryKind::File(data) = &e.kind else { continue };
+            let at = || e.path.display().to_string();
+            if data.size != e.size {
+                return bad(format!("{}: two sizes", at()));
+            }
+            let tar_end = |start: u64| start.checked_add(data.size);
+            let fits = match (&data.loc, &self.format) {
+                (FileLoc::Tar(start), Format::Gzip(gzip)) => {
+                    tar_end(*start).is_some_and(|e| e <= gzip.uncompressed_size)
+                }
+                (FileLoc::Tar(start), Format::Tar(plain)) => tar_end(*start).is_some_and(|e| e <= plain.size),
+                (FileLoc::Chunks(chunks), Format::Estargz { .. }) => {
+                    estargz::check_chunks(chunks, data.size)
+                        .map_err(|why| LayerError::Index(format!("{}: {why}", at())))?;
+                    chunks.iter().all(|c| within_blob(c.end))
+                }
+                _ => false,
+            };
+            if !fits {
+                return bad(format!("{}: its bytes are not within the layer", at()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses an index whose entries are outside `limits`, as indexing the layer would have.
+    fn check_limits(&self, limits: &Limits) -> Result<(), LayerError> {
+        let refuse = |path: &Path, why: String| Err(LayerError::Malicious { path: path.display().to_string(), why });
+        if self.entries.len() as u64 > limits.max_entries {
+            return refuse(Path::new(""), format!("more than {} entries", limits.max_entries));
+        }
+        let (mut total, mut meta) = (0u64, 0u64);
+        for e in &self.entries {
+            let raw = e.path.as_os_str().as_bytes();
+            match limits.path(raw) {
+                Ok(normal) if normal == e.path => {}
+                Ok(_) => return refuse(&e.path, "path not normalized".into()),
+                Err(why) => return refuse(&e.path, why),
+            }
+            match &e.kind {
+                EntryKind::Symlink(t) => limits.link_target(t.as_os_str().as_bytes()),
+                EntryKind::HardLink(t) => limits.path(t.as_os_str().as_bytes()).map(drop),
+                _ => Ok(()),
+            }
+            .or_else(|why| refuse(&e.path, format!("link target: {why}")))?;
+            limits.check_xattrs(&e.path.display().to_string(), &e.xattrs, &mut meta)?;
+            total = total.saturating_add(e.size);
+            if total > limits.max_total_size {
+                return refuse(&e.path, format!("files larger than {} bytes in total", limits.max_total_size));
+            }
+        }
+        Ok(())
     }
 
     /// Reads a file's bytes at `offset` into `buf`; returns how many (short only at EOF). Every

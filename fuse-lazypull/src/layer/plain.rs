@@ -67,6 +67,16 @@ impl std::io::Read for PlainIndexer<'_> {
 }
 
 impl PlainIndex {
+    /// Checks an index read back from storage: one digest per span of the blob.
+    pub fn validate(&self) -> Result<(), LayerError> {
+        let spans = self.size.div_ceil(SPAN).max(1);
+        let digests_ok = self.spans.iter().all(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()));
+        if self.spans.len() as u64 != spans || !digests_ok {
+            return Err(LayerError::Index(format!("tar index: {} span digests for {spans} spans", self.spans.len())));
+        }
+        Ok(())
+    }
+
     /// The blob bytes (whole verified spans) that reading bytes `start..end` takes.
     pub fn blob_range(&self, start: u64, end: u64) -> std::ops::Range<u64> {
         (start / SPAN * SPAN)..(end.div_ceil(SPAN) * SPAN).min(self.size)

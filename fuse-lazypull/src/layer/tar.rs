@@ -140,7 +140,7 @@ impl<R: Read> TarReader<R> {
             });
         }
         self.limits.add_meta(name, size, &mut self.meta_total)?;
-        self.unread = padded(size);
+        self.unread = padded(size).ok_or_else(|| too_large(name, size))?;
         let data = self.read_data(size)?;
         self.skip_unread()?;
         Ok(data)
@@ -223,7 +223,7 @@ impl<R: Read> TarReader<R> {
             if !pax.with_prefix("GNU.sparse.").is_empty() {
                 return Err(LayerError::Unsupported { path: shown, why: "GNU sparse file (PAX)".into() });
             }
-            let path = normalize(&raw_name).map_err(|why| LayerError::Malicious { path: shown.clone(), why })?;
+            let path = self.limits.path(&raw_name).map_err(|why| LayerError::Malicious { path: shown.clone(), why })?;
             let field =
                 |off, len| h.number(off, len).map_err(|why| LayerError::BadHeader { offset: header_offset, why });
             let size = match pax.get("size") {
@@ -235,11 +235,17 @@ impl<R: Read> TarReader<R> {
                 (None, Some(n)) => n.clone(),
                 (None, None) => trim_nul(h.field(157, 100).to_vec()),
             };
-            let (major, minor) = (field(329, 8)? as u32, field(337, 8)? as u32);
+            let device = |off| {
+                u32::try_from(field(off, 8)?).map_err(|_| LayerError::Malicious {
+                    path: shown.clone(),
+                    why: "device number does not fit 32 bits".into(),
+                })
+            };
+            let (major, minor) = (device(329)?, device(337)?);
             let kind = match h.typeflag() {
                 b'0' | 0 | b'7' => RawKind::File,
                 b'1' => {
-                    let target = normalize(&link_raw).map_err(|why| LayerError::Malicious {
+                    let target = self.limits.path(&link_raw).map_err(|why| LayerError::Malicious {
                         path: shown.clone(),
                         why: format!("hard link target: {why}"),
                     })?;
@@ -252,6 +258,10 @@ impl<R: Read> TarReader<R> {
                     if link_raw.contains(&0) || link_raw.is_empty() {
                         return Err(LayerError::Malicious { path: shown, why: "empty symlink target".into() });
                     }
+                    self.limits.link_target(&link_raw).map_err(|why| LayerError::Malicious {
+                        path: shown.clone(),
+                        why: format!("symlink target: {why}"),
+                    })?;
                     RawKind::Symlink(PathBuf::from(os_from_bytes(link_raw.clone())))
                 }
                 b'3' => RawKind::CharDev { major, minor },
@@ -306,7 +316,7 @@ impl<R: Read> TarReader<R> {
                 xattrs,
                 data_offset: self.pos,
             };
-            self.unread = padded(size);
+            self.unread = padded(size).ok_or_else(|| too_large(&shown, size))?;
             return Ok(Some(entry));
         }
     }
@@ -355,8 +365,14 @@ fn bad_pax(path: &str, key: &str) -> LayerError {
     LayerError::Malicious { path: path.to_string(), why: format!("bad PAX {key}") }
 }
 
-fn padded(size: u64) -> u64 {
-    size.div_ceil(BLOCK as u64) * BLOCK as u64
+/// `size` rounded up to whole blocks; `None` if that does not fit 64 bits (only limits read
+/// from a file could let such a size through).
+fn padded(size: u64) -> Option<u64> {
+    size.checked_next_multiple_of(BLOCK as u64)
+}
+
+fn too_large(path: &str, size: u64) -> LayerError {
+    LayerError::Malicious { path: path.to_string(), why: format!("size {size} does not fit whole tar blocks") }
 }
 
 fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
@@ -558,7 +574,7 @@ pub fn header_bytes(h: &NewHeader<'_>) -> Vec<u8> {
         let pax_header = ustar_block(b"PaxHeaders/entry", b'x', b"", 0, 0, 0, 0, records.len() as u64, 0, 0);
         out.extend_from_slice(&pax_header);
         out.extend_from_slice(&records);
-        out.resize(out.len() + (padded(records.len() as u64) as usize - records.len()), 0);
+        out.resize(out.len() + padding(records.len() as u64), 0);
     }
     let name = &h.name[..h.name.len().min(100)];
     let link = &link[..link.len().min(100)];
@@ -631,5 +647,5 @@ fn ustar_block(
 
 /// Zero bytes that pad `len` data bytes to a whole block.
 pub fn padding(len: u64) -> usize {
-    (padded(len) - len) as usize
+    ((BLOCK as u64 - len % BLOCK as u64) % BLOCK as u64) as usize
 }
