@@ -54,6 +54,8 @@ pub struct FsStats {
     pub reads: AtomicU64,
     pub bytes_read: AtomicU64,
     pub read_errors: AtomicU64,
+    /// Directory entries readdir has stepped over, sent or skipped: what listing costs.
+    pub dir_entries_walked: AtomicU64,
     /// When the last read arrived (at first: when the file system was made), in nanoseconds
     /// since [`FsStats::clock`]'s start.
     last_read_ns: AtomicU64,
@@ -471,9 +473,14 @@ impl ImageFs {
                 Some(after) => {
                     Box::new(children.range::<OsStr, _>((Bound::Excluded(after.as_os_str()), Bound::Unbounded)))
                 }
-                None => Box::new(children.iter().skip((at - 2).max(0) as usize)),
+                None => {
+                    let skipped = (at - 2).max(0) as usize;
+                    shared.stats.dir_entries_walked.fetch_add(skipped as u64, Relaxed);
+                    Box::new(children.iter().skip(skipped))
+                }
             };
             for (name, child) in rest {
+                shared.stats.dir_entries_walked.fetch_add(1, Relaxed);
                 if add(*child, at + 1, name) {
                     break;
                 }
