@@ -1,18 +1,33 @@
 //! Durable metadata for vstor, on RocksDB.
 //!
-//! Every VM or disk owns one *namespace*, a RocksDB column family of its own, so that no two
-//! owners' state is ever mixed: a namespace is reachable only by its name, and dropping it removes
-//! everything it held. Changes are grouped in [`Batch`]es that are applied atomically and synced to
-//! disk before [`Store::commit`] returns.
+//! Every VM or disk owns one *namespace*, so that no two owners' state is ever mixed: a namespace
+//! is reachable only by its name, and dropping it removes everything it held. Changes are grouped
+//! in [`Batch`]es that are applied atomically and synced to disk before [`Store::commit`] returns.
+//!
+//! A namespace is a key range of one column family: its keys are stored behind its name and a
+//! zero byte, which no name holds, so no two namespaces' ranges meet, and every call names the
+//! namespace it reads or writes. A column family per namespace, as earlier versions kept, made
+//! each create cost more the more namespaces there were (RocksDB rewrites and re-reads the options
+//! of every column family on each new one): 35 ms at 200 disks, 80 ms at 400. Now creating or
+//! dropping one is a single synced write whatever their number. Stores in the old layout are
+//! moved over when opened.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use rocksdb::{ColumnFamilyDescriptor, DBWithThreadMode, MultiThreaded, Options, WriteOptions};
 
-/// The namespace the store itself keeps, and the one RocksDB always has.
+/// The column family RocksDB always has: the store's registry of namespaces.
 const DEFAULT_CF: &str = "default";
+/// The column family every namespace's keys live in.
+const DATA_CF: &str = "data";
+/// Registry keys: this prefix, then a namespace's name.
+const REGISTRY_PREFIX: &[u8] = b"ns/";
+/// The longest namespace name.
+const MAX_NAME: usize = 255;
+/// Records moved per batch when an old store is converted.
+const MOVE_BATCH: usize = 4096;
 
 /// Everything that can go wrong with the metadata store.
 #[derive(Debug, thiserror::Error)]
@@ -53,10 +68,13 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 
 type Db = DBWithThreadMode<MultiThreaded>;
 
-/// A RocksDB database holding one column family per namespace.
+/// A RocksDB database holding namespaces.
 pub struct Store {
     db: Db,
     path: PathBuf,
+    /// The namespaces that exist. Commits hold it shared while they write, creating and dropping
+    /// hold it alone, so that no write lands in a namespace being dropped.
+    names: RwLock<BTreeSet<String>>,
 }
 
 /// A set of changes across namespaces that [`Store::commit`] applies all or nothing.
@@ -111,56 +129,100 @@ impl Store {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let existing = match Db::list_cf(&opts, &path) {
+        let mut families = match Db::list_cf(&opts, &path) {
             Ok(names) => names,
             // A new store has no column families yet.
             Err(_) if !path.join("CURRENT").exists() => vec![DEFAULT_CF.to_owned()],
             Err(e) => return Err(open_err(e)),
         };
-        let descriptors = existing.into_iter().map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        if !families.iter().any(|f| f == DATA_CF) {
+            families.push(DATA_CF.to_owned());
+        }
+        let descriptors = families.iter().map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db = Db::open_cf_descriptors(&opts, &path, descriptors).map_err(open_err)?;
-        Ok(Arc::new(Store { db, path }))
+        let store = Store { db, path, names: RwLock::new(BTreeSet::new()) };
+        for family in families.iter().filter(|f| *f != DEFAULT_CF && *f != DATA_CF) {
+            store.move_old_family(family)?;
+        }
+        let mut names = BTreeSet::new();
+        let registry = store.db.iterator(rocksdb::IteratorMode::From(REGISTRY_PREFIX, rocksdb::Direction::Forward));
+        for item in registry {
+            let (key, _) = item?;
+            let Some(name) = key.strip_prefix(REGISTRY_PREFIX) else { break };
+            names.insert(String::from_utf8_lossy(name).into_owned());
+        }
+        *store.names.write().unwrap_or_else(|p| p.into_inner()) = names;
+        Ok(Arc::new(store))
+    }
+
+    /// Moves a namespace kept as a column family of its own (the layout of earlier versions)
+    /// into the shared one, then drops the family. A crash part way leaves the family, and the
+    /// next open moves it again: the copies are the same keys with the same values.
+    fn move_old_family(&self, family: &str) -> Result<()> {
+        let (Some(old), Some(data)) = (self.db.cf_handle(family), self.db.cf_handle(DATA_CF)) else {
+            return Ok(());
+        };
+        let mut wb = rocksdb::WriteBatchWithTransaction::<false>::default();
+        wb.put(registry_key(family), []);
+        for item in self.db.iterator_cf(&old, rocksdb::IteratorMode::Start) {
+            let (k, v) = item?;
+            wb.put_cf(&data, data_key(family, &k), v);
+            if wb.len() >= MOVE_BATCH {
+                self.write_synced(std::mem::take(&mut wb))?;
+            }
+        }
+        self.write_synced(wb)?;
+        drop(old);
+        self.db.drop_cf(family)?;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The names of all namespaces, sorted, without the store's own.
+    /// The names of all namespaces, sorted.
     pub fn namespaces(&self) -> Result<Vec<String>> {
-        let mut names = Db::list_cf(&Options::default(), &self.path)?;
-        names.retain(|n| n != DEFAULT_CF);
-        names.sort();
-        Ok(names)
+        Ok(self.names().iter().cloned().collect())
     }
 
     pub fn has_namespace(&self, name: &str) -> bool {
-        self.db.cf_handle(name).is_some()
+        self.names().contains(name)
     }
 
     /// Creates an empty namespace. Creation is durable when this returns.
     pub fn create_namespace(&self, name: &str) -> Result<()> {
         check_name(name)?;
-        if self.has_namespace(name) {
+        let mut names = self.names.write().unwrap_or_else(|p| p.into_inner());
+        if names.contains(name) {
             return Err(StoreError::NamespaceExists(name.to_owned()));
         }
-        self.db.create_cf(name, &Options::default())?;
+        let mut wb = rocksdb::WriteBatchWithTransaction::<false>::default();
+        wb.put(registry_key(name), []);
+        self.write_synced(wb)?;
+        names.insert(name.to_owned());
         Ok(())
     }
 
-    /// Drops a namespace and everything in it.
+    /// Drops a namespace and everything in it, in one synced write.
     pub fn drop_namespace(&self, name: &str) -> Result<()> {
         check_name(name)?;
-        if !self.has_namespace(name) {
+        let mut names = self.names.write().unwrap_or_else(|p| p.into_inner());
+        if !names.contains(name) {
             return Err(StoreError::NoSuchNamespace(name.to_owned()));
         }
-        self.db.drop_cf(name)?;
+        let data = self.data()?;
+        let mut wb = rocksdb::WriteBatchWithTransaction::<false>::default();
+        wb.delete(registry_key(name));
+        wb.delete_range_cf(&data, data_key(name, &[]), range_end(name));
+        self.write_synced(wb)?;
+        names.remove(name);
         Ok(())
     }
 
     pub fn get(&self, namespace: &str, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
-        let cf = self.cf(namespace)?;
-        Ok(self.db.get_cf(&cf, key)?)
+        self.check_exists(&self.names(), namespace)?;
+        Ok(self.db.get_cf(&self.data()?, data_key(namespace, key.as_ref()))?)
     }
 
     /// Calls `f` with each pair of a namespace whose key starts with `prefix`, in key order,
@@ -175,11 +237,14 @@ impl Store {
         mut f: impl FnMut(&[u8], &[u8]) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
         let prefix = prefix.as_ref();
-        let cf = self.cf(namespace)?;
-        let iter = self.db.iterator_cf(&cf, rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward));
+        self.check_exists(&self.names(), namespace)?;
+        let start = data_key(namespace, prefix);
+        let skip = namespace.len() + 1;
+        let data = self.data()?;
+        let iter = self.db.iterator_cf(&data, rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward));
         for (seen, item) in iter.enumerate() {
             let (k, v) = item.map_err(StoreError::from)?;
-            if !k.starts_with(prefix) {
+            if !k.starts_with(&start) {
                 break;
             }
             if seen == max {
@@ -190,7 +255,7 @@ impl Store {
                 }
                 .into());
             }
-            f(&k, &v)?;
+            f(&k[skip..], &v)?;
         }
         Ok(())
     }
@@ -213,34 +278,23 @@ impl Store {
     /// All pairs of a namespace whose key starts with `prefix`, in key order. Unbounded: for
     /// prefixes whose record count the caller cannot bound, prefer [`Store::scan_prefix_limit`].
     pub fn scan_prefix(&self, namespace: &str, prefix: impl AsRef<[u8]>) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
-        let prefix = prefix.as_ref();
-        let cf = self.cf(namespace)?;
-        let mut out = BTreeMap::new();
-        let iter = self.db.iterator_cf(&cf, rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward));
-        for item in iter {
-            let (k, v) = item?;
-            if !k.starts_with(prefix) {
-                break;
-            }
-            out.insert(k.into_vec(), v.into_vec());
-        }
-        Ok(out)
+        self.scan_prefix_limit(namespace, prefix, usize::MAX)
     }
 
     /// Applies a batch atomically and syncs the write-ahead log before returning.
     pub fn commit(&self, batch: Batch) -> Result<()> {
+        let names = self.names();
+        let data = self.data()?;
         let mut wb = rocksdb::WriteBatchWithTransaction::<false>::default();
         for (ns, op) in &batch.ops {
-            let cf = self.cf(ns)?;
+            self.check_exists(&names, ns)?;
             match op {
-                Op::Put(k, v) => wb.put_cf(&cf, k, v),
-                Op::Delete(k) => wb.delete_cf(&cf, k),
+                Op::Put(k, v) => wb.put_cf(&data, data_key(ns, k), v),
+                Op::Delete(k) => wb.delete_cf(&data, data_key(ns, k)),
             }
         }
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.db.write_opt(wb, &opts)?;
-        Ok(())
+        // Written while the namespaces are held shared: none of them can be dropped meanwhile.
+        self.write_synced(wb)
     }
 
     /// Writes a consistent copy of the whole store to `path`, which must not exist yet.
@@ -251,20 +305,56 @@ impl Store {
         cp.create_checkpoint(path).map_err(err)
     }
 
-    fn cf(&self, namespace: &str) -> Result<Arc<rocksdb::BoundColumnFamily<'_>>> {
-        if namespace == DEFAULT_CF {
-            return Err(StoreError::BadNamespaceName(namespace.to_owned()));
+    fn names(&self) -> RwLockReadGuard<'_, BTreeSet<String>> {
+        self.names.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_exists(&self, names: &BTreeSet<String>, namespace: &str) -> Result<()> {
+        match names.contains(namespace) {
+            true => Ok(()),
+            false => Err(StoreError::NoSuchNamespace(namespace.to_owned())),
         }
-        self.db.cf_handle(namespace).ok_or_else(|| StoreError::NoSuchNamespace(namespace.to_owned()))
+    }
+
+    fn data(&self) -> Result<Arc<rocksdb::BoundColumnFamily<'_>>> {
+        self.db.cf_handle(DATA_CF).ok_or_else(|| StoreError::NoSuchNamespace(DATA_CF.to_owned()))
+    }
+
+    fn write_synced(&self, wb: rocksdb::WriteBatchWithTransaction<false>) -> Result<()> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(wb, &opts)?;
+        Ok(())
     }
 }
 
-/// The store's own namespace is not for callers; every other non-empty name is.
+/// A namespace name: not empty, at most [`MAX_NAME`] bytes, without the zero byte that ends it in
+/// keys.
 fn check_name(name: &str) -> Result<()> {
-    if name.is_empty() || name == DEFAULT_CF {
+    if name.is_empty() || name.len() > MAX_NAME || name.contains('\0') {
         return Err(StoreError::BadNamespaceName(name.to_owned()));
     }
     Ok(())
+}
+
+fn registry_key(name: &str) -> Vec<u8> {
+    [REGISTRY_PREFIX, name.as_bytes()].concat()
+}
+
+/// Where `key` of `namespace` is stored: the name, a zero byte, the key.
+fn data_key(namespace: &str, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(namespace.len() + 1 + key.len());
+    out.extend_from_slice(namespace.as_bytes());
+    out.push(0);
+    out.extend_from_slice(key);
+    out
+}
+
+/// The first key past every key of `namespace`.
+fn range_end(namespace: &str) -> Vec<u8> {
+    let mut out = namespace.as_bytes().to_vec();
+    out.push(1);
+    out
 }
 
 #[cfg(test)]
@@ -306,7 +396,55 @@ mod tests {
         batch.put("missing", "k", "v");
         assert!(matches!(store.commit(batch), Err(StoreError::NoSuchNamespace(_))));
         assert_eq!(store.get("vm-a", "k").unwrap(), None);
-        assert!(matches!(store.create_namespace("default"), Err(StoreError::BadNamespaceName(_))));
+        assert!(matches!(store.create_namespace("a\0b"), Err(StoreError::BadNamespaceName(_))));
+        assert!(matches!(store.create_namespace(""), Err(StoreError::BadNamespaceName(_))));
+    }
+
+    #[test]
+    fn a_name_that_starts_another_reaches_none_of_its_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for ns in ["a", "ab", "a.b"] {
+            store.create_namespace(ns).unwrap();
+            let mut batch = Batch::new();
+            batch.put(ns, "k", ns);
+            batch.put(ns, "", "empty key");
+            store.commit(batch).unwrap();
+        }
+        assert_eq!(store.scan_prefix("a", "").unwrap().len(), 2);
+        assert_eq!(store.get("a", "k").unwrap().as_deref(), Some(&b"a"[..]));
+        store.drop_namespace("a").unwrap();
+        assert_eq!(store.get("ab", "k").unwrap().as_deref(), Some(&b"ab"[..]));
+        assert_eq!(store.scan_prefix("a.b", "").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_store_with_a_column_family_per_namespace_is_moved_over() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The layout of earlier versions, written with RocksDB directly.
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            let db = Db::open(&opts, dir.path()).unwrap();
+            for (ns, n) in [("disk-1", 3u32), ("catalog", 10_000)] {
+                db.create_cf(ns, &Options::default()).unwrap();
+                let cf = db.cf_handle(ns).unwrap();
+                for i in 0..n {
+                    db.put_cf(&cf, format!("k{i:05}"), i.to_le_bytes()).unwrap();
+                }
+            }
+            db.flush().unwrap();
+            drop(db);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.namespaces().unwrap(), ["catalog", "disk-1"]);
+        assert_eq!(store.get("disk-1", "k00002").unwrap().as_deref(), Some(&2u32.to_le_bytes()[..]));
+        assert_eq!(store.scan_prefix("catalog", "k").unwrap().len(), 10_000);
+        drop(store);
+        let families = Db::list_cf(&Options::default(), dir.path()).unwrap();
+        assert_eq!(families, [DEFAULT_CF, DATA_CF], "the old families are gone");
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.scan_prefix("disk-1", "").unwrap().len(), 3);
     }
 
     #[test]
