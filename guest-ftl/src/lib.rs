@@ -119,6 +119,7 @@ pub mod layout;
 pub mod map;
 pub mod metrics;
 pub mod recovery;
+pub mod region;
 pub mod sim;
 pub mod streams;
 
