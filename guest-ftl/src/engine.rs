@@ -25,23 +25,19 @@ use host_ftl::{opcode, Status};
 use state_store::Store;
 
 use crate::channel::FlashChannel;
+use crate::checkpoint::Records;
 use crate::config::FtlConfig;
 use crate::error::{FtlError, Result};
-use crate::gc::Heat;
-use crate::io::{self, Cmd};
+use crate::flash::{device_err, unchanged, Flash};
+use crate::heat::Heat;
+use crate::io::Cmd;
 use crate::layout::{Layout, Oob, LBA_BYTES, MAX_GEN, MAX_SEQ, NO_SLOT, OOB_BYTES, PAD_LBA};
 use crate::map::{Entry, Map};
 use crate::metrics::Metrics;
-use crate::streams::Lifetimes;
-
-/// Stream of user writes (with `hot_cold`: of blocks rewritten soon after their last write).
-pub const USER: usize = 0;
-/// Stream of user writes of blocks not rewritten for a long time, or never written.
-pub const USER_COLD: usize = 1;
-/// Stream of relocated data last written recently.
-pub const GC: usize = 2;
-/// Stream of relocated data not rewritten for a long time (it rests on the most worn chunks).
-pub const GC_OLD: usize = 3;
+use crate::notices::Notices;
+use crate::streams::Streams;
+pub use crate::streams::{GC, GC_OLD, USER, USER_COLD};
+use crate::trims::{Trim, TrimLog};
 
 /// Where a line is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,14 +113,6 @@ pub struct Cached {
     pub seq: u64,
 }
 
-/// A trim: logical blocks `start..start + count` unmapped at `seq`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Trim {
-    pub seq: u64,
-    pub start: u32,
-    pub count: u32,
-}
-
 /// The line GC is cleaning and how far it got.
 #[derive(Clone, Copy, Debug)]
 pub struct Victim {
@@ -134,11 +122,10 @@ pub struct Victim {
 
 /// All state of one FTL. Every method runs under the FTL's lock.
 pub struct Engine {
-    pub ch: Arc<dyn FlashChannel>,
+    pub flash: Flash,
     pub lay: Layout,
     pub cfg: FtlConfig,
-    pub store: Arc<Store>,
-    pub ns: String,
+    pub records: Records,
     pub user_lbas: u32,
     pub map: Map,
     pub chunks: Vec<ChunkInfo>,
@@ -149,10 +136,7 @@ pub struct Engine {
     pub cache: HashMap<u32, Cached>,
     pub next_seq: u64,
     pub next_gen: u32,
-    /// Trims not yet in the store.
-    pub pending_trims: Vec<Trim>,
-    /// Trims in the store, not yet folded into a checkpoint.
-    pub stored_trims: Vec<u64>,
+    pub trims: TrimLog,
     pub victim: Option<Victim>,
     /// Lines to relocate before any other: aborted, worn, failing, or moved for wear levelling.
     pub urgent: VecDeque<u32>,
@@ -160,33 +144,13 @@ pub struct Engine {
     pub lines_since_ckpt: u32,
     /// Logical blocks whose data was lost with an offline chunk: reads fail until rewritten.
     pub lost: HashSet<u32>,
-    pub notes_seen: u64,
-    pub ops_since_notes: u32,
-    pub needs_notes: bool,
+    pub notices: Notices,
     pub opens_since_wl: u32,
     pub free: u32,
     pub metrics: Arc<Metrics>,
-    /// Held shared by reads in flight without the FTL's lock (see `Ftl`), exclusively by chunk
-    /// resets: a chunk is never erased (and rewritten) under a read of it.
-    pub erase_gate: Arc<tokio::sync::RwLock<()>>,
-    /// What is known of each logical block's lifetime, to choose its stream.
-    pub lifetimes: Lifetimes,
-    /// Each stream's update frequency, as GC last measured it (see [`crate::gc`]).
-    pub stream_rates: Vec<f64>,
-}
-
-/// Whether a command that failed with `status` left the device as it was (a media I/O error, a
-/// transfer error, a dead queue, a full one): such writes are simply tried again.
-pub fn unchanged(status: Status) -> bool {
-    matches!(
-        status,
-        Status::INTERNAL_ERROR | Status::DATA_TRANSFER_ERROR | Status::INVALID_NAMESPACE | Status::QUEUE_FULL
-    )
-}
-
-/// Why a write or read failed, for the caller's error.
-fn device_err(op: u8, status: Status) -> FtlError {
-    FtlError::Device { opcode: op, status }
+    /// What is known of each logical block's lifetime and each stream's heat, to choose
+    /// streams.
+    pub streams: Streams,
 }
 
 impl Engine {
@@ -202,7 +166,7 @@ impl Engine {
         let total = lay.total_slots() as usize;
         let streams = cfg.streams();
         Engine {
-            ch,
+            flash: Flash::new(ch, lay.clone()),
             map: Map::new(user_lbas),
             chunks: vec![ChunkInfo::default(); lay.chunks as usize],
             valid: vec![0; total.div_ceil(64)],
@@ -212,26 +176,20 @@ impl Engine {
             cache: HashMap::new(),
             next_seq: 1,
             next_gen: 1,
-            pending_trims: Vec::new(),
-            stored_trims: Vec::new(),
+            trims: TrimLog::default(),
             victim: None,
             urgent: VecDeque::new(),
             debt: 0.0,
             lines_since_ckpt: 0,
             lost: HashSet::new(),
-            notes_seen: 0,
-            ops_since_notes: 0,
-            needs_notes: false,
+            notices: Notices::new(cfg.notify_every),
             opens_since_wl: 0,
             free: 0,
             metrics: Arc::new(Metrics::default()),
-            lifetimes: Lifetimes::new(user_lbas),
-            stream_rates: Vec::new(),
-            erase_gate: Arc::new(tokio::sync::RwLock::new(())),
+            streams: Streams::new(cfg.hot_cold, user_lbas),
             lay,
             cfg,
-            store,
-            ns,
+            records: Records::new(store, ns),
             user_lbas,
         }
     }
@@ -409,6 +367,12 @@ impl Engine {
         Ok(slot)
     }
 
+    /// The user stream for a write of `lba`, about to replace its current version.
+    pub fn user_stream(&mut self, lba: u32) -> usize {
+        let prev = self.map.get(lba);
+        self.streams.user_stream(lba, prev, self.next_seq)
+    }
+
     /// Stores `data` as the newest version `seq` of `lba` in `stream`.
     pub fn append(&mut self, stream: usize, lba: u32, seq: u64, data: Box<[u8]>) -> Result<()> {
         let stream = if self.cfg.hot_cold { stream } else { USER };
@@ -486,7 +450,7 @@ impl Engine {
                 break;
             }
             let cmds = pieces.iter().map(|&(gen, c, off, n)| self.write_cmd(gen, c, off, n)).collect();
-            let done = io::run(&*self.ch, cmds).await?;
+            let done = self.flash.run(cmds).await?;
             let mut transient = None;
             for (&(gen, c, off, n), d) in pieces.iter().zip(done) {
                 let st = d.cqe.status;
@@ -561,7 +525,7 @@ impl Engine {
     /// relocated, and a chunk the media failed is retired.
     async fn abort(&mut self, gen: u32, chunk: u32, status: Status) -> Result<()> {
         tracing::warn!(gen, chunk, %status, "write failed; the line is retired");
-        self.needs_notes = true;
+        self.notices.needed();
         if let Some(line) = self.lines.get_mut(&gen) {
             if line.state != LineState::Aborted {
                 line.state = LineState::Aborted;
@@ -590,7 +554,7 @@ impl Engine {
         }
         Metrics::add(&self.metrics.bad_chunks, 1);
         tracing::warn!(chunk, "chunk retired");
-        crate::checkpoint::save_bad(self, chunk).await
+        self.records.save_bad(chunk).await
     }
 
     // ---- reads ----
@@ -618,7 +582,7 @@ impl Engine {
                 Cmd::read(addrs)
             })
             .collect();
-        let done = io::run(&*self.ch, cmds).await?;
+        let done = self.flash.run(cmds).await?;
         let mut refresh = Vec::new();
         let mut retry = Vec::new();
         for (group, d) in dev.chunks(per).zip(&done) {
@@ -637,7 +601,7 @@ impl Engine {
         // A command with a failure names only its first status: ask again one slot at a time.
         for (i, slot) in retry {
             let cmd = Cmd::read(self.lay.ppas(self.lay.chunk_of(slot), self.lay.offset_of(slot), 1));
-            let d = io::run(&*self.ch, vec![cmd]).await?;
+            let d = self.flash.run(vec![cmd]).await?;
             let Some(d) = d.into_iter().next() else { continue };
             if d.cqe.status.data_valid() {
                 if !d.cqe.status.is_success() {
@@ -648,7 +612,7 @@ impl Engine {
                 if d.cqe.status == Status::INTERNAL_ERROR {
                     return Err(device_err(opcode::VECTOR_READ, d.cqe.status));
                 }
-                self.needs_notes = true;
+                self.notices.needed();
                 out[i] = Err(d.cqe.status);
             }
         }
@@ -720,21 +684,12 @@ impl Engine {
     }
 
     pub async fn device_flush(&mut self) -> Result<()> {
-        let d = io::run(&*self.ch, vec![Cmd::flush()]).await?;
-        match d.first() {
-            Some(d) if d.cqe.status.is_success() => Ok(()),
-            Some(d) => Err(device_err(opcode::FLUSH, d.cqe.status)),
-            None => Err(device_err(opcode::FLUSH, Status::INTERNAL_ERROR)),
-        }
+        self.flash.flush().await
     }
 
     /// Resets chunks (in parallel); returns each one's status.
     pub async fn reset_chunks(&mut self, chunks: &[u32]) -> Result<Vec<Status>> {
-        // Reads started before the reset finish first; new ones wait for the FTL's lock.
-        let _gate = self.erase_gate.write().await;
-        let cmds = chunks.iter().map(|&c| Cmd::reset(vec![self.lay.chunk_ppa(c)])).collect();
-        let done = io::run(&*self.ch, cmds).await?;
-        Ok(done.iter().map(|d| d.cqe.status).collect())
+        self.flash.reset(chunks).await
     }
 
     /// Unmaps logical blocks `first..first + n` as of a new sequence number.
@@ -746,7 +701,7 @@ impl Engine {
         for lba in first..first + n {
             self.remap(lba, Entry { slot: NO_SLOT, seq });
         }
-        self.pending_trims.push(Trim { seq, start: first, count: n });
+        self.trims.push(Trim { seq, start: first, count: n });
         Ok(())
     }
 }
@@ -793,12 +748,5 @@ pub(crate) mod tests {
         assert_eq!(e.open_line(GC).unwrap(), MAX_GEN);
         assert!(matches!(e.open_line(GC_OLD), Err(FtlError::Exhausted(_))));
         assert_eq!(e.next_gen, MAX_GEN + 1);
-    }
-
-    #[test]
-    fn transient_statuses_are_told_from_media_failures() {
-        assert!(unchanged(Status::INTERNAL_ERROR));
-        assert!(!unchanged(Status::WRITE_FAIL));
-        assert!(!unchanged(Status::OFFLINE_CHUNK));
     }
 }

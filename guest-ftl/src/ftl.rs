@@ -6,7 +6,7 @@ use state_store::Store;
 use vdisk::device::{check_range, BlockDevice, DeviceInfo, IoFuture, RequestKind};
 use vdisk::{BlockError, IoBuf};
 
-use crate::channel::{notifications, FlashChannel};
+use crate::channel::FlashChannel;
 use crate::checkpoint::{self, Format, Meta};
 use crate::config::FtlConfig;
 use crate::engine::{Engine, LineState, USER, USER_COLD};
@@ -111,7 +111,7 @@ impl Ftl {
                 eng
             }
         };
-        eng.ops_since_notes = 0;
+        eng.notices.restart();
         let info = DeviceInfo {
             capacity: u64::from(eng.user_lbas) * LBA_BYTES as u64,
             block_size: cfg.block_size,
@@ -241,9 +241,9 @@ impl Ftl {
                 return Ok(());
             }
             // Resets take the gate only with the engine locked, so it is free now.
-            match eng.erase_gate.clone().try_read_owned() {
-                Ok(g) => g,
-                Err(_) => {
+            match eng.flash.read_gate() {
+                Some(g) => g,
+                None => {
                     out.copy_from_slice(&eng.read_lbas(first, n).await?);
                     return Ok(());
                 }
@@ -365,10 +365,7 @@ impl Ftl {
 
 /// Before a request: poll chunk notifications when due, and clean lines that need it.
 async fn maintain(eng: &mut Engine) -> Result<()> {
-    eng.ops_since_notes += 1;
-    if eng.needs_notes || eng.ops_since_notes >= eng.cfg.notify_every {
-        eng.ops_since_notes = 0;
-        eng.needs_notes = false;
+    if eng.notices.request_due() {
         poll_notes(eng).await?;
     }
     if !eng.urgent.is_empty() {
@@ -380,7 +377,7 @@ async fn maintain(eng: &mut Engine) -> Result<()> {
 /// After a request: take a checkpoint when enough lines were opened since the last one, or
 /// enough trims are waiting for one.
 async fn finish(eng: &mut Engine) -> Result<()> {
-    let trims = eng.stored_trims.len() + eng.pending_trims.len();
+    let trims = eng.trims.len();
     if eng.lines_since_ckpt >= eng.cfg.checkpoint_lines || trims >= checkpoint::MAX_TRIM_RECORDS {
         eng.checkpoint().await?;
     }
@@ -390,9 +387,9 @@ async fn finish(eng: &mut Engine) -> Result<()> {
 /// Acts on the device's chunk notifications: offline chunks are retired and their lines
 /// relocated; blocks that need a refresh get their line relocated.
 async fn poll_notes(eng: &mut Engine) -> Result<()> {
-    let notes = notifications(&*eng.ch, eng.notes_seen).await?;
+    let notes = eng.flash.notifications(eng.notices.seen()).await?;
     for n in notes {
-        eng.notes_seen = eng.notes_seen.max(n.nc);
+        eng.notices.saw(n.nc);
         let Some(c) = eng.lay.chunk_of_ppa(n.ppa.0) else { continue };
         let line = eng.chunks.get(c as usize).and_then(|ci| ci.line);
         if n.is_offline() {

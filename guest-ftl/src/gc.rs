@@ -46,9 +46,9 @@ use host_ftl::Status;
 use crate::config::VictimPolicy;
 #[cfg(test)]
 use crate::engine::Line;
-use crate::engine::{Engine, LineState, Victim, USER};
 #[cfg(test)]
-use crate::engine::{GC, GC_OLD, USER_COLD};
+use crate::engine::GC_OLD;
+use crate::engine::{Engine, LineState, Victim, USER};
 use crate::error::{FtlError, Result};
 use crate::layout::NO_SLOT;
 use crate::map::Entry;
@@ -57,63 +57,6 @@ use crate::metrics::Metrics;
 /// Blocks relocated per GC read batch: a few commands' worth on every PU, so that reads cover
 /// whole write units (the device reads a part of a unit in the time of the whole unit).
 const GC_BATCH: u32 = 512;
-
-/// How many deaths' worth a line's prior (its stream's update frequency) weighs in the line's
-/// own estimate: a fresh line is taken to be like its stream until it shows otherwise.
-const PRIOR_DEATHS: f64 = 2.0;
-
-/// How fast a line's blocks die: a Poisson estimate of their update frequency (deaths per valid
-/// block per write). Deaths and exposure (valid blocks × writes) count in proportion to the
-/// line's age when they happen, so the estimate follows the blocks still in the line rather than
-/// the hottest ones, which died first.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Heat {
-    /// The sequence number when the line was opened.
-    born: u64,
-    /// The sequence number exposure is counted up to.
-    since: u64,
-    /// Deaths, each weighed by the line's age at the time.
-    deaths: f64,
-    /// Valid blocks × writes, weighed by the line's age: the integral of valid × age.
-    exposure: f64,
-}
-
-impl Heat {
-    /// A line opened at sequence number `now`.
-    pub fn new(now: u64) -> Heat {
-        Heat { born: now, since: now, deaths: 0.0, exposure: 0.0 }
-    }
-
-    /// Counts the exposure of the line's `valid` blocks up to `now` (before `valid` changes).
-    pub fn expose(&mut self, valid: u32, now: u64) {
-        if now <= self.since {
-            return;
-        }
-        let (a, b) = ((self.since - self.born) as f64, (now - self.born) as f64);
-        self.exposure += f64::from(valid) * (b * b - a * a) / 2.0;
-        self.since = now;
-    }
-
-    /// One of the line's valid blocks was overwritten or trimmed at `now`.
-    pub fn death(&mut self, now: u64) {
-        self.deaths += now.saturating_sub(self.born) as f64;
-    }
-
-    /// Deaths and exposure up to `now`, in units of the line's age (a death now counts 1).
-    fn weighed(&self, valid: u32, now: u64) -> (f64, f64) {
-        let mut h = *self;
-        h.expose(valid, now);
-        let age = now.saturating_sub(self.born).max(1) as f64;
-        (h.deaths / age, h.exposure / age)
-    }
-
-    /// The estimated update frequency of the line's blocks, `prior` weighing as
-    /// [`PRIOR_DEATHS`] deaths.
-    fn rate(&self, valid: u32, now: u64, prior: f64) -> f64 {
-        let (d, e) = self.weighed(valid, now);
-        (d + PRIOR_DEATHS) / (e + PRIOR_DEATHS / prior)
-    }
-}
 
 /// What cleaning a line at valid fraction `u` is worth per unit of its blocks' update frequency.
 ///
@@ -152,8 +95,9 @@ impl Engine {
             }
         }
         let now = self.next_seq;
-        let priors = self.stream_rates(now);
-        self.stream_rates.clone_from(&priors);
+        let priors =
+            crate::heat::pooled_rates(self.lines.values().map(|l| (l.stream, &l.heat, l.valid)), self.open.len(), now);
+        self.streams.set_rates(&priors);
         let lay = &self.lay;
         let best = self
             .lines
@@ -172,24 +116,6 @@ impl Engine {
             })
             .max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
         best.map(|(_, g)| g)
-    }
-
-    /// Each stream's update frequency, pooled over its lines (and, as their prior, over all
-    /// lines): what a line whose own deaths are still few is taken to have.
-    fn stream_rates(&self, now: u64) -> Vec<f64> {
-        let mut per = vec![(0.0, 0.0); self.open.len()];
-        let mut all = (0.0, 0.0);
-        for l in self.lines.values() {
-            let (d, e) = l.heat.weighed(l.valid, now);
-            if let Some(p) = per.get_mut(l.stream) {
-                p.0 += d;
-                p.1 += e;
-            }
-            all.0 += d;
-            all.1 += e;
-        }
-        let global = (all.0 + 1.0) / (all.1 + 1.0);
-        per.iter().map(|&(d, e)| (d + PRIOR_DEATHS) / (e + PRIOR_DEATHS / global)).collect()
     }
 
     /// Relocates up to `budget` valid blocks; returns how many it moved. Cleans (resets)
@@ -274,7 +200,7 @@ impl Engine {
                 }
                 match r {
                     Ok(d) => {
-                        let stream = self.gc_stream(e.seq, from);
+                        let stream = self.streams.gc_stream(e.seq, from, self.next_seq);
                         self.append(stream, lba, e.seq, d.into_boxed_slice())?;
                         Metrics::add(&self.metrics.gc_slots, 1);
                     }
@@ -389,7 +315,7 @@ impl Engine {
                 self.chunks[c as usize].wear += 1;
                 self.chunks[c as usize].touched = false;
                 Metrics::add(&self.metrics.resets, 1);
-            } else if crate::engine::unchanged(*st) {
+            } else if crate::flash::unchanged(*st) {
                 transient = Some(*st);
             } else if *st == Status::INVALID_RESET && self.chunk_is_free(c).await? {
                 // Never opened after all (its only write failed before reaching the media).
@@ -458,7 +384,7 @@ impl Engine {
 
     /// Whether the device says a chunk is free.
     async fn chunk_is_free(&mut self, chunk: u32) -> Result<bool> {
-        let table = crate::channel::chunk_table(&*self.ch).await?;
+        let table = self.flash.chunk_table().await?;
         Ok(table.get(chunk as usize).is_some_and(|d| d.state == host_ftl::ChunkState::Free))
     }
 
@@ -657,7 +583,7 @@ pub(crate) mod tests {
     /// spread until sequence number 1000, until `valid` are left.
     fn dying_line(gen: u32, members: Vec<u32>, born: u64, valid: u32) -> Line {
         let mut l = crate::engine::tests::line(gen, members);
-        l.heat = Heat::new(born);
+        l.heat = crate::heat::Heat::new(born);
         let mut v = 64;
         let deaths = u64::from(v - valid);
         for k in 1..=deaths {
@@ -686,32 +612,6 @@ pub(crate) mod tests {
         let (mut e, _d) = engine(VictimPolicy::CostBenefit);
         two_lines(&mut e);
         assert_eq!(e.pick_victim(), Some(2), "cold and 60% invalid beats hot and 90% invalid");
-    }
-
-    #[test]
-    fn heat_estimates_the_rate_of_the_blocks_still_in_the_line() {
-        // 64 blocks, each dying at rate 1/1000 per write: about 1/1000.
-        let mut h = Heat::new(0);
-        let mut valid = 64u32;
-        let mut t = 0;
-        while valid > 32 {
-            t += 1000 / u64::from(valid); // expected wait for the next of `valid` deaths
-            h.expose(valid, t);
-            h.death(t);
-            valid -= 1;
-        }
-        let f = h.rate(valid, t, 1e-3);
-        assert!((f - 1e-3).abs() < 2e-4, "{f}");
-        // Half the blocks die at once, the rest never: the estimate falls towards the survivors'.
-        let mut h = Heat::new(0);
-        h.expose(64, 10);
-        for _ in 0..32 {
-            h.death(10);
-        }
-        h.expose(32, 10);
-        let early = h.rate(32, 100, 1e-3);
-        let late = h.rate(32, 10_000, 1e-3);
-        assert!(late < early / 10.0, "{early} {late}");
     }
 
     #[test]
@@ -754,16 +654,5 @@ pub(crate) mod tests {
             l.valid = l.capacity(&e.lay);
         }
         assert_eq!(e.pick_victim(), None, "cleaning a full line frees nothing");
-    }
-
-    #[test]
-    fn relocated_blocks_are_split_by_age() {
-        let (mut e, _d) = engine(VictimPolicy::CostBenefit);
-        e.next_seq = 1000;
-        assert_eq!(e.gc_stream(950, USER), GC);
-        assert_eq!(e.gc_stream(950, GC), GC);
-        assert_eq!(e.gc_stream(10, USER), GC_OLD, "old");
-        assert_eq!(e.gc_stream(950, USER_COLD), GC_OLD, "from a cold line");
-        assert_eq!(e.gc_stream(950, GC_OLD), GC_OLD, "from a cold line");
     }
 }

@@ -110,18 +110,23 @@
 pub mod channel;
 pub mod checkpoint;
 pub mod config;
+mod durability;
 pub mod engine;
 pub mod error;
+pub mod flash;
 pub mod ftl;
 pub mod gc;
+pub mod heat;
 pub mod io;
 pub mod layout;
 pub mod map;
 pub mod metrics;
+pub mod notices;
 pub mod recovery;
 pub mod region;
 pub mod sim;
 pub mod streams;
+pub mod trims;
 
 pub use channel::{CmdFuture, DirectChannel, FlashChannel};
 pub use config::{FtlConfig, VictimPolicy};

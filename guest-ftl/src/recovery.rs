@@ -22,15 +22,15 @@ use std::ops::Range;
 
 use host_ftl::{ChunkState, Status};
 
-use crate::channel::chunk_table;
 use crate::checkpoint::Saved;
-use crate::engine::{Engine, Line, LineState, Trim, USER};
+use crate::engine::{Engine, Line, LineState, USER};
 use crate::error::{FtlError, Result};
-use crate::gc::Heat;
-use crate::io::{self, Cmd};
+use crate::heat::Heat;
+use crate::io::Cmd;
 use crate::layout::{Oob, MAX_GEN, MAX_SEQ, NO_SLOT, OOB_BYTES, PAD_LBA};
 use crate::map::Entry;
 use crate::metrics::Metrics;
+use crate::trims::Trim;
 
 /// Generation written in the OOB of padding added by recovery (belongs to no line).
 const RECOVERY_GEN: u32 = u32::MAX;
@@ -38,7 +38,7 @@ const RECOVERY_GEN: u32 = u32::MAX;
 impl Engine {
     /// Prepares a new disk: every chunk the device has written is reset, offline ones retired.
     pub async fn format(&mut self) -> Result<()> {
-        let table = chunk_table(&*self.ch).await?;
+        let table = self.flash.chunk_table().await?;
         let mut dirty = Vec::new();
         for (c, d) in table.iter().enumerate() {
             match d.state {
@@ -72,7 +72,7 @@ impl Engine {
             }
         }
         self.pad_open_chunks().await?;
-        let table = chunk_table(&*self.ch).await?;
+        let table = self.flash.chunk_table().await?;
         let lay = self.lay.clone();
         let mut readable = vec![0u32; lay.chunks as usize];
         let mut written = Vec::new();
@@ -153,7 +153,7 @@ impl Engine {
                 }
             }
         }
-        self.stored_trims = saved.trims.iter().map(|t| t.seq).collect();
+        self.trims.stored(saved.trims.iter().map(|t| t.seq));
         max_seq = saved.trims.iter().map(|t| t.seq).fold(max_seq, u64::max);
         for (range, seq) in newest_trims(saved.trims, self.user_lbas) {
             for lba in range {
@@ -244,7 +244,7 @@ impl Engine {
     /// Writes `mw_cunits` sectors of padding at the end of every open chunk so that the blocks
     /// still in the device's cache window can be read.
     async fn pad_open_chunks(&mut self) -> Result<()> {
-        let table = chunk_table(&*self.ch).await?;
+        let table = self.flash.chunk_table().await?;
         let geo = self.lay.geo.clone();
         let want = geo.mw_cunits.next_multiple_of(geo.ws_min);
         let mut todo: Vec<(u32, u32, u32)> = Vec::new();
@@ -278,7 +278,7 @@ impl Engine {
             if cmds.is_empty() {
                 break;
             }
-            for d in io::run(&*self.ch, cmds).await? {
+            for d in self.flash.run(cmds).await? {
                 if d.cqe.status == Status::INTERNAL_ERROR {
                     return Err(FtlError::Device { opcode: host_ftl::opcode::VECTOR_WRITE, status: d.cqe.status });
                 }
@@ -301,7 +301,7 @@ impl Engine {
                 )
             })
             .collect();
-        let done = io::run(&*self.ch, cmds).await?;
+        let done = self.flash.run(cmds).await?;
         let mut out = Vec::with_capacity(slots.len());
         for (g, d) in slots.chunks(per).zip(&done) {
             if d.cqe.status == Status::INTERNAL_ERROR {
