@@ -251,6 +251,16 @@ impl Records {
         Records { store, ns }
     }
 
+    /// Reads the disk's records (see [`load`]).
+    pub async fn load(&self, lay: &Layout) -> Result<Saved> {
+        load(self.store.clone(), self.ns.clone(), lay).await
+    }
+
+    /// Writes the format record and an empty checkpoint of a new disk.
+    pub async fn save_format(&self, format: Format, meta: Meta) -> Result<()> {
+        save_format(self.store.clone(), self.ns.clone(), format, meta).await
+    }
+
     /// Records a retired chunk.
     pub async fn save_bad(&self, chunk: u32) -> Result<()> {
         let (store, ns) = (self.store.clone(), self.ns.clone());

@@ -35,11 +35,6 @@ impl Notices {
         self.needed = true;
     }
 
-    /// Starts the count of requests anew (the FTL was just opened).
-    pub fn restart(&mut self) {
-        self.requests = 0;
-    }
-
     /// The newest notification acted on; older ones are not read again.
     pub fn seen(&self) -> u64 {
         self.seen

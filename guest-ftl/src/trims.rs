@@ -27,18 +27,13 @@ impl TrimLog {
 
     /// Trims not yet folded, stored or not: each stored one is a record the next checkpoint
     /// deletes.
-    pub fn len(&self) -> usize {
+    pub fn waiting(&self) -> usize {
         self.stored.len() + self.pending.len()
     }
 
     /// Whether trims wait to be written to the store.
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
-    }
-
-    /// Whether no trim waits for a checkpoint.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Takes the trims to be written to the store; once written, they are [`TrimLog::stored`].
@@ -74,15 +69,15 @@ mod tests {
         let mut log = TrimLog::default();
         log.push(Trim { seq: 4, start: 0, count: 8 });
         log.push(Trim { seq: 5, start: 8, count: 1 });
-        assert_eq!(log.len(), 2);
+        assert_eq!(log.waiting(), 2);
         assert!(log.has_pending());
         let taken = log.take_pending();
         log.stored(taken.iter().map(|t| t.seq));
         assert_eq!(log.stored_seqs(), &[4, 5]);
         assert!(log.take_pending().is_empty());
         log.push(Trim { seq: 6, start: 0, count: 1 });
-        assert_eq!(log.len(), 3);
+        assert_eq!(log.waiting(), 3);
         log.folded();
-        assert!(log.is_empty());
+        assert_eq!(log.waiting(), 0);
     }
 }
