@@ -62,9 +62,9 @@ impl DirectChannel {
         }
     }
 
-    /// A region big enough for the FTL on `geo` (see [`crate::io::region_bytes`]).
+    /// A region big enough for the FTL on `geo` (see [`crate::region::region_bytes`]).
     pub fn default_region_bytes(geo: &Geometry) -> usize {
-        crate::io::region_bytes(geo, geo.total_pus())
+        crate::region::region_bytes(geo, geo.total_pus())
     }
 
     /// Runs commands under the device's timing model on a simulated clock.

@@ -14,11 +14,10 @@ use std::sync::Arc;
 
 use state_store::{Batch, Store};
 
-use crate::engine::{Engine, LineState, Trim};
 use crate::error::{FtlError, Result};
 use crate::layout::{Layout, MAX_GEN, MAX_SEQ};
 use crate::map::PAGE_ENTRIES;
-use crate::metrics::Metrics;
+use crate::trims::Trim;
 
 const FORMAT_KEY: &[u8] = b"ftl/format";
 const META_KEY: &[u8] = b"ftl/meta";
@@ -241,30 +240,43 @@ pub async fn save_format(store: Arc<Store>, ns: String, format: Format, meta: Me
     .await
 }
 
-/// Records a retired chunk.
-pub async fn save_bad(eng: &Engine, chunk: u32) -> Result<()> {
-    let (store, ns) = (eng.store.clone(), eng.ns.clone());
-    blocking(move || {
-        let mut b = Batch::new();
-        b.put(&ns, key(BAD_PREFIX, &chunk.to_be_bytes()), [1u8]);
-        Ok(store.commit(b)?)
-    })
-    .await
+/// The disk's namespace in the store: where its records are read and written.
+pub struct Records {
+    store: Arc<Store>,
+    ns: String,
 }
 
-impl Engine {
-    /// Makes the trims since the last flush durable (the device must have been flushed first,
-    /// so that the writes before them are too).
-    pub async fn commit_trims(&mut self) -> Result<()> {
-        if self.pending_trims.is_empty() {
-            return Ok(());
-        }
-        // The device is flushed (the writes before the trims are durable); the trims are not.
-        failpoint::hit("guest_ftl::commit_trims::device-flushed");
-        let trims = std::mem::take(&mut self.pending_trims);
+impl Records {
+    pub fn new(store: Arc<Store>, ns: String) -> Records {
+        Records { store, ns }
+    }
+
+    /// Reads the disk's records (see [`load`]).
+    pub async fn load(&self, lay: &Layout) -> Result<Saved> {
+        load(self.store.clone(), self.ns.clone(), lay).await
+    }
+
+    /// Writes the format record and an empty checkpoint of a new disk.
+    pub async fn save_format(&self, format: Format, meta: Meta) -> Result<()> {
+        save_format(self.store.clone(), self.ns.clone(), format, meta).await
+    }
+
+    /// Records a retired chunk.
+    pub async fn save_bad(&self, chunk: u32) -> Result<()> {
         let (store, ns) = (self.store.clone(), self.ns.clone());
-        let seqs: Vec<u64> = trims.iter().map(|t| t.seq).collect();
-        let r = blocking(move || {
+        blocking(move || {
+            let mut b = Batch::new();
+            b.put(&ns, key(BAD_PREFIX, &chunk.to_be_bytes()), [1u8]);
+            Ok(store.commit(b)?)
+        })
+        .await
+    }
+
+    /// Records trims (the device must have been flushed first, so that the writes before them
+    /// are durable).
+    pub async fn save_trims(&self, trims: Vec<Trim>) -> Result<()> {
+        let (store, ns) = (self.store.clone(), self.ns.clone());
+        blocking(move || {
             let mut b = Batch::new();
             for t in &trims {
                 let mut v = t.start.to_le_bytes().to_vec();
@@ -273,46 +285,27 @@ impl Engine {
             }
             Ok(store.commit(b)?)
         })
-        .await;
-        match r {
-            Ok(()) => {
-                self.stored_trims.extend(seqs);
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        .await
     }
 
-    /// Takes a checkpoint: writes everything out, flushes the device, then saves the changed
-    /// map pages, the lines still open, chunk wear, and drops the trim records it covers.
-    pub async fn checkpoint(&mut self) -> Result<()> {
-        self.sync_all().await?;
-        // Everything written is durable on the device; the map that points at it is not.
-        failpoint::hit("guest_ftl::checkpoint::device-flushed");
-        let pages = self.map.dirty_pages();
-        let meta = Meta {
-            next_seq: self.next_seq,
-            next_gen: self.next_gen,
-            open_gens: self.lines.values().filter(|l| l.state != LineState::Closed).map(|l| l.gen).collect(),
-            wear: self.chunks.iter().map(|c| c.wear).collect(),
-        };
+    /// Commits a checkpoint in one synced batch: the map pages given (page number, encoded),
+    /// the meta record, and the deletion of the trim records `folded` (by sequence number).
+    pub async fn save_checkpoint(
+        &self,
+        pages: impl Iterator<Item = (usize, Vec<u8>)>,
+        meta: &Meta,
+        folded: &[u64],
+    ) -> Result<()> {
         let mut b = Batch::new();
-        for &p in &pages {
-            b.put(&self.ns, key(MAP_PREFIX, &(p as u32).to_be_bytes()), self.map.encode_page(p));
+        for (p, bytes) in pages {
+            b.put(&self.ns, key(MAP_PREFIX, &(p as u32).to_be_bytes()), bytes);
         }
         b.put(&self.ns, META_KEY, meta.encode());
-        for s in &self.stored_trims {
+        for s in folded {
             b.delete(&self.ns, key(TRIM_PREFIX, &s.to_be_bytes()));
         }
         let store = self.store.clone();
-        blocking(move || Ok(store.commit(b)?)).await?;
-        self.map.clear_dirty(&pages);
-        self.stored_trims.clear();
-        self.pending_trims.clear();
-        self.lines_since_ckpt = 0;
-        Metrics::add(&self.metrics.checkpoints, 1);
-        tracing::debug!(pages = pages.len(), seq = self.next_seq, "checkpoint");
-        Ok(())
+        blocking(move || Ok(store.commit(b)?)).await
     }
 }
 

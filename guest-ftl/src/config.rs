@@ -8,7 +8,7 @@ pub enum VictimPolicy {
     /// The closed line with the fewest valid blocks.
     Greedy,
     /// Cost-benefit: the closed line whose free space is worth most for how fast its blocks
-    /// die (see [`crate::gc`]): hot lines are cleaned emptier and cold lines fuller, so that cold
+    /// die (see the `heat` module): hot lines are cleaned emptier and cold lines fuller, so that cold
     /// data is not moved again and again just because its line is a little emptier than a hot
     /// one, and the spare space is split between temperatures as the write amplification model
     /// says is best.

@@ -6,32 +6,17 @@ use state_store::Store;
 use vdisk::device::{check_range, BlockDevice, DeviceInfo, IoFuture, RequestKind};
 use vdisk::{BlockError, IoBuf};
 
-use crate::channel::{notifications, FlashChannel};
-use crate::checkpoint::{self, Format, Meta};
+pub use crate::blocks::Space;
+use crate::channel::FlashChannel;
+use crate::checkpoint;
 use crate::config::FtlConfig;
-use crate::engine::{Engine, LineState, USER, USER_COLD};
+use crate::engine::Engine;
 use crate::error::{FtlError, Result};
+use crate::flash::Flash;
 use crate::io::{Cmd, ReadArea, READ_SLOT_BLOCKS};
-use crate::layout::{Layout, LBA_BYTES, NO_SLOT};
+use crate::layout::{Layout, LBA_BYTES};
 use crate::metrics::{Metrics, MetricsSnapshot};
-
-/// How the partition's space is used (see [`Ftl::space`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Space {
-    pub free_chunks: u32,
-    pub open_lines: u32,
-    pub full_lines: u32,
-    pub closed_lines: u32,
-    pub aborted_lines: u32,
-    /// Cleaned lines waiting for their reset.
-    pub drained_lines: u32,
-    /// Slots in all lines.
-    pub line_slots: u64,
-    /// Valid slots in all lines.
-    pub valid_slots: u64,
-    /// Mapped logical blocks.
-    pub mapped: u64,
-}
+use crate::streams::{USER, USER_COLD};
 
 /// Logical blocks a user write appends before it pays the rate limiter again.
 const WRITE_GROUP: u32 = 64;
@@ -39,9 +24,8 @@ const WRITE_GROUP: u32 = 64;
 /// One guest FTL: a disk on a partition of an open-channel SSD.
 pub struct Ftl {
     eng: tokio::sync::Mutex<Engine>,
-    /// The channel and layout, for reads that run without the engine's lock.
-    ch: Arc<dyn FlashChannel>,
-    lay: Layout,
+    /// The channel, layout and erase gate, for reads that run without the engine's lock.
+    flash: Flash,
     /// Where those reads put their commands; `None` when the region is too small for it.
     reads: Option<ReadArea>,
     info: DeviceInfo,
@@ -69,16 +53,17 @@ impl Ftl {
             )));
         }
         let saved = checkpoint::load(store.clone(), namespace.to_string(), &lay).await?;
-        let (channel, layout, reads) = (ch.clone(), lay.clone(), ReadArea::new(&*ch));
+        let reads = ReadArea::new(&*ch);
         let mut cfg = cfg;
-        let mut eng = match saved.format {
+        let eng = match saved.format {
             None => {
                 let total = lay.total_slots();
                 let user = (total as f64 / (1.0 + cfg.over_provisioning)).floor() as u64;
                 let user_lbas = u32::try_from(user).map_err(|_| FtlError::Config("disk too large".into()))?;
+                let line = u64::from(lay.pus * lay.spc);
+                let pus = lay.pus;
                 let mut eng = Engine::new(ch, lay, cfg.clone(), store.clone(), namespace.to_string(), user_lbas);
-                let line = u64::from(eng.lay.pus * eng.lay.spc);
-                let need_lines = u64::from(eng.reserve_chunks() / eng.lay.pus + streams + cfg.gc_free_lines + 1);
+                let need_lines = u64::from(eng.reserve_chunks() / pus + streams + cfg.gc_free_lines + 1);
                 if total - user < need_lines * line {
                     return Err(FtlError::Config(format!(
                         "over-provisioning {} leaves {} spare blocks; garbage collection on this geometry needs {}",
@@ -90,15 +75,8 @@ impl Ftl {
                 eng.format().await?;
                 // The partition's chunks are reset; the format record is not written.
                 failpoint::hit("guest_ftl::open::formatted");
-                let format = Format { user_lbas, block_size: cfg.block_size, chunks: eng.lay.chunks, spc: eng.lay.spc };
-                let meta = Meta {
-                    next_seq: 1,
-                    next_gen: 1,
-                    open_gens: Vec::new(),
-                    wear: eng.chunks.iter().map(|c| c.wear).collect(),
-                };
-                checkpoint::save_format(store, namespace.to_string(), format, meta).await?;
-                tracing::info!(namespace, user_lbas, free = eng.free, "guest FTL formatted");
+                eng.save_format(cfg.block_size).await?;
+                tracing::info!(namespace, user_lbas, free = eng.free_chunks(), "guest FTL formatted");
                 eng
             }
             Some(f) => {
@@ -111,14 +89,13 @@ impl Ftl {
                 eng
             }
         };
-        eng.ops_since_notes = 0;
         let info = DeviceInfo {
-            capacity: u64::from(eng.user_lbas) * LBA_BYTES as u64,
+            capacity: u64::from(eng.user_lbas()) * LBA_BYTES as u64,
             block_size: cfg.block_size,
             read_only: false,
         };
-        let metrics = eng.metrics.clone();
-        Ok(Ftl { eng: tokio::sync::Mutex::new(eng), ch: channel, lay: layout, reads, info, metrics })
+        let (metrics, flash) = (eng.metrics().clone(), eng.flash().clone());
+        Ok(Ftl { eng: tokio::sync::Mutex::new(eng), flash, reads, info, metrics })
     }
 
     /// The live counters.
@@ -141,33 +118,17 @@ impl Ftl {
 
     /// Wear (resets) of every chunk of the partition, in chunk-index order.
     pub async fn chunk_wear(&self) -> Vec<u32> {
-        self.eng.lock().await.chunks.iter().map(|c| c.wear).collect()
+        self.eng.lock().await.chunk_wear()
     }
 
     /// How the partition's space is used right now.
     pub async fn space(&self) -> Space {
-        let eng = self.eng.lock().await;
-        let mut s = Space { free_chunks: eng.free, ..Space::default() };
-        for l in eng.lines.values() {
-            let cap = u64::from(l.capacity(&eng.lay));
-            match l.state {
-                LineState::Open => s.open_lines += 1,
-                LineState::Full => s.full_lines += 1,
-                LineState::Closed => s.closed_lines += 1,
-                LineState::Aborted => s.aborted_lines += 1,
-                LineState::Drained => s.drained_lines += 1,
-            }
-            s.line_slots += cap;
-            s.valid_slots += u64::from(l.valid);
-        }
-        s.mapped = (0..eng.user_lbas).filter(|&l| eng.map.get(l).is_mapped()).count() as u64;
-        s
+        self.eng.lock().await.space()
     }
 
     /// Chunks retired so far, in chunk-index order.
     pub async fn bad_chunks(&self) -> Vec<u32> {
-        let eng = self.eng.lock().await;
-        eng.chunks.iter().enumerate().filter(|(_, c)| c.bad).map(|(i, _)| i as u32).collect()
+        self.eng.lock().await.bad_chunks()
     }
 
     async fn do_read(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
@@ -199,7 +160,7 @@ impl Ftl {
     /// Reads logical blocks `first..first + n` with the engine locked throughout.
     async fn read_locked(&self, first: u32, n: u32, out: &mut [u8]) -> Result<()> {
         let mut eng = self.eng.lock().await;
-        maintain(&mut eng).await?;
+        eng.before_request().await?;
         out.copy_from_slice(&eng.read_lbas(first, n).await?);
         Ok(())
     }
@@ -220,36 +181,21 @@ impl Ftl {
         let block = |k: usize| k * LBA_BYTES..(k + 1) * LBA_BYTES;
         let gate = {
             let mut eng = self.eng.lock().await;
-            maintain(&mut eng).await?;
-            for k in 0..n {
-                let lba = first + k;
-                if eng.lost.contains(&lba) {
-                    return Err(FtlError::Lost { lba, slot: NO_SLOT, status: host_ftl::Status::OFFLINE_CHUNK });
-                }
-                let e = eng.map.get(lba);
-                let k = k as usize;
-                if !e.is_mapped() {
-                    out[block(k)].fill(0);
-                    continue;
-                }
-                match eng.cache.get(&e.slot) {
-                    Some(c) => out[block(k)].copy_from_slice(&c.data),
-                    None => dev.push((k, e.slot)),
-                }
-            }
+            eng.before_request().await?;
+            eng.read_without_device(first, n, out, &mut dev)?;
             if dev.is_empty() {
                 return Ok(());
             }
             // Resets take the gate only with the engine locked, so it is free now.
-            match eng.erase_gate.clone().try_read_owned() {
-                Ok(g) => g,
-                Err(_) => {
+            match eng.flash().read_gate() {
+                Some(g) => g,
+                None => {
                     out.copy_from_slice(&eng.read_lbas(first, n).await?);
                     return Ok(());
                 }
             }
         };
-        let lay = &self.lay;
+        let lay = self.flash.lay();
         let per = lay.max_cmd_slots.max(1) as usize;
         let cmds: Vec<Cmd> = dev
             .chunks(per)
@@ -257,11 +203,11 @@ impl Ftl {
                 Cmd::read(group.iter().flat_map(|&(_, s)| lay.ppas(lay.chunk_of(s), lay.offset_of(s), 1)).collect())
             })
             .collect();
-        let done = dma.read(&*self.ch, &cmds).await;
+        let done = dma.read(self.flash.ch(), &cmds).await;
         drop(gate);
         let done = done?;
         let spl = lay.spl as usize;
-        let region = self.ch.region();
+        let region = self.flash.ch().region();
         let (mut warned, mut failed) = (Vec::new(), false);
         for (group, d) in dev.chunks(per).zip(&done) {
             for (i, &(k, slot)) in group.iter().enumerate() {
@@ -294,7 +240,7 @@ impl Ftl {
         let first = (offset / lb) as u32;
         let last = ((offset + len - 1) / lb) as u32;
         let mut eng = self.eng.lock().await;
-        maintain(&mut eng).await?;
+        eng.before_request().await?;
         let mut lba = first;
         while lba <= last {
             let group_end = last.min(lba.saturating_add(WRITE_GROUP - 1));
@@ -313,11 +259,7 @@ impl Ftl {
                     Some(d) => dst.copy_from_slice(&d[(from - offset) as usize..(to - offset) as usize]),
                     None => dst.fill(0),
                 }
-                let stream = eng.user_stream(l);
-                eng.make_room_for_user_line(stream).await?;
-                let seq = eng.take_seq()?;
-                eng.append(stream, l, seq, block.into_boxed_slice())?;
-                Metrics::add(&eng.metrics.user_slots, 1);
+                eng.write_user_block(l, block.into_boxed_slice()).await?;
             }
             eng.submit(&[]).await?;
             lba = group_end + 1;
@@ -325,7 +267,7 @@ impl Ftl {
         if fua {
             eng.sync(&[USER, USER_COLD]).await?;
         }
-        finish(&mut eng).await
+        eng.after_request().await
     }
 
     async fn do_trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
@@ -334,7 +276,7 @@ impl Ftl {
         let end_full = (offset + len) / lb;
         if first_full < end_full {
             let mut eng = self.eng.lock().await;
-            maintain(&mut eng).await?;
+            eng.before_request().await?;
             eng.trim(first_full as u32, (end_full - first_full) as u32)?;
         }
         // Partly covered blocks at either end get zeros written.
@@ -351,63 +293,16 @@ impl Ftl {
             eng.sync(&[USER, USER_COLD]).await?;
             eng.commit_trims().await?;
         }
-        finish(&mut eng).await
+        eng.after_request().await
     }
 
     async fn do_flush(&self) -> Result<()> {
         let mut eng = self.eng.lock().await;
-        maintain(&mut eng).await?;
+        eng.before_request().await?;
         eng.sync_all().await?;
         eng.commit_trims().await?;
-        finish(&mut eng).await
+        eng.after_request().await
     }
-}
-
-/// Before a request: poll chunk notifications when due, and clean lines that need it.
-async fn maintain(eng: &mut Engine) -> Result<()> {
-    eng.ops_since_notes += 1;
-    if eng.needs_notes || eng.ops_since_notes >= eng.cfg.notify_every {
-        eng.ops_since_notes = 0;
-        eng.needs_notes = false;
-        poll_notes(eng).await?;
-    }
-    if !eng.urgent.is_empty() {
-        eng.clean_urgent().await?;
-    }
-    Ok(())
-}
-
-/// After a request: take a checkpoint when enough lines were opened since the last one, or
-/// enough trims are waiting for one.
-async fn finish(eng: &mut Engine) -> Result<()> {
-    let trims = eng.stored_trims.len() + eng.pending_trims.len();
-    if eng.lines_since_ckpt >= eng.cfg.checkpoint_lines || trims >= checkpoint::MAX_TRIM_RECORDS {
-        eng.checkpoint().await?;
-    }
-    Ok(())
-}
-
-/// Acts on the device's chunk notifications: offline chunks are retired and their lines
-/// relocated; blocks that need a refresh get their line relocated.
-async fn poll_notes(eng: &mut Engine) -> Result<()> {
-    let notes = notifications(&*eng.ch, eng.notes_seen).await?;
-    for n in notes {
-        eng.notes_seen = eng.notes_seen.max(n.nc);
-        let Some(c) = eng.lay.chunk_of_ppa(n.ppa.0) else { continue };
-        let line = eng.chunks.get(c as usize).and_then(|ci| ci.line);
-        if n.is_offline() {
-            tracing::warn!(chunk = c, "chunk went offline");
-            eng.retire_chunk(c).await?;
-        }
-        if n.is_offline() || n.needs_refresh() {
-            if let Some(g) = line {
-                if !eng.urgent.contains(&g) {
-                    eng.urgent.push_back(g);
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 fn block_err(e: FtlError) -> BlockError {

@@ -7,8 +7,8 @@
 //!
 //! # Who uses which part of the region
 //!
-//! The engine (under the FTL's lock) uses the front of the region ([`engine_window`]). When the
-//! region is big enough, its tail is a [`ReadArea`]: [`READ_SLOTS`] fixed slots, each holding one
+//! The engine (under the FTL's lock) uses the front of the region ([`engine_window`], see
+//! [`crate::region`]). When the region is big enough, its tail is a [`ReadArea`]: [`READ_SLOTS`] fixed slots, each holding one
 //! read of up to [`READ_SLOT_BLOCKS`] blocks, which reads use *without* the lock, so that many
 //! reads have their flash I/O in flight at once, beside the engine's.
 
@@ -16,11 +16,13 @@ use std::sync::Mutex;
 
 use futures_util::future::join_all;
 use host_ftl::command::FUA as FUA_BIT;
-use host_ftl::{opcode, Cqe, Geometry, Sqe};
+use host_ftl::{opcode, Cqe, Sqe};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::channel::{next_cid, FlashChannel};
 use crate::error::{FtlError, Result};
+use crate::region::read_bytes;
+pub use crate::region::{engine_window, region_bytes, READ_SLOTS, READ_SLOT_BLOCKS};
 
 /// One vector command (or a flush, with no addresses).
 #[derive(Debug)]
@@ -100,53 +102,12 @@ struct Placed {
     oob: u64,
 }
 
-/// Reads in flight without the FTL's lock at most (the slots of the [`ReadArea`]).
-pub const READ_SLOTS: usize = 32;
 /// Commands of one round at most: a quarter of the host driver's queue depth
 /// ([`host_ftl::driver::MAX_QUEUE_DEPTH`]), so a round never meets its limit, with room for the
-/// lock-free reads beside it (at most [`READ_SLOTS`] reads of at most 7 commands). Resets take
+/// lock-free reads beside it (at most [`READ_SLOTS`](crate::region::READ_SLOTS) reads of at most 7 commands). Resets take
 /// no room in the region, so without this a format or recovery put every chunk's in one round.
 pub const MAX_ROUND: usize = 256;
 const _: () = assert!(MAX_ROUND + READ_SLOTS * 7 <= host_ftl::driver::MAX_QUEUE_DEPTH);
-/// 4 KiB blocks one lock-free read may cover (128 KiB); longer reads take the lock.
-pub const READ_SLOT_BLOCKS: u32 = 32;
-
-/// Bytes of the region one read of `blocks` 4 KiB blocks needs at most (address lists, data,
-/// OOB of all its commands).
-fn read_bytes(geo: &Geometry, blocks: u32) -> usize {
-    let spl = (crate::layout::LBA_BYTES / geo.block_size.max(1) as usize).max(1);
-    let per_block = spl * 8 + crate::layout::LBA_BYTES + spl * geo.oob_size as usize;
-    blocks as usize * per_block
-}
-
-/// Bytes of the read area, when the region has one.
-fn read_area_bytes(geo: &Geometry) -> usize {
-    READ_SLOTS * read_bytes(geo, READ_SLOT_BLOCKS)
-}
-
-/// Bytes of one full vector command (64 addresses, their data and OOB).
-fn full_cmd_bytes(geo: &Geometry) -> usize {
-    64 * (8 + geo.block_size as usize + geo.oob_size as usize)
-}
-
-/// A region big enough for an FTL on `pus` parallel units of a device shaped like `geo`: a full
-/// vector command per PU plus two for garbage collection and admin (at least eight) for the
-/// engine, and the read area.
-pub fn region_bytes(geo: &Geometry, pus: usize) -> usize {
-    full_cmd_bytes(geo) * (pus + 2).max(8) + read_area_bytes(geo)
-}
-
-/// The bytes at the front of a region of `len` bytes that the engine uses: all of it, unless
-/// the region is big enough to give the read area its tail and keep eight full commands for the
-/// engine (regions made before the read area existed are all the engine's).
-pub fn engine_window(geo: &Geometry, len: usize) -> usize {
-    let area = read_area_bytes(geo);
-    if len >= area + 8 * full_cmd_bytes(geo) {
-        len - area
-    } else {
-        len
-    }
-}
 
 /// The slots of the region that reads use without the FTL's lock (see the module docs).
 pub struct ReadArea {

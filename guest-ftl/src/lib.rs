@@ -22,11 +22,19 @@
 //!
 //! # Modules
 //!
-//! [`layout`] (slots, units, OOB), [`map`] (the L2P map), [`engine`] (lines, write buffer,
-//! write and read paths), [`streams`] (which stream a block is written to), [`gc`] (victims,
-//! rate limiter, wear levelling), [`checkpoint`] (what is stored where), [`recovery`] (format
-//! and recovery), [`ftl`] (the `BlockDevice`), [`channel`] (the boundary), [`sim`] (power-loss
-//! media for tests).
+//! From the bottom up (each uses only modules of its own row or the rows above):
+//!
+//! | module | idea |
+//! |---|---|
+//! | [`error`], [`config`], [`metrics`], [`layout`] | errors, settings, counters; slots, units and OOB on the geometry |
+//! | [`region`], [`channel`], [`io`] | the DMA region's division; the boundary to the host driver; running command batches |
+//! | [`map`], [`checkpoint`], `trims`, `notices` | the L2P map and its pages; what is stored where; trims on their way to a checkpoint; when notifications are read |
+//! | `heat`, `streams` | how fast blocks die; which stream (open line) a block goes to |
+//! | `blocks` | the mapping both ways, the lines and the write buffer, kept in step (`Blocks`) |
+//! | `flash` | the channel, layout and erase gate as the engine uses them |
+//! | `engine` | what the FTL does with its state: write and read paths, GC and its rate limiter, durability, format and recovery |
+//! | [`ftl`] | the `BlockDevice` |
+//! | [`sim`] | power-loss media for tests |
 //!
 //! # Durability and crash recovery
 //!
@@ -65,7 +73,7 @@
 //!   after that relocation is durable. A write the device did not execute (internal error, a
 //!   dead queue) is simply tried again later, and the request fails.
 //!
-//! **Why every acknowledged write is found.** Recovery (see [`recovery`]) starts from the last
+//! **Why every acknowledged write is found.** Recovery (the engine's `recovery` module) starts from the last
 //! checkpoint, whose entries point at durable data. Everything written after it went to a line
 //! opened after it (generation ≥ the checkpoint's) or to a line open at it: recovery reads the
 //! chunk table, reads the generation from the first block of every written chunk, and reads the
@@ -107,20 +115,24 @@
 //! * Metadata is in memory: 12 bytes of map per 4 KiB block, 4 bytes of reverse map and a bit
 //!   per physical slot.
 
+mod blocks;
 pub mod channel;
 pub mod checkpoint;
 pub mod config;
-pub mod engine;
+mod engine;
 pub mod error;
+mod flash;
 pub mod ftl;
-pub mod gc;
+mod heat;
 pub mod io;
 pub mod layout;
 pub mod map;
 pub mod metrics;
-pub mod recovery;
+mod notices;
+pub mod region;
 pub mod sim;
-pub mod streams;
+mod streams;
+mod trims;
 
 pub use channel::{CmdFuture, DirectChannel, FlashChannel};
 pub use config::{FtlConfig, VictimPolicy};

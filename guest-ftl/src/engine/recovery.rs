@@ -22,15 +22,14 @@ use std::ops::Range;
 
 use host_ftl::{ChunkState, Status};
 
-use crate::channel::chunk_table;
+use super::Engine;
 use crate::checkpoint::Saved;
-use crate::engine::{Engine, Line, LineState, Trim, USER};
 use crate::error::{FtlError, Result};
-use crate::gc::Heat;
-use crate::io::{self, Cmd};
+use crate::io::Cmd;
 use crate::layout::{Oob, MAX_GEN, MAX_SEQ, NO_SLOT, OOB_BYTES, PAD_LBA};
 use crate::map::Entry;
 use crate::metrics::Metrics;
+use crate::trims::Trim;
 
 /// Generation written in the OOB of padding added by recovery (belongs to no line).
 const RECOVERY_GEN: u32 = u32::MAX;
@@ -38,25 +37,24 @@ const RECOVERY_GEN: u32 = u32::MAX;
 impl Engine {
     /// Prepares a new disk: every chunk the device has written is reset, offline ones retired.
     pub async fn format(&mut self) -> Result<()> {
-        let table = chunk_table(&*self.ch).await?;
+        let table = self.flash.chunk_table().await?;
         let mut dirty = Vec::new();
         for (c, d) in table.iter().enumerate() {
             match d.state {
-                ChunkState::Offline => self.chunks[c].bad = true,
+                ChunkState::Offline => self.blocks.lines_mut().mark_bad(c as u32),
                 ChunkState::Open | ChunkState::Closed => dirty.push(c as u32),
                 ChunkState::Free => {}
             }
-            self.chunks[c].wear = wear_from_wli(self, d.wli);
+            let wear = wear_from_wli(self, d.wli);
+            self.blocks.lines_mut().set_wear(c as u32, wear);
         }
-        let st = self.reset_chunks(&dirty).await?;
+        let st = self.flash.reset(&dirty).await?;
         for (&c, s) in dirty.iter().zip(st) {
             if !s.is_success() {
-                self.chunks[c as usize].bad = true;
+                self.blocks.lines_mut().mark_bad(c);
             }
         }
-        self.free = self.chunks.iter().filter(|c| !c.bad && c.line.is_none()).count() as u32;
-        Metrics::set(&self.metrics.free_chunks, u64::from(self.free));
-        Metrics::set(&self.metrics.bad_chunks, self.chunks.iter().filter(|c| c.bad).count() as u64);
+        self.blocks.lines_mut().recount();
         Ok(())
     }
 
@@ -64,23 +62,21 @@ impl Engine {
     pub async fn recover(&mut self, saved: Saved) -> Result<()> {
         let meta = saved.meta.unwrap_or_default();
         for (p, bytes) in &saved.pages {
-            self.map.decode_page(*p, bytes)?;
+            self.blocks.load_page(*p, bytes)?;
         }
         for &c in &saved.bad {
-            if let Some(ci) = self.chunks.get_mut(c as usize) {
-                ci.bad = true;
-            }
+            self.blocks.lines_mut().mark_bad(c);
         }
         self.pad_open_chunks().await?;
-        let table = chunk_table(&*self.ch).await?;
+        let table = self.flash.chunk_table().await?;
         let lay = self.lay.clone();
         let mut readable = vec![0u32; lay.chunks as usize];
         let mut written = Vec::new();
         for (c, d) in table.iter().enumerate() {
             let w = wear_from_wli(self, d.wli).max(meta.wear.get(c).copied().unwrap_or(0));
-            self.chunks[c].wear = w;
+            self.blocks.lines_mut().set_wear(c as u32, w);
             match d.state {
-                ChunkState::Offline => self.chunks[c].bad = true,
+                ChunkState::Offline => self.blocks.lines_mut().mark_bad(c as u32),
                 ChunkState::Open | ChunkState::Closed => {
                     tracing::trace!(chunk = c, state = ?d.state, wp = d.written(), "written chunk");
                     readable[c] = lay.readable_slots(d.written() as u32, d.state == ChunkState::Open);
@@ -113,8 +109,8 @@ impl Engine {
         let scanned = |g: u32| g >= meta.next_gen || meta.open_gens.contains(&g);
         // Checkpoint entries stand only on chunks nobody reset or rewrote since.
         let mut max_seq = meta.next_seq.saturating_sub(1);
-        for lba in 0..self.user_lbas {
-            let e = self.map.get(lba);
+        for lba in 0..self.user_lbas() {
+            let e = self.blocks.mapping().get(lba);
             if !e.is_mapped() {
                 continue;
             }
@@ -125,9 +121,9 @@ impl Engine {
             tracing::trace!(lba, slot = e.slot, chunk = c, keep, gen = ?gen_of.get(&c), "checkpoint entry");
             if !keep {
                 if table.get(c as usize).is_some_and(|d| d.state == ChunkState::Offline) {
-                    self.lost.insert(lba);
+                    self.blocks.restore_lost(lba, true);
                 }
-                self.map.set(lba, Entry { slot: NO_SLOT, seq: e.seq });
+                self.blocks.restore(lba, Entry { slot: NO_SLOT, seq: e.seq });
             }
         }
         // Blocks written since the checkpoint.
@@ -140,26 +136,26 @@ impl Engine {
             let oobs = self.read_oobs(&slots).await?;
             for (&slot, o) in slots.iter().zip(oobs) {
                 let Some(o) = o else { continue };
-                if o.gen != g || o.lba == PAD_LBA || o.lba >= self.user_lbas {
+                if o.gen != g || o.lba == PAD_LBA || o.lba >= self.user_lbas() {
                     continue;
                 }
                 scanned_blocks += 1;
                 tracing::trace!(lba = o.lba, slot, seq = o.seq, gen = g, "scanned");
                 max_seq = max_seq.max(o.seq);
-                let cur = self.map.get(o.lba);
+                let cur = self.blocks.mapping().get(o.lba);
                 if o.seq > cur.seq || (o.seq == cur.seq && !cur.is_mapped()) {
-                    self.map.set(o.lba, Entry { slot, seq: o.seq });
-                    self.lost.remove(&o.lba);
+                    self.blocks.restore(o.lba, Entry { slot, seq: o.seq });
+                    self.blocks.restore_lost(o.lba, false);
                 }
             }
         }
-        self.stored_trims = saved.trims.iter().map(|t| t.seq).collect();
+        self.trims.stored(saved.trims.iter().map(|t| t.seq));
         max_seq = saved.trims.iter().map(|t| t.seq).fold(max_seq, u64::max);
-        for (range, seq) in newest_trims(saved.trims, self.user_lbas) {
+        for (range, seq) in newest_trims(saved.trims, self.user_lbas()) {
             for lba in range {
-                if self.map.get(lba).seq < seq {
-                    self.map.set(lba, Entry { slot: NO_SLOT, seq });
-                    self.lost.remove(&lba);
+                if self.blocks.mapping().get(lba).seq < seq {
+                    self.blocks.restore(lba, Entry { slot: NO_SLOT, seq });
+                    self.blocks.restore_lost(lba, false);
                 }
             }
         }
@@ -168,83 +164,41 @@ impl Engine {
         for (&c, &g) in &gen_of {
             groups.entry(g).or_default().push(c);
         }
-        let spc = lay.spc;
         for (g, members) in groups {
             let open = members.iter().any(|&c| table[c as usize].state == ChunkState::Open);
-            for &c in &members {
-                let ci = &mut self.chunks[c as usize];
-                ci.line = Some(g);
-                ci.wp = readable[c as usize];
-                ci.released = spc;
-                ci.touched = true;
-            }
-            let n = members.len();
-            let alloc: Vec<u32> = members.iter().map(|&c| readable[c as usize]).collect();
-            let state = if open { LineState::Aborted } else { LineState::Closed };
-            self.lines.insert(
-                g,
-                Line {
-                    gen: g,
-                    members,
-                    stream: USER,
-                    state,
-                    pos: n as u32 * spc,
-                    alloc,
-                    valid: 0,
-                    heat: Heat::new(meta.next_seq),
-                    needs: Vec::new(),
-                },
-            );
-            if open {
-                self.urgent.push_back(g);
-            }
+            self.blocks.lines_mut().add_recovered(g, members, open, &readable, meta.next_seq);
         }
-        for lba in 0..self.user_lbas {
-            let e = self.map.get(lba);
-            if e.is_mapped() {
-                self.remap_recovered(lba, e.slot);
-            }
-        }
+        self.blocks.recount();
         // Written chunks of no line (only recovery padding, or unreadable): reset them.
         let orphans: Vec<u32> = written.iter().copied().filter(|c| !gen_of.contains_key(c)).collect();
-        let st = self.reset_chunks(&orphans).await?;
+        let st = self.flash.reset(&orphans).await?;
         for (&c, s) in orphans.iter().zip(st) {
             if s.is_success() {
-                self.chunks[c as usize].wear += 1;
+                self.blocks.lines_mut().reset_done(c);
             } else {
-                self.chunks[c as usize].bad = true;
+                self.blocks.lines_mut().mark_bad(c);
             }
         }
-        self.free = self.chunks.iter().filter(|c| !c.bad && c.line.is_none()).count() as u32;
+        self.blocks.lines_mut().recount();
         // Every input was checked (records at decode, OOB by `ours`): no overflow is left.
-        self.next_seq = self.next_seq.max(meta.next_seq).max(max_seq.saturating_add(1));
+        self.blocks.restore_next_seq(meta.next_seq.max(max_seq.saturating_add(1)));
         let max_gen = gen_of.values().copied().max().unwrap_or(0);
-        self.next_gen = self.next_gen.max(meta.next_gen).max(max_gen.saturating_add(1));
-        Metrics::set(&self.metrics.free_chunks, u64::from(self.free));
-        Metrics::set(&self.metrics.bad_chunks, self.chunks.iter().filter(|c| c.bad).count() as u64);
-        Metrics::set(&self.metrics.lost_blocks, self.lost.len() as u64);
+        self.blocks.lines_mut().restore_next_gen(meta.next_gen.max(max_gen.saturating_add(1)));
+        Metrics::set(&self.metrics.lost_blocks, self.blocks.mapping().lost_count() as u64);
         tracing::info!(
-            lines = self.lines.len(),
+            lines = self.blocks.lines().len(),
             scanned_blocks,
-            reopened = self.urgent.len(),
-            free = self.free,
+            reopened = self.blocks.lines().urgent_len(),
+            free = self.free_chunks(),
             "guest FTL recovered"
         );
         Ok(())
     }
 
-    fn remap_recovered(&mut self, lba: u32, slot: u32) {
-        let e = self.map.get(lba);
-        // Re-setting the entry marks the slot valid in its line.
-        self.map.set(lba, Entry::UNMAPPED);
-        self.remap(lba, e);
-        debug_assert_eq!(self.map.get(lba).slot, slot);
-    }
-
     /// Writes `mw_cunits` sectors of padding at the end of every open chunk so that the blocks
     /// still in the device's cache window can be read.
     async fn pad_open_chunks(&mut self) -> Result<()> {
-        let table = chunk_table(&*self.ch).await?;
+        let table = self.flash.chunk_table().await?;
         let geo = self.lay.geo.clone();
         let want = geo.mw_cunits.next_multiple_of(geo.ws_min);
         let mut todo: Vec<(u32, u32, u32)> = Vec::new();
@@ -278,7 +232,7 @@ impl Engine {
             if cmds.is_empty() {
                 break;
             }
-            for d in io::run(&*self.ch, cmds).await? {
+            for d in self.flash.run(cmds).await? {
                 if d.cqe.status == Status::INTERNAL_ERROR {
                     return Err(FtlError::Device { opcode: host_ftl::opcode::VECTOR_WRITE, status: d.cqe.status });
                 }
@@ -301,7 +255,7 @@ impl Engine {
                 )
             })
             .collect();
-        let done = io::run(&*self.ch, cmds).await?;
+        let done = self.flash.run(cmds).await?;
         let mut out = Vec::with_capacity(slots.len());
         for (g, d) in slots.chunks(per).zip(&done) {
             if d.cqe.status == Status::INTERNAL_ERROR {
