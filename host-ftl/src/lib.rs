@@ -51,4 +51,4 @@ pub use fault::{Fault, FaultConfig, FaultKind};
 pub use geometry::{Geometry, LbaFormat};
 pub use media::{FileMedia, Media, MediaOp, MemMedia};
 pub use notify::ChunkNotification;
-pub use timing::{OpKind, TimingModel};
+pub use timing::{Costs, OpKind, TimingModel};

@@ -19,12 +19,13 @@ use super::fair::{Dispatched, Estimate, SchedConfig, Scheduler};
 use super::notify::{GuestLog, Router};
 use super::partition::Partition;
 use super::reclaim::ReclaimJob;
-use super::validate::{Checked, CostModel, POISON};
+use super::validate::{Checked, POISON};
 use crate::address::{Addr, Ppa};
 use crate::chunk::ChunkState;
 use crate::command::{opcode, Cqe, Status};
 use crate::device::Device;
 use crate::dma::DmaRegion;
+use crate::timing::Costs;
 
 /// Counters of one guest, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -196,7 +197,7 @@ pub(crate) struct Engine {
     pub(crate) device: Arc<Device>,
     pub(crate) cfg: EngineConfig,
     pub(crate) sched: Scheduler<Job>,
-    pub(crate) costs: CostModel,
+    pub(crate) costs: Costs,
     inflight: BTreeMap<(u64, u64), InFlight>,
     seq: u64,
     guests: BTreeMap<u64, EngineGuest>,
@@ -212,13 +213,14 @@ pub(crate) struct Engine {
 impl Engine {
     pub(crate) fn new(
         device: Arc<Device>,
+        costs: Costs,
         cfg: EngineConfig,
         router: Arc<Router>,
         next_flow: Arc<AtomicU64>,
     ) -> Engine {
         Engine {
             sched: Scheduler::new(cfg.sched.clone()),
-            costs: CostModel::new(device.geometry()),
+            costs,
             device,
             cfg,
             inflight: BTreeMap::new(),

@@ -62,12 +62,13 @@ use engine::{Engine, EngineConfig, GuestShared, Msg};
 use fair::SchedConfig;
 use notify::{GuestLog, Router};
 use partition::PartitionTable;
-use validate::{CostModel, POISON};
+use validate::POISON;
 
 use crate::address::{Addr, Ppa};
 use crate::device::Device;
 use crate::dma::DmaRegion;
 use crate::geometry::{Geometry, MAX_VECTOR};
+use crate::timing::{Costs, OpKind};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic never happens under these locks on purpose; if one did, the state is still the
@@ -273,7 +274,7 @@ pub(crate) struct Core {
     pub(crate) engine: Mutex<Engine>,
     pub(crate) router: Arc<Router>,
     pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) costs: CostModel,
+    pub(crate) costs: Costs,
     /// On the real clock, a submitter that finds the engine unlocked runs it itself instead of
     /// waking the dispatcher thread (see [`Core::run_inline`]).
     pub(crate) inline: bool,
@@ -431,18 +432,18 @@ impl Driver {
             ClockConfig::Real => (Arc::new(MonotonicClock), None),
             ClockConfig::Simulated(c) => (c.clone(), Some(c.clone())),
         };
-        let costs = CostModel::new(&geo);
+        let costs = *device.timing().costs();
         let budget = |b: Budget, auto: u64| match b {
             Budget::Auto => Some(auto),
             Budget::Unlimited => None,
             Budget::Ns(ns) => Some(ns),
         };
         let full = MAX_VECTOR as u64;
-        let auto_pu = full.div_ceil(u64::from(geo.ws_min)) * u64::from(geo.program_ns) + full * geo.transfer_ns();
+        let auto_pu = costs.media(OpKind::Program, full) + costs.transfer(full);
         let sched = SchedConfig {
             policy: config.policy,
             pu_budget: budget(config.pu_budget, auto_pu),
-            channel_budget: budget(config.channel_budget, u64::from(geo.num_pu) * full * geo.transfer_ns()),
+            channel_budget: budget(config.channel_budget, u64::from(geo.num_pu) * costs.transfer(full)),
             scan_limit: config.scan_limit.max(1),
             burst_ns: config.burst_ns,
         };
@@ -454,7 +455,7 @@ impl Driver {
             reclaim_weight: config.reclaim_weight.max(1),
             reclaim_batch: config.reclaim_batch,
         };
-        let engine = Engine::new(device.clone(), engine_cfg, router.clone(), next_id.clone());
+        let engine = Engine::new(device.clone(), costs, engine_cfg, router.clone(), next_id.clone());
         let core = Arc::new(Core {
             device,
             inbox: Inbox::new(),

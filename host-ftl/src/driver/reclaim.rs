@@ -22,7 +22,7 @@
 
 use super::engine::{Engine, Job, Reply};
 use super::fair::Limits;
-use super::validate::Checked;
+use super::validate::{estimate, Checked};
 use crate::chunk::ChunkState;
 use crate::command::{opcode, Sqe};
 use crate::device::Device;
@@ -89,7 +89,7 @@ impl Engine {
         for (pu, chunks) in &dirty {
             for part in chunks.chunks(batch) {
                 let Ok(sqe) = Sqe::vector(opcode::VECTOR_RESET, 0, part.len(), 0, 0, 0) else { continue };
-                let est = self.costs.estimate(&[], &[], &[(*pu, part.len() as u64)]);
+                let est = estimate(&self.costs, &[], &[], &[(*pu, part.len() as u64)]);
                 let checked = Checked { sqe, addrs: part.to_vec(), dst: Vec::new(), est: est.clone(), bytes: 0 };
                 let job = Job { checked, region: self.empty_region.clone(), reply: Reply::Reclaim { job: id } };
                 if self.sched.enqueue(id, est, 0, job, now).is_ok() {
