@@ -66,7 +66,8 @@ use crate::media::{bitmap_words, Media, MediaOp, MemMedia};
 use crate::notify::{
     ChunkNotification, NotificationLog, MASK_BLOCK, MASK_CHUNK, STATE_ERROR_HIGH, STATE_UNRECOVERABLE,
 };
-use crate::timing::{OpKind, TimingModel};
+use crate::open_channel::OpenChannel;
+use crate::timing::{Costs, OpKind, TimingModel};
 
 /// The open-channel SSD model.
 pub struct Device {
@@ -962,6 +963,53 @@ impl Device {
             Ok(()) => Status::SUCCESS,
             Err(_) => Status::DATA_TRANSFER_ERROR,
         }
+    }
+}
+
+/// The emulator under the host FTL driver: every method is the inherent one of the same name.
+impl OpenChannel for Device {
+    fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    fn execute(&self, sqe: &Sqe, mem: &DmaRegion) -> Cqe {
+        Device::execute(self, sqe, mem)
+    }
+
+    fn execute_vector(&self, sqe: &Sqe, addrs: &[u64], dst: &[u64], mem: &DmaRegion) -> Cqe {
+        Device::execute_vector(self, sqe, addrs, dst, mem)
+    }
+
+    fn execute_admin(&self, sqe: &Sqe, mem: &DmaRegion) -> Cqe {
+        Device::execute_admin(self, sqe, mem)
+    }
+
+    fn costs(&self) -> Costs {
+        *self.timing.costs()
+    }
+
+    fn execute_vector_at(&self, sqe: &Sqe, addrs: &[u64], dst: &[u64], mem: &DmaRegion, now_ns: u64) -> (Cqe, u64) {
+        Device::execute_vector_at(self, sqe, addrs, dst, mem, now_ns)
+    }
+
+    fn chunk_info(&self, range: Range<usize>) -> Result<Vec<ChunkDescriptor>> {
+        Ok(Device::chunk_info(self, range))
+    }
+
+    fn notifications(&self, after: u64) -> Result<Vec<ChunkNotification>> {
+        Ok(Device::notifications(self, after))
+    }
+
+    fn last_notification(&self) -> Result<u64> {
+        Ok(Device::last_notification(self))
+    }
+
+    fn flush(&self) -> Result<()> {
+        Device::flush(self)
+    }
+
+    fn set_offline(&self, addr: Addr) -> Result<()> {
+        Device::set_offline(self, addr)
     }
 }
 

@@ -23,8 +23,8 @@ use super::validate::{Checked, POISON};
 use crate::address::{Addr, Ppa};
 use crate::chunk::ChunkState;
 use crate::command::{opcode, Cqe, Status};
-use crate::device::Device;
 use crate::dma::DmaRegion;
+use crate::open_channel::OpenChannel;
 use crate::timing::Costs;
 
 /// Counters of one guest, for metrics.
@@ -194,7 +194,7 @@ pub(crate) struct EngineConfig {
 
 /// The scheduler, the device and everything in flight.
 pub(crate) struct Engine {
-    pub(crate) device: Arc<Device>,
+    pub(crate) device: Arc<dyn OpenChannel>,
     pub(crate) cfg: EngineConfig,
     pub(crate) sched: Scheduler<Job>,
     pub(crate) costs: Costs,
@@ -212,7 +212,7 @@ pub(crate) struct Engine {
 
 impl Engine {
     pub(crate) fn new(
-        device: Arc<Device>,
+        device: Arc<dyn OpenChannel>,
         costs: Costs,
         cfg: EngineConfig,
         router: Arc<Router>,
@@ -279,7 +279,7 @@ impl Engine {
                 self.execute(d, now);
             }
         }
-        self.router.poll(&self.device);
+        self.router.poll(&*self.device);
         for g in self.guests.values() {
             g.shared.stats.throttled_ns.store(self.sched.throttled_ns(g.shared.id, now), Ordering::Relaxed);
         }
@@ -322,7 +322,7 @@ impl Engine {
         let (cqe, _) = self.on_device(Some(guest.id), checked, &guest.region, now);
         self.sched.complete(guest.id, &checked.est);
         guest.stats.record(&cqe, checked.bytes);
-        self.router.poll(&self.device);
+        self.router.poll(&*self.device);
         Some(cqe)
     }
 
@@ -330,7 +330,7 @@ impl Engine {
     /// of them the driver enforces; returns the completion and when it is due.
     fn on_device(&mut self, guest: Option<u64>, checked: &Checked, region: &DmaRegion, now: u64) -> (Cqe, u64) {
         let sqe = &checked.sqe;
-        let device = &self.device;
+        let device = &*self.device;
         let guest = guest.and_then(|id| self.guests.get_mut(&id));
         let targets = match sqe.opcode {
             opcode::VECTOR_WRITE | opcode::VECTOR_RESET => &checked.addrs[..],
@@ -350,7 +350,7 @@ impl Engine {
                 let out = run_on_device(device, self.cfg.timing, checked, region, now);
                 if let Some((open, _)) = tracked {
                     for &c in &chunks {
-                        match device.chunk_info(c..c + 1).first().map(|d| d.state) {
+                        match chunk_state(device, c) {
                             Some(ChunkState::Open) => open.insert(c),
                             _ => open.remove(&c),
                         };
@@ -366,7 +366,11 @@ impl Engine {
         let mut open = BTreeSet::new();
         for &pu in pus {
             let first = pu * num_chk;
-            for (i, d) in self.device.chunk_info(first..first + num_chk).iter().enumerate() {
+            let descs = self.device.chunk_info(first..first + num_chk).unwrap_or_else(|e| {
+                tracing::warn!(pu, error = %e, "cannot read chunk information: the PU's open chunks are not counted");
+                Vec::new()
+            });
+            for (i, d) in descs.iter().enumerate() {
                 if d.state == ChunkState::Open {
                     open.insert(first + i);
                 }
@@ -388,7 +392,7 @@ impl Engine {
     }
 }
 
-fn run_on_device(device: &Device, timing: bool, c: &Checked, region: &DmaRegion, now: u64) -> (Cqe, u64) {
+fn run_on_device(device: &dyn OpenChannel, timing: bool, c: &Checked, region: &DmaRegion, now: u64) -> (Cqe, u64) {
     if c.is_flush() {
         return (device.execute(&c.sqe, region), now);
     }
@@ -399,18 +403,23 @@ fn run_on_device(device: &Device, timing: bool, c: &Checked, region: &DmaRegion,
     }
 }
 
+/// The state of device chunk `c`; `None` if the device cannot say.
+fn chunk_state(device: &dyn OpenChannel, c: usize) -> Option<ChunkState> {
+    device.chunk_info(c..c + 1).ok()?.first().map(|d| d.state)
+}
+
 /// Whether writing `chunks` keeps a guest with `open` chunks within its share of `limit`.
-fn may_open(device: &Device, open: &BTreeSet<usize>, limit: u32, chunks: &BTreeSet<usize>) -> bool {
+fn may_open(device: &dyn OpenChannel, open: &BTreeSet<usize>, limit: u32, chunks: &BTreeSet<usize>) -> bool {
     let new = chunks
         .iter()
         .filter(|c| !open.contains(c))
-        .filter(|&&c| device.chunk_info(c..c + 1).first().is_some_and(|d| d.state == ChunkState::Free))
+        .filter(|&&c| chunk_state(device, c) == Some(ChunkState::Free))
         .count();
     open.len() + new <= limit as usize
 }
 
 /// Device chunk indexes of the valid addresses in `addrs`.
-fn chunk_indexes(device: &Device, addrs: &[u64]) -> BTreeSet<usize> {
+fn chunk_indexes(device: &dyn OpenChannel, addrs: &[u64]) -> BTreeSet<usize> {
     let geo = device.geometry();
     addrs
         .iter()

@@ -1,5 +1,7 @@
 //! The host FTL driver: owns the open-channel device and serves many guest FTLs, each through a
-//! [`QueuePair`] of its own.
+//! [`QueuePair`] of its own. It reaches the device only through [`OpenChannel`] (NVMe-format
+//! vector and admin commands, log pages, notifications, and the costs its media work takes), so
+//! any device that implements it can go under the driver; [`crate::Device`] is the emulator.
 //!
 //! * [`partition`]: each guest gets whole parallel units and a virtual geometry numbered from 0;
 //!   the partition table is kept durably in the state store.
@@ -65,9 +67,9 @@ use partition::PartitionTable;
 use validate::POISON;
 
 use crate::address::{Addr, Ppa};
-use crate::device::Device;
 use crate::dma::DmaRegion;
 use crate::geometry::{Geometry, MAX_VECTOR};
+use crate::open_channel::OpenChannel;
 use crate::timing::{Costs, OpKind};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -269,7 +271,7 @@ impl Inbox {
 
 /// What queue pairs share with the driver.
 pub(crate) struct Core {
-    pub(crate) device: Arc<Device>,
+    pub(crate) device: Arc<dyn OpenChannel>,
     pub(crate) inbox: Inbox,
     pub(crate) engine: Mutex<Engine>,
     pub(crate) router: Arc<Router>,
@@ -416,10 +418,11 @@ fn check_name(name: &str) -> Result<()> {
 }
 
 impl Driver {
-    /// Opens the driver on `device` with the partition table in `store`. Guests of the table
-    /// are served again (their queue pairs through [`Driver::guest`]); reclaims a crash cut
-    /// short are started again.
-    pub fn open(device: Arc<Device>, store: Arc<Store>, config: DriverConfig) -> Result<Driver> {
+    /// Opens the driver on `device` (any [`OpenChannel`]; the emulator is
+    /// [`crate::Device`]) with the partition table in `store`. Guests of the table are served
+    /// again (their queue pairs through [`Driver::guest`]); reclaims a crash cut short are
+    /// started again.
+    pub fn open(device: Arc<dyn OpenChannel>, store: Arc<Store>, config: DriverConfig) -> Result<Driver> {
         let geo = device.geometry().clone();
         if Addr::from_ppa(&geo, Ppa(POISON)).is_ok() {
             return Err(DriverError::BadConfig("the device's LBA format uses all 64 bits".into()));
@@ -432,7 +435,7 @@ impl Driver {
             ClockConfig::Real => (Arc::new(MonotonicClock), None),
             ClockConfig::Simulated(c) => (c.clone(), Some(c.clone())),
         };
-        let costs = *device.timing().costs();
+        let costs = device.costs();
         let budget = |b: Budget, auto: u64| match b {
             Budget::Auto => Some(auto),
             Budget::Unlimited => None,
@@ -447,7 +450,7 @@ impl Driver {
             scan_limit: config.scan_limit.max(1),
             burst_ns: config.burst_ns,
         };
-        let router = Arc::new(Router::new(&device));
+        let router = Arc::new(Router::new(&*device)?);
         let next_id = Arc::new(AtomicU64::new(1));
         let engine_cfg = EngineConfig {
             sched,
@@ -629,7 +632,8 @@ impl Driver {
         table.records().values().filter(|r| r.state == GuestState::Reclaiming).map(|r| r.name.clone()).collect()
     }
 
-    pub fn device(&self) -> &Arc<Device> {
+    /// The device under the driver.
+    pub fn device(&self) -> &Arc<dyn OpenChannel> {
         &self.state.core.device
     }
 

@@ -25,8 +25,9 @@ use super::fair::Limits;
 use super::validate::{estimate, Checked};
 use crate::chunk::ChunkState;
 use crate::command::{opcode, Sqe};
-use crate::device::Device;
+use crate::error::Result;
 use crate::geometry::MAX_VECTOR;
+use crate::open_channel::OpenChannel;
 use crate::{Addr, Ppa};
 
 /// Reset rounds before a chunk that keeps failing its reset is taken offline.
@@ -41,15 +42,15 @@ pub(crate) struct ReclaimJob {
 }
 
 /// Device addresses (block 0) of the chunks of `pu` that hold data: open or closed.
-fn dirty_chunks(device: &Device, pu: usize) -> Vec<u64> {
+fn dirty_chunks(device: &dyn OpenChannel, pu: usize) -> Result<Vec<u64>> {
     let num_chk = device.geometry().num_chk as usize;
     let first = pu * num_chk;
-    device
-        .chunk_info(first..first + num_chk)
+    Ok(device
+        .chunk_info(first..first + num_chk)?
         .iter()
         .filter(|d| matches!(d.state, ChunkState::Open | ChunkState::Closed))
         .map(|d| d.slba.0)
-        .collect()
+        .collect())
 }
 
 impl Engine {
@@ -64,8 +65,17 @@ impl Engine {
     /// Scans the job's PUs and queues resets of what still holds data, or finishes the job.
     fn reclaim_round(&mut self, id: u64, now: u64) {
         let Some(job) = self.jobs.get_mut(&id) else { return };
-        let dirty: Vec<(usize, Vec<u64>)> =
-            job.pus.iter().map(|&pu| (pu, dirty_chunks(&self.device, pu))).filter(|(_, c)| !c.is_empty()).collect();
+        let scanned: Result<Vec<(usize, Vec<u64>)>> =
+            job.pus.iter().map(|&pu| Ok((pu, dirty_chunks(&*self.device, pu)?))).collect();
+        let dirty: Vec<(usize, Vec<u64>)> = match scanned {
+            Ok(all) => all.into_iter().filter(|(_, c)| !c.is_empty()).collect(),
+            Err(e) => {
+                tracing::error!(guest = %job.name, error = %e, "cannot read the chunks of a removed guest; its PUs stay reserved");
+                self.jobs.remove(&id);
+                self.sched.remove_flow(id);
+                return;
+            }
+        };
         if dirty.is_empty() {
             return self.finish_reclaim(id);
         }
