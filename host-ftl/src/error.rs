@@ -48,7 +48,7 @@ pub enum Error {
 
     /// A command the host needed (a log page, a flush) completed with an error status.
     #[error("the device answered {what} with {status}")]
-    Command { what: &'static str, status: crate::command::Status },
+    Command { what: &'static str, status: crate::status::Status },
 
     /// The device cannot do what was asked (see [`crate::OpenChannel`]).
     #[error("the device does not support {0}")]

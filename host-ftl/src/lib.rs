@@ -41,6 +41,7 @@ pub mod geometry;
 pub mod media;
 pub mod notify;
 pub mod open_channel;
+pub mod status;
 pub mod timing;
 
 pub use address::{Addr, Ppa};
