@@ -15,14 +15,14 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use super::fair::{Dispatched, Estimate, SchedConfig, Scheduler};
+use super::fair::{Dispatched, Estimate, Limits, SchedConfig, Scheduler};
 use super::notify::{GuestLog, Router};
 use super::partition::Partition;
-use super::reclaim::ReclaimJob;
-use super::validate::{Checked, POISON};
+use super::reclaim::{Next, ReclaimJob};
+use super::validate::{estimate, Checked, POISON};
 use crate::address::{Addr, Ppa};
 use crate::chunk::ChunkState;
-use crate::command::{opcode, Cqe, Status};
+use crate::command::{opcode, Cqe, Sqe, Status};
 use crate::dma::DmaRegion;
 use crate::open_channel::OpenChannel;
 use crate::timing::Costs;
@@ -194,20 +194,20 @@ pub(crate) struct EngineConfig {
 
 /// The scheduler, the device and everything in flight.
 pub(crate) struct Engine {
-    pub(crate) device: Arc<dyn OpenChannel>,
-    pub(crate) cfg: EngineConfig,
-    pub(crate) sched: Scheduler<Job>,
-    pub(crate) costs: Costs,
+    device: Arc<dyn OpenChannel>,
+    cfg: EngineConfig,
+    sched: Scheduler<Job>,
+    costs: Costs,
     inflight: BTreeMap<(u64, u64), InFlight>,
     seq: u64,
     guests: BTreeMap<u64, EngineGuest>,
-    pub(crate) jobs: BTreeMap<u64, ReclaimJob>,
-    pub(crate) next_flow: Arc<AtomicU64>,
+    jobs: BTreeMap<u64, ReclaimJob>,
+    next_flow: Arc<AtomicU64>,
     router: Arc<Router>,
     /// Names whose reclaim finished since the last [`Engine::run`].
     pub(crate) reclaimed: Vec<String>,
     /// A region for commands that move no host data (resets).
-    pub(crate) empty_region: Arc<DmaRegion>,
+    empty_region: Arc<DmaRegion>,
 }
 
 impl Engine {
@@ -388,6 +388,59 @@ impl Engine {
                 let _ = tx.send(f.cqe);
             }
             Reply::Reclaim { job } => self.reclaim_batch_done(job, now),
+        }
+    }
+}
+
+/// Reclaims (see [`super::reclaim`]): the resets go through the scheduler as a flow of their own.
+impl Engine {
+    fn start_reclaim(&mut self, name: String, pus: Vec<usize>, now: u64) {
+        let id = self.next_flow.fetch_add(1, Ordering::Relaxed);
+        self.sched.add_flow(id, self.cfg.reclaim_weight, Limits::default(), now);
+        tracing::info!(guest = %name, ?pus, "reclaiming the PUs of a removed guest");
+        self.jobs.insert(id, ReclaimJob::new(name, pus));
+        self.reclaim_round(id, now);
+    }
+
+    /// Queues the resets of the job's next round, or ends the job.
+    fn reclaim_round(&mut self, id: u64, now: u64) {
+        let Some(job) = self.jobs.get_mut(&id) else { return };
+        let batches = match job.next(&*self.device, self.cfg.reclaim_batch) {
+            Next::Reset(batches) => batches,
+            Next::Done => return self.finish_reclaim(id),
+            Next::Stuck => {
+                self.jobs.remove(&id);
+                self.sched.remove_flow(id);
+                return;
+            }
+        };
+        let mut queued = 0;
+        for (pu, chunks) in batches {
+            let Ok(sqe) = Sqe::vector(opcode::VECTOR_RESET, 0, chunks.len(), 0, 0, 0) else { continue };
+            let est = estimate(&self.costs, &[], &[], &[(pu, chunks.len() as u64)]);
+            let checked = Checked { sqe, addrs: chunks, dst: Vec::new(), est: est.clone(), bytes: 0 };
+            let job = Job { checked, region: self.empty_region.clone(), reply: Reply::Reclaim { job: id } };
+            if self.sched.enqueue(id, est, 0, job, now).is_ok() {
+                queued += 1;
+            }
+        }
+        if let Some(job) = self.jobs.get_mut(&id) {
+            job.queued(queued);
+        }
+    }
+
+    fn reclaim_batch_done(&mut self, id: u64, now: u64) {
+        let Some(job) = self.jobs.get_mut(&id) else { return };
+        if job.batch_done() {
+            self.reclaim_round(id, now);
+        }
+    }
+
+    fn finish_reclaim(&mut self, id: u64) {
+        self.sched.remove_flow(id);
+        if let Some(job) = self.jobs.remove(&id) {
+            tracing::info!(guest = %job.name, "every chunk of the removed guest is reset");
+            self.reclaimed.push(job.name);
         }
     }
 }
