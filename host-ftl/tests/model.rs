@@ -10,20 +10,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
 
-mod common;
+mod rig;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::path::PathBuf;
 
-use common::{pattern, Host};
 use host_ftl::geometry::{MCCAP_MULTI_RESET, MCCAP_VECTOR_COPY};
 use host_ftl::{
     ChunkDescriptor, ChunkState, Device, Fault, FaultConfig, FaultKind, FileMedia, Geometry, MemMedia, Ppa, Sqe, Status,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
+use rig::{pattern, Host};
 
 // The geometry: 1 group, 2 PUs of 3 chunks of 12 blocks. Its LBA format is 4 block bits, 2
 // chunk bits, 1 PU bit; the model decodes addresses by hand with these numbers.
