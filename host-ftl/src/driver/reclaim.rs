@@ -19,7 +19,7 @@
 //! If the device cannot report a PU's chunks or take a chunk offline, the reclaim stops there
 //! and the PUs stay reserved until the driver is opened again.
 //!
-//! This module decides what each round does ([`ReclaimJob`]); the engine queues the resets on
+//! This module decides what each round does (`ReclaimJob`); the engine queues the resets on
 //! the scheduler and tells the job when each is done.
 //!
 //! A crash at any point leaves the record reclaiming (or already deleted, after step 4), and
