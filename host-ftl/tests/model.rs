@@ -1,12 +1,12 @@
 //! The device against a plain reference model of the OCSSD 2.0 rules.
 //!
-//! The model is written from the rules in `device.rs`'s documentation, not from its code: a Vec
-//! of chunks (state, write pointer, wear), a map of the blocks that hold data, a list of armed
-//! faults and of notifications. Random command streams (writes at and off the write pointer,
-//! of good and bad sizes, spanning chunks; reads in and out of the cache window; resets; copies;
-//! chunks taken offline; injected faults; wear-out with a tiny endurance; reopening the media)
-//! go to both, and every completion, every byte read, every chunk descriptor, the open-chunk
-//! count and the notifications must agree.
+//! The model is written from the rules in the documentation of `device` (`device/mod.rs`), not
+//! from its code: a Vec of chunks (state, write pointer, wear), a map of the blocks that hold
+//! data, a list of armed faults and of notifications. Random command streams (writes at and off
+//! the write pointer, of good and bad sizes, spanning chunks; reads in and out of the cache
+//! window; resets; copies; chunks taken offline; injected faults; wear-out with a tiny
+//! endurance; reopening the media) go to both, and every completion, every byte read, every
+//! chunk descriptor, the open-chunk count and the notifications must agree.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
 
