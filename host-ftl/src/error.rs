@@ -46,6 +46,14 @@ pub enum Error {
     #[error("media operation out of range: {0}")]
     MediaRange(String),
 
+    /// A command the host needed (a log page, a flush) completed with an error status.
+    #[error("the device answered {what} with {status}")]
+    Command { what: &'static str, status: crate::status::Status },
+
+    /// The device cannot do what was asked (see [`crate::OpenChannel`]).
+    #[error("the device does not support {0}")]
+    Unsupported(&'static str),
+
     /// An I/O error from the media's backing file.
     #[error("media I/O: {context}")]
     Io {

@@ -6,8 +6,9 @@
 //! ([`DmaRegion`]), out-of-band bytes per block, media backends in memory ([`MemMedia`]) and in
 //! a sparse file through io_uring ([`FileMedia`]), a per-PU timing model, fault injection and
 //! chunk notifications. The host FTL driver ([`driver`]: partitions per guest, validation,
-//! translation, fairness, deferred reclaim) is built on top of [`Device`] and serves each guest
-//! FTL through a queue pair of its own.
+//! translation, fairness, deferred reclaim) reaches its device only through the
+//! [`OpenChannel`] trait, which [`Device`] implements, and serves each guest FTL through a
+//! queue pair of its own.
 //!
 //! A command's outcome is always a completion with an NVMe status, never a panic or an
 //! `Err`: see [`device`] for every rule and the status it gives.
@@ -39,6 +40,8 @@ pub mod fault;
 pub mod geometry;
 pub mod media;
 pub mod notify;
+pub mod open_channel;
+pub mod status;
 pub mod timing;
 
 pub use address::{Addr, Ppa};
@@ -51,4 +54,5 @@ pub use fault::{Fault, FaultConfig, FaultKind};
 pub use geometry::{Geometry, LbaFormat};
 pub use media::{FileMedia, Media, MediaOp, MemMedia};
 pub use notify::ChunkNotification;
-pub use timing::{OpKind, TimingModel};
+pub use open_channel::OpenChannel;
+pub use timing::{Costs, OpKind, TimingModel};

@@ -6,7 +6,7 @@
 //! simulated clock (deterministic tests of fairness) as on a real one (sleep until `done_at`).
 //! The device itself never sleeps.
 //!
-//! Costs: reading or programming `n` blocks on a PU takes `ceil(n / ws_min)` times the typical
+//! Costs ([`Costs`], which the host FTL driver predicts with too): reading or programming `n` blocks on a PU takes `ceil(n / ws_min)` times the typical
 //! read or program time of a write unit; a reset takes the typical reset time per chunk. An
 //! operation on a PU starts when the PU is free (at `now` or when its previous operation ends,
 //! whichever is later).
@@ -53,16 +53,59 @@ pub enum OpKind {
     Reset,
 }
 
-/// Per-PU busy times and per-group channel bookings.
-pub struct TimingModel {
-    state: Mutex<State>,
+/// What each media operation costs on an idle PU and channel: the one formula the device books
+/// its operations with and the driver predicts them with (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Costs {
     read_ns: u64,
     program_ns: u64,
     reset_ns: u64,
     ws_min: u64,
     /// Nanoseconds per block on a channel; 0 when channels are not modelled.
     xfer_ns: u64,
+    /// PUs per group: the PUs that share one channel.
     num_pu: usize,
+}
+
+impl Costs {
+    /// The costs of the geometry's typical times and channel bandwidth.
+    pub fn new(geo: &Geometry) -> Costs {
+        Costs {
+            read_ns: geo.read_ns.into(),
+            program_ns: geo.program_ns.into(),
+            reset_ns: geo.reset_ns.into(),
+            ws_min: u64::from(geo.ws_min.max(1)),
+            xfer_ns: geo.transfer_ns(),
+            num_pu: usize::from(geo.num_pu.max(1)),
+        }
+    }
+
+    /// How long the media part of an operation on `count` blocks (read, program) or chunks
+    /// (reset) takes, channel transfers not included: whole write units for reads and
+    /// programs.
+    pub fn media(&self, op: OpKind, count: u64) -> u64 {
+        match op {
+            OpKind::Read => count.div_ceil(self.ws_min) * self.read_ns,
+            OpKind::Program => count.div_ceil(self.ws_min) * self.program_ns,
+            OpKind::Reset => count * self.reset_ns,
+        }
+    }
+
+    /// How long `blocks` blocks take on a channel (0 when channels are not modelled).
+    pub fn transfer(&self, blocks: u64) -> u64 {
+        blocks * self.xfer_ns
+    }
+
+    /// The group, whose channel PU `pu` (a linear device PU index) uses.
+    pub fn channel_of(&self, pu: usize) -> usize {
+        pu / self.num_pu
+    }
+}
+
+/// Per-PU busy times and per-group channel bookings.
+pub struct TimingModel {
+    state: Mutex<State>,
+    costs: Costs,
     read_suspend: AtomicBool,
     /// Nanoseconds of programs a PU's write buffer holds; 0: write-through.
     buffer_ns: AtomicU64,
@@ -121,12 +164,7 @@ impl TimingModel {
                 busy_until: vec![0; geo.total_pus()],
                 channels: (0..geo.num_grp).map(|_| Channel::default()).collect(),
             }),
-            read_ns: geo.read_ns.into(),
-            program_ns: geo.program_ns.into(),
-            reset_ns: geo.reset_ns.into(),
-            ws_min: u64::from(geo.ws_min.max(1)),
-            xfer_ns: geo.transfer_ns(),
-            num_pu: usize::from(geo.num_pu.max(1)),
+            costs: Costs::new(geo),
             read_suspend: AtomicBool::new(false),
             buffer_ns: AtomicU64::new(0),
         }
@@ -160,20 +198,20 @@ impl TimingModel {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The costs it books operations with.
+    pub fn costs(&self) -> &Costs {
+        &self.costs
+    }
+
     /// How long the media part of an operation on `count` blocks (read, program) or chunks
-    /// (reset) takes, channel transfers not included.
+    /// (reset) takes, channel transfers not included (see [`Costs::media`]).
     pub fn cost(&self, op: OpKind, count: u32) -> u64 {
-        let count = u64::from(count);
-        match op {
-            OpKind::Read => count.div_ceil(self.ws_min) * self.read_ns,
-            OpKind::Program => count.div_ceil(self.ws_min) * self.program_ns,
-            OpKind::Reset => count * self.reset_ns,
-        }
+        self.costs.media(op, count.into())
     }
 
     /// How long `blocks` blocks take on a channel (0 when channels are not modelled).
     pub fn transfer_cost(&self, blocks: u32) -> u64 {
-        u64::from(blocks) * self.xfer_ns
+        self.costs.transfer(blocks.into())
     }
 
     /// Books an operation on PU `pu` issued at `now`; returns when it is done. A PU index out of
@@ -184,7 +222,8 @@ impl TimingModel {
         let Some(until) = busy_until.get_mut(pu) else { return now };
         let suspend = op == OpKind::Read && self.read_suspend.load(Ordering::Relaxed);
         let start = if suspend { now } else { (*until).max(now) };
-        let channel = channels.get_mut(pu / self.num_pu).filter(|_| self.xfer_ns > 0 && op != OpKind::Reset);
+        let channel =
+            channels.get_mut(self.costs.channel_of(pu)).filter(|_| self.costs.xfer_ns > 0 && op != OpKind::Reset);
         let done = match channel {
             None => start.saturating_add(self.cost(op, count)),
             Some(ch) => self.by_units(ch, op, count, start, now),
@@ -198,16 +237,18 @@ impl TimingModel {
     fn by_units(&self, ch: &mut Channel, op: OpKind, count: u32, start: u64, now: u64) -> u64 {
         let mut t = start;
         let mut left = u64::from(count);
+        let c = &self.costs;
         while left > 0 {
-            let blocks = left.min(self.ws_min);
+            let blocks = left.min(c.ws_min);
             left -= blocks;
-            let xfer = blocks * self.xfer_ns;
+            let xfer = c.transfer(blocks);
+            // One unit: sense then move out, or move in then program.
             t = match op {
                 OpKind::Read => {
-                    let sensed = t.saturating_add(self.read_ns);
+                    let sensed = t.saturating_add(c.media(op, blocks));
                     ch.reserve(sensed, xfer, now).saturating_add(xfer)
                 }
-                _ => ch.reserve(t, xfer, now).saturating_add(xfer).saturating_add(self.program_ns),
+                _ => ch.reserve(t, xfer, now).saturating_add(xfer).saturating_add(c.media(op, blocks)),
             };
         }
         t
@@ -277,6 +318,18 @@ mod tests {
         assert_eq!(t.schedule(3, OpKind::Reset, 1, 0), 2020 + 5000);
         assert_eq!(t.cost(OpKind::Read, 4), 200);
         assert_eq!(t.transfer_cost(4), 40);
+    }
+
+    #[test]
+    fn on_idle_resources_an_operation_takes_exactly_its_costs() {
+        let g = channel_geo();
+        let c = Costs::new(&g);
+        for (pu, op, n) in [(0, OpKind::Read, 5), (1, OpKind::Program, 8), (2, OpKind::Reset, 3)] {
+            let t = TimingModel::new(&g);
+            let xfer = if op == OpKind::Reset { 0 } else { c.transfer(n) };
+            assert_eq!(t.schedule(pu, op, n as u32, 7), 7 + c.media(op, n) + xfer, "{op:?}");
+        }
+        assert_eq!((c.channel_of(1), c.channel_of(2)), (0, 1));
     }
 
     #[test]

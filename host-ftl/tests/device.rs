@@ -2,11 +2,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
 
-mod common;
+mod rig;
 
 use std::sync::Arc;
 
-use common::{Host, DATA};
 use host_ftl::chunk::CT_SEQUENTIAL;
 use host_ftl::command::{admin, sct};
 use host_ftl::geometry::MCCAP_MULTI_RESET;
@@ -15,6 +14,7 @@ use host_ftl::{
     Geometry, MemMedia, Sqe, Status,
 };
 use proptest::prelude::*;
+use rig::{Host, DATA};
 
 fn tiny() -> Geometry {
     Geometry::tiny()
@@ -438,9 +438,9 @@ fn timing_serializes_a_pu_and_overlaps_different_pus() {
     let (_, e) = h.dev.execute_at(
         &{
             let s = h.blocks(0, 0, 0, 2);
-            h.mem.write_u64s(common::LIST, &s).unwrap();
-            h.mem.write_u64s(common::DST_LIST, &h.blocks(1, 1, 0, 2)).unwrap();
-            Sqe::vector_copy(50, 2, common::LIST, common::DST_LIST).unwrap()
+            h.mem.write_u64s(rig::LIST, &s).unwrap();
+            h.mem.write_u64s(rig::DST_LIST, &h.blocks(1, 1, 0, 2)).unwrap();
+            Sqe::vector_copy(50, 2, rig::LIST, rig::DST_LIST).unwrap()
         },
         &h.mem,
         t0 + 10_000_000,
@@ -521,9 +521,9 @@ fn a_driver_can_pass_checked_address_lists_that_the_region_cannot_change() {
     let h = Host::mem_device(&tiny());
     let good = h.blocks(1, 2, 0, 4);
     // The region's list area says something else (as a guest might after validation).
-    h.mem.write_u64s(common::LIST, &h.blocks(0, 0, 6, 4)).unwrap();
+    h.mem.write_u64s(rig::LIST, &h.blocks(0, 0, 6, 4)).unwrap();
     h.mem.write(DATA, &[0x42; 4 * 64]).unwrap();
-    let sqe = Sqe::vector(opcode::VECTOR_WRITE, 5, 4, common::LIST, DATA, h.oob_at()).unwrap();
+    let sqe = Sqe::vector(opcode::VECTOR_WRITE, 5, 4, rig::LIST, DATA, h.oob_at()).unwrap();
     let c = h.dev.execute_vector(&sqe, &good, &[], &h.mem);
     assert_eq!((c.status, c.cid), (Status::SUCCESS, 5));
     assert_eq!(state(&h, 1, 2), (ChunkState::Open, 4));

@@ -4,17 +4,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
 
-mod drv;
+mod rig;
 
 use std::sync::Arc;
 
-use drv::{Env, Guest};
 use host_ftl::command::admin;
 use host_ftl::driver::{ClockConfig, Driver, DriverConfig, DriverError, GuestSpec, GuestState, Limits};
 use host_ftl::notify::ChunkNotification;
 use host_ftl::{
     opcode, Addr, ChunkDescriptor, ChunkState, Device, Fault, FaultConfig, FaultKind, FileMedia, Geometry, Sqe, Status,
 };
+use rig::{Env, Guest};
 use state_store::Store;
 
 /// 2 groups × 4 PUs × 6 chunks × 16 blocks of 512 bytes.
@@ -35,7 +35,7 @@ fn geo() -> Geometry {
 
 fn descriptors(g: &Guest, d: &Driver, offset: u64, count: usize) -> Vec<ChunkDescriptor> {
     let len = (count * 32) as u32;
-    let c = drv::wait(d, g.qp.admin(Sqe::get_log_page(1, admin::LOG_CHUNK_INFO, offset, len, g.scratch())));
+    let c = rig::wait(d, g.qp.admin(Sqe::get_log_page(1, admin::LOG_CHUNK_INFO, offset, len, g.scratch())));
     assert_eq!(c.status, Status::SUCCESS);
     let bytes = g.qp.region().read_vec(g.scratch(), len as usize).unwrap();
     bytes.chunks(32).map(|b| ChunkDescriptor::from_bytes(b).unwrap()).collect()
@@ -62,7 +62,7 @@ fn admin_commands_answer_in_the_guests_own_terms() {
     assert_eq!((whole.geo.num_grp, whole.geo.num_pu), (1, 4));
     assert_eq!((spread.geo.num_grp, spread.geo.num_pu), (1, 3));
     for g in [&whole, &spread] {
-        let c = drv::wait(d, g.qp.admin(Sqe::geometry(1, g.scratch())));
+        let c = rig::wait(d, g.qp.admin(Sqe::geometry(1, g.scratch())));
         assert_eq!(c.status, Status::SUCCESS);
         let page = g.qp.region().read_vec(g.scratch(), 4096).unwrap();
         assert_eq!(&Geometry::from_page(&page).unwrap(), g.qp.geometry());
@@ -74,12 +74,12 @@ fn admin_commands_answer_in_the_guests_own_terms() {
     assert_eq!((c.state, c.slba.0, c.written()), (ChunkState::Open, spread.ppa(0, 2, 3, 0), 8));
     assert_eq!(all.iter().filter(|c| c.state == ChunkState::Free).count(), 17);
     // A page read from an offset inside a descriptor, and past the end (zeros).
-    let c = drv::wait(d, spread.qp.admin(Sqe::get_log_page(2, admin::LOG_CHUNK_INFO, 15 * 32 + 8, 64, 0)));
+    let c = rig::wait(d, spread.qp.admin(Sqe::get_log_page(2, admin::LOG_CHUNK_INFO, 15 * 32 + 8, 64, 0)));
     assert_eq!(c.status, Status::SUCCESS);
     let bytes = spread.qp.region().read_vec(0, 64).unwrap();
     assert_eq!(&bytes[..8], &all[15].slba.0.to_le_bytes());
     assert_eq!(&bytes[24..56], &all[16].to_bytes()[..]);
-    let c = drv::wait(d, spread.qp.admin(Sqe::get_log_page(3, admin::LOG_CHUNK_INFO, 17 * 32, 64, 0)));
+    let c = rig::wait(d, spread.qp.admin(Sqe::get_log_page(3, admin::LOG_CHUNK_INFO, 17 * 32, 64, 0)));
     assert_eq!(c.status, Status::SUCCESS);
     assert!(spread.qp.region().read_vec(32, 32).unwrap().iter().all(|&b| b == 0));
     // Eight PUs: two whole groups, and the guest sees both.
@@ -118,7 +118,7 @@ fn notifications_go_to_the_owning_guest_only() {
     assert!(nb[0].needs_refresh());
     assert_eq!(a.qp.notifications(0).len(), 1);
     // The same through log page 0xD0 on b's queue pair.
-    let c = drv::wait(d, b.qp.admin(Sqe::get_log_page(1, admin::LOG_CHUNK_NOTIFICATION, 0, 128, b.scratch())));
+    let c = rig::wait(d, b.qp.admin(Sqe::get_log_page(1, admin::LOG_CHUNK_NOTIFICATION, 0, 128, b.scratch())));
     assert_eq!(c.status, Status::SUCCESS);
     let page = b.qp.region().read_vec(b.scratch(), 128).unwrap();
     assert_eq!(ChunkNotification::from_bytes(&page).unwrap(), nb[0]);
@@ -299,7 +299,7 @@ fn a_file_device_gives_back_data_and_chunk_states_through_the_driver() {
         let full = g.fill_chunk(&d, 1, 3, 9);
         let (c, part, _) = g.write(&d, &g.blocks(0, 2, 0, 12), 4);
         assert_eq!(c.status, Status::SUCCESS);
-        assert_eq!(drv::wait(&d, g.qp.submit(Sqe::flush(1))).status, Status::SUCCESS);
+        assert_eq!(rig::wait(&d, g.qp.submit(Sqe::flush(1))).status, Status::SUCCESS);
         (full, part)
     };
     let d = open(&geo());

@@ -3,11 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
 
-mod drv;
+mod rig;
 
-use drv::Env;
 use host_ftl::driver::{Budget, Driver, DriverConfig, GuestSpec, Pending, Policy, QueuePair};
 use host_ftl::{opcode, Addr, Geometry, Sqe, Status};
+use rig::Env;
 
 /// `groups` × `pus` PUs of 8 chunks × 256 blocks of 4 KiB; reads 20 µs a unit of 4 blocks,
 /// channels of 400 MB/s (10.24 µs a block): reads are limited by the channel.

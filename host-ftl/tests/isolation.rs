@@ -3,14 +3,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
 
-mod drv;
+mod rig;
 
-use drv::{Env, Guest, DATA, DST_LIST, LIST};
 use host_ftl::command::{admin, FUA};
 use host_ftl::driver::{DriverConfig, GuestSpec};
 use host_ftl::{opcode, Addr, ChunkDescriptor, Geometry, Sqe, Status};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
+use rig::{Env, Guest, DATA, DST_LIST, LIST};
 
 /// 2 groups × 4 PUs × 6 chunks × 48 blocks of 512 bytes: counts that are not powers of two, so
 /// that out-of-range values fit their address fields.
@@ -214,7 +214,7 @@ fn malformed_commands_get_clear_statuses() {
         ),
     ];
     for (what, sqe, status, bitmap) in &cases {
-        let c = drv::wait(d, h.qp.submit(*sqe));
+        let c = rig::wait(d, h.qp.submit(*sqe));
         assert_eq!((c.status, c.bitmap(), c.cid), (*status, *bitmap, 5), "{what}");
     }
     let admin_cases: Vec<(&str, Sqe, Status)> = vec![
@@ -242,7 +242,7 @@ fn malformed_commands_get_clear_statuses() {
         ),
     ];
     for (what, sqe, status) in &admin_cases {
-        let c = drv::wait(d, h.qp.admin(*sqe));
+        let c = rig::wait(d, h.qp.admin(*sqe));
         assert_eq!((c.status, c.cid), (*status, 5), "{what}");
     }
     let counters = h.qp.counters();
@@ -393,7 +393,7 @@ fn a_guest_that_submits_without_waiting_is_held_to_its_queue_depth() {
     check_victim(&s);
     s.env.settle();
     for p in accepted {
-        assert_eq!(drv::wait(d, p).status, Status::SUCCESS);
+        assert_eq!(rig::wait(d, p).status, Status::SUCCESS);
     }
     // Completed commands give their places back.
     let (c, got, _) = h.read(d, &h.blocks(0, 0, 0, 8));

@@ -1,29 +1,29 @@
 //! The device against a plain reference model of the OCSSD 2.0 rules.
 //!
-//! The model is written from the rules in `device.rs`'s documentation, not from its code: a Vec
-//! of chunks (state, write pointer, wear), a map of the blocks that hold data, a list of armed
-//! faults and of notifications. Random command streams (writes at and off the write pointer,
-//! of good and bad sizes, spanning chunks; reads in and out of the cache window; resets; copies;
-//! chunks taken offline; injected faults; wear-out with a tiny endurance; reopening the media)
-//! go to both, and every completion, every byte read, every chunk descriptor, the open-chunk
-//! count and the notifications must agree.
+//! The model is written from the rules in the documentation of `device` (`device/mod.rs`), not
+//! from its code: a Vec of chunks (state, write pointer, wear), a map of the blocks that hold
+//! data, a list of armed faults and of notifications. Random command streams (writes at and off
+//! the write pointer, of good and bad sizes, spanning chunks; reads in and out of the cache
+//! window; resets; copies; chunks taken offline; injected faults; wear-out with a tiny
+//! endurance; reopening the media) go to both, and every completion, every byte read, every
+//! chunk descriptor, the open-chunk count and the notifications must agree.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
 
-mod common;
+mod rig;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::path::PathBuf;
 
-use common::{pattern, Host};
 use host_ftl::geometry::{MCCAP_MULTI_RESET, MCCAP_VECTOR_COPY};
 use host_ftl::{
     ChunkDescriptor, ChunkState, Device, Fault, FaultConfig, FaultKind, FileMedia, Geometry, MemMedia, Ppa, Sqe, Status,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
+use rig::{pattern, Host};
 
 // The geometry: 1 group, 2 PUs of 3 chunks of 12 blocks. Its LBA format is 4 block bits, 2
 // chunk bits, 1 PU bit; the model decodes addresses by hand with these numbers.

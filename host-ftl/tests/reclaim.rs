@@ -3,14 +3,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
 
-mod drv;
+mod rig;
 
 use std::time::{Duration, Instant};
 
-use drv::{Env, Guest};
 use host_ftl::command::admin;
 use host_ftl::driver::{Budget, DriverConfig, DriverError, GuestSpec, GuestState};
 use host_ftl::{Addr, ChunkDescriptor, ChunkState, Fault, FaultKind, Geometry, Sqe, Status};
+use rig::{Env, Guest};
 
 /// One group of 4 PUs × 6 chunks × 16 blocks of 512 bytes, with the timing model's times.
 fn geo() -> Geometry {
@@ -80,7 +80,7 @@ fn a_removed_guests_pus_are_reset_before_anyone_gets_them() {
     // Removal returned; nothing has been reset yet.
     assert_eq!(d.reclaiming(), vec!["a".to_string()]);
     assert!(a.qp.is_closed());
-    let late = drv::wait(d, a.qp.submit(a.sqe(host_ftl::opcode::VECTOR_READ, &a.blocks(0, 0, 0, 1))));
+    let late = rig::wait(d, a.qp.submit(a.sqe(host_ftl::opcode::VECTOR_READ, &a.blocks(0, 0, 0, 1))));
     assert_eq!(late.status, Status::ABORTED_SQ_DELETION);
     assert_eq!(count(&chunks_of(&env, &a_pus), ChunkState::Closed), 8);
     assert!(matches!(d.add_guest("b", GuestSpec::new(2)), Err(DriverError::NotEnoughPus { free: 0, .. })));
@@ -118,7 +118,7 @@ fn a_removed_guests_pus_are_reset_before_anyone_gets_them() {
         }
     }
     // b's own chunk information says the same, in b's addresses.
-    let page = drv::wait(d, b.qp.admin(Sqe::get_log_page(1, admin::LOG_CHUNK_INFO, 0, 12 * 32, b.scratch())));
+    let page = rig::wait(d, b.qp.admin(Sqe::get_log_page(1, admin::LOG_CHUNK_INFO, 0, 12 * 32, b.scratch())));
     assert_eq!(page.status, Status::SUCCESS);
     let bytes = b.qp.region().read_vec(b.scratch(), 12 * 32).unwrap();
     let descs: Vec<ChunkDescriptor> = bytes.chunks(32).map(|c| ChunkDescriptor::from_bytes(c).unwrap()).collect();

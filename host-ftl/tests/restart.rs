@@ -2,10 +2,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
 
-mod common;
+mod rig;
 
-use common::Host;
 use host_ftl::{Addr, ChunkState, Device, Error, Fault, FaultConfig, FaultKind, FileMedia, Geometry, MemMedia, Status};
+use rig::Host;
 
 fn open(path: &std::path::Path, geo: &Geometry) -> Host {
     let media = FileMedia::open_or_create(path, geo).unwrap();

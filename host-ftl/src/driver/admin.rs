@@ -12,6 +12,7 @@ use super::Core;
 use crate::address::Addr;
 use crate::chunk::{ChunkDescriptor, CHUNK_DESCRIPTOR_SIZE};
 use crate::command::{admin, Sqe, Status, NSID};
+use crate::error::Result;
 
 pub(crate) fn execute(guest: &GuestShared, core: &Core, sqe: &Sqe) -> Status {
     let common_reserved = sqe.flags != 0 || sqe.cdw2 != 0 || sqe.cdw3 != 0 || sqe.mptr != 0 || sqe.prp2 != 0;
@@ -68,12 +69,13 @@ fn log_page(guest: &GuestShared, core: &Core, sqe: &Sqe) -> Status {
             }
             let first = (offset / CHUNK_DESCRIPTOR_SIZE as u64) as usize;
             let last = (offset + len as u64).div_ceil(CHUNK_DESCRIPTOR_SIZE as u64) as usize;
-            let bytes: Vec<u8> = chunk_info(guest, core, first, last).iter().flat_map(|d| d.to_bytes()).collect();
+            let Ok(descs) = chunk_info(guest, core, first, last) else { return Status::INTERNAL_ERROR };
+            let bytes: Vec<u8> = descs.iter().flat_map(|d| d.to_bytes()).collect();
             let skip = (offset % CHUNK_DESCRIPTOR_SIZE as u64) as usize;
             (page_len, bytes.get(skip..).map(<[u8]>::to_vec).unwrap_or_default())
         }
         admin::LOG_CHUNK_NOTIFICATION => {
-            core.router.poll(&core.device);
+            core.router.poll(&*core.device);
             let page = guest.log.page();
             if offset > page.len() as u64 {
                 return Status::INVALID_FIELD;
@@ -92,8 +94,8 @@ fn log_page(guest: &GuestShared, core: &Core, sqe: &Sqe) -> Status {
 }
 
 /// Descriptors of the guest's chunks with virtual indexes `first..last` (clamped), with the
-/// guest's addresses.
-pub(crate) fn chunk_info(guest: &GuestShared, core: &Core, first: usize, last: usize) -> Vec<ChunkDescriptor> {
+/// guest's addresses; an error if the device cannot give them.
+pub(crate) fn chunk_info(guest: &GuestShared, core: &Core, first: usize, last: usize) -> Result<Vec<ChunkDescriptor>> {
     let part = &guest.part;
     let num_chk = part.geometry().num_chk as usize;
     let dev = core.device.geometry();
@@ -105,7 +107,7 @@ pub(crate) fn chunk_info(guest: &GuestShared, core: &Core, first: usize, last: u
         let end = ((vpu + 1) * num_chk).min(last);
         let Some(&dpu) = part.device_pus().get(vpu) else { break };
         let base = dpu * num_chk;
-        for d in core.device.chunk_info(base + i % num_chk..base + (end - 1) % num_chk + 1) {
+        for d in core.device.chunk_info(base + i % num_chk..base + (end - 1) % num_chk + 1)? {
             let guest_slba = Addr::from_ppa(dev, d.slba).ok().and_then(|a| part.to_guest(a));
             let Some(slba) = guest_slba else { continue };
             let wp = crate::Ppa(slba.0 + d.written());
@@ -113,5 +115,5 @@ pub(crate) fn chunk_info(guest: &GuestShared, core: &Core, first: usize, last: u
         }
         i = end;
     }
-    out
+    Ok(out)
 }

@@ -15,16 +15,17 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use super::fair::{Dispatched, Estimate, SchedConfig, Scheduler};
+use super::fair::{Dispatched, Estimate, Limits, SchedConfig, Scheduler};
 use super::notify::{GuestLog, Router};
 use super::partition::Partition;
-use super::reclaim::ReclaimJob;
-use super::validate::{Checked, CostModel, POISON};
+use super::reclaim::{Next, ReclaimJob};
+use super::validate::{estimate, Checked, POISON};
 use crate::address::{Addr, Ppa};
 use crate::chunk::ChunkState;
-use crate::command::{opcode, Cqe, Status};
-use crate::device::Device;
+use crate::command::{opcode, Cqe, Sqe, Status};
 use crate::dma::DmaRegion;
+use crate::open_channel::OpenChannel;
+use crate::timing::Costs;
 
 /// Counters of one guest, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -193,32 +194,33 @@ pub(crate) struct EngineConfig {
 
 /// The scheduler, the device and everything in flight.
 pub(crate) struct Engine {
-    pub(crate) device: Arc<Device>,
-    pub(crate) cfg: EngineConfig,
-    pub(crate) sched: Scheduler<Job>,
-    pub(crate) costs: CostModel,
+    device: Arc<dyn OpenChannel>,
+    cfg: EngineConfig,
+    sched: Scheduler<Job>,
+    costs: Costs,
     inflight: BTreeMap<(u64, u64), InFlight>,
     seq: u64,
     guests: BTreeMap<u64, EngineGuest>,
-    pub(crate) jobs: BTreeMap<u64, ReclaimJob>,
-    pub(crate) next_flow: Arc<AtomicU64>,
+    jobs: BTreeMap<u64, ReclaimJob>,
+    next_flow: Arc<AtomicU64>,
     router: Arc<Router>,
     /// Names whose reclaim finished since the last [`Engine::run`].
     pub(crate) reclaimed: Vec<String>,
     /// A region for commands that move no host data (resets).
-    pub(crate) empty_region: Arc<DmaRegion>,
+    empty_region: Arc<DmaRegion>,
 }
 
 impl Engine {
     pub(crate) fn new(
-        device: Arc<Device>,
+        device: Arc<dyn OpenChannel>,
+        costs: Costs,
         cfg: EngineConfig,
         router: Arc<Router>,
         next_flow: Arc<AtomicU64>,
     ) -> Engine {
         Engine {
             sched: Scheduler::new(cfg.sched.clone()),
-            costs: CostModel::new(device.geometry()),
+            costs,
             device,
             cfg,
             inflight: BTreeMap::new(),
@@ -277,7 +279,7 @@ impl Engine {
                 self.execute(d, now);
             }
         }
-        self.router.poll(&self.device);
+        self.router.poll(&*self.device);
         for g in self.guests.values() {
             g.shared.stats.throttled_ns.store(self.sched.throttled_ns(g.shared.id, now), Ordering::Relaxed);
         }
@@ -320,7 +322,7 @@ impl Engine {
         let (cqe, _) = self.on_device(Some(guest.id), checked, &guest.region, now);
         self.sched.complete(guest.id, &checked.est);
         guest.stats.record(&cqe, checked.bytes);
-        self.router.poll(&self.device);
+        self.router.poll(&*self.device);
         Some(cqe)
     }
 
@@ -328,7 +330,7 @@ impl Engine {
     /// of them the driver enforces; returns the completion and when it is due.
     fn on_device(&mut self, guest: Option<u64>, checked: &Checked, region: &DmaRegion, now: u64) -> (Cqe, u64) {
         let sqe = &checked.sqe;
-        let device = &self.device;
+        let device = &*self.device;
         let guest = guest.and_then(|id| self.guests.get_mut(&id));
         let targets = match sqe.opcode {
             opcode::VECTOR_WRITE | opcode::VECTOR_RESET => &checked.addrs[..],
@@ -348,7 +350,7 @@ impl Engine {
                 let out = run_on_device(device, self.cfg.timing, checked, region, now);
                 if let Some((open, _)) = tracked {
                     for &c in &chunks {
-                        match device.chunk_info(c..c + 1).first().map(|d| d.state) {
+                        match chunk_state(device, c) {
                             Some(ChunkState::Open) => open.insert(c),
                             _ => open.remove(&c),
                         };
@@ -364,7 +366,11 @@ impl Engine {
         let mut open = BTreeSet::new();
         for &pu in pus {
             let first = pu * num_chk;
-            for (i, d) in self.device.chunk_info(first..first + num_chk).iter().enumerate() {
+            let descs = self.device.chunk_info(first..first + num_chk).unwrap_or_else(|e| {
+                tracing::warn!(pu, error = %e, "cannot read chunk information: the PU's open chunks are not counted");
+                Vec::new()
+            });
+            for (i, d) in descs.iter().enumerate() {
                 if d.state == ChunkState::Open {
                     open.insert(first + i);
                 }
@@ -386,7 +392,60 @@ impl Engine {
     }
 }
 
-fn run_on_device(device: &Device, timing: bool, c: &Checked, region: &DmaRegion, now: u64) -> (Cqe, u64) {
+/// Reclaims (see [`super::reclaim`]): the resets go through the scheduler as a flow of their own.
+impl Engine {
+    fn start_reclaim(&mut self, name: String, pus: Vec<usize>, now: u64) {
+        let id = self.next_flow.fetch_add(1, Ordering::Relaxed);
+        self.sched.add_flow(id, self.cfg.reclaim_weight, Limits::default(), now);
+        tracing::info!(guest = %name, ?pus, "reclaiming the PUs of a removed guest");
+        self.jobs.insert(id, ReclaimJob::new(name, pus));
+        self.reclaim_round(id, now);
+    }
+
+    /// Queues the resets of the job's next round, or ends the job.
+    fn reclaim_round(&mut self, id: u64, now: u64) {
+        let Some(job) = self.jobs.get_mut(&id) else { return };
+        let batches = match job.next(&*self.device, self.cfg.reclaim_batch) {
+            Next::Reset(batches) => batches,
+            Next::Done => return self.finish_reclaim(id),
+            Next::Stuck => {
+                self.jobs.remove(&id);
+                self.sched.remove_flow(id);
+                return;
+            }
+        };
+        let mut queued = 0;
+        for (pu, chunks) in batches {
+            let Ok(sqe) = Sqe::vector(opcode::VECTOR_RESET, 0, chunks.len(), 0, 0, 0) else { continue };
+            let est = estimate(&self.costs, &[], &[], &[(pu, chunks.len() as u64)]);
+            let checked = Checked { sqe, addrs: chunks, dst: Vec::new(), est: est.clone(), bytes: 0 };
+            let job = Job { checked, region: self.empty_region.clone(), reply: Reply::Reclaim { job: id } };
+            if self.sched.enqueue(id, est, 0, job, now).is_ok() {
+                queued += 1;
+            }
+        }
+        if let Some(job) = self.jobs.get_mut(&id) {
+            job.queued(queued);
+        }
+    }
+
+    fn reclaim_batch_done(&mut self, id: u64, now: u64) {
+        let Some(job) = self.jobs.get_mut(&id) else { return };
+        if job.batch_done() {
+            self.reclaim_round(id, now);
+        }
+    }
+
+    fn finish_reclaim(&mut self, id: u64) {
+        self.sched.remove_flow(id);
+        if let Some(job) = self.jobs.remove(&id) {
+            tracing::info!(guest = %job.name, "every chunk of the removed guest is reset");
+            self.reclaimed.push(job.name);
+        }
+    }
+}
+
+fn run_on_device(device: &dyn OpenChannel, timing: bool, c: &Checked, region: &DmaRegion, now: u64) -> (Cqe, u64) {
     if c.is_flush() {
         return (device.execute(&c.sqe, region), now);
     }
@@ -397,18 +456,23 @@ fn run_on_device(device: &Device, timing: bool, c: &Checked, region: &DmaRegion,
     }
 }
 
+/// The state of device chunk `c`; `None` if the device cannot say.
+fn chunk_state(device: &dyn OpenChannel, c: usize) -> Option<ChunkState> {
+    device.chunk_info(c..c + 1).ok()?.first().map(|d| d.state)
+}
+
 /// Whether writing `chunks` keeps a guest with `open` chunks within its share of `limit`.
-fn may_open(device: &Device, open: &BTreeSet<usize>, limit: u32, chunks: &BTreeSet<usize>) -> bool {
+fn may_open(device: &dyn OpenChannel, open: &BTreeSet<usize>, limit: u32, chunks: &BTreeSet<usize>) -> bool {
     let new = chunks
         .iter()
         .filter(|c| !open.contains(c))
-        .filter(|&&c| device.chunk_info(c..c + 1).first().is_some_and(|d| d.state == ChunkState::Free))
+        .filter(|&&c| chunk_state(device, c) == Some(ChunkState::Free))
         .count();
     open.len() + new <= limit as usize
 }
 
 /// Device chunk indexes of the valid addresses in `addrs`.
-fn chunk_indexes(device: &Device, addrs: &[u64]) -> BTreeSet<usize> {
+fn chunk_indexes(device: &dyn OpenChannel, addrs: &[u64]) -> BTreeSet<usize> {
     let geo = device.geometry();
     addrs
         .iter()

@@ -1,5 +1,7 @@
 //! The host FTL driver: owns the open-channel device and serves many guest FTLs, each through a
-//! [`QueuePair`] of its own.
+//! [`QueuePair`] of its own. It reaches the device only through [`OpenChannel`] (NVMe-format
+//! vector and admin commands, log pages, notifications, and the costs its media work takes), so
+//! any device that implements it can go under the driver; [`crate::Device`] is the emulator.
 //!
 //! * [`partition`]: each guest gets whole parallel units and a virtual geometry numbered from 0;
 //!   the partition table is kept durably in the state store.
@@ -62,12 +64,13 @@ use engine::{Engine, EngineConfig, GuestShared, Msg};
 use fair::SchedConfig;
 use notify::{GuestLog, Router};
 use partition::PartitionTable;
-use validate::{CostModel, POISON};
+use validate::POISON;
 
 use crate::address::{Addr, Ppa};
-use crate::device::Device;
 use crate::dma::DmaRegion;
 use crate::geometry::{Geometry, MAX_VECTOR};
+use crate::open_channel::OpenChannel;
+use crate::timing::{Costs, OpKind};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic never happens under these locks on purpose; if one did, the state is still the
@@ -268,12 +271,12 @@ impl Inbox {
 
 /// What queue pairs share with the driver.
 pub(crate) struct Core {
-    pub(crate) device: Arc<Device>,
+    pub(crate) device: Arc<dyn OpenChannel>,
     pub(crate) inbox: Inbox,
     pub(crate) engine: Mutex<Engine>,
     pub(crate) router: Arc<Router>,
     pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) costs: CostModel,
+    pub(crate) costs: Costs,
     /// On the real clock, a submitter that finds the engine unlocked runs it itself instead of
     /// waking the dispatcher thread (see [`Core::run_inline`]).
     pub(crate) inline: bool,
@@ -415,10 +418,11 @@ fn check_name(name: &str) -> Result<()> {
 }
 
 impl Driver {
-    /// Opens the driver on `device` with the partition table in `store`. Guests of the table
-    /// are served again (their queue pairs through [`Driver::guest`]); reclaims a crash cut
-    /// short are started again.
-    pub fn open(device: Arc<Device>, store: Arc<Store>, config: DriverConfig) -> Result<Driver> {
+    /// Opens the driver on `device` (any [`OpenChannel`]; the emulator is
+    /// [`crate::Device`]) with the partition table in `store`. Guests of the table are served
+    /// again (their queue pairs through [`Driver::guest`]); reclaims a crash cut short are
+    /// started again.
+    pub fn open(device: Arc<dyn OpenChannel>, store: Arc<Store>, config: DriverConfig) -> Result<Driver> {
         let geo = device.geometry().clone();
         if Addr::from_ppa(&geo, Ppa(POISON)).is_ok() {
             return Err(DriverError::BadConfig("the device's LBA format uses all 64 bits".into()));
@@ -431,22 +435,22 @@ impl Driver {
             ClockConfig::Real => (Arc::new(MonotonicClock), None),
             ClockConfig::Simulated(c) => (c.clone(), Some(c.clone())),
         };
-        let costs = CostModel::new(&geo);
+        let costs = device.costs();
         let budget = |b: Budget, auto: u64| match b {
             Budget::Auto => Some(auto),
             Budget::Unlimited => None,
             Budget::Ns(ns) => Some(ns),
         };
         let full = MAX_VECTOR as u64;
-        let auto_pu = full.div_ceil(u64::from(geo.ws_min)) * u64::from(geo.program_ns) + full * geo.transfer_ns();
+        let auto_pu = costs.media(OpKind::Program, full) + costs.transfer(full);
         let sched = SchedConfig {
             policy: config.policy,
             pu_budget: budget(config.pu_budget, auto_pu),
-            channel_budget: budget(config.channel_budget, u64::from(geo.num_pu) * full * geo.transfer_ns()),
+            channel_budget: budget(config.channel_budget, u64::from(geo.num_pu) * costs.transfer(full)),
             scan_limit: config.scan_limit.max(1),
             burst_ns: config.burst_ns,
         };
-        let router = Arc::new(Router::new(&device));
+        let router = Arc::new(Router::new(&*device)?);
         let next_id = Arc::new(AtomicU64::new(1));
         let engine_cfg = EngineConfig {
             sched,
@@ -454,7 +458,7 @@ impl Driver {
             reclaim_weight: config.reclaim_weight.max(1),
             reclaim_batch: config.reclaim_batch,
         };
-        let engine = Engine::new(device.clone(), engine_cfg, router.clone(), next_id.clone());
+        let engine = Engine::new(device.clone(), costs, engine_cfg, router.clone(), next_id.clone());
         let core = Arc::new(Core {
             device,
             inbox: Inbox::new(),
@@ -628,7 +632,8 @@ impl Driver {
         table.records().values().filter(|r| r.state == GuestState::Reclaiming).map(|r| r.name.clone()).collect()
     }
 
-    pub fn device(&self) -> &Arc<Device> {
+    /// The device under the driver.
+    pub fn device(&self) -> &Arc<dyn OpenChannel> {
         &self.state.core.device
     }
 

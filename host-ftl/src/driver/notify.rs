@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::partition::Partition;
 use crate::address::Addr;
-use crate::device::Device;
+use crate::error::Result;
 use crate::notify::{ChunkNotification, NOTIFICATION_CAPACITY};
+use crate::open_channel::OpenChannel;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain queues and counters: a poisoned lock leaves them consistent.
@@ -66,8 +67,8 @@ pub struct Router {
 impl Router {
     /// A router that starts after the device's current notifications (older ones concerned
     /// whoever owned the chunks then).
-    pub fn new(device: &Device) -> Router {
-        Router { state: Mutex::new(State { seen: device.last_notification(), owners: BTreeMap::new() }) }
+    pub fn new(device: &dyn OpenChannel) -> Result<Router> {
+        Ok(Router { state: Mutex::new(State { seen: device.last_notification()?, owners: BTreeMap::new() }) })
     }
 
     /// Routes the PUs of `part` to `log`.
@@ -87,14 +88,24 @@ impl Router {
         }
     }
 
-    /// Routes every notification the device logged since the last poll.
-    pub fn poll(&self, device: &Device) {
+    /// Routes every notification the device logged since the last poll. A device that cannot
+    /// say is asked again at the next poll.
+    pub fn poll(&self, device: &dyn OpenChannel) {
         let mut s = lock(&self.state);
-        if device.last_notification() <= s.seen {
-            return;
-        }
+        let seen = s.seen;
+        let news =
+            device
+                .last_notification()
+                .and_then(|last| if last > seen { device.notifications(seen) } else { Ok(Vec::new()) });
+        let news = match news {
+            Ok(news) => news,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the device's chunk notifications");
+                return;
+            }
+        };
         let geo = device.geometry();
-        for n in device.notifications(s.seen) {
+        for n in news {
             if n.nc > s.seen + 1 {
                 tracing::warn!(lost = n.nc - s.seen - 1, "device notifications were lost before they could be routed");
             }

@@ -191,7 +191,7 @@ impl QueuePair {
     /// The guest's chunk notifications with a count above `after`, oldest first, in its own
     /// addresses (see [`crate::driver::notify`]).
     pub fn notifications(&self, after: u64) -> Vec<ChunkNotification> {
-        self.core.router.poll(&self.core.device);
+        self.core.router.poll(&*self.core.device);
         self.guest.log.since(after)
     }
 

@@ -16,21 +16,36 @@
 //! 4. The device is flushed (the resets are durable), then the record is deleted durably: only
 //!    now are the PUs free.
 //!
+//! If the device cannot report a PU's chunks or take a chunk offline, the reclaim stops there
+//! and the PUs stay reserved until the driver is opened again.
+//!
+//! This module decides what each round does (`ReclaimJob`); the engine queues the resets on
+//! the scheduler and tells the job when each is done.
+//!
 //! A crash at any point leaves the record reclaiming (or already deleted, after step 4), and
 //! [`crate::driver::Driver::open`] starts the reclaim again from step 2. Since a reset chunk
 //! reads as unwritten, no later guest can read a former guest's data.
 
-use super::engine::{Engine, Job, Reply};
-use super::fair::Limits;
-use super::validate::Checked;
 use crate::chunk::ChunkState;
-use crate::command::{opcode, Sqe};
-use crate::device::Device;
+use crate::error::Result;
 use crate::geometry::MAX_VECTOR;
+use crate::open_channel::OpenChannel;
 use crate::{Addr, Ppa};
 
 /// Reset rounds before a chunk that keeps failing its reset is taken offline.
 const MAX_ROUNDS: u32 = 3;
+
+/// What a reclaim does next.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Reset these chunks (device addresses of block 0), one command per batch: (device PU,
+    /// batch). Each command's end goes to [`ReclaimJob::batch_done`].
+    Reset(Vec<(usize, Vec<u64>)>),
+    /// No chunk of the PUs holds data any more: free them once the resets are durable.
+    Done,
+    /// The device could not report or clean a chunk: the PUs stay reserved.
+    Stuck,
+}
 
 /// A guest's PUs being reclaimed.
 pub(crate) struct ReclaimJob {
@@ -41,82 +56,64 @@ pub(crate) struct ReclaimJob {
 }
 
 /// Device addresses (block 0) of the chunks of `pu` that hold data: open or closed.
-fn dirty_chunks(device: &Device, pu: usize) -> Vec<u64> {
+fn dirty_chunks(device: &dyn OpenChannel, pu: usize) -> Result<Vec<u64>> {
     let num_chk = device.geometry().num_chk as usize;
     let first = pu * num_chk;
-    device
-        .chunk_info(first..first + num_chk)
+    Ok(device
+        .chunk_info(first..first + num_chk)?
         .iter()
         .filter(|d| matches!(d.state, ChunkState::Open | ChunkState::Closed))
         .map(|d| d.slba.0)
-        .collect()
+        .collect())
 }
 
-impl Engine {
-    pub(crate) fn start_reclaim(&mut self, name: String, pus: Vec<usize>, now: u64) {
-        let id = self.next_flow.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.sched.add_flow(id, self.cfg.reclaim_weight, Limits::default(), now);
-        tracing::info!(guest = %name, ?pus, "reclaiming the PUs of a removed guest");
-        self.jobs.insert(id, ReclaimJob { name, pus, round: 0, outstanding: 0 });
-        self.reclaim_round(id, now);
+impl ReclaimJob {
+    pub(crate) fn new(name: String, pus: Vec<usize>) -> ReclaimJob {
+        ReclaimJob { name, pus, round: 0, outstanding: 0 }
     }
 
-    /// Scans the job's PUs and queues resets of what still holds data, or finishes the job.
-    fn reclaim_round(&mut self, id: u64, now: u64) {
-        let Some(job) = self.jobs.get_mut(&id) else { return };
-        let dirty: Vec<(usize, Vec<u64>)> =
-            job.pus.iter().map(|&pu| (pu, dirty_chunks(&self.device, pu))).filter(|(_, c)| !c.is_empty()).collect();
+    /// Scans the PUs and says what to do next: reset what still holds data in batches of
+    /// `batch` chunks, or, after [`MAX_ROUNDS`] rounds, take it offline; or nothing is left.
+    pub(crate) fn next(&mut self, device: &dyn OpenChannel, batch: usize) -> Next {
+        let scanned: Result<Vec<(usize, Vec<u64>)>> =
+            self.pus.iter().map(|&pu| Ok((pu, dirty_chunks(device, pu)?))).collect();
+        let dirty: Vec<(usize, Vec<u64>)> = match scanned {
+            Ok(all) => all.into_iter().filter(|(_, c)| !c.is_empty()).collect(),
+            Err(e) => {
+                tracing::error!(guest = %self.name, error = %e, "cannot read the chunks of a removed guest; its PUs stay reserved");
+                return Next::Stuck;
+            }
+        };
         if dirty.is_empty() {
-            return self.finish_reclaim(id);
+            return Next::Done;
         }
-        if job.round >= MAX_ROUNDS {
-            let geo = self.device.geometry().clone();
+        if self.round >= MAX_ROUNDS {
+            let geo = device.geometry();
             for ppa in dirty.iter().flat_map(|(_, c)| c) {
-                let taken = Addr::from_ppa(&geo, Ppa(*ppa)).map(|a| self.device.set_offline(a));
+                let taken = Addr::from_ppa(geo, Ppa(*ppa)).map(|a| device.set_offline(a));
                 if let Err(e) | Ok(Err(e)) = taken {
-                    tracing::error!(guest = %job.name, ppa, error = %e, "cannot reset nor take offline a chunk of a removed guest; its PUs stay reserved");
-                    self.jobs.remove(&id);
-                    self.sched.remove_flow(id);
-                    return;
+                    tracing::error!(guest = %self.name, ppa, error = %e, "cannot reset nor take offline a chunk of a removed guest; its PUs stay reserved");
+                    return Next::Stuck;
                 }
-                tracing::warn!(guest = %job.name, ppa, "chunk kept failing its reset: taken offline");
+                tracing::warn!(guest = %self.name, ppa, "chunk kept failing its reset: taken offline");
             }
-            return self.finish_reclaim(id);
+            return Next::Done;
         }
-        job.round += 1;
-        let batch = self.cfg.reclaim_batch.clamp(1, MAX_VECTOR);
-        let mut queued = 0;
-        for (pu, chunks) in &dirty {
-            for part in chunks.chunks(batch) {
-                let Ok(sqe) = Sqe::vector(opcode::VECTOR_RESET, 0, part.len(), 0, 0, 0) else { continue };
-                let est = self.costs.estimate(&[], &[], &[(*pu, part.len() as u64)]);
-                let checked = Checked { sqe, addrs: part.to_vec(), dst: Vec::new(), est: est.clone(), bytes: 0 };
-                let job = Job { checked, region: self.empty_region.clone(), reply: Reply::Reclaim { job: id } };
-                if self.sched.enqueue(id, est, 0, job, now).is_ok() {
-                    queued += 1;
-                }
-            }
-        }
-        if let Some(job) = self.jobs.get_mut(&id) {
-            job.outstanding = queued;
-        }
+        self.round += 1;
+        let batch = batch.clamp(1, MAX_VECTOR);
+        Next::Reset(dirty.iter().flat_map(|(pu, chunks)| chunks.chunks(batch).map(|b| (*pu, b.to_vec()))).collect())
     }
 
-    pub(crate) fn reclaim_batch_done(&mut self, id: u64, now: u64) {
-        let Some(job) = self.jobs.get_mut(&id) else { return };
-        job.outstanding = job.outstanding.saturating_sub(1);
+    /// Records how many reset commands of this round were queued.
+    pub(crate) fn queued(&mut self, n: usize) {
+        self.outstanding = n;
+    }
+
+    /// One reset command of the round is done; whether it was the last.
+    pub(crate) fn batch_done(&mut self) -> bool {
+        self.outstanding = self.outstanding.saturating_sub(1);
         // Some of the guest's chunks are reset, others may still hold its data.
         failpoint::hit("host_ftl::reclaim::batch-done");
-        if job.outstanding == 0 {
-            self.reclaim_round(id, now);
-        }
-    }
-
-    fn finish_reclaim(&mut self, id: u64) {
-        self.sched.remove_flow(id);
-        if let Some(job) = self.jobs.remove(&id) {
-            tracing::info!(guest = %job.name, "every chunk of the removed guest is reset");
-            self.reclaimed.push(job.name);
-        }
+        self.outstanding == 0
     }
 }

@@ -35,7 +35,8 @@ use super::fair::Estimate;
 use super::partition::Partition;
 use crate::command::{opcode, Cqe, Sqe, Status, FUA, NSID};
 use crate::dma::DmaRegion;
-use crate::geometry::{Geometry, MAX_VECTOR};
+use crate::geometry::MAX_VECTOR;
+use crate::timing::{Costs, OpKind};
 
 /// The device address given for a guest address that failed translation: it has bits above
 /// every LBA format a valid device can have, so the device fails it with LBA out of range.
@@ -82,52 +83,28 @@ impl Checked {
     }
 }
 
-/// Predicts device time from the geometry, as the timing model will book it.
-#[derive(Clone, Debug)]
-pub struct CostModel {
-    read_ns: u64,
-    program_ns: u64,
-    reset_ns: u64,
-    ws_min: u64,
-    xfer_ns: u64,
-    num_pu: usize,
-    block_size: u64,
-}
-
-impl CostModel {
-    pub fn new(dev: &Geometry) -> CostModel {
-        CostModel {
-            read_ns: dev.read_ns.into(),
-            program_ns: dev.program_ns.into(),
-            reset_ns: dev.reset_ns.into(),
-            ws_min: u64::from(dev.ws_min.max(1)),
-            xfer_ns: dev.transfer_ns(),
-            num_pu: usize::from(dev.num_pu.max(1)),
-            block_size: dev.block_size.into(),
-        }
-    }
-
-    /// The estimate for blocks read and programmed and chunks reset, as (device PU, count).
-    pub fn estimate(&self, reads: &[(usize, u64)], programs: &[(usize, u64)], resets: &[(usize, u64)]) -> Estimate {
-        let mut pus: Vec<(usize, u64)> = Vec::with_capacity(reads.len() + programs.len() + resets.len());
-        let mut chans: Vec<(usize, u64)> = Vec::new();
-        for (list, unit_ns) in [(reads, self.read_ns), (programs, self.program_ns)] {
-            for &(pu, blocks) in list {
-                let xfer = blocks * self.xfer_ns;
-                add_to(&mut pus, pu, blocks.div_ceil(self.ws_min) * unit_ns + xfer);
-                if xfer > 0 {
-                    add_to(&mut chans, pu / self.num_pu, xfer);
-                }
+/// Predicts the device time of blocks read and programmed and chunks reset, as (device PU,
+/// count), with the costs the device books them with: per PU its media time and its transfers,
+/// per channel its transfers.
+pub fn estimate(costs: &Costs, reads: &[(usize, u64)], programs: &[(usize, u64)], resets: &[(usize, u64)]) -> Estimate {
+    let mut pus: Vec<(usize, u64)> = Vec::with_capacity(reads.len() + programs.len() + resets.len());
+    let mut chans: Vec<(usize, u64)> = Vec::new();
+    for (list, op) in [(reads, OpKind::Read), (programs, OpKind::Program)] {
+        for &(pu, blocks) in list {
+            let xfer = costs.transfer(blocks);
+            add_to(&mut pus, pu, costs.media(op, blocks) + xfer);
+            if xfer > 0 {
+                add_to(&mut chans, costs.channel_of(pu), xfer);
             }
         }
-        for &(pu, chunks) in resets {
-            add_to(&mut pus, pu, chunks * self.reset_ns);
-        }
-        pus.sort_unstable();
-        chans.sort_unstable();
-        let cost = pus.iter().map(|p| p.1).sum();
-        Estimate { pus, channels: chans, cost }
     }
+    for &(pu, chunks) in resets {
+        add_to(&mut pus, pu, costs.media(OpKind::Reset, chunks));
+    }
+    pus.sort_unstable();
+    chans.sort_unstable();
+    let cost = pus.iter().map(|p| p.1).sum();
+    Estimate { pus, channels: chans, cost }
 }
 
 /// Adds `v` to the entry of `key` (a command touches few PUs: a short list beats a map).
@@ -145,7 +122,7 @@ fn fail_all(cid: u16, n: usize, s: Status) -> Cqe {
 
 /// Checks a guest's I/O command against its partition and region; returns it translated, or
 /// the completion that refuses it.
-pub fn check(part: &Partition, sqe: &Sqe, mem: &DmaRegion, costs: &CostModel) -> Result<Checked, Cqe> {
+pub fn check(part: &Partition, sqe: &Sqe, mem: &DmaRegion, costs: &Costs) -> Result<Checked, Cqe> {
     match sqe.opcode {
         opcode::FLUSH => check_flush(sqe),
         opcode::VECTOR_RESET | opcode::VECTOR_WRITE | opcode::VECTOR_READ => check_vector(part, sqe, mem, costs),
@@ -165,7 +142,7 @@ fn check_flush(sqe: &Sqe) -> Result<Checked, Cqe> {
     Ok(Checked { sqe: *sqe, addrs: Vec::new(), dst: Vec::new(), est: Estimate::default(), bytes: 0 })
 }
 
-fn check_vector(part: &Partition, sqe: &Sqe, mem: &DmaRegion, costs: &CostModel) -> Result<Checked, Cqe> {
+fn check_vector(part: &Partition, sqe: &Sqe, mem: &DmaRegion, costs: &Costs) -> Result<Checked, Cqe> {
     let cid = sqe.cid;
     let count_field = (sqe.cdw12 & 0xffff) as usize;
     if count_field >= MAX_VECTOR {
@@ -218,12 +195,12 @@ fn check_vector(part: &Partition, sqe: &Sqe, mem: &DmaRegion, costs: &CostModel)
     }
     let none = [];
     let est = match op {
-        opcode::VECTOR_READ => costs.estimate(&src_pus, &none, &none),
-        opcode::VECTOR_WRITE => costs.estimate(&none, &src_pus, &none),
-        opcode::VECTOR_RESET => costs.estimate(&none, &none, &src_pus),
-        _ => costs.estimate(&src_pus, &dst_pus, &none),
+        opcode::VECTOR_READ => estimate(costs, &src_pus, &none, &none),
+        opcode::VECTOR_WRITE => estimate(costs, &none, &src_pus, &none),
+        opcode::VECTOR_RESET => estimate(costs, &none, &none, &src_pus),
+        _ => estimate(costs, &src_pus, &dst_pus, &none),
     };
-    let bytes = if op == opcode::VECTOR_RESET { 0 } else { n64 * costs.block_size };
+    let bytes = if op == opcode::VECTOR_RESET { 0 } else { n64 * bs };
     Ok(Checked { sqe: *sqe, addrs, dst, est, bytes })
 }
 
@@ -250,11 +227,12 @@ fn translate(part: &Partition, list: &mut [u64], bad: &mut u64) -> Vec<(usize, u
 mod tests {
     use super::*;
     use crate::address::{Addr, Ppa};
+    use crate::geometry::Geometry;
 
-    fn setup() -> (Partition, DmaRegion, CostModel) {
+    fn setup() -> (Partition, DmaRegion, Costs) {
         let dev = Geometry { channel_mb_s: 800, ..Geometry::default() };
         let part = Partition::new(&dev, &[2, 5], false).unwrap();
-        (part, DmaRegion::new(1 << 20), CostModel::new(&dev))
+        (part, DmaRegion::new(1 << 20), Costs::new(&dev))
     }
 
     fn ppa(p: &Partition, pu: u16, chk: u32, blk: u32) -> u64 {
