@@ -10,42 +10,26 @@
 #   VSTOR_BIN=target/release/vstor benches/filters_nbd.sh
 #
 # Environment: SIZE (default 512M), RUNTIME (s per run, default 3), RAMP (default 1), ROUNDS
-# (default 5), ONLY (workloads whose name contains it), VSTOR_BIN.
+# (default 5), ONLY (workloads whose name contains it), VSTOR_BIN; ALLOW_LOAD, MAX_LOAD and
+# KEEP_WORK as in benches/lib.sh (the script refuses to run while the 1-minute load average is
+# above half the CPUs, unless ALLOW_LOAD=1).
 
 set -euo pipefail
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
-invocation=""
-for var in SIZE RUNTIME RAMP ROUNDS ONLY VSTOR_BIN; do
-    if [[ -v $var ]]; then invocation+="$var=$(printf '%q' "${!var}") "; fi
-done
-invocation+="$0"
-
-SIZE=${SIZE:-512M}
-RUNTIME=${RUNTIME:-3}
-RAMP=${RAMP:-1}
-ROUNDS=${ROUNDS:-5}
-BENCH=filters_nbd
 # shellcheck source=benches/lib.sh
-source "$SCRIPT_DIR/lib.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init filters_nbd "$@"
+knob SIZE 512M
+knob RUNTIME 3
+knob RAMP 1
+knob ROUNDS 5
+knob ONLY ""
+knob VSTOR_BIN ""
+bench_start
+require_fio_nbd
+build_vstor
 
-command -v fio >/dev/null 2>&1 || die "fio is not installed (scripts/setup.sh installs it)"
-fio --enghelp 2>/dev/null | grep -qw nbd || die "this fio has no nbd ioengine"
-check_knobs
-
-git_rev=$(source_revision)
-if [[ -n "${VSTOR_BIN:-}" ]]; then
-    VSTOR=$(cd "$(dirname "$VSTOR_BIN")" && pwd)/$(basename "$VSTOR_BIN")
-else
-    log "building vstor (cargo build --release) ..."
-    (cd "$REPO_ROOT" && cargo build --release >&2) || die "cargo build --release failed"
-    VSTOR="$REPO_ROOT/target/release/vstor"
-fi
-[[ -x "$VSTOR" ]] || die "no vstor binary at $VSTOR"
-
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/filters-nbd.XXXXXX")
-install_cleanup
+make_workdir filters-nbd
 SOCK="$WORK/nbd.sock"
 PT='{ type = "passthrough" }'
 cat >"$WORK/vstor.toml" <<EOT
@@ -66,57 +50,37 @@ name = "chained"
 size = "$SIZE"
 filters = [$PT, $PT, $PT, $PT]
 EOT
-log "starting vstor: $VSTOR serve --config $WORK/vstor.toml"
-"$VSTOR" serve --config "$WORK/vstor.toml" >"$WORK/vstor.log" 2>&1 &
-VSTOR_PID=$!
-wait_for_socket vstor "$VSTOR_PID" "$SOCK" "$WORK/vstor.log"
-
-run_fio() {
-    local disk=$1 out=$2
-    shift 2
-    kill -0 "$VSTOR_PID" 2>/dev/null || daemon_failed vstor "$WORK/vstor.log" "the daemon died"
-    fio --name=bench --ioengine=nbd --uri="nbd+unix:///$disk?socket=$SOCK" --numjobs=1 --size="$SIZE_BYTES" \
-        --output-format=json --output="$out" "$@" 2>"$out.err" || { cat "$out.err" >&2; die "fio against $disk failed"; }
-}
+start_vstor "$SOCK"
 
 for disk in plain chained; do
     log "filling $disk ($SIZE) ..."
-    run_fio "$disk" "$WORK/fill-$disk.json" --rw=write --bs=4k --iodepth=32 --randseed=7 --refill_buffers
+    fio_run "$disk" "nbd+unix:///$disk?socket=$SOCK" "$WORK/fill-$disk.json" \
+        --rw=write --bs=4k --iodepth=32 --randseed=7 --refill_buffers
 done
 
 ROWS=("4k randread QD1|randread|1" "4k randread QD32|randread|32" "4k randwrite QD1|randwrite|1" "4k randwrite QD32|randwrite|32")
-LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-echo "Command: \`$invocation\` (vstor $git_rev; $(date -u '+%Y-%m-%d %H:%M UTC'); load average $LOAD_BEFORE before)"
-echo
-echo "| workload | no filters IOPS | 4 passthrough IOPS | ratio of medians | median of per-round ratios | per-round ratios |"
-echo "|---|---:|---:|---:|---:|---|"
+select_rows
+
+measuring_starts
 for row in "${ROWS[@]}"; do
     IFS='|' read -r name rw qd <<<"$row"
-    [[ -z "${ONLY:-}" || "$name" == *"$ONLY"* ]] || continue
-    dir=read
-    [[ $rw == randwrite ]] && dir=write
-    : >"$WORK/row.tsv"
+    dir="read"
+    [[ $rw == randwrite ]] && dir="write"
     for ((round = 1; round <= ROUNDS; round++)); do
-        if ((round % 2 == 1)); then order=(plain chained); else order=(chained plain); fi
-        for disk in "${order[@]}"; do
+        for disk in $(round_order "$round" plain chained); do
             out="$WORK/$rw-$qd-$round-$disk.json"
-            run_fio "$disk" "$out" --rw="$rw" --bs=4k --iodepth="$qd" --time_based --runtime="$RUNTIME" --ramp_time="$RAMP"
-            iops=$(python3 -c 'import json,sys; t=open(sys.argv[1]).read(); print(json.loads(t[t.index("{"):])["jobs"][0][sys.argv[2]]["iops"])' "$out" "$dir")
-            printf '%s\t%s\t%s\n' "$round" "$disk" "$iops" >>"$WORK/row.tsv"
-            log "$(printf '%-18s round %d %-8s %9.0f IOPS (load %s)' "$name" "$round" "$disk" "$iops" "$(cut -d' ' -f1 /proc/loadavg)")"
+            fio_run "$disk" "nbd+unix:///$disk?socket=$SOCK" "$out" \
+                --rw="$rw" --bs=4k --iodepth="$qd" --time_based --runtime="$RUNTIME" --ramp_time="$RAMP"
+            read -r iops _ < <(fio_figures "$out" "$dir")
+            record "$name" "$disk" "$round" iops="$iops"
         done
     done
-    python3 - "$WORK/row.tsv" "$name" <<'PY'
-import statistics, sys
-rows = [l.split("\t") for l in open(sys.argv[1]).read().split("\n") if l]
-by = {}
-for r, disk, iops in rows:
-    by.setdefault(disk, {})[int(r)] = float(iops)
-p, c = by["plain"], by["chained"]
-ratios = [c[r] / p[r] for r in sorted(p)]
-mp, mc = statistics.median(p.values()), statistics.median(c.values())
-print(f"| {sys.argv[2]} | {mp:,.0f} | {mc:,.0f} | {mc / mp:.3f}x | {statistics.median(ratios):.3f}x | {' '.join(f'{x:.2f}' for x in ratios)} |")
-PY
 done
-echo
-echo "Load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+note "two $SIZE raw disks in one daemon, filled with the same data; fio nbd engine, 4k blocks, $RUNTIME s measured after $RAMP s of ramp"
+note "$ROUNDS rounds per row, plain and chained alternating which goes first; medians per side"
+bench_table \
+    'no filters IOPS|plain.iops|{:,.0f}' '4 passthrough IOPS|chained.iops|{:,.0f}' \
+    'ratio of medians|chained.iops/plain.iops|{:.3f}x' \
+    'median of per-round ratios|each:chained.iops/plain.iops|{:.3f}x' \
+    'per-round ratios|rounds:chained.iops/plain.iops|{:.2f}'

@@ -10,7 +10,10 @@
 #
 # Environment: SIZE (disk size, default 1G; K/M/G/T are binary units), RUNTIME (seconds measured
 # per fio run, default 4), RAMP (seconds of warm-up per run left out of the figures, default 1),
-# ROUNDS (default 3), ONLY (run only the workloads whose name contains it, e.g. "QD1"), WORKERS (vstor's runtime.worker_threads; default: vstor's own default), VSTOR_BIN (a vstor binary to use instead of building one).
+# ROUNDS (default 3), ONLY (run only the workloads whose name contains it, e.g. "QD1"), WORKERS
+# (vstor's runtime.worker_threads; default: vstor's own default), VSTOR_BIN (a vstor binary to use
+# instead of building one); ALLOW_LOAD, MAX_LOAD and KEEP_WORK as in benches/lib.sh (the script
+# refuses to run while the 1-minute load average is above half the CPUs, unless ALLOW_LOAD=1).
 #
 # Both disks are raw, sparse files in the page cache (vstor: direct = false; qemu-storage-daemon:
 # aio=io_uring, cache.direct=off), filled completely with the same data before measuring.
@@ -18,59 +21,26 @@
 
 set -euo pipefail
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
-
-# The command line as given, with the knobs that were set in the environment.
-invocation=""
-for var in SIZE RUNTIME RAMP ROUNDS WORKERS ONLY VSTOR_BIN; do
-    if [[ -v $var ]]; then invocation+="$var=$(printf '%q' "${!var}") "; fi
-done
-invocation+="$0"
-for arg in "$@"; do invocation+=" $(printf '%q' "$arg")"; done
-
-SIZE=${SIZE:-1G}
-RUNTIME=${RUNTIME:-4}
-RAMP=${RAMP:-1}
-ROUNDS=${ROUNDS:-3}
-WORKERS=${WORKERS:-}
-
-BENCH=nbd_vs_qsd
 # shellcheck source=benches/lib.sh
-source "$SCRIPT_DIR/lib.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init nbd_vs_qsd "$@"
+knob SIZE 1G
+knob RUNTIME 4
+knob RAMP 1
+knob ROUNDS 3
+knob ONLY ""
+knob WORKERS ""
+knob VSTOR_BIN ""
+bench_start
+require qemu-storage-daemon cmp
+require_fio_nbd
+build_vstor
 
-# --- prerequisites -------------------------------------------------------------------------------
-for tool in fio qemu-storage-daemon python3; do
-    command -v "$tool" >/dev/null 2>&1 ||
-        die "$tool is not installed (scripts/setup.sh installs fio; qemu-storage-daemon is in Debian's qemu-system-common / qemu-utils)"
-done
-fio --enghelp 2>/dev/null | grep -qw nbd ||
-    die "this fio ($(fio --version)) has no nbd ioengine (it needs fio built with libnbd)"
-check_knobs
-
-# --- vstor binary --------------------------------------------------------------------------------
-git_rev=$(source_revision)
-if [[ -n "${VSTOR_BIN:-}" ]]; then
-    [[ -x "$VSTOR_BIN" ]] || die "VSTOR_BIN=$VSTOR_BIN is not an executable"
-    VSTOR=$(cd "$(dirname "$VSTOR_BIN")" && pwd)/$(basename "$VSTOR_BIN")
-else
-    log "building vstor (cargo build --release) ..."
-    (cd "$REPO_ROOT" && cargo build --release >&2) || die "cargo build --release failed"
-    target_dir=$(cd "$REPO_ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
-        python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])') ||
-        target_dir="$REPO_ROOT/target"
-    VSTOR="$target_dir/release/vstor"
-    [[ -x "$VSTOR" ]] || die "no vstor binary at $VSTOR after the build"
-fi
-
-# --- work dir, daemons, cleanup ------------------------------------------------------------------
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/nbd-vs-qsd.XXXXXX")
-install_cleanup
-
+# --- work dir, daemons ---------------------------------------------------------------------------
+make_workdir nbd-vs-qsd
 VSTOR_SOCK="$WORK/vstor-nbd.sock"
 QSD_SOCK="$WORK/qsd.sock"
-VSTOR_URI="nbd+unix:///bench?socket=$VSTOR_SOCK"
-QSD_URI="nbd+unix:///bench?socket=$QSD_SOCK"
+declare -A URI=([vstor]="nbd+unix:///bench?socket=$VSTOR_SOCK" [qsd]="nbd+unix:///bench?socket=$QSD_SOCK")
 
 cat >"$WORK/vstor.toml" <<EOF
 data_dir = "$WORK/vstor"
@@ -89,49 +59,25 @@ size = "$SIZE"
 block_size = 512
 backend = { type = "raw", direct = false }
 EOF
-
+start_vstor "$VSTOR_SOCK"
 # --nbd-server must come before --export (the export needs a running server).
-start_daemons --nbd-server "addr.type=unix,addr.path=$QSD_SOCK" \
+start_qsd "$QSD_SOCK" --nbd-server "addr.type=unix,addr.path=$QSD_SOCK" \
     --export "type=nbd,id=exp0,node-name=fmt0,name=bench,writable=on"
-
-# --- fio -----------------------------------------------------------------------------------------
-
-# run_fio SIDE OUTFILE FIO-ARGS...: one fio run against SIDE (vstor or qsd), JSON into OUTFILE.
-run_fio() {
-    local side=$1 out=$2 uri
-    shift 2
-    if [[ $side == vstor ]]; then uri=$VSTOR_URI; else uri=$QSD_URI; fi
-    check_alive
-    if ! fio --name=bench --ioengine=nbd --uri="$uri" --numjobs=1 --size="$SIZE_BYTES" \
-        --output-format=json --output="$out" "$@" 2>"$out.err"; then
-        log "fio against $side failed (fio ${*}):"
-        cat "$out.err" "$out" >&2 2>/dev/null || true
-        check_alive
-        die "fio against $side failed"
-    fi
-    if [[ -s "$out.err" ]]; then
-        log "fio against $side said:"
-        sed 's/^/    /' "$out.err" >&2
-    fi
-    check_alive
-}
+VSTOR_FILE=$(vstor_disk_file)
 
 # Fill both disks completely with the same data, so reads hit allocated blocks and both files sit
 # in the page cache the same way. A fixed seed and buffers refilled in submission order make the
 # data independent of the order in which each server completes requests. The fill writes 4 KiB at
 # a time, for the reason given in vhost_vs_qsd.sh: the size of the first writes decides the size of
 # the page cache's folios, which the 4k write rows would otherwise measure.
-FILL_ARGS=(--rw=write --bs=4k --iodepth=32 --randseed=20240601 --refill_buffers)
 for side in vstor qsd; do
     log "filling $side's disk ($SIZE) ..."
-    run_fio "$side" "$WORK/fill-$side.json" "${FILL_ARGS[@]}"
+    fio_run "$side" "${URI[$side]}" "$WORK/fill-$side.json" --rw=write --bs=4k --iodepth=32 \
+        --randseed=20240601 --refill_buffers
 done
-if cmp -s "$VSTOR_FILE" "$WORK/qsd.raw"; then
-    log "both disk files hold the same $SIZE_BYTES bytes"
-else
-    log "warning: the two disk files differ after the fill"
-fi
+same_data "$VSTOR_FILE" "$WORK/qsd.raw"
 
+# --- measuring -----------------------------------------------------------------------------------
 # name | rw | bs | iodepth
 ROWS=(
     "4k randread QD1|randread|4k|1"
@@ -141,80 +87,29 @@ ROWS=(
     "128k seq read QD8|read|128k|8"
     "128k seq write QD8|write|128k|8"
 )
-if [[ -n "${ONLY:-}" ]]; then
-    kept=()
-    for row in "${ROWS[@]}"; do [[ "${row%%|*}" == *"$ONLY"* ]] && kept+=("$row"); done
-    ((${#kept[@]})) || die "ONLY=$ONLY matches no workload"
-    ROWS=("${kept[@]}")
-fi
-FIO_COMMON=(--time_based "--runtime=$RUNTIME" "--ramp_time=$RAMP")
+select_rows
 
-RESULTS="$WORK/results.tsv"
-: >"$RESULTS"
-
-# Prints "IOPS MiB/s p99-µs" from one fio JSON file, for the read or write direction.
-parse_fio() {
-    python3 - "$1" "$2" <<'EOF'
-import json, sys
-path, direction = sys.argv[1], sys.argv[2]
-text = open(path).read()
-data = json.loads(text[text.index("{"):])  # fio may print a notice before the JSON
-job = data["jobs"][0]
-if job.get("error"):
-    sys.exit(f"fio job error {job['error']} in {path}")
-d = job[direction]
-p99 = d["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1000.0
-print(f"{d['iops']:.1f} {d['bw'] / 1024.0:.2f} {p99:.1f}")
-EOF
-}
-
-START=$(date +%s)
-LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+measuring_starts
 for row in "${ROWS[@]}"; do
     IFS='|' read -r name rw bs qd <<<"$row"
-    case $rw in *read) direction=read ;; *) direction=write ;; esac
+    case $rw in *read) direction="read" ;; *) direction="write" ;; esac
     for ((round = 1; round <= ROUNDS; round++)); do
-        if ((round % 2 == 1)); then order=(vstor qsd); else order=(qsd vstor); fi
-        for side in "${order[@]}"; do
+        for side in $(round_order "$round" vstor qsd); do
             out="$WORK/${rw}-${bs}-qd${qd}-r${round}-${side}.json"
-            run_fio "$side" "$out" "--rw=$rw" "--bs=$bs" "--iodepth=$qd" "${FIO_COMMON[@]}"
-            read -r iops bw p99 < <(parse_fio "$out" "$direction") || die "cannot parse $out"
-            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$side" "$round" "$iops" "$bw" "$p99" >>"$RESULTS"
-            log "$(printf '%-18s round %d %-5s %9.0f IOPS %8.1f MiB/s  p99 %8.1f µs  (load %s)' \
-                "$name" "$round" "$side" "$iops" "$bw" "$p99" "$(cut -d' ' -f1 /proc/loadavg)")"
+            fio_run "$side" "${URI[$side]}" "$out" "--rw=$rw" "--bs=$bs" "--iodepth=$qd" \
+                --time_based "--runtime=$RUNTIME" "--ramp_time=$RAMP"
+            read -r iops mibs _ p99 < <(fio_figures "$out" "$direction")
+            record "$name" "$side" "$round" iops="$iops" mibs="$mibs" p99="$p99"
         done
     done
 done
-LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
-ELAPSED=$(($(date +%s) - START))
 
 # --- report --------------------------------------------------------------------------------------
-
-echo "Command: \`$invocation\`"
-echo
-echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'); host: $(nproc) CPUs, load average $LOAD_BEFORE before, $LOAD_AFTER after"
-echo "- vstor $git_rev when the script started ($VSTOR); $(qemu-storage-daemon --version | head -n1); $(fio --version)"
-echo "- disks: $SIZE sparse raw files, filled before measuring, in the page cache (vstor direct = false; qsd aio=io_uring, cache.direct=off)"
-echo "- each run: \`fio --name=bench --ioengine=nbd --uri='nbd+unix:///bench?socket=SOCK' --rw=RW --bs=BS --iodepth=QD --numjobs=1 --size=$SIZE_BYTES --time_based --runtime=$RUNTIME --ramp_time=$RAMP --output-format=json\`"
-echo "- $ROUNDS rounds per row, vstor and qsd alternating which goes first; medians per side; $ELAPSED s of measuring"
-echo
-python3 - "$RESULTS" <<'EOF'
-import statistics, sys
-rows, data = [], {}
-for line in open(sys.argv[1]):
-    name, side, _round, iops, bw, p99 = line.rstrip("\n").split("\t")
-    if name not in rows:
-        rows.append(name)
-    data.setdefault((name, side), []).append((float(iops), float(bw), float(p99)))
-
-def med(name, side, i):
-    return statistics.median(v[i] for v in data[(name, side)])
-
-print("| workload | vstor IOPS | qsd IOPS | ratio (vstor/qsd) | vstor p99 µs | qsd p99 µs | vstor MiB/s | qsd MiB/s |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
-for name in rows:
-    vi, qi = med(name, "vstor", 0), med(name, "qsd", 0)
-    ratio = f"{vi / qi:.2f}x" if qi else "n/a"
-    print(f"| {name} | {vi:,.0f} | {qi:,.0f} | {ratio} | {med(name, 'vstor', 2):,.1f} | {med(name, 'qsd', 2):,.1f}"
-          f" | {med(name, 'vstor', 1):,.1f} | {med(name, 'qsd', 1):,.1f} |")
-EOF
+note "$(qemu-storage-daemon --version | head -n1); $(fio --version)"
+note "disks: $SIZE sparse raw files, filled before measuring, in the page cache (vstor direct = false; qsd aio=io_uring, cache.direct=off)"
+note "each run: \`fio --name=bench --ioengine=nbd --uri='nbd+unix:///bench?socket=SOCK' --rw=RW --bs=BS --iodepth=QD --numjobs=1 --size=$SIZE_BYTES --time_based --runtime=$RUNTIME --ramp_time=$RAMP --output-format=json\`"
+note "$ROUNDS rounds per row, vstor and qsd alternating which goes first; medians per side"
+bench_table \
+    'vstor IOPS|vstor.iops|{:,.0f}' 'qsd IOPS|qsd.iops|{:,.0f}' 'ratio (vstor/qsd)|vstor.iops/qsd.iops|{:.2f}x' \
+    'vstor p99 µs|vstor.p99|{:,.1f}' 'qsd p99 µs|qsd.p99|{:,.1f}' \
+    'vstor MiB/s|vstor.mibs|{:,.1f}' 'qsd MiB/s|qsd.mibs|{:,.1f}'
