@@ -1,273 +1,198 @@
-//! The disk catalog: which disks exist, what they are made of, and their open devices.
+//! The disk catalog: which disks exist, what each is made of, and the disks themselves, composed.
+//!
+//! The catalog sits above what it composes and knows each part by its real type: a disk's
+//! backend (a raw file, [`vdisk::raw::RawFile`], or a guest FTL on the daemon's open-channel
+//! device, [`flash::FlashBackend`]), its filter chain ([`io_filters`]), and the checked handle
+//! the frontends get through [`vdisk::DiskLookup`] ([`vdisk::Disk`]). See [`compose`] for the
+//! order a request goes through them.
 //!
 //! Records live in the `catalog` namespace of the state store; each disk also owns a namespace of
 //! its own (`disk-<id>`) for the state of the layers above its backend. Creating and deleting a
 //! disk are atomic: the single synced write of its catalog record is the commit point, and
-//! whatever a crash leaves on either side of it (a namespace or a file without a record) is removed
-//! when the catalog is next opened.
+//! whatever a crash leaves on either side of it (a namespace, a file or a partition without a
+//! record) is removed when the catalog is next opened.
 //!
-//! With a [`ChainHook`] installed, each disk's backend sits behind the filter chain its spec
-//! configures. A disk that other disks' filters redirect to (a linked clone's parent) is held
-//! read-only while they do, and cannot be deleted.
+//! A disk that others redirect to (a linked clone's parent) is held read-only while they do, and
+//! cannot be deleted. Disks are opened parents first, and closed clones first.
 
-use std::collections::BTreeMap;
+mod compose;
+mod error;
+pub mod flash;
+mod record;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use serde::{Deserialize, Serialize};
-use state_store::{Batch, Store, StoreError};
+use guest_ftl::Ftl;
+use io_filters::{Chain, FilterFramework, FilterSpec};
+use state_store::{Batch, Store};
+use vdisk::raw::RawFile;
+use vdisk::{error_chain, BlockDevice, Disk, DiskLookup, LookupError};
 
-use crate::device::BlockDevice;
-use crate::disk::Disk;
-use crate::hook::{BackendContext, ChainContext, ChainHook, DiskLookup, DiskResolver, FilterSpec, FtlHook};
-use crate::raw::RawFile;
+use crate::compose::{Opened, Parts};
+use crate::error::file_err;
+pub use crate::error::{CatalogError, Result};
+pub use crate::flash::{FlashBackend, FlashError, OcssdConfig};
+use crate::record::{is_id, DISK_NS_PREFIX};
+pub use crate::record::{validate, Backend, DiskRecord, DiskSpec, MAX_DISK_BYTES};
 
 const CATALOG_NS: &str = "catalog";
 const RECORD_PREFIX: &str = "disk/";
-const DISK_NS_PREFIX: &str = "disk-";
 const RAW_SUFFIX: &str = ".raw";
+/// Records read at open, at most: far more disks than one daemon serves.
+const MAX_RECORDS: usize = 1 << 20;
 
-/// What a user asks for when creating a disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DiskSpec {
-    pub name: String,
-    /// Capacity in bytes; "10G" and the like are read too.
-    #[serde(deserialize_with = "crate::size::deserialize_size")]
-    pub size: u64,
-    #[serde(default = "default_block_size")]
-    pub block_size: u32,
-    #[serde(default)]
-    pub read_only: bool,
-    #[serde(default)]
-    pub backend: Backend,
-    /// The disk's filter chain, read by the filter framework (io-filters).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub filters: Vec<FilterSpec>,
-}
-
-fn default_block_size() -> u32 {
-    512
-}
-
-/// What a disk's bytes are stored in.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Backend {
-    /// A sparse file in the data directory; `direct` bypasses the page cache (O_DIRECT).
-    Raw {
-        #[serde(default)]
-        direct: bool,
-    },
-    /// A guest FTL on a partition (whole parallel units) of the daemon's open-channel device.
-    /// `over_provisioning` is the percentage of flash kept beyond the disk's size for garbage
-    /// collection.
-    Ftl {
-        #[serde(default = "default_over_provisioning")]
-        over_provisioning: u32,
-    },
-}
-
-fn default_over_provisioning() -> u32 {
-    11
-}
-
-impl Default for Backend {
-    fn default() -> Self {
-        Backend::Raw { direct: false }
-    }
-}
-
-/// A disk as the catalog keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskRecord {
-    pub id: String,
-    #[serde(flatten)]
-    pub spec: DiskSpec,
-    pub created_unix: u64,
-}
-
-impl DiskRecord {
-    /// The state-store namespace the disk owns.
-    pub fn namespace(&self) -> String {
-        format!("{DISK_NS_PREFIX}{}", self.id)
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum CatalogError {
-    #[error("invalid disk name {0:?}: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'")]
-    InvalidName(String),
-    #[error("a disk named {0:?} already exists")]
-    NameTaken(String),
-    #[error("no disk named {0:?}")]
-    NotFound(String),
-    #[error("block size {0} is not supported: use 512 or 4096")]
-    BadBlockSize(u32),
-    #[error("size {size} is not a multiple of the block size {block_size}")]
-    SizeNotMultiple { size: u64, block_size: u32 },
-    #[error("size must be greater than zero")]
-    ZeroSize,
-    #[error("size {size} is larger than the {max} bytes a disk may have")]
-    TooLarge { size: u64, max: u64 },
-    #[error("disk id {0:?} is not one the catalog makes")]
-    BadId(String),
-    #[error("disk {name:?} is in use by {users} export connection(s)")]
-    InUse { name: String, users: usize },
-    #[error("disk {name:?}: {reason}")]
-    Filters { name: String, reason: String },
-    #[error("disk {name:?} has filters configured, but this catalog has no filter framework")]
-    NoFilterFramework { name: String },
-    #[error("disk {name:?} cannot be deleted: disk(s) {} depend on it", children.join(", "))]
-    HasDependents { name: String, children: Vec<String> },
-    #[error("disk {name:?} is an FTL disk, but this daemon has no open-channel device")]
-    NoFtl { name: String },
-    #[error("disk {name:?}: {reason}")]
-    Ftl { name: String, reason: String },
-    #[error("over-provisioning of {0}% is not supported: use 1 to 400")]
-    BadOverProvisioning(u32),
-    #[error("disk {name:?} is unavailable: {reason}")]
-    Unavailable { name: String, reason: String },
-    #[error("{action} {path}")]
-    File {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("catalog record {key:?} is corrupt")]
-    Corrupt {
-        key: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-pub type Result<T> = std::result::Result<T, CatalogError>;
-
-/// One disk of the catalog: its record and, if it could be opened, its device.
+/// One disk of the catalog: its record and, if it could be opened, the disk.
 #[derive(Clone)]
 pub struct Entry {
     pub record: DiskRecord,
-    pub disk: std::result::Result<Arc<Disk>, String>,
+    /// The disk as the frontends see it, or why it could not be opened.
+    pub disk: std::result::Result<Arc<Disk>, Arc<CatalogError>>,
+    /// Where a raw disk's file is.
     pub path: PathBuf,
+    opened: Option<Opened>,
 }
 
-type Entries = Mutex<BTreeMap<String, Entry>>;
+impl Entry {
+    /// The disk's guest FTL, if it is an FTL disk and open.
+    pub fn ftl(&self) -> Option<&Arc<Ftl>> {
+        self.opened.as_ref().and_then(|o| o.ftl.as_ref())
+    }
+
+    fn chain(&self) -> Option<Arc<Chain>> {
+        self.opened.as_ref().map(|o| o.chain.clone())
+    }
+}
+
+/// The disks and who depends on whom, under one lock.
+#[derive(Default)]
+struct Disks {
+    entries: BTreeMap<String, Entry>,
+    /// Each disk's children: the disks that redirect to it.
+    children: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Disks {
+    fn view(&self, name: &str) -> Option<io_filters::DiskFilters> {
+        self.entries.get(name).map(|e| e.record.spec.filters_view())
+    }
+
+    fn chain(&self, name: &str) -> Option<Arc<Chain>> {
+        self.entries.get(name).and_then(Entry::chain)
+    }
+
+    /// Notes the links of `spec` to its parents, and freezes them.
+    fn link(&mut self, spec: &DiskSpec) {
+        for parent in spec.parents() {
+            if let Some(Ok(disk)) = self.entries.get(&parent).map(|e| &e.disk) {
+                disk.set_frozen(true);
+            }
+            self.children.entry(parent).or_default().insert(spec.name.clone());
+        }
+    }
+
+    /// Forgets the links of `spec` to its parents; a parent left without children is writable.
+    fn unlink(&mut self, spec: &DiskSpec) {
+        for parent in spec.parents() {
+            let now_free = self.children.get_mut(&parent).is_some_and(|c| {
+                c.remove(&spec.name);
+                c.is_empty()
+            });
+            if now_free {
+                self.children.remove(&parent);
+                if let Some(Ok(disk)) = self.entries.get(&parent).map(|e| &e.disk) {
+                    disk.set_frozen(false);
+                }
+            }
+        }
+    }
+
+    fn children_of(&self, name: &str) -> Vec<String> {
+        self.children.get(name).map(|c| c.iter().cloned().collect()).unwrap_or_default()
+    }
+}
 
 /// All disks of one daemon.
 pub struct Catalog {
     store: Arc<Store>,
     disk_dir: PathBuf,
-    entries: Arc<Entries>,
-    hook: Option<Arc<dyn ChainHook>>,
-    ftl: Option<Arc<dyn FtlHook>>,
-}
-
-/// Resolves disk names for redirecting filters. Holds the catalog's entries weakly: chains live
-/// inside those entries.
-struct Resolver(Weak<Entries>);
-
-impl DiskResolver for Resolver {
-    fn resolve(&self, name: &str) -> Option<Arc<dyn BlockDevice>> {
-        let entries = self.0.upgrade()?;
-        let entries = entries.lock().unwrap_or_else(|p| p.into_inner());
-        let disk = entries.get(name)?.disk.as_ref().ok()?;
-        Some(disk.device().clone())
-    }
-}
-
-impl DiskLookup for BTreeMap<String, Entry> {
-    fn spec(&self, name: &str) -> Option<DiskSpec> {
-        self.get(name).map(|e| e.record.spec.clone())
-    }
-
-    fn names(&self) -> Vec<String> {
-        self.keys().cloned().collect()
-    }
+    disks: Mutex<Disks>,
+    filters: Arc<FilterFramework>,
+    flash: Option<Arc<FlashBackend>>,
 }
 
 impl Catalog {
     /// Opens the catalog, removes what an interrupted create or delete left behind, and opens
-    /// every disk. A disk whose backend cannot be opened stays listed, marked unavailable.
-    /// Blocking; call it inside a tokio runtime (the devices register with it).
-    pub fn open(store: Arc<Store>, disk_dir: &Path) -> Result<Catalog> {
-        Catalog::open_with(store, disk_dir, None)
-    }
-
-    /// Opens the catalog with a filter framework that builds each disk's chain.
-    pub fn open_with(store: Arc<Store>, disk_dir: &Path, hook: Option<Arc<dyn ChainHook>>) -> Result<Catalog> {
-        Catalog::open_with_ftl(store, disk_dir, hook, None)
-    }
-
-    /// Opens the catalog with a filter framework and the guest FTL backend.
-    pub fn open_with_ftl(
+    /// every disk, parents first. A disk that cannot be opened stays listed, marked unavailable
+    /// with the reason. Blocking; call it inside a tokio runtime (the devices register with it).
+    pub fn open(
         store: Arc<Store>,
         disk_dir: &Path,
-        hook: Option<Arc<dyn ChainHook>>,
-        ftl: Option<Arc<dyn FtlHook>>,
+        filters: Arc<FilterFramework>,
+        flash: Option<Arc<FlashBackend>>,
     ) -> Result<Catalog> {
         state_store::private_dir(disk_dir).map_err(file_err("cannot create", disk_dir))?;
         if !store.has_namespace(CATALOG_NS) {
             store.create_namespace(CATALOG_NS)?;
         }
         let mut records = Vec::new();
-        for (key, value) in store.scan_prefix(CATALOG_NS, RECORD_PREFIX)? {
-            let key = String::from_utf8_lossy(&key).into_owned();
+        store.for_each_prefix(CATALOG_NS, RECORD_PREFIX, MAX_RECORDS, |key, value| {
+            let key = String::from_utf8_lossy(key).into_owned();
             let record: DiskRecord =
-                serde_json::from_slice(&value).map_err(|source| CatalogError::Corrupt { key, source })?;
+                serde_json::from_slice(value).map_err(|source| CatalogError::Corrupt { key, source })?;
             records.push(record);
-        }
-        let entries = Arc::new(Mutex::new(BTreeMap::new()));
-        let catalog = Catalog { store, disk_dir: disk_dir.to_path_buf(), entries, hook, ftl };
+            Ok::<(), CatalogError>(())
+        })?;
+        let catalog = Catalog { store, disk_dir: disk_dir.to_path_buf(), disks: Mutex::default(), filters, flash };
         catalog.remove_orphans(&records)?;
-        let mut entries = catalog.lock();
-        for record in records {
+        let by_name: BTreeMap<String, DiskRecord> = records.into_iter().map(|r| (r.spec.name.clone(), r)).collect();
+        let mut disks = catalog.lock();
+        for name in parents_first(&by_name) {
+            let Some(record) = by_name.get(&name) else { continue };
             let path = catalog.raw_path(&record.id);
             // A record read back is input like any other: one that breaks the rules a create
             // follows is listed unavailable, and nothing is opened, sized or removed for it.
-            let disk = check_record(&record)
-                .map_err(|e| format!("invalid catalog record: {}", error_chain(&e)))
-                .and_then(|()| catalog.open_device(&record, &path).map_err(|e| error_chain(&e)));
-            if let Err(reason) = &disk {
-                tracing::error!(disk = %record.spec.name, %reason, "disk unavailable");
-            }
-            entries.insert(record.spec.name.clone(), Entry { record, disk, path });
+            let others = |n: &str| by_name.get(n).map(|r| r.spec.filters_view());
+            let checked = record
+                .check()
+                .and_then(|()| {
+                    catalog
+                        .filters
+                        .check(&record.spec.filters_view(), &others)
+                        .map_err(|source| CatalogError::Filters { name: name.clone(), source: Box::new(source) })
+                })
+                .map_err(|e| CatalogError::BadRecord(Box::new(e)));
+            let opened = checked.and_then(|()| catalog.open_disk(record, &path, &disks));
+            disks.link(&record.spec);
+            disks.entries.insert(name, entry(record.clone(), path, opened));
         }
-        catalog.refresh_frozen(&entries);
-        drop(entries);
+        drop(disks);
         Ok(catalog)
     }
 
-    /// Creates a disk: its backend, its namespace, then its record. Blocking.
+    /// Creates a disk: its backend, its namespace, then its record (the commit point). Blocking.
     pub fn create(&self, spec: DiskSpec) -> Result<Entry> {
         validate(&spec)?;
-        let mut entries = self.lock();
-        if entries.contains_key(&spec.name) {
+        let mut disks = self.lock();
+        if disks.entries.contains_key(&spec.name) {
             return Err(CatalogError::NameTaken(spec.name));
         }
-        match &self.hook {
-            Some(hook) => hook
-                .check(&spec, &*entries)
-                .map_err(|reason| CatalogError::Filters { name: spec.name.clone(), reason })?,
-            None if !spec.filters.is_empty() => return Err(CatalogError::NoFilterFramework { name: spec.name }),
-            None => {}
-        }
-        let record = DiskRecord { id: new_id(), spec, created_unix: now_unix() };
+        self.filters
+            .check(&spec.filters_view(), &|n| disks.view(n))
+            .map_err(|source| CatalogError::Filters { name: spec.name.clone(), source: Box::new(source) })?;
+        let record = DiskRecord::new(spec);
         let path = self.raw_path(&record.id);
         match record.spec.backend {
             Backend::Raw { .. } => {
                 RawFile::create(&path, record.spec.size).map_err(file_err("cannot create", &path))?
             }
-            Backend::Ftl { .. } => {
+            Backend::Ftl { over_provisioning } => {
                 let name = record.spec.name.clone();
-                let ftl = self.ftl.as_ref().ok_or(CatalogError::NoFtl { name: name.clone() })?;
-                let namespace = record.namespace();
-                ftl.create(&self.backend_context(&record, &namespace))
-                    .map_err(|reason| CatalogError::Ftl { name, reason })?;
+                let flash = self.flash.as_ref().ok_or_else(|| CatalogError::NoFtl { name: name.clone() })?;
+                flash
+                    .create(&record.id, record.spec.size, over_provisioning)
+                    .map_err(|source| CatalogError::Ftl { name, source: Box::new(source) })?;
             }
         }
         // The file or partition is there; no namespace, no record yet.
@@ -276,7 +201,7 @@ impl Catalog {
             // The namespace too; still no record.
             failpoint::hit("catalog::create::namespace-made");
             let mut batch = Batch::new();
-            batch.put(CATALOG_NS, record_key(&record.spec.name), record_json(&record));
+            batch.put(CATALOG_NS, record_key(&record.spec.name), record.to_json());
             self.store.commit(batch)
         });
         if let Err(e) = committed {
@@ -285,24 +210,26 @@ impl Catalog {
         }
         // The record commits the disk; its backend has not been opened (an FTL not formatted).
         failpoint::hit("catalog::create::committed");
-        let disk = self.open_device(&record, &path).map_err(|e| error_chain(&e));
-        let entry = Entry { record, disk, path };
-        entries.insert(entry.record.spec.name.clone(), entry.clone());
-        self.refresh_frozen(&entries);
-        tracing::info!(disk = %entry.record.spec.name, id = %entry.record.id, size = entry.record.spec.size, "disk created");
+        let opened = self.open_disk(&record, &path, &disks);
+        let entry = entry(record, path, opened);
+        disks.link(&entry.record.spec);
+        disks.entries.insert(entry.record.spec.name.clone(), entry.clone());
+        let r = &entry.record;
+        tracing::info!(disk = %r.spec.name, id = %r.id, size = r.spec.size, "disk created");
         Ok(entry)
     }
 
-    /// Deletes a disk that no export is using, with its namespace and its data. Blocking.
+    /// Deletes a disk that no export is using and no disk depends on, with its namespace and its
+    /// data. Blocking.
     pub fn delete(&self, name: &str) -> Result<()> {
-        let mut entries = self.lock();
-        let entry = entries.get(name).ok_or_else(|| CatalogError::NotFound(name.to_owned()))?;
+        let mut disks = self.lock();
+        let entry = disks.entries.get(name).ok_or_else(|| CatalogError::NotFound(name.to_owned()))?;
         if let Ok(disk) = &entry.disk {
             if disk.users() > 0 {
                 return Err(CatalogError::InUse { name: name.to_owned(), users: disk.users() });
             }
         }
-        let children = self.dependents_in(&entries, name);
+        let children = disks.children_of(name);
         if !children.is_empty() {
             return Err(CatalogError::HasDependents { name: name.to_owned(), children });
         }
@@ -311,103 +238,143 @@ impl Catalog {
         self.store.commit(batch)?;
         // The record is gone; the namespace and the file or partition are still there.
         failpoint::hit("catalog::delete::record-deleted");
-        if let Some(entry) = entries.remove(name) {
+        if let Some(entry) = disks.entries.remove(name) {
+            disks.unlink(&entry.record.spec);
             self.remove_backend(&entry.record, &entry.path);
         }
-        self.refresh_frozen(&entries);
         tracing::info!(disk = %name, "disk deleted");
         Ok(())
     }
 
-    /// The open device of a disk, for an export.
-    pub fn disk(&self, name: &str) -> Result<Arc<Disk>> {
-        let entries = self.lock();
-        let entry = entries.get(name).ok_or_else(|| CatalogError::NotFound(name.to_owned()))?;
-        entry.disk.clone().map_err(|reason| CatalogError::Unavailable { name: name.to_owned(), reason })
-    }
-
-    /// Replaces a disk's filter list in its record, committed atomically with `extra` (changes to
-    /// the filters' state in the disk's namespace). The running chain is not rebuilt: the filter
-    /// that asked for the change has already switched itself. Disks that lose their last
-    /// dependent become writable again.
-    pub fn set_filters(&self, name: &str, filters: Vec<FilterSpec>, extra: Batch) -> Result<()> {
-        let mut entries = self.lock();
-        let entry = entries.get_mut(name).ok_or_else(|| CatalogError::NotFound(name.to_owned()))?;
-        let mut record = entry.record.clone();
-        record.spec.filters = filters;
-        let mut batch = extra;
-        batch.put(CATALOG_NS, record_key(name), record_json(&record));
-        self.store.commit(batch)?;
-        entry.record = record;
-        self.refresh_frozen(&entries);
-        tracing::info!(disk = %name, "filters changed");
-        Ok(())
-    }
-
-    /// The disks a disk redirects to (its parents), per its filters.
-    pub fn targets(&self, name: &str) -> Vec<String> {
-        let entries = self.lock();
-        match (entries.get(name), &self.hook) {
-            (Some(entry), Some(hook)) => hook.targets(&entry.record.spec),
-            _ => Vec::new(),
+    /// Copies the rest of a linked clone's data from its parent, then cuts the link: the clone's
+    /// record loses its linked_clone filter and its bitmap in one commit, and the parent becomes
+    /// writable again if no other disk depends on it. Returns the 4 KiB grains copied.
+    pub async fn flatten(&self, name: &str) -> Result<u64> {
+        let entry = self.entry(name)?;
+        let (id, spec) = (&entry.record.id, &entry.record.spec);
+        let flattened = self.filters.flatten_copy(id, name, &spec.filters).await.map_err(|e| match e {
+            io_filters::FilterError::NotAClone(n) => CatalogError::NotAClone(n),
+            source => CatalogError::Chain { name: name.to_owned(), source: Box::new(source) },
+        })?;
+        // Every grain is in the clone, durably, with its bit; the record still names the parent.
+        failpoint::hit("linked_clone::flatten::copied");
+        {
+            let mut disks = self.lock();
+            let entry = disks.entries.get_mut(name).ok_or_else(|| CatalogError::NotFound(name.to_owned()))?;
+            let before = entry.record.spec.clone();
+            let mut record = entry.record.clone();
+            record.spec.filters = flattened.filters;
+            let mut batch = flattened.batch;
+            batch.put(CATALOG_NS, record_key(name), record.to_json());
+            self.store.commit(batch)?;
+            entry.record = record;
+            disks.unlink(&before);
         }
+        self.filters.flatten_done(id);
+        tracing::info!(disk = %name, parent = %flattened.parent, copied = flattened.copied, "linked clone flattened");
+        Ok(flattened.copied)
     }
 
-    /// The disks whose filters redirect to `name` (its children).
-    pub fn dependents(&self, name: &str) -> Vec<String> {
-        self.dependents_in(&self.lock(), name)
-    }
-
-    fn dependents_in(&self, entries: &BTreeMap<String, Entry>, name: &str) -> Vec<String> {
-        let Some(hook) = &self.hook else { return Vec::new() };
-        entries
-            .values()
-            .filter(|e| hook.targets(&e.record.spec).iter().any(|t| t == name))
-            .map(|e| e.record.spec.name.clone())
-            .collect()
-    }
-
-    /// Freezes exactly the disks that others depend on.
-    fn refresh_frozen(&self, entries: &BTreeMap<String, Entry>) {
-        let Some(hook) = &self.hook else { return };
-        let parents: std::collections::HashSet<String> =
-            entries.values().flat_map(|e| hook.targets(&e.record.spec)).collect();
-        for (name, entry) in entries {
-            if let Ok(disk) = &entry.disk {
-                disk.set_frozen(parents.contains(name));
+    /// Makes every disk's writes durable and closes what keeps state across restarts: clones
+    /// before their parents, each disk's chain flushed, each FTL checkpointed, so that the next
+    /// open recovers nothing. For a clean stop, after the exports are gone.
+    pub async fn close(&self) {
+        let open: Vec<(String, Opened)> = {
+            let disks = self.lock();
+            let records: BTreeMap<String, DiskRecord> =
+                disks.entries.iter().map(|(n, e)| (n.clone(), e.record.clone())).collect();
+            let order = parents_first(&records).into_iter().rev();
+            order.filter_map(|n| Some((n.clone(), disks.entries.get(&n)?.opened.clone()?))).collect()
+        };
+        for (name, opened) in open {
+            if let Err(e) = opened.chain.flush().await {
+                tracing::warn!(disk = %name, error = %error_chain(&e), "flush at close failed");
+            }
+            if let Some(ftl) = &opened.ftl {
+                match ftl.shutdown().await {
+                    Ok(()) => tracing::info!(disk = %name, "FTL checkpointed"),
+                    Err(e) => tracing::warn!(disk = %name, error = %error_chain(&e), "FTL checkpoint at close failed"),
+                }
             }
         }
     }
 
-    /// What the catalog hands filter chains to find other disks by name.
-    pub fn resolver(&self) -> Arc<dyn DiskResolver> {
-        Arc::new(Resolver(Arc::downgrade(&self.entries)))
+    /// The disk named `name`, for an export.
+    pub fn disk(&self, name: &str) -> Result<Arc<Disk>> {
+        let disks = self.lock();
+        let entry = disks.entries.get(name).ok_or_else(|| CatalogError::NotFound(name.to_owned()))?;
+        entry.disk.clone().map_err(|source| CatalogError::Unavailable { name: name.to_owned(), source })
     }
 
-    /// Runs `f` with the catalog's disks as a [`DiskLookup`].
-    pub fn with_lookup<T>(&self, f: impl FnOnce(&dyn DiskLookup) -> T) -> T {
-        f(&*self.lock())
+    pub fn entry(&self, name: &str) -> Result<Entry> {
+        self.lock().entries.get(name).cloned().ok_or_else(|| CatalogError::NotFound(name.to_owned()))
+    }
+
+    /// Every disk, by name.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.lock().entries.values().cloned().collect()
+    }
+
+    /// The disks a disk redirects to (its parent), per its filters.
+    pub fn parents(&self, name: &str) -> Vec<String> {
+        self.lock().entries.get(name).map(|e| e.record.spec.parents()).unwrap_or_default()
+    }
+
+    /// The disks that redirect to `name` (its children).
+    pub fn dependents(&self, name: &str) -> Vec<String> {
+        self.lock().children_of(name)
+    }
+
+    /// The spec of a new linked clone of `parent`: its shape, a linked_clone filter, and `extra`
+    /// filters of the clone's own.
+    pub fn clone_spec(
+        &self,
+        parent: &str,
+        child: &str,
+        backend: Backend,
+        copy_on_read: bool,
+        extra: Vec<FilterSpec>,
+    ) -> Result<DiskSpec> {
+        let parent = self.entry(parent)?.record.spec;
+        Ok(DiskSpec {
+            name: child.to_owned(),
+            size: parent.size,
+            block_size: parent.block_size,
+            read_only: false,
+            backend,
+            filters: io_filters::clone_filters(&parent.name, copy_on_read, extra),
+        })
+    }
+
+    pub fn filters(&self) -> &Arc<FilterFramework> {
+        &self.filters
+    }
+
+    pub fn flash(&self) -> Option<&Arc<FlashBackend>> {
+        self.flash.as_ref()
     }
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
 
-    pub fn entry(&self, name: &str) -> Result<Entry> {
-        self.lock().get(name).cloned().ok_or_else(|| CatalogError::NotFound(name.to_owned()))
-    }
-
-    /// Every disk, by name.
-    pub fn entries(&self) -> Vec<Entry> {
-        self.lock().values().cloned().collect()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Disks> {
+        self.disks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn raw_path(&self, id: &str) -> PathBuf {
         self.disk_dir.join(format!("{id}{RAW_SUFFIX}"))
+    }
+
+    /// Opens a disk, its parents' chains taken from `disks`. Blocking.
+    fn open_disk(&self, record: &DiskRecord, path: &Path, disks: &Disks) -> Result<Opened> {
+        let parts = Parts {
+            store: &self.store,
+            filters: &self.filters,
+            flash: self.flash.as_deref(),
+            parents: &|n| disks.chain(n),
+        };
+        compose::open(record, path, parts)
     }
 
     /// Best-effort removal of a disk's namespace and file or partition; leftovers go at the next
@@ -417,8 +384,8 @@ impl Catalog {
             // An id from a damaged record names no file or namespace of ours.
             return;
         }
-        if let (Backend::Ftl { .. }, Some(ftl)) = (&record.spec.backend, &self.ftl) {
-            ftl.remove(&record.id);
+        if let (Backend::Ftl { .. }, Some(flash)) = (&record.spec.backend, &self.flash) {
+            flash.remove(&record.id);
             // The partition is reclaiming; the namespace is still there.
             failpoint::hit("catalog::remove::partition-released");
         }
@@ -436,8 +403,8 @@ impl Catalog {
         }
     }
 
-    /// Removes namespaces and files that belong to no record: the remains of a create or delete
-    /// that a crash interrupted.
+    /// Removes namespaces, partitions and files that belong to no record: the remains of a
+    /// create or delete that a crash interrupted.
     fn remove_orphans(&self, records: &[DiskRecord]) -> Result<()> {
         let ids: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
         for ns in self.store.namespaces()? {
@@ -450,11 +417,11 @@ impl Catalog {
                 }
             }
         }
-        if let Some(ftl) = &self.ftl {
-            for id in ftl.ids() {
+        if let Some(flash) = &self.flash {
+            for id in flash.ids() {
                 if !ids.contains(id.as_str()) {
                     tracing::info!(%id, "removing partition of an unfinished create or delete");
-                    ftl.remove(&id);
+                    flash.remove(&id);
                     failpoint::hit("catalog::open::orphan-removed");
                 }
             }
@@ -473,286 +440,58 @@ impl Catalog {
     }
 }
 
-impl Catalog {
-    fn backend_context<'a>(&'a self, record: &'a DiskRecord, namespace: &'a str) -> BackendContext<'a> {
-        BackendContext { spec: &record.spec, id: &record.id, namespace, store: &self.store }
+impl DiskLookup for Catalog {
+    fn open(&self, name: &str) -> std::result::Result<Arc<Disk>, LookupError> {
+        self.disk(name).map_err(|e| match e {
+            CatalogError::NotFound(name) => LookupError::NotFound(name),
+            e => LookupError::Unavailable { name: name.to_owned(), reason: error_chain(&e) },
+        })
     }
 
-    /// Opens a disk's backend and puts it behind its filter chain.
-    fn open_device(&self, record: &DiskRecord, path: &Path) -> Result<Arc<Disk>> {
-        let backend = match record.spec.backend {
-            Backend::Raw { direct } => open_raw(record, path, direct)?,
-            Backend::Ftl { .. } => {
-                let name = record.spec.name.clone();
-                let ftl = self.ftl.as_ref().ok_or(CatalogError::NoFtl { name: name.clone() })?;
-                let namespace = record.namespace();
-                ftl.open(&self.backend_context(record, &namespace))
-                    .map_err(|reason| CatalogError::Ftl { name, reason })?
-            }
-        };
-        let name = record.spec.name.clone();
-        let device = match &self.hook {
-            Some(hook) => {
-                let ctx = ChainContext {
-                    spec: &record.spec,
-                    id: &record.id,
-                    namespace: &record.namespace(),
-                    store: &self.store,
-                    resolver: self.resolver(),
-                };
-                hook.build(&ctx, backend).map_err(|reason| CatalogError::Filters { name, reason })?
-            }
-            None if !record.spec.filters.is_empty() => return Err(CatalogError::NoFilterFramework { name }),
-            None => backend,
-        };
-        Ok(Arc::new(Disk::new(&record.spec.name, &record.id, device)))
+    fn names(&self) -> Vec<String> {
+        self.lock().entries.keys().cloned().collect()
     }
 }
 
-fn open_raw(record: &DiskRecord, path: &Path, direct: bool) -> Result<Arc<dyn BlockDevice>> {
-    let raw = RawFile::open(path, record.spec.block_size, record.spec.read_only, direct)
-        .map_err(file_err("cannot open disk file", path))?;
-    if raw.info().capacity != record.spec.size {
-        return Err(CatalogError::Unavailable {
-            name: record.spec.name.clone(),
-            reason: format!(
-                "{} has {} bytes, the catalog says {}",
-                path.display(),
-                raw.info().capacity,
-                record.spec.size
-            ),
-        });
-    }
-    Ok(Arc::new(raw))
-}
-
-/// The largest disk, 64 TiB: more than any VM disk here needs, and a bound on the per-block state
-/// the layers above keep (clone bitmaps, checksums, FTL maps).
-pub const MAX_DISK_BYTES: u64 = 64 << 40;
-
-/// Checks a record read back from the store: its spec as at create, and an id the catalog made.
-fn check_record(record: &DiskRecord) -> Result<()> {
-    validate(&record.spec)?;
-    if !is_id(&record.id) {
-        return Err(CatalogError::BadId(record.id.clone()));
-    }
-    Ok(())
-}
-
-/// Checks a spec as a user wrote it.
-pub fn validate(spec: &DiskSpec) -> Result<()> {
-    let name = &spec.name;
-    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if name.is_empty() || name.len() > 64 || !ok_chars || name.starts_with(['.', '-']) {
-        return Err(CatalogError::InvalidName(name.clone()));
-    }
-    if !matches!(spec.block_size, 512 | 4096) {
-        return Err(CatalogError::BadBlockSize(spec.block_size));
-    }
-    if spec.size == 0 {
-        return Err(CatalogError::ZeroSize);
-    }
-    if spec.size % u64::from(spec.block_size) != 0 {
-        return Err(CatalogError::SizeNotMultiple { size: spec.size, block_size: spec.block_size });
-    }
-    if spec.size > MAX_DISK_BYTES {
-        return Err(CatalogError::TooLarge { size: spec.size, max: MAX_DISK_BYTES });
-    }
-    if let Backend::Ftl { over_provisioning } = spec.backend {
-        if !(1..=400).contains(&over_provisioning) {
-            return Err(CatalogError::BadOverProvisioning(over_provisioning));
+fn entry(record: DiskRecord, path: PathBuf, opened: Result<Opened>) -> Entry {
+    match opened {
+        Ok(o) => Entry { record, disk: Ok(o.disk.clone()), path, opened: Some(o) },
+        Err(e) => {
+            tracing::error!(disk = %record.spec.name, reason = %error_chain(&e), "disk unavailable");
+            Entry { record, disk: Err(Arc::new(e)), path, opened: None }
         }
     }
-    Ok(())
+}
+
+/// The names of `records` in an order that has each disk's parents before it. Disks caught in a
+/// cycle (which create refuses; only damaged records hold one) come last, in name order: their
+/// parents' chains are not there when they open, so they stay unavailable.
+fn parents_first(records: &BTreeMap<String, DiskRecord>) -> Vec<String> {
+    let mut order = Vec::with_capacity(records.len());
+    let mut placed = BTreeSet::new();
+    for start in records.keys() {
+        // Walk up to the first ancestor not placed yet, then place the walk top-down.
+        let mut path = Vec::new();
+        let mut at = Some(start.clone());
+        while let Some(name) = at.take() {
+            if placed.contains(&name) || path.contains(&name) {
+                break;
+            }
+            at = records.get(&name).and_then(|r| r.spec.parents().into_iter().next());
+            path.push(name);
+        }
+        for name in path.into_iter().rev() {
+            if placed.insert(name.clone()) && records.contains_key(&name) {
+                order.push(name);
+            }
+        }
+    }
+    order
 }
 
 fn record_key(name: &str) -> String {
     format!("{RECORD_PREFIX}{name}")
 }
 
-fn record_json(record: &DiskRecord) -> Vec<u8> {
-    // A record is plain strings and numbers: serialising it cannot fail.
-    serde_json::to_vec(record).unwrap_or_default()
-}
-
-fn file_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CatalogError + 'a {
-    move |source| CatalogError::File { action, path: path.to_path_buf(), source }
-}
-
-/// A 64-bit random id in hex: names files and namespaces so that a re-created name never meets
-/// its predecessor's leftovers.
-fn new_id() -> String {
-    let mut bytes = [0u8; 8];
-    // SAFETY: getrandom writes at most 8 bytes into the live array.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n != 8 {
-        // getrandom cannot fail for 8 bytes once the pool is initialised; fall back to the clock.
-        bytes = (SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64).to_le_bytes();
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn is_id(s: &str) -> bool {
-    s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::buffer::IoBuf;
-
-    fn spec(name: &str, size: u64) -> DiskSpec {
-        DiskSpec {
-            name: name.into(),
-            size,
-            block_size: 512,
-            read_only: false,
-            backend: Backend::default(),
-            filters: Vec::new(),
-        }
-    }
-
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-    }
-
-    #[test]
-    fn create_survives_reopen_and_delete_removes_everything() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = runtime();
-        let _guard = rt.enter();
-        let id = {
-            let store = Store::open(dir.path().join("db")).unwrap();
-            let cat = Catalog::open(store, &dir.path().join("disks")).unwrap();
-            let entry = cat.create(spec("vm0", 1 << 20)).unwrap();
-            let disk = cat.disk("vm0").unwrap();
-            rt.block_on(disk.write(0, IoBuf::copy_from(&[7; 512]), true)).unwrap();
-            assert!(matches!(cat.create(spec("vm0", 1 << 20)), Err(CatalogError::NameTaken(_))));
-            entry.record.id
-        };
-        let store = Store::open(dir.path().join("db")).unwrap();
-        let cat = Catalog::open(store.clone(), &dir.path().join("disks")).unwrap();
-        let disk = cat.disk("vm0").unwrap();
-        assert_eq!(disk.id(), id);
-        let back = rt.block_on(disk.read(0, IoBuf::zeroed(512))).unwrap();
-        assert_eq!(back.as_slice(), &[7; 512]);
-        {
-            let _user = disk.acquire();
-            assert!(matches!(cat.delete("vm0"), Err(CatalogError::InUse { .. })));
-        }
-        cat.delete("vm0").unwrap();
-        assert!(matches!(cat.disk("vm0"), Err(CatalogError::NotFound(_))));
-        assert!(!store.has_namespace(&format!("disk-{id}")));
-        assert!(!dir.path().join(format!("disks/{id}.raw")).exists());
-    }
-
-    #[test]
-    fn leftovers_of_an_interrupted_create_are_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = runtime();
-        let _guard = rt.enter();
-        let store = Store::open(dir.path().join("db")).unwrap();
-        let disks = dir.path().join("disks");
-        std::fs::create_dir_all(&disks).unwrap();
-        // A crash after the file and namespace were made but before the record was written.
-        RawFile::create(&disks.join("00112233aabbccdd.raw"), 4096).unwrap();
-        store.create_namespace("disk-00112233aabbccdd").unwrap();
-        std::fs::write(disks.join("not-ours.txt"), b"keep").unwrap();
-        let cat = Catalog::open(store.clone(), &disks).unwrap();
-        assert!(cat.entries().is_empty());
-        assert!(!store.has_namespace("disk-00112233aabbccdd"));
-        assert!(!disks.join("00112233aabbccdd.raw").exists());
-        assert!(disks.join("not-ours.txt").exists());
-    }
-
-    #[test]
-    fn a_missing_file_leaves_the_disk_listed_but_unavailable() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = runtime();
-        let _guard = rt.enter();
-        let store = Store::open(dir.path().join("db")).unwrap();
-        let disks = dir.path().join("disks");
-        let path = {
-            let cat = Catalog::open(store.clone(), &disks).unwrap();
-            cat.create(spec("a", 4096)).unwrap();
-            cat.create(spec("b", 4096)).unwrap().path
-        };
-        std::fs::remove_file(&path).unwrap();
-        let cat = Catalog::open(store, &disks).unwrap();
-        assert!(cat.disk("a").is_ok());
-        let err = cat.disk("b").err().unwrap();
-        assert!(matches!(err, CatalogError::Unavailable { .. }), "{err}");
-        assert!(error_chain(&err).contains("No such file"), "{}", error_chain(&err));
-    }
-
-    #[test]
-    fn bad_specs_are_refused() {
-        assert!(matches!(validate(&spec("", 512)), Err(CatalogError::InvalidName(_))));
-        assert!(matches!(validate(&spec("../x", 512)), Err(CatalogError::InvalidName(_))));
-        assert!(matches!(validate(&spec("-x", 512)), Err(CatalogError::InvalidName(_))));
-        assert!(matches!(validate(&spec("x", 0)), Err(CatalogError::ZeroSize)));
-        assert!(matches!(validate(&spec("x", 1000)), Err(CatalogError::SizeNotMultiple { .. })));
-        assert!(matches!(
-            validate(&DiskSpec { block_size: 1024, ..spec("x", 4096) }),
-            Err(CatalogError::BadBlockSize(1024))
-        ));
-        assert!(validate(&spec("vm-0.data_1", 4096)).is_ok());
-        assert!(matches!(validate(&spec("x", MAX_DISK_BYTES + 512)), Err(CatalogError::TooLarge { .. })));
-    }
-
-    #[test]
-    fn damaged_records_leave_their_disk_unavailable_and_the_rest_working() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = runtime();
-        let _guard = rt.enter();
-        let store = Store::open(dir.path().join("db")).unwrap();
-        let disks = dir.path().join("disks");
-        let (good, zero_block) = {
-            let cat = Catalog::open(store.clone(), &disks).unwrap();
-            (cat.create(spec("good", 4096)).unwrap(), cat.create(spec("zero-block", 4096)).unwrap())
-        };
-        // Records as a damaged store or another tool could leave them: a block size the disk file
-        // cannot be divided by, a size past every bound, an id that walks out of the disk
-        // directory.
-        let damage = |name: &str, edit: &dyn Fn(&mut DiskRecord)| {
-            let mut record = DiskRecord { spec: spec(name, 4096), ..good.record.clone() };
-            edit(&mut record);
-            let mut batch = Batch::new();
-            batch.put(CATALOG_NS, record_key(name), record_json(&record));
-            store.commit(batch).unwrap();
-        };
-        damage("zero-block", &|r| {
-            *r = DiskRecord { spec: DiskSpec { block_size: 0, ..r.spec.clone() }, ..zero_block.record.clone() }
-        });
-        damage("huge", &|r| r.spec.size = u64::MAX - 511);
-        damage("escape", &|r| r.id = "../../etc/passwd".into());
-        let cat = Catalog::open(store.clone(), &disks).unwrap();
-        assert!(cat.disk("good").is_ok());
-        for name in ["zero-block", "huge", "escape"] {
-            let err = cat.disk(name).err().unwrap();
-            assert!(error_chain(&err).contains("invalid catalog record"), "{name}: {}", error_chain(&err));
-        }
-        // The damaged disk's data stays where it is until someone deletes it, and deleting the
-        // one with a foreign id touches nothing outside the catalog.
-        assert!(zero_block.path.exists());
-        assert!(store.has_namespace(&zero_block.record.namespace()));
-        cat.delete("escape").unwrap();
-        assert!(good.path.exists());
-    }
-}
+mod tests;
