@@ -24,13 +24,14 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use catalog::{Backend, Catalog, DiskSpec};
 use clap::Parser;
 use io_filters::filters::linked_clone::Bitmap;
 use io_filters::filters::passthrough::Passthrough;
+use io_filters::FilterSpec;
 use io_filters::{Chain, Filter, FilterFramework};
-use vdisk::catalog::Backend;
 use vdisk::raw::RawFile;
-use vdisk::{BlockDevice, Catalog, DeviceInfo, Disk, DiskSpec, FilterSpec, IoBuf, IoFuture};
+use vdisk::{BlockDevice, DeviceInfo, Disk, IoBuf, IoFuture};
 
 #[derive(Parser)]
 struct Args {
@@ -319,7 +320,7 @@ fn clone_depths(args: &Args, rt: &tokio::runtime::Runtime) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let _g = rt.enter();
     let store = state_store::Store::open(dir.path().join("db")).expect("state store");
-    let catalog = Catalog::open_with(store, &dir.path().join("disks"), Some(FilterFramework::new())).expect("catalog");
+    let catalog = Catalog::open(store, &dir.path().join("disks"), FilterFramework::new(), None).expect("catalog");
     let size = 64 << 20;
     let spec = |name: String, filters: Vec<FilterSpec>| DiskSpec {
         name,

@@ -18,17 +18,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use catalog::{Backend, Catalog, CatalogError, DiskSpec, Entry};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use io_filters::{FilterError, FilterFramework};
+use io_filters::FilterSpec;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
-use vdisk::catalog::{error_chain, Backend, Entry};
 use vdisk::disk::KindSnapshot;
 use vdisk::nbd::NbdServer;
-use vdisk::{BlockDevice, Catalog, CatalogError, DiskSpec, FilterSpec, RequestKind};
+use vdisk::{error_chain, BlockDevice, LookupError, RequestKind};
 
 use crate::exports::{ExportSpec, ExportsError, VhostExports};
 
@@ -38,7 +38,6 @@ const MAX_BODY: usize = 64 << 10;
 /// What the API serves from.
 pub struct ApiState {
     pub catalog: Arc<Catalog>,
-    pub filters: Arc<FilterFramework>,
     pub nbd: Option<Arc<NbdServer>>,
     /// Absolute path of the NBD Unix socket, to tell clients their URI.
     pub nbd_socket: Option<PathBuf>,
@@ -124,7 +123,7 @@ impl ApiState {
                 });
                 ("ok".to_owned(), disk.users(), stats)
             }
-            Err(reason) => (format!("unavailable: {reason}"), 0, None),
+            Err(reason) => (format!("unavailable: {}", error_chain(&**reason)), 0, None),
         };
         DiskView {
             name: spec.name.clone(),
@@ -139,8 +138,15 @@ impl ApiState {
             connections,
             stats,
             filters: spec.filters.clone(),
-            chain: self.filters.chain_of(&entry.record.id).unwrap_or_default().into_iter().map(String::from).collect(),
-            parent: self.catalog.targets(&spec.name).into_iter().next(),
+            chain: self
+                .catalog
+                .filters()
+                .chain_of(&entry.record.id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            parent: self.catalog.parents(&spec.name).into_iter().next(),
             children: self.catalog.dependents(&spec.name),
         }
     }
@@ -182,7 +188,7 @@ async fn route(state: &Arc<ApiState>, scope: Scope, req: Request<Incoming>) -> R
     match (scope, req.method(), segments.as_slice()) {
         (_, &Method::GET, ["metrics"]) => {
             let mut text = crate::metrics::render(&state.catalog, state.nbd.as_ref().map(|n| n.stats()));
-            text.push_str(&state.filters.render_metrics());
+            text.push_str(&state.catalog.filters().render_metrics());
             let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut()
                 .insert("content-type", hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
@@ -255,11 +261,10 @@ async fn route(state: &Arc<ApiState>, scope: Scope, req: Request<Incoming>) -> R
 /// Makes a linked clone, then flushes the parent, now read-only, so that everything the clone
 /// reads from it is durable.
 async fn clone(state: &Arc<ApiState>, parent: &str, req: CloneRequest) -> Response<Full<Bytes>> {
-    let parent_entry = match state.catalog.entry(parent) {
-        Ok(e) => e,
+    let spec = match state.catalog.clone_spec(parent, &req.name, req.backend, req.copy_on_read, req.filters) {
+        Ok(spec) => spec,
         Err(e) => return catalog_error(&e),
     };
-    let spec = io_filters::clone_spec(&parent_entry.record.spec, &req.name, req.backend, req.copy_on_read, req.filters);
     let catalog = state.catalog.clone();
     let entry = match tokio::task::spawn_blocking(move || catalog.create(spec)).await {
         Ok(Ok(entry)) => entry,
@@ -275,15 +280,13 @@ async fn clone(state: &Arc<ApiState>, parent: &str, req: CloneRequest) -> Respon
 }
 
 async fn flatten(state: &Arc<ApiState>, name: &str) -> Response<Full<Bytes>> {
-    let parent = state.catalog.targets(name).into_iter().next().unwrap_or_default();
-    match state.filters.flatten(&state.catalog, name).await {
+    let parent = state.catalog.parents(name).into_iter().next().unwrap_or_default();
+    match state.catalog.flatten(name).await {
         Ok(copied_blocks) => {
             let parent_writable = state.catalog.disk(&parent).map(|d| !d.info().read_only).unwrap_or(false);
             json(StatusCode::OK, &FlattenView { name: name.to_owned(), copied_blocks, parent, parent_writable })
         }
-        Err(FilterError::Catalog(e)) => catalog_error(&e),
-        Err(e @ FilterError::NotAClone(_)) => error(StatusCode::BAD_REQUEST, &error_chain(&e)),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &error_chain(&e)),
+        Err(e) => catalog_error(&e),
     }
 }
 
@@ -298,7 +301,8 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
 
 fn exports_error(e: &ExportsError) -> Response<Full<Bytes>> {
     match e {
-        ExportsError::Disk(e) => catalog_error(e),
+        ExportsError::Disk(LookupError::NotFound(_)) => error(StatusCode::NOT_FOUND, &error_chain(e)),
+        ExportsError::Disk(LookupError::Unavailable { .. }) => error(StatusCode::SERVICE_UNAVAILABLE, &error_chain(e)),
         ExportsError::AlreadyExported(_) => error(StatusCode::CONFLICT, &error_chain(e)),
         ExportsError::NotExported(_) => error(StatusCode::NOT_FOUND, &error_chain(e)),
         ExportsError::Export(_) => error(StatusCode::BAD_REQUEST, &error_chain(e)),
@@ -313,7 +317,8 @@ fn catalog_error(e: &CatalogError) -> Response<Full<Bytes>> {
         | CatalogError::ZeroSize
         | CatalogError::TooLarge { .. }
         | CatalogError::Filters { .. }
-        | CatalogError::NoFilterFramework { .. }
+        | CatalogError::Chain { .. }
+        | CatalogError::NotAClone(_)
         | CatalogError::NoFtl { .. }
         | CatalogError::Ftl { .. }
         | CatalogError::BadOverProvisioning(_) => StatusCode::BAD_REQUEST,
@@ -322,9 +327,12 @@ fn catalog_error(e: &CatalogError) -> Response<Full<Bytes>> {
         }
         CatalogError::NotFound(_) => StatusCode::NOT_FOUND,
         CatalogError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        CatalogError::File { .. } | CatalogError::Corrupt { .. } | CatalogError::BadId(_) | CatalogError::Store(_) => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
+        CatalogError::File { .. }
+        | CatalogError::Corrupt { .. }
+        | CatalogError::BadId(_)
+        | CatalogError::BadRecord(_)
+        | CatalogError::SizeMismatch { .. }
+        | CatalogError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, &error_chain(e))
 }

@@ -3,11 +3,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use catalog::{Backend, DiskSpec, OcssdConfig};
 use serde::Deserialize;
-use vdisk::catalog::{Backend, DiskSpec};
 
 use crate::exports::ExportSpec;
-use crate::ftl::OcssdConfig;
 
 /// Where a daemon keeps its state when nothing else is said, relative to where it starts.
 pub const DEFAULT_DATA_DIR: &str = "vstor-data";
@@ -150,14 +149,16 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let mut seen = std::collections::HashSet::new();
         for disk in &self.disks {
-            vdisk::catalog::validate(disk).map_err(|e| ConfigError::Invalid(format!("disk {:?}: {e}", disk.name)))?;
+            catalog::validate(disk)
+                .map_err(|e| ConfigError::Invalid(format!("disk {:?}: {}", disk.name, vdisk::error_chain(&e))))?;
             if !seen.insert(&disk.name) {
                 return Err(ConfigError::Invalid(format!("disk {:?} is declared twice", disk.name)));
             }
-            io_filters::config::ordered(disk)
-                .map_err(|e| ConfigError::Invalid(format!("disk {:?}: {e}", disk.name)))?;
+            io_filters::config::ordered(&disk.filters)
+                .map_err(|e| ConfigError::Invalid(format!("disk {:?}: {}", disk.name, vdisk::error_chain(&e))))?;
         }
-        if let Some(path) = io_filters::config::find_cycle(&self.disks) {
+        let views: Vec<_> = self.disks.iter().map(DiskSpec::filters_view).collect();
+        if let Some(path) = io_filters::config::find_cycle(&views) {
             return Err(ConfigError::Invalid(format!("redirect cycle: {}", path.join(" -> "))));
         }
         let mut exported = std::collections::HashSet::new();

@@ -4,15 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use io_filters::{FilterFramework, LINKED_CLONE};
+use catalog::{Catalog, CatalogError, DiskSpec, FlashBackend};
+use io_filters::{FilterFramework, FilterSpec, LINKED_CLONE};
 use state_store::Store;
 use vdisk::nbd::NbdServer;
-use vdisk::{Catalog, CatalogError};
 
 use crate::api::{self, ApiState, Scope};
 use crate::config::Config;
 use crate::exports::VhostExports;
-use crate::ftl::FlashBackend;
 use vdisk::size::format_size;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +33,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error(transparent)]
-    Flash(#[from] crate::ftl::FtlSetupError),
+    Flash(#[from] catalog::FlashError),
     #[error("disk {name:?} exists with {existing}, but the config asks for {wanted}")]
     DiskMismatch { name: String, existing: String, wanted: String },
     #[error("cannot listen on {what} {addr}")]
@@ -120,7 +119,6 @@ async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let state = Arc::new(ApiState {
         catalog: catalog.clone(),
-        filters,
         nbd: nbd.clone(),
         nbd_socket: nbd_socket.clone(),
         vhost: vhost.clone(),
@@ -144,15 +142,10 @@ async fn run(config: Config) -> Result<(), DaemonError> {
     tracing::info!("shutting down");
     tasks.abort_all();
     tokio::task::spawn_blocking(move || vhost.stop_all()).await?;
-    // Filters keep state that a flush makes durable (a clone's bitmap, checksums): flush every
-    // disk so that a clean stop loses nothing its clients wrote.
-    for entry in catalog.entries() {
-        if let Ok(disk) = &entry.disk {
-            if let Err(e) = disk.device().flush().await {
-                tracing::warn!(disk = %entry.record.spec.name, error = %vdisk::catalog::error_chain(&e), "flush at shutdown failed");
-            }
-        }
-    }
+    // Filters keep state that a flush makes durable (a clone's bitmap, checksums) and FTLs
+    // checkpoint their maps: a clean stop loses nothing its clients wrote, and the next start
+    // recovers nothing.
+    catalog.close().await;
     for path in sockets {
         let _ = std::fs::remove_file(path);
     }
@@ -164,11 +157,11 @@ async fn run(config: Config) -> Result<(), DaemonError> {
 fn open_catalog(
     store: Arc<Store>,
     data_dir: &Path,
-    disks: &[vdisk::DiskSpec],
+    disks: &[DiskSpec],
     filters: Arc<FilterFramework>,
     flash: Arc<FlashBackend>,
 ) -> Result<(Catalog, Vec<String>), DaemonError> {
-    let catalog = Catalog::open_with_ftl(store, &data_dir.join("disks"), Some(filters), Some(flash))?;
+    let catalog = Catalog::open(store, &data_dir.join("disks"), filters, Some(flash))?;
     let mut created = Vec::new();
     for disk in parents_first(disks) {
         let wanted = disk.clone();
@@ -197,19 +190,17 @@ fn open_catalog(
 
 /// A disk's filters but its linked_clone filter, which `disk flatten` removes from the record
 /// while the config may still name it.
-fn own_filters(spec: &vdisk::DiskSpec) -> Vec<&vdisk::FilterSpec> {
+fn own_filters(spec: &DiskSpec) -> Vec<&FilterSpec> {
     spec.filters.iter().filter(|f| f.kind != LINKED_CLONE).collect()
 }
 
 /// The configured disks in an order that creates each parent before its clones.
-fn parents_first(disks: &[vdisk::DiskSpec]) -> Vec<&vdisk::DiskSpec> {
-    let mut out: Vec<&vdisk::DiskSpec> = Vec::new();
-    let mut left: Vec<&vdisk::DiskSpec> = disks.iter().collect();
+fn parents_first(disks: &[DiskSpec]) -> Vec<&DiskSpec> {
+    let mut out: Vec<&DiskSpec> = Vec::new();
+    let mut left: Vec<&DiskSpec> = disks.iter().collect();
     while !left.is_empty() {
         let ready = left.iter().position(|d| {
-            io_filters::config::targets(d)
-                .iter()
-                .all(|t| out.iter().any(|o| &o.name == t) || !left.iter().any(|l| &l.name == t))
+            d.parents().iter().all(|t| out.iter().any(|o| &o.name == t) || !left.iter().any(|l| &l.name == t))
         });
         // A cycle the config check missed: go on in file order and let the catalog refuse it.
         out.push(left.remove(ready.unwrap_or(0)));
@@ -217,7 +208,7 @@ fn parents_first(disks: &[vdisk::DiskSpec]) -> Vec<&vdisk::DiskSpec> {
     out
 }
 
-fn shape(spec: &vdisk::DiskSpec) -> String {
+fn shape(spec: &DiskSpec) -> String {
     let filters: Vec<&str> = own_filters(spec).iter().map(|f| f.kind.as_str()).collect();
     format!(
         "size {}, block size {}, {:?}{}{}",
@@ -331,8 +322,8 @@ fn print_banner(
             Err(reason) => format!("UNAVAILABLE: {reason}"),
         };
         let backend = match spec.backend {
-            vdisk::Backend::Raw { .. } => "raw file".to_owned(),
-            vdisk::Backend::Ftl { over_provisioning } => {
+            catalog::Backend::Raw { .. } => "raw file".to_owned(),
+            catalog::Backend::Ftl { over_provisioning } => {
                 format!("guest FTL ({over_provisioning}% over-provisioning) -> host FTL -> open-channel SSD")
             }
         };

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use vdisk::vhost_user::{ExportError, VhostUserExport};
-use vdisk::{Catalog, CatalogError};
+use vdisk::{DiskLookup, LookupError};
 
 /// Queues a vhost-user export offers unless told otherwise.
 pub const DEFAULT_QUEUES: usize = 2;
@@ -37,7 +37,7 @@ pub struct ExportView {
 #[derive(Debug, thiserror::Error)]
 pub enum ExportsError {
     #[error(transparent)]
-    Disk(#[from] CatalogError),
+    Disk(#[from] LookupError),
     #[error("disk {0:?} is already exported over vhost-user")]
     AlreadyExported(String),
     #[error("disk {0:?} is not exported over vhost-user")]
@@ -47,7 +47,7 @@ pub enum ExportsError {
 }
 
 pub struct VhostExports {
-    catalog: Arc<Catalog>,
+    disks: Arc<dyn DiskLookup>,
     /// Where sockets go when a spec names none.
     socket_dir: PathBuf,
     runtime: tokio::runtime::Handle,
@@ -55,12 +55,12 @@ pub struct VhostExports {
 }
 
 impl VhostExports {
-    pub fn new(catalog: Arc<Catalog>, socket_dir: PathBuf, runtime: tokio::runtime::Handle) -> VhostExports {
-        VhostExports { catalog, socket_dir, runtime, exports: Mutex::new(BTreeMap::new()) }
+    pub fn new(disks: Arc<dyn DiskLookup>, socket_dir: PathBuf, runtime: tokio::runtime::Handle) -> VhostExports {
+        VhostExports { disks, socket_dir, runtime, exports: Mutex::new(BTreeMap::new()) }
     }
 
     pub fn add(&self, spec: &ExportSpec) -> Result<ExportView, ExportsError> {
-        let disk = self.catalog.disk(&spec.disk)?;
+        let disk = self.disks.open(&spec.disk)?;
         let mut exports = self.lock();
         if exports.contains_key(&spec.disk) {
             return Err(ExportsError::AlreadyExported(spec.disk.clone()));

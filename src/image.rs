@@ -143,7 +143,7 @@ fn open(args: &CacheArgs) -> Result<(Arc<BlobCache>, Arc<Registry>), String> {
     };
     let registry = Registry::new(registry_config).map_err(|e| chain(&e))?;
     let config = CacheConfig {
-        size_limit: parse_size(&args.size_limit)?,
+        size_limit: parse_size(&args.size_limit).map_err(|e| e.to_string())?,
         fetch_timeout: Duration::from_secs(args.fetch_timeout_secs),
         gc_grace: Duration::from_secs(args.gc_grace_secs),
     };

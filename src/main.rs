@@ -5,17 +5,16 @@ mod client;
 mod config;
 mod daemon;
 mod exports;
-mod ftl;
 mod image;
 mod metrics;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use catalog::{Backend, DiskSpec};
 use clap::{Parser, Subcommand};
 use hyper::Method;
-use vdisk::catalog::{error_chain, Backend};
-use vdisk::DiskSpec;
+use vdisk::error_chain;
 
 use crate::api::{CloneRequest, DiskView, FlattenView};
 use crate::client::Client;
@@ -213,7 +212,7 @@ fn client_command(api: Option<PathBuf>, command: DiskCommand) -> Result<(), Stri
     match command {
         DiskCommand::Create { name, size, block_size, backend, read_only, filters } => {
             let backend = backend.spec()?;
-            let size = parse_size(&size)?;
+            let size = parse_size(&size).map_err(|e| e.to_string())?;
             let filters = filters.iter().map(|f| parse_filter(f)).collect::<Result<Vec<_>, _>>()?;
             let spec = DiskSpec { name, size, block_size, read_only, backend, filters };
             let body = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
@@ -289,12 +288,12 @@ fn client_command(api: Option<PathBuf>, command: DiskCommand) -> Result<(), Stri
 
 /// Reads a `--filter` argument: TYPE or TYPE:KEY=VALUE,... Values that read as numbers or
 /// booleans are passed as such; `order` sets the filter's place in the chain.
-fn parse_filter(text: &str) -> Result<vdisk::FilterSpec, String> {
+fn parse_filter(text: &str) -> Result<io_filters::FilterSpec, String> {
     let (kind, rest) = text.split_once(':').unwrap_or((text, ""));
     if kind.is_empty() {
         return Err(format!("invalid --filter {text:?}: expected TYPE or TYPE:KEY=VALUE,..."));
     }
-    let mut spec = vdisk::FilterSpec { kind: kind.to_owned(), order: None, options: serde_json::Map::new() };
+    let mut spec = io_filters::FilterSpec { kind: kind.to_owned(), order: None, options: serde_json::Map::new() };
     for pair in rest.split(',').filter(|p| !p.is_empty()) {
         let (key, value) =
             pair.split_once('=').ok_or_else(|| format!("invalid --filter {text:?}: {pair:?} is not KEY=VALUE"))?;

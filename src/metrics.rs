@@ -3,9 +3,10 @@
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
+use catalog::Catalog;
 use vdisk::disk::KindSnapshot;
 use vdisk::nbd::NbdStats;
-use vdisk::{BlockDevice, Catalog, RequestKind};
+use vdisk::{BlockDevice, RequestKind};
 
 /// Picks one counter out of a kind's snapshot.
 type Counter = fn(&KindSnapshot) -> u64;

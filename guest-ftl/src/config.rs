@@ -38,6 +38,10 @@ pub struct FtlConfig {
     pub wear_spread: u32,
     /// Chunk notifications are polled every this many requests (and after any media error).
     pub notify_every: u32,
+    /// The disk shows exactly this many bytes, if given: a partition is whole parallel units, so
+    /// the FTL may hold a little more than the disk was asked to be. Opening fails if it holds
+    /// less.
+    pub capacity: Option<u64>,
 }
 
 impl Default for FtlConfig {
@@ -51,6 +55,7 @@ impl Default for FtlConfig {
             gc_free_lines: 1,
             wear_spread: 64,
             notify_every: 1024,
+            capacity: None,
         }
     }
 }
@@ -68,6 +73,9 @@ impl FtlConfig {
         }
         if self.notify_every == 0 {
             return Err(FtlError::Config("notify_every must be at least 1".into()));
+        }
+        if self.capacity.is_some_and(|c| c == 0 || c % u64::from(self.block_size) != 0) {
+            return Err(FtlError::Config("capacity must be a positive multiple of the block size".into()));
         }
         Ok(())
     }

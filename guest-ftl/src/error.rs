@@ -11,6 +11,9 @@ pub enum FtlError {
     /// The configuration is invalid (or too tight for the geometry).
     #[error("invalid FTL configuration: {0}")]
     Config(String),
+    /// The partition holds less than the disk is to show.
+    #[error("the FTL offers {offered} bytes on its partition, less than the disk's {wanted}")]
+    TooSmall { wanted: u64, offered: u64 },
     /// The DMA region is too small or an access fell outside it.
     #[error("DMA region")]
     Dma(#[source] host_ftl::Error),

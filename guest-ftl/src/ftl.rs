@@ -89,11 +89,13 @@ impl Ftl {
                 eng
             }
         };
-        let info = DeviceInfo {
-            capacity: u64::from(eng.user_lbas()) * LBA_BYTES as u64,
-            block_size: cfg.block_size,
-            read_only: false,
+        let offered = u64::from(eng.user_lbas()) * LBA_BYTES as u64;
+        let capacity = match cfg.capacity {
+            Some(wanted) if wanted > offered => return Err(FtlError::TooSmall { wanted, offered }),
+            Some(wanted) => wanted,
+            None => offered,
         };
+        let info = DeviceInfo { capacity, block_size: cfg.block_size, read_only: false };
         let (metrics, flash) = (eng.metrics().clone(), eng.flash().clone());
         Ok(Ftl { eng: tokio::sync::Mutex::new(eng), flash, reads, info, metrics })
     }

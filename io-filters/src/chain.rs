@@ -20,7 +20,19 @@ use std::time::Instant;
 use vdisk::device::check_range;
 use vdisk::{BlockDevice, DeviceInfo, IoBuf, IoFuture, IoResult, RequestKind};
 
-use crate::request::{dispatch, io_error, reply_buf, Completion, Head, Reply, Request, Verdict, MAX_HOPS};
+use crate::request::{dispatch, io_error, reply_buf, Completion, Head, Reply, Request, MAX_HOPS};
+
+/// A filter's answer to a request on its way down.
+pub enum Verdict {
+    /// Pass it to the next filter (the common case: no allocation, no await).
+    Continue,
+    /// Answered here, e.g. from a cache; the request's buffer is the reply.
+    Complete(IoResult<()>),
+    /// Send it (as the filter has reshaped it) to the top of another disk's chain.
+    Redirect(Arc<Chain>),
+    /// The filter runs it itself, asynchronously: the chain calls [`Filter::handle`].
+    Handle,
+}
 
 /// One filter of a chain.
 pub trait Filter: Send + Sync {
@@ -55,7 +67,8 @@ struct Slot {
     post: bool,
 }
 
-/// A disk's filters in order, above its backend.
+/// A disk's filters in order, above its backend. Every disk has one, if only an empty one: a
+/// redirect always lands on a chain, and continues in the loop of the chain it came from.
 pub struct Chain {
     name: String,
     info: DeviceInfo,
@@ -70,7 +83,7 @@ pub struct Chain {
 enum Stop {
     Bottom,
     Complete(IoResult<()>),
-    Redirect(Arc<dyn BlockDevice>),
+    Redirect(Arc<Chain>),
     Handle(usize),
 }
 
@@ -237,7 +250,7 @@ fn no_buffer<'b, T: Send + 'b>() -> IoFuture<'b, T> {
 
 /// A chain a redirected request went through, and how many of its filters let it pass.
 struct Passed {
-    dev: Arc<dyn BlockDevice>,
+    chain: Arc<Chain>,
     filters: usize,
     head: Head,
     started: Option<Instant>,
@@ -245,29 +258,26 @@ struct Passed {
 
 /// Follows a redirect, and every redirect after it, in one loop; then shows the completion to
 /// the filters of each chain passed on the way, nearest the bottom first.
-async fn follow(first: Arc<dyn BlockDevice>, mut req: Request) -> IoResult<Reply> {
+async fn follow(first: Arc<Chain>, mut req: Request) -> IoResult<Reply> {
     let mut passed_chains: Vec<Passed> = Vec::new();
-    let mut dev = first;
+    let mut chain = first;
     let mut result = loop {
         req.hops += 1;
         if req.hops > MAX_HOPS {
             break Err(io_error(std::io::ErrorKind::Other, format!("request redirected more than {MAX_HOPS} times")));
         }
         if let Err(e) =
-            check_range(&DeviceInfo { read_only: false, ..dev.info() }, req.head.kind, req.head.offset, req.head.len)
+            check_range(&DeviceInfo { read_only: false, ..chain.info }, req.head.kind, req.head.offset, req.head.len)
         {
             break Err(e);
         }
-        let Some(chain) = as_chain(&dev) else {
-            break dispatch(dev.as_ref(), req).await;
-        };
         let started = chain.timed.then(Instant::now);
         let (passed, stop) = chain.walk(0, &mut req);
         let head = req.head;
         match stop {
             Stop::Redirect(next) => {
-                passed_chains.push(Passed { dev, filters: passed, head, started });
-                dev = next;
+                passed_chains.push(Passed { chain, filters: passed, head, started });
+                chain = next;
             }
             stop => {
                 let mut r = chain.finish(stop, req).await;
@@ -277,15 +287,9 @@ async fn follow(first: Arc<dyn BlockDevice>, mut req: Request) -> IoResult<Reply
         }
     };
     for p in passed_chains.iter().rev() {
-        if let Some(chain) = as_chain(&p.dev) {
-            chain.unwind(0..p.filters, &p.head, &mut result, p.started);
-        }
+        p.chain.unwind(0..p.filters, &p.head, &mut result, p.started);
     }
     result
-}
-
-fn as_chain(dev: &Arc<dyn BlockDevice>) -> Option<&Chain> {
-    dev.as_any().and_then(|a| a.downcast_ref::<Chain>())
 }
 
 /// What a filter that handles a request itself passes requests to: the rest of its chain, or
@@ -310,7 +314,7 @@ impl<'a> Next<'a> {
     }
 
     /// Sends a request to the top of another disk's chain, counting a hop.
-    pub fn redirect(self, target: Arc<dyn BlockDevice>, mut req: Request) -> IoFuture<'a, Reply> {
+    pub fn redirect(self, target: Arc<Chain>, mut req: Request) -> IoFuture<'a, Reply> {
         req.hops = req.hops.max(self.hops);
         Box::pin(follow(target, req))
     }
@@ -336,7 +340,7 @@ impl<'a> Next<'a> {
     }
 
     /// Reads from the top of another disk's chain.
-    pub async fn read_from(self, target: Arc<dyn BlockDevice>, offset: u64, buf: IoBuf) -> IoResult<IoBuf> {
+    pub async fn read_from(self, target: Arc<Chain>, offset: u64, buf: IoBuf) -> IoResult<IoBuf> {
         reply_buf(self.redirect(target, self.lineage(Request::read(offset, buf))).await?)
     }
 
@@ -377,10 +381,6 @@ impl BlockDevice for Chain {
         self.run(Request::write_zeroes(offset, len, fua), |dev, req| {
             dev.write_zeroes(req.head.offset, req.head.len, req.head.fua)
         })
-    }
-
-    fn as_any(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
-        Some(self)
     }
 }
 

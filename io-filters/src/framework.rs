@@ -1,16 +1,15 @@
-//! The filter framework the catalog calls: it checks disks' filter configurations, builds their
-//! chains, keeps what it built for metrics and flatten, and holds the throttle groups.
+//! The filter framework: it checks disks' filter configurations, builds their chains, keeps what
+//! it built for metrics and flatten, and holds the throttle groups. The catalog calls it and hands
+//! it what it needs (the other disks' filters, the parents' chains); it calls nothing back.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use state_store::Batch;
-use vdisk::catalog::Backend;
-use vdisk::{BlockDevice, Catalog, ChainContext, ChainHook, DiskLookup, DiskSpec, FilterSpec};
+use state_store::{Batch, Store};
+use vdisk::BlockDevice;
 
-use crate::blocking::offload;
 use crate::chain::{Chain, Filter};
-use crate::config::{self, FilterConfig, LINKED_CLONE};
+use crate::config::{self, ConfigError, DiskFilters, FilterConfig, FilterSpec, LINKED_CLONE};
 use crate::filters::cache::Cache;
 use crate::filters::integrity::Integrity;
 use crate::filters::linked_clone::{CloneSetup, LinkedClone};
@@ -18,6 +17,31 @@ use crate::filters::passthrough::Passthrough;
 use crate::filters::stats::{Metrics, Stats};
 use crate::filters::throttle::{Bucket, Clock, RealClock, Throttle};
 use crate::FilterError;
+
+/// What a disk's chain is built from.
+pub struct ChainSetup<'a> {
+    pub name: &'a str,
+    pub id: &'a str,
+    pub filters: &'a [FilterSpec],
+    /// The disk's own state-store namespace, where its filters keep their state.
+    pub namespace: &'a str,
+    pub store: &'a Arc<Store>,
+    /// The chains of the disks this one's filters redirect to (a clone's parent), by name.
+    pub parents: &'a dyn Fn(&str) -> Option<Arc<Chain>>,
+}
+
+/// A flatten's copy, done: what the catalog commits to cut the link, in one batch with the
+/// disk's record holding `filters`.
+pub struct Flattened {
+    /// The disk's filters without its linked_clone filter.
+    pub filters: Vec<FilterSpec>,
+    /// Deletes the clone's bitmap.
+    pub batch: Batch,
+    /// 4 KiB grains copied from the parent.
+    pub copied: u64,
+    /// The parent the clone no longer reads from.
+    pub parent: String,
+}
 
 /// What the framework keeps of one disk's chain.
 #[derive(Default)]
@@ -32,7 +56,7 @@ struct Built {
     clone: Option<(usize, Arc<LinkedClone>)>,
 }
 
-/// The io-filters framework: install it in the catalog with [`Catalog::open_with`].
+/// The io-filters framework of one daemon.
 pub struct FilterFramework {
     clock: Arc<dyn Clock>,
     groups: Mutex<HashMap<String, Weak<Bucket>>>,
@@ -99,13 +123,96 @@ impl FilterFramework {
         Some(kinds.into_iter().filter(|k| !(flattened && *k == LINKED_CLONE)).collect())
     }
 
-    /// Copies the rest of a linked clone's data from its parent, then cuts the link: the clone's
-    /// record loses its linked_clone filter and its bitmap in one commit, and the parent becomes
-    /// writable again if no other disk depends on it. Returns the 4 KiB grains copied.
-    pub async fn flatten(&self, catalog: &Arc<Catalog>, name: &str) -> Result<u64, FilterError> {
-        let entry = catalog.entry(name)?;
-        let (chain, index, clone) =
-            self.clone_of(&entry.record.id).ok_or_else(|| FilterError::NotAClone(name.to_owned()))?;
+    /// Checks a disk's filters against the other disks (`others` finds them by name) and the
+    /// throttle groups in use.
+    pub fn check(&self, disk: &DiskFilters, others: &dyn Fn(&str) -> Option<DiskFilters>) -> Result<(), ConfigError> {
+        config::check(disk, others)?;
+        let Some(ours) = config::throttle_of(&disk.filters) else { return Ok(()) };
+        let Some(group) = &ours.group else { return Ok(()) };
+        let Some(bucket) = lock(&self.groups).get(group).and_then(Weak::upgrade) else { return Ok(()) };
+        let theirs = bucket.options().clone();
+        if theirs == ours {
+            return Ok(());
+        }
+        let other = lock(&self.built)
+            .values()
+            .find(|b| b.throttle.as_ref().is_some_and(|t| Arc::ptr_eq(t.bucket(), &bucket)))
+            .map(|b| b.name.clone())
+            .unwrap_or_default();
+        Err(ConfigError::GroupMismatch {
+            group: group.clone(),
+            other,
+            disk: disk.name.clone(),
+            theirs: Box::new(theirs),
+            ours: Box::new(ours),
+        })
+    }
+
+    /// Puts a disk's backend behind the chain its filters make (an empty one if it has none).
+    /// Blocking: filters load their state from the store.
+    pub fn build(&self, setup: ChainSetup<'_>, backend: Arc<dyn BlockDevice>) -> Result<Arc<Chain>, FilterError> {
+        let configs = config::ordered(setup.filters)?;
+        let info = backend.info();
+        let name = setup.name;
+        let mut built = Built { name: name.to_owned(), ..Built::default() };
+        let mut filters: Vec<Arc<dyn Filter>> = Vec::new();
+        for (index, config) in configs.into_iter().enumerate() {
+            let filter: Arc<dyn Filter> = match config {
+                FilterConfig::Passthrough => Arc::new(Passthrough),
+                FilterConfig::Stats => {
+                    let s = Arc::new(Stats::default());
+                    built.stats = Some(s.clone());
+                    s
+                }
+                FilterConfig::Throttle(o) => {
+                    let t = Arc::new(Throttle::new(self.bucket(&o)));
+                    built.throttle = Some(t.clone());
+                    t
+                }
+                FilterConfig::Cache(o) => {
+                    let c = Arc::new(Cache::new(o.size, info.block_size));
+                    built.cache = Some(c.clone());
+                    c
+                }
+                FilterConfig::Integrity => {
+                    let i = Arc::new(Integrity::open(
+                        name,
+                        setup.store.clone(),
+                        setup.namespace,
+                        info.capacity,
+                        info.block_size,
+                    )?);
+                    built.integrity = Some(i.clone());
+                    i
+                }
+                FilterConfig::LinkedClone(o) => {
+                    let parent = (setup.parents)(&o.parent)
+                        .ok_or_else(|| FilterError::NoParent { disk: name.to_owned(), parent: o.parent.clone() })?;
+                    let c = Arc::new(LinkedClone::open(CloneSetup {
+                        disk: name,
+                        parent,
+                        copy_on_read: o.copy_on_read,
+                        capacity: info.capacity,
+                        store: setup.store.clone(),
+                        namespace: setup.namespace,
+                    })?);
+                    built.clone = Some((index, c.clone()));
+                    c
+                }
+            };
+            filters.push(filter);
+        }
+        let chain = Arc::new(Chain::new(name, filters, backend));
+        built.chain = Arc::downgrade(&chain);
+        lock(&self.built).insert(setup.id.to_owned(), built);
+        Ok(chain)
+    }
+
+    /// Copies the rest of a linked clone's data from its parent (disk `id`, named `name`, whose
+    /// filters are `filters`). The link holds until the catalog commits [`Flattened`], then calls
+    /// [`FilterFramework::flatten_done`].
+    pub async fn flatten_copy(&self, id: &str, name: &str, filters: &[FilterSpec]) -> Result<Flattened, FilterError> {
+        let (chain, index, clone) = self.clone_of(id).ok_or_else(|| FilterError::NotAClone(name.to_owned()))?;
         if clone.is_flattened() {
             return Err(FilterError::NotAClone(name.to_owned()));
         }
@@ -113,21 +220,19 @@ impl FilterFramework {
             .copy_all(chain.below(index, 0))
             .await
             .map_err(|source| FilterError::Io { disk: name.to_owned(), source })?;
-        // Every grain is in the clone, durably, with its bit; the record still names the parent.
-        failpoint::hit("linked_clone::flatten::copied");
-        let filters: Vec<FilterSpec> =
-            entry.record.spec.filters.iter().filter(|f| f.kind != LINKED_CLONE).cloned().collect();
         let mut batch = Batch::new();
         clone.delete_bitmap(&mut batch)?;
-        let (cat, owned) = (catalog.clone(), name.to_owned());
-        offload(move || {
-            cat.set_filters(&owned, filters, batch).map_err(|e| vdisk::BlockError::Io(std::io::Error::other(e)))
-        })
-        .await
-        .map_err(|source| FilterError::Io { disk: name.to_owned(), source })?;
-        clone.set_flattened();
-        tracing::info!(disk = %name, parent = %clone.parent_name(), copied, "linked clone flattened");
-        Ok(copied)
+        let filters = filters.iter().filter(|f| f.kind != LINKED_CLONE).cloned().collect();
+        Ok(Flattened { filters, batch, copied, parent: clone.parent_name().to_owned() })
+    }
+
+    /// After the catalog committed a flatten: the clone's filter passes everything through from
+    /// now on (until the disk is next opened, without it).
+    pub fn flatten_done(&self, id: &str) {
+        if let Some((_, _, clone)) = self.clone_of(id) {
+            clone.set_flattened();
+            tracing::info!(disk = %clone.name(), parent = %clone.parent_name(), "linked clone flattened");
+        }
     }
 
     /// The filters' metrics of every disk, as Prometheus text.
@@ -164,98 +269,15 @@ impl FilterFramework {
     }
 }
 
-impl ChainHook for FilterFramework {
-    fn check(&self, spec: &DiskSpec, disks: &dyn DiskLookup) -> Result<(), String> {
-        config::check(spec, disks)
-    }
-
-    fn targets(&self, spec: &DiskSpec) -> Vec<String> {
-        config::targets(spec)
-    }
-
-    fn build(&self, ctx: &ChainContext<'_>, backend: Arc<dyn BlockDevice>) -> Result<Arc<dyn BlockDevice>, String> {
-        let configs = config::ordered(ctx.spec)?;
-        if configs.is_empty() {
-            return Ok(backend);
-        }
-        let info = backend.info();
-        let name = &ctx.spec.name;
-        let mut built = Built { name: name.clone(), ..Built::default() };
-        let mut filters: Vec<Arc<dyn Filter>> = Vec::new();
-        for (index, config) in configs.into_iter().enumerate() {
-            let filter: Arc<dyn Filter> = match config {
-                FilterConfig::Passthrough => Arc::new(Passthrough),
-                FilterConfig::Stats => {
-                    let s = Arc::new(Stats::default());
-                    built.stats = Some(s.clone());
-                    s
-                }
-                FilterConfig::Throttle(o) => {
-                    let t = Arc::new(Throttle::new(self.bucket(&o)));
-                    built.throttle = Some(t.clone());
-                    t
-                }
-                FilterConfig::Cache(o) => {
-                    let c = Arc::new(Cache::new(o.size, info.block_size));
-                    built.cache = Some(c.clone());
-                    c
-                }
-                FilterConfig::Integrity => {
-                    let i = Arc::new(
-                        Integrity::open(name, ctx.store.clone(), ctx.namespace, info.capacity, info.block_size)
-                            .map_err(|e| crate::error_chain(&e))?,
-                    );
-                    built.integrity = Some(i.clone());
-                    i
-                }
-                FilterConfig::LinkedClone(o) => {
-                    let c = Arc::new(
-                        LinkedClone::open(CloneSetup {
-                            disk: name,
-                            parent: &o.parent,
-                            copy_on_read: o.copy_on_read,
-                            capacity: info.capacity,
-                            store: ctx.store.clone(),
-                            namespace: ctx.namespace,
-                            resolver: ctx.resolver.clone(),
-                        })
-                        .map_err(|e| crate::error_chain(&e))?,
-                    );
-                    built.clone = Some((index, c.clone()));
-                    c
-                }
-            };
-            filters.push(filter);
-        }
-        let chain = Arc::new(Chain::new(name, filters, backend));
-        built.chain = Arc::downgrade(&chain);
-        lock(&self.built).insert(ctx.id.to_owned(), built);
-        Ok(chain)
-    }
-}
-
-/// The spec of a new linked clone of `parent`: its shape, a linked_clone filter, and `extra`
-/// filters of the clone's own.
-pub fn clone_spec(
-    parent: &DiskSpec,
-    child: &str,
-    backend: Backend,
-    copy_on_read: bool,
-    extra: Vec<FilterSpec>,
-) -> DiskSpec {
+/// The filters of a new linked clone of `parent`: a linked_clone filter, then `extra` filters of
+/// the clone's own.
+pub fn clone_filters(parent: &str, copy_on_read: bool, extra: Vec<FilterSpec>) -> Vec<FilterSpec> {
     let mut options = serde_json::Map::new();
-    options.insert("parent".into(), serde_json::Value::String(parent.name.clone()));
+    options.insert("parent".into(), serde_json::Value::String(parent.to_owned()));
     if copy_on_read {
         options.insert("copy_on_read".into(), serde_json::Value::Bool(true));
     }
     let mut filters = vec![FilterSpec { kind: LINKED_CLONE.into(), order: None, options }];
     filters.extend(extra);
-    DiskSpec {
-        name: child.to_owned(),
-        size: parent.size,
-        block_size: parent.block_size,
-        read_only: false,
-        backend,
-        filters,
-    }
+    filters
 }

@@ -6,10 +6,10 @@
 //! complete, redirect to another disk's chain, or handle (do asynchronous work itself). A chain is
 //! itself a `vdisk::BlockDevice`.
 //!
-//! The catalog (vdisk) knows nothing of filters: the daemon installs a [`FilterFramework`] as the
-//! catalog's `ChainHook`, which checks configurations when disks are created, names the disks a
-//! disk redirects to (so the catalog keeps them read-only and undeletable while it does), and
-//! builds chains. Redirecting filters find other disks' chains through the catalog's resolver.
+//! The catalog, above, composes disks: it asks the [`FilterFramework`] to check a disk's filters
+//! against the other disks, to build its chain over its backend (handing it the chains of the
+//! disks it redirects to: a linked clone's parent), and to copy a clone's data for a flatten. This
+//! crate sees other disks only as the chains it is given.
 //!
 //! Built-in filters: `stats`, `throttle`, `cache`, `linked_clone`, `integrity`, and
 //! `passthrough` (does nothing; measures the framework).
@@ -21,16 +21,18 @@ pub mod filters;
 pub mod framework;
 pub mod request;
 
-pub use chain::{Chain, Filter, Next};
-pub use config::{check_all, LINKED_CLONE, MAX_CLONE_DEPTH};
-pub use framework::{clone_spec, FilterFramework};
-pub use request::{Completion, Head, Reply, Request, Verdict, MAX_HOPS};
+pub use chain::{Chain, Filter, Next, Verdict};
+pub use config::{ConfigError, DiskFilters, FilterSpec, LINKED_CLONE, MAX_CLONE_DEPTH};
+pub use framework::{clone_filters, ChainSetup, FilterFramework, Flattened};
+pub use request::{Completion, Head, Reply, Request, MAX_HOPS};
 
 /// What the framework's own operations (flatten) can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum FilterError {
     #[error(transparent)]
-    Catalog(#[from] vdisk::CatalogError),
+    Config(#[from] ConfigError),
+    #[error("disk {disk:?} is a linked clone of {parent:?}, which is not open")]
+    NoParent { disk: String, parent: String },
     #[error("disk {0:?} is not a linked clone")]
     NotAClone(String),
     #[error("I/O on disk {disk:?} failed")]
@@ -39,8 +41,6 @@ pub enum FilterError {
         #[source]
         source: vdisk::BlockError,
     },
-    #[error("filter state: {0}")]
-    State(String),
     /// A record of a filter's state read back from the disk's namespace is malformed: the store
     /// was damaged, or written by something else. The disk stays unavailable; nothing is guessed.
     #[error("disk {disk:?}: stored record {key:?} is malformed: {reason}")]
@@ -50,16 +50,4 @@ pub enum FilterError {
     Shape { disk: String, reason: String },
     #[error("state store")]
     Store(#[from] state_store::StoreError),
-}
-
-/// An error and its causes on one line, for the catalog's string errors.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }

@@ -1,6 +1,5 @@
 //! What travels down a chain: a request, and the answers a filter gives it.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use vdisk::{BlockDevice, BlockError, IoBuf, IoResult, RequestKind};
@@ -67,18 +66,6 @@ impl Request {
         req.hops = self.hops;
         req
     }
-}
-
-/// A filter's answer to a request on its way down.
-pub enum Verdict {
-    /// Pass it to the next filter (the common case: no allocation, no await).
-    Continue,
-    /// Answered here, e.g. from a cache; the request's buffer is the reply.
-    Complete(IoResult<()>),
-    /// Send it (as the filter has reshaped it) to the top of another disk's chain.
-    Redirect(Arc<dyn BlockDevice>),
-    /// The filter runs it itself, asynchronously: the chain calls [`crate::Filter::handle`].
-    Handle,
 }
 
 /// What a filter sees when a request it let through completes.

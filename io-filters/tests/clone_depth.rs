@@ -4,25 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
 
-mod common;
+use std::sync::Arc;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
-use common::{read, runtime, write, MemDisk};
 use io_filters::filters::linked_clone::{CloneSetup, LinkedClone, GRAIN};
 use io_filters::{Chain, Filter, MAX_CLONE_DEPTH};
-use vdisk::BlockDevice;
-
-/// Disks by name, filled in once the chains exist.
-#[derive(Default)]
-struct Disks(Mutex<HashMap<String, Arc<dyn BlockDevice>>>);
-
-impl vdisk::DiskResolver for Disks {
-    fn resolve(&self, name: &str) -> Option<Arc<dyn BlockDevice>> {
-        self.0.lock().unwrap().get(name).cloned()
-    }
-}
+use test_support::{read, runtime, write, MemDisk};
 
 fn grain(k: u64) -> Vec<u8> {
     (0..GRAIN).map(|i| (k as u8).wrapping_mul(37).wrapping_add((i / 512) as u8)).collect()
@@ -37,24 +23,22 @@ fn a_read_mixed_at_every_level_of_the_deepest_clone_family_fits_a_2_mib_stack() 
     let store = state_store::Store::open(dir.path().join("db")).unwrap();
     // The bitmaps are never flushed here, so one namespace serves every clone.
     store.create_namespace("c").unwrap();
-    let disks = Arc::new(Disks::default());
     let base = Arc::new(MemDisk::new(capacity, 512));
-    disks.0.lock().unwrap().insert("d0".into(), base.clone());
+    let mut parent = Arc::new(Chain::new("d0", Vec::new(), base.clone()));
     let mut chains = Vec::new();
     for k in 1..=depth {
         let clone = LinkedClone::open(CloneSetup {
             disk: &format!("d{k}"),
-            parent: &format!("d{}", k - 1),
+            parent: parent.clone(),
             copy_on_read: false,
             capacity,
             store: store.clone(),
             namespace: "c",
-            resolver: disks.clone(),
         })
         .unwrap();
         let filters: Vec<Arc<dyn Filter>> = vec![Arc::new(clone)];
         let chain = Arc::new(Chain::new(&format!("d{k}"), filters, Arc::new(MemDisk::new(capacity, 512))));
-        disks.0.lock().unwrap().insert(format!("d{k}"), chain.clone());
+        parent = chain.clone();
         chains.push(chain);
     }
     // Clone k holds grain k: a read of grains 0..=depth from the top is mixed at every level.

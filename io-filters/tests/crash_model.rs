@@ -7,8 +7,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +14,7 @@ use io_filters::filters::integrity::Integrity;
 use io_filters::filters::linked_clone::{CloneSetup, LinkedClone};
 use io_filters::{Chain, Filter};
 use proptest::prelude::*;
-use vdisk::{BlockDevice, DeviceInfo, DiskResolver, IoBuf, IoFuture};
+use vdisk::{BlockDevice, DeviceInfo, IoBuf, IoFuture};
 
 const BS: u64 = 512;
 const BLOCKS: u64 = 48;
@@ -119,14 +117,6 @@ impl BlockDevice for CrashDisk {
     }
 }
 
-struct Parent(Arc<dyn BlockDevice>);
-
-impl DiskResolver for Parent {
-    fn resolve(&self, name: &str) -> Option<Arc<dyn BlockDevice>> {
-        (name == "parent").then(|| self.0.clone())
-    }
-}
-
 #[derive(Debug, Clone)]
 enum Op {
     Write { block: u64, blocks: u64, fua: bool },
@@ -147,20 +137,14 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// Opens the clone's chain (linked_clone, then integrity if asked) over `disk`, loading what the
 /// store holds, as the catalog does when it opens a disk.
-fn open_chain(
-    store: &Arc<state_store::Store>,
-    disk: &Arc<CrashDisk>,
-    parent: &Arc<dyn BlockDevice>,
-    integrity: bool,
-) -> Chain {
+fn open_chain(store: &Arc<state_store::Store>, disk: &Arc<CrashDisk>, parent: &Arc<Chain>, integrity: bool) -> Chain {
     let clone = LinkedClone::open(CloneSetup {
         disk: "child",
-        parent: "parent",
+        parent: parent.clone(),
         copy_on_read: false,
         capacity: SIZE,
         store: store.clone(),
         namespace: "disk-child",
-        resolver: Arc::new(Parent(parent.clone())),
     })
     .unwrap();
     let mut filters: Vec<Arc<dyn Filter>> = vec![Arc::new(clone)];
@@ -177,17 +161,17 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..60),
         integrity in any::<bool>(),
     ) {
-        let rt = common::runtime();
+        let rt = test_support::runtime();
         let dir = tempfile::tempdir().unwrap();
         let store = state_store::Store::open(dir.path().join("db")).unwrap();
         store.create_namespace("disk-child").unwrap();
         // The parent: every block holds the PARENT value.
-        let parent_disk = common::MemDisk::new(SIZE, BS as u32);
+        let parent_disk = test_support::MemDisk::new(SIZE, BS as u32);
         for b in 0..BLOCKS {
             parent_disk.data.lock().unwrap()[(b * BS) as usize..((b + 1) * BS) as usize]
                 .copy_from_slice(&block_bytes(PARENT, b));
         }
-        let parent: Arc<dyn BlockDevice> = Arc::new(parent_disk);
+        let parent = Arc::new(Chain::new("parent", Vec::new(), Arc::new(parent_disk)));
         let disk = Arc::new(CrashDisk::new());
         let mut chain = open_chain(&store, &disk, &parent, integrity);
         let mut current = vec![PARENT; BLOCKS as usize];

@@ -56,7 +56,7 @@ pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = IoResult<T>> + Send + 'a>
 /// Promises: a write completed with `fua`, and every write completed before a `flush` that has
 /// completed, survive a crash. Requests may complete in any order; a caller that needs an order
 /// waits for one request before sending the next. Offsets and lengths reaching an implementation
-/// have been checked against [`DeviceInfo`] by [`check_range`] (the catalog's `Disk` does this for
+/// have been checked against [`DeviceInfo`] by [`check_range`] ([`crate::Disk`] does this for
 /// every request from outside).
 pub trait BlockDevice: Send + Sync {
     fn info(&self) -> DeviceInfo;
@@ -75,12 +75,6 @@ pub trait BlockDevice: Send + Sync {
 
     /// Writes zeroes over a range without sending them.
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> IoFuture<'_, ()>;
-
-    /// This device as `Any`, for layers that stack devices: a filter chain recognises another
-    /// chain it redirects to and continues there in its own loop instead of nesting a call.
-    fn as_any(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
-        None
-    }
 }
 
 /// The kinds of request, for checks and counters.

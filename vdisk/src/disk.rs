@@ -1,4 +1,5 @@
-//! A catalog disk as the frontends see it: every request checked, then counted.
+//! A disk as the frontends see it: every request checked, then counted; the handle an export
+//! holds, with its connection accounting.
 
 use std::future::{ready, Future};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -45,7 +46,7 @@ impl DiskStats {
     }
 }
 
-/// A disk of the catalog: the device behind it, its name and its counters.
+/// A disk: the device behind it (its filter chain), its name and id, and its counters.
 pub struct Disk {
     name: String,
     id: String,
@@ -84,6 +85,13 @@ impl Disk {
             users: AtomicUsize::new(0),
             frozen: AtomicBool::new(false),
         }
+    }
+
+    /// The same disk, refusing changes whatever its device says (a disk configured read-only
+    /// over a backend that could write).
+    pub fn with_read_only(mut self, read_only: bool) -> Disk {
+        self.info.read_only |= read_only;
+        self
     }
 
     pub fn name(&self) -> &str {

@@ -2,21 +2,32 @@
 
 use serde::{Deserialize, Deserializer};
 
+/// Why a size could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("invalid size {0:?}: expected a number like 1G or 512M")]
+    NotANumber(String),
+    #[error("invalid size {text:?}: unknown unit {unit:?} (use K, M, G or T)")]
+    UnknownUnit { text: String, unit: String },
+    #[error("size {0:?} is too large")]
+    TooLarge(String),
+}
+
 /// Parses a byte count with an optional binary unit (K, M, G, T, with or without "iB"/"B").
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| format!("invalid size {text:?}: expected a number like 1G or 512M"))?;
+    let n: u64 = digits.parse().map_err(|_| SizeError::NotANumber(text.to_owned()))?;
     let shift = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,
         "M" | "MB" | "MIB" => 20,
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
-        _ => return Err(format!("invalid size {text:?}: unknown unit {unit:?} (use K, M, G or T)")),
+        _ => return Err(SizeError::UnknownUnit { text: text.to_owned(), unit: unit.to_owned() }),
     };
-    n.checked_mul(1 << shift).ok_or_else(|| format!("size {text:?} is too large"))
+    n.checked_mul(1 << shift).ok_or_else(|| SizeError::TooLarge(text.to_owned()))
 }
 
 /// Prints a byte count with the largest binary unit that divides it.

@@ -16,8 +16,8 @@ use std::sync::Mutex;
 
 use vdisk::{IoFuture, RequestKind};
 
-use crate::chain::{modifies, Filter, Next};
-use crate::request::{Completion, Head, Reply, Request, Verdict};
+use crate::chain::{modifies, Filter, Next, Verdict};
+use crate::request::{Completion, Head, Reply, Request};
 
 const SHARDS: usize = 16;
 /// The most data one disk's cache holds: 1 GiB, 2 Mi blocks of 512 bytes (with about 80 bytes

@@ -41,8 +41,8 @@ use tokio::sync::{Mutex, OnceCell, RwLock};
 use vdisk::{BlockError, IoBuf, IoFuture, IoResult, RequestKind};
 
 use crate::blocking::{offload, store_error};
-use crate::chain::{Filter, Next};
-use crate::request::{io_error, Reply, Request, Verdict};
+use crate::chain::{Filter, Next, Verdict};
+use crate::request::{io_error, Reply, Request};
 use crate::FilterError;
 
 /// Checksums per stored page.

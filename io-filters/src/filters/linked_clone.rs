@@ -32,15 +32,15 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use state_store::{Batch, Store};
 use tokio::sync::{Mutex, MutexGuard};
-use vdisk::{BlockDevice, DiskResolver, IoBuf, IoFuture, IoResult, RequestKind};
+use vdisk::{IoBuf, IoFuture, IoResult, RequestKind};
 
 use crate::blocking::{offload, store_error};
-use crate::chain::{Filter, Next};
-use crate::request::{io_error, Reply, Request, Verdict};
+use crate::chain::{Chain, Filter, Next, Verdict};
+use crate::request::{Reply, Request};
 use crate::FilterError;
 
 /// Bytes per bitmap bit.
@@ -218,8 +218,8 @@ pub struct LinkedClone {
     disk: String,
     parent_name: String,
     copy_on_read: bool,
-    resolver: Arc<dyn DiskResolver>,
-    parent: OnceLock<Arc<dyn BlockDevice>>,
+    /// The parent's chain, which unwritten grains are read from.
+    parent: Arc<Chain>,
     capacity: u64,
     bitmap: Bitmap,
     store: Arc<Store>,
@@ -236,12 +236,12 @@ pub struct LinkedClone {
 /// What a clone is made with.
 pub struct CloneSetup<'a> {
     pub disk: &'a str,
-    pub parent: &'a str,
+    /// The parent disk's chain: its name is the parent's name.
+    pub parent: Arc<Chain>,
     pub copy_on_read: bool,
     pub capacity: u64,
     pub store: Arc<Store>,
     pub namespace: &'a str,
-    pub resolver: Arc<dyn DiskResolver>,
 }
 
 impl LinkedClone {
@@ -266,10 +266,9 @@ impl LinkedClone {
         })?;
         Ok(LinkedClone {
             disk: setup.disk.to_owned(),
-            parent_name: setup.parent.to_owned(),
+            parent_name: setup.parent.name().to_owned(),
             copy_on_read: setup.copy_on_read,
-            resolver: setup.resolver,
-            parent: OnceLock::new(),
+            parent: setup.parent,
             capacity: setup.capacity,
             bitmap,
             store: setup.store,
@@ -288,6 +287,11 @@ impl LinkedClone {
 
     pub fn parent_name(&self) -> &str {
         &self.parent_name
+    }
+
+    /// The clone's own disk.
+    pub fn name(&self) -> &str {
+        &self.disk
     }
 
     pub fn redirected(&self) -> u64 {
@@ -311,17 +315,8 @@ impl LinkedClone {
         })
     }
 
-    fn parent(&self) -> IoResult<Arc<dyn BlockDevice>> {
-        if let Some(p) = self.parent.get() {
-            return Ok(p.clone());
-        }
-        let p = self.resolver.resolve(&self.parent_name).ok_or_else(|| {
-            io_error(
-                std::io::ErrorKind::NotFound,
-                format!("parent disk {:?} of {:?} is unavailable", self.parent_name, self.disk),
-            )
-        })?;
-        Ok(self.parent.get_or_init(|| p).clone())
+    fn parent(&self) -> Arc<Chain> {
+        self.parent.clone()
     }
 
     fn grains(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
@@ -371,7 +366,7 @@ impl LinkedClone {
             }
             let bytes = self.grain_bytes(g).start..self.grain_bytes(end - 1).end;
             let data =
-                next.read_from(self.parent()?, bytes.start, IoBuf::scratch((bytes.end - bytes.start) as usize)).await?;
+                next.read_from(self.parent(), bytes.start, IoBuf::scratch((bytes.end - bytes.start) as usize)).await?;
             next.write(bytes.start, data, fua).await?;
             for x in g..end {
                 self.bitmap.set(x);
@@ -430,7 +425,7 @@ impl LinkedClone {
                 next.read(pos, piece).await?
             } else {
                 self.redirected.fetch_add(1, SeqCst);
-                next.read_from(self.parent()?, pos, piece).await?
+                next.read_from(self.parent(), pos, piece).await?
             };
             let at = (pos - head.offset) as usize;
             buf.as_mut_slice()[at..at + piece.len()].copy_from_slice(piece.as_slice());
@@ -566,10 +561,7 @@ impl Filter for LinkedClone {
                     }
                 } else if kind == RequestKind::Read && !self.copy_on_read && self.bitmap.none_set(grains) {
                     self.redirected.fetch_add(1, SeqCst);
-                    match self.parent() {
-                        Ok(p) => Verdict::Redirect(p),
-                        Err(e) => Verdict::Complete(Err(e)),
-                    }
+                    Verdict::Redirect(self.parent())
                 } else {
                     Verdict::Handle
                 }

@@ -1,8 +1,8 @@
 //! A filter that lets every request through and watches every completion: what the framework
 //! itself costs, for benchmarks and tests.
 
-use crate::chain::Filter;
-use crate::request::{Completion, Request, Verdict};
+use crate::chain::{Filter, Verdict};
+use crate::request::{Completion, Request};
 
 #[derive(Default)]
 pub struct Passthrough;

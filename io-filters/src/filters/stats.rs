@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use vdisk::RequestKind;
 
-use crate::chain::Filter;
-use crate::request::{Completion, Request, Verdict};
+use crate::chain::{Filter, Verdict};
+use crate::request::{Completion, Request};
 
 /// Histogram buckets: latencies up to 2^i microseconds, i = 0..BUCKETS (1 µs to about 17 s).
 const BUCKETS: usize = 25;

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use vdisk::{IoFuture, RequestKind};
 
-use crate::chain::{Filter, Next};
+use crate::chain::{Filter, Next, Verdict};
 use crate::config::ThrottleOptions;
-use crate::request::{Reply, Request, Verdict};
+use crate::request::{Reply, Request};
 
 /// Where a throttle gets the time, and how it waits.
 pub trait Clock: Send + Sync {

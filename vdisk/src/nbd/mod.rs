@@ -1,4 +1,4 @@
-//! The NBD export: every catalog disk is an export of the same name.
+//! The NBD export: every disk the lookup knows is an export of the same name.
 
 pub mod proto;
 mod server;

@@ -13,9 +13,10 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::proto::*;
 use crate::buffer::IoBuf;
-use crate::catalog::{error_chain, Catalog, CatalogError};
 use crate::device::{BlockDevice, BlockError, RequestKind, MAX_IO_BYTES};
 use crate::disk::{Disk, DiskUser};
+use crate::error_chain;
+use crate::lookup::{DiskLookup, LookupError};
 
 /// How long a client may take over the handshake before it is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,9 +46,9 @@ pub struct NbdStats {
     pub protocol_errors: AtomicU64,
 }
 
-/// Serves the catalog's disks as NBD exports.
+/// Serves disks as NBD exports, each under its own name.
 pub struct NbdServer {
-    catalog: Arc<Catalog>,
+    disks: Arc<dyn DiskLookup>,
     /// The export a client gets when it asks for the empty name.
     default_export: Option<String>,
     stats: NbdStats,
@@ -80,9 +81,9 @@ struct Permits {
 type Pending = futures_util::future::BoxFuture<'static, Completion>;
 
 impl NbdServer {
-    pub fn new(catalog: Arc<Catalog>, default_export: Option<String>) -> Arc<NbdServer> {
+    pub fn new(disks: Arc<dyn DiskLookup>, default_export: Option<String>) -> Arc<NbdServer> {
         Arc::new(NbdServer {
-            catalog,
+            disks,
             default_export,
             stats: NbdStats::default(),
             bytes: Arc::new(Semaphore::new(SERVER_BYTES)),
@@ -212,8 +213,8 @@ impl NbdServer {
                     put_option_reply(&mut out, option, REP_ERR_INVALID, b"LIST takes no data")
                 }
                 OPT_LIST => {
-                    for entry in self.catalog.entries() {
-                        let name = entry.record.spec.name.as_bytes();
+                    for name in self.disks.names() {
+                        let name = name.as_bytes();
                         let mut d = (name.len() as u32).to_be_bytes().to_vec();
                         d.extend_from_slice(name);
                         put_option_reply(&mut out, option, REP_SERVER, &d);
@@ -267,10 +268,10 @@ impl NbdServer {
         }
     }
 
-    fn lookup(&self, name: &str) -> Result<Arc<Disk>, CatalogError> {
+    fn lookup(&self, name: &str) -> Result<Arc<Disk>, LookupError> {
         match (name, &self.default_export) {
-            ("", Some(default)) => self.catalog.disk(default),
-            _ => self.catalog.disk(name),
+            ("", Some(default)) => self.disks.open(default),
+            _ => self.disks.open(name),
         }
     }
 }

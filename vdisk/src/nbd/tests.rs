@@ -8,10 +8,39 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::proto::*;
 use super::NbdServer;
 use crate::buffer::IoBuf;
-use crate::catalog::{Backend, Catalog, DiskSpec};
 use crate::device::BlockDevice;
+use crate::disk::Disk;
+use crate::lookup::{DiskLookup, LookupError};
+use crate::raw::RawFile;
 
 const DISK_SIZE: u64 = 1 << 20;
+
+/// Raw disks in a temporary directory, by name.
+struct Disks(std::collections::BTreeMap<String, Arc<Disk>>);
+
+impl Disks {
+    /// Call inside a tokio runtime (raw files register with it).
+    fn raw(dir: &std::path::Path, disks: &[(&str, u64)]) -> Arc<Disks> {
+        let mut map = std::collections::BTreeMap::new();
+        for (name, size) in disks {
+            let path = dir.join(format!("{name}.raw"));
+            RawFile::create(&path, *size).unwrap();
+            let raw = RawFile::open(&path, 512, false, false).unwrap();
+            map.insert(name.to_string(), Arc::new(Disk::new(name, "0123456789abcdef", Arc::new(raw))));
+        }
+        Arc::new(Disks(map))
+    }
+}
+
+impl DiskLookup for Disks {
+    fn open(&self, name: &str) -> Result<Arc<Disk>, LookupError> {
+        self.0.get(name).cloned().ok_or_else(|| LookupError::NotFound(name.to_owned()))
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.0.keys().cloned().collect()
+    }
+}
 
 #[derive(Debug, Clone)]
 enum Opt {
@@ -142,27 +171,15 @@ proptest! {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let dir = tempfile::tempdir().unwrap();
         rt.block_on(async {
-            let store = state_store::Store::open(dir.path().join("db")).unwrap();
-            let catalog = Arc::new(Catalog::open(store, &dir.path().join("disks")).unwrap());
-            for name in ["a", "b"] {
-                let spec = DiskSpec {
-                    name: name.into(),
-                    size: DISK_SIZE,
-                    block_size: 512,
-                    read_only: false,
-                    backend: Backend::default(),
-                    filters: Vec::new(),
-                };
-                catalog.create(spec).unwrap();
-            }
+            let disks = Disks::raw(dir.path(), &[("a", DISK_SIZE), ("b", DISK_SIZE)]);
             // Disk b holds a pattern that no session attached to another disk may change.
-            let b = catalog.disk("b").unwrap();
+            let b = disks.open("b").unwrap();
             let pattern: Vec<u8> = (0..DISK_SIZE).map(|i| (i % 251) as u8).collect();
             b.write(0, IoBuf::copy_from(&pattern), true).await.unwrap();
 
             let names_b = opts.iter().any(|o| matches!(o, Opt::Go { name, .. } if name == "b"));
             let (bytes, cookies) = client_stream(flags, &opts, &reqs, structured);
-            let server = NbdServer::new(catalog.clone(), Some("a".into()));
+            let server = NbdServer::new(disks.clone(), Some("a".into()));
             let (client, server_end) = tokio::io::duplex(1 << 16);
             let (srd, swr) = tokio::io::split(server_end);
             let serving = tokio::spawn(server.handle(srd, swr));
@@ -193,18 +210,8 @@ fn a_client_that_does_not_read_its_replies_holds_a_bounded_amount() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     rt.block_on(async {
-        let store = state_store::Store::open(dir.path().join("db")).unwrap();
-        let catalog = Arc::new(Catalog::open(store, &dir.path().join("disks")).unwrap());
-        let spec = DiskSpec {
-            name: "a".into(),
-            size: 64 << 20,
-            block_size: 512,
-            read_only: false,
-            backend: Backend::default(),
-            filters: Vec::new(),
-        };
-        catalog.create(spec).unwrap();
-        let server = NbdServer::new(catalog.clone(), Some("a".into()));
+        let disks = Disks::raw(dir.path(), &[("a", 64 << 20)]);
+        let server = NbdServer::new(disks, Some("a".into()));
         let connect = |requests: &[(u16, u32)]| {
             let (stream, _) = client_stream(
                 CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES,

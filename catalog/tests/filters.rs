@@ -7,15 +7,16 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock, Weak};
 
+use catalog::CatalogError;
 use common::{clone_of, filter, read, runtime, spec, write, MemDisk, Rig};
 use io_filters::filters::throttle::{Bucket, Clock, SimClock};
 use io_filters::{Chain, Filter, FilterFramework, Request, Verdict};
 use serde_json::json;
-use vdisk::{BlockDevice, BlockError, CatalogError};
+use vdisk::{error_chain, BlockDevice, BlockError};
 
-fn refused(rig: &Rig, s: vdisk::DiskSpec) -> String {
+fn refused(rig: &Rig, s: catalog::DiskSpec) -> String {
     match rig.catalog.create(s) {
-        Err(e @ CatalogError::Filters { .. }) => e.to_string(),
+        Err(e @ CatalogError::Filters { .. }) => error_chain(&e),
         Err(e) => panic!("expected a filter configuration error, got {e}"),
         Ok(_) => panic!("a bad filter configuration was accepted"),
     }
@@ -27,7 +28,7 @@ fn configuration_errors_are_refused_with_a_message_naming_the_problem() {
     let _g = rt.enter();
     let rig = Rig::new();
     rig.catalog.create(spec("base", 1 << 20, vec![])).unwrap();
-    let cases: Vec<(Vec<vdisk::FilterSpec>, &str)> = vec![
+    let cases: Vec<(Vec<io_filters::FilterSpec>, &str)> = vec![
         (vec![filter("compress", json!({}))], "unknown filter \"compress\""),
         (vec![filter("throttle", json!({"iopz": 5}))], "unknown field `iopz`"),
         (vec![filter("throttle", json!({}))], "give iops, bps or both"),
@@ -41,7 +42,7 @@ fn configuration_errors_are_refused_with_a_message_naming_the_problem() {
         (vec![clone_of("x")], "redirect cycle: x -> x"),
         (vec![filter("linked_clone", json!({"parent": "base", "copy_on_reed": true}))], "unknown field `copy_on_reed`"),
         (
-            vec![clone_of("base"), vdisk::FilterSpec { order: Some(1), ..filter("integrity", json!({})) }],
+            vec![clone_of("base"), io_filters::FilterSpec { order: Some(1), ..filter("integrity", json!({})) }],
             "\"integrity\" must come after \"linked_clone\"",
         ),
     ];
@@ -65,26 +66,6 @@ fn configuration_errors_are_refused_with_a_message_naming_the_problem() {
 }
 
 #[test]
-fn a_redirect_cycle_among_disks_declared_together_is_refused() {
-    let a = spec("a", 1 << 20, vec![clone_of("b")]);
-    let b = spec("b", 1 << 20, vec![clone_of("c")]);
-    let c = spec("c", 1 << 20, vec![clone_of("a")]);
-    let cycle = io_filters::config::find_cycle(&[a.clone(), b.clone(), c.clone()]).expect("a cycle");
-    assert_eq!(cycle, ["a", "b", "c", "a"]);
-    struct Empty;
-    impl vdisk::DiskLookup for Empty {
-        fn spec(&self, _: &str) -> Option<vdisk::DiskSpec> {
-            None
-        }
-        fn names(&self) -> Vec<String> {
-            Vec::new()
-        }
-    }
-    let err = io_filters::check_all(&[a, b, c], &Empty).unwrap_err();
-    assert!(err.contains("redirect cycle: a -> b -> c -> a"), "{err}");
-}
-
-#[test]
 fn chains_follow_class_order_unless_told_otherwise() {
     let rt = runtime();
     let _g = rt.enter();
@@ -98,14 +79,14 @@ fn chains_follow_class_order_unless_told_otherwise() {
         filter("stats", json!({})),
     ];
     let id = rig.catalog.create(spec("c", 1 << 20, filters)).unwrap().record.id;
-    assert_eq!(rig.framework.chain_of(&id).unwrap(), ["stats", "throttle", "cache", "linked_clone", "integrity"]);
+    assert_eq!(rig.framework().chain_of(&id).unwrap(), ["stats", "throttle", "cache", "linked_clone", "integrity"]);
     let mut stats = filter("stats", json!({}));
     stats.order = Some(450);
     let id = rig.catalog.create(spec("d", 1 << 20, vec![filter("cache", json!({})), stats])).unwrap().record.id;
-    assert_eq!(rig.framework.chain_of(&id).unwrap(), ["cache", "stats"]);
-    // No filters: the disk's device is its backend, with nothing in between.
+    assert_eq!(rig.framework().chain_of(&id).unwrap(), ["cache", "stats"]);
+    // No filters: an empty chain, straight to the backend.
     let id = rig.catalog.create(spec("plain", 1 << 20, vec![])).unwrap().record.id;
-    assert!(rig.framework.chain_of(&id).is_none());
+    assert!(rig.framework().chain_of(&id).unwrap().is_empty());
 }
 
 /// Redirects every request to the chain it sits in.
@@ -172,9 +153,9 @@ fn flipped_bits_in_the_backend_file_give_read_errors_not_data() {
         write(disk.as_ref(), 2560, &data[2560..3072], true).await.unwrap();
         assert_eq!(read(disk.as_ref(), 0, data.len()).await.unwrap(), data);
     });
-    let (_, mismatches) = rig.framework.integrity_of(&entry.record.id).unwrap();
+    let (_, mismatches) = rig.framework().integrity_of(&entry.record.id).unwrap();
     assert_eq!(mismatches, 2);
-    assert!(rig.framework.render_metrics().contains("vstor_integrity_mismatches_total{disk=\"d\"} 2"));
+    assert!(rig.framework().render_metrics().contains("vstor_integrity_mismatches_total{disk=\"d\"} 2"));
 }
 
 #[test]
@@ -221,7 +202,7 @@ fn the_cache_answers_repeated_reads_and_never_returns_stale_data() {
     let id = rig.catalog.create(spec("c", 4 << 20, vec![filter("cache", json!({"size": "64K"}))])).unwrap().record.id;
     let disk = rig.dev("c");
     let counters = || {
-        let text = rig.framework.render_metrics();
+        let text = rig.framework().render_metrics();
         let get = |name: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(&format!("{name}{{disk=\"c\"}} ")).map(|v| v.parse::<u64>().unwrap()))
@@ -229,7 +210,7 @@ fn the_cache_answers_repeated_reads_and_never_returns_stale_data() {
         };
         (get("vstor_cache_hits_total"), get("vstor_cache_misses_total"), get("vstor_cache_bytes"))
     };
-    assert_eq!(rig.framework.chain_of(&id).unwrap(), ["cache"]);
+    assert_eq!(rig.framework().chain_of(&id).unwrap(), ["cache"]);
     rt.block_on(async {
         write(disk.as_ref(), 0, &[1; 8192], false).await.unwrap();
         assert_eq!(read(disk.as_ref(), 0, 8192).await.unwrap(), [1; 8192]);
@@ -264,7 +245,7 @@ fn throttled(options: serde_json::Value, disks: usize, n: usize, bytes: usize) -
     let _g = rt.enter();
     let dir = tempfile::tempdir().unwrap();
     let store = state_store::Store::open(dir.path().join("db")).unwrap();
-    let catalog = vdisk::Catalog::open_with(store, &dir.path().join("disks"), Some(framework.clone())).unwrap();
+    let catalog = catalog::Catalog::open(store, &dir.path().join("disks"), framework.clone(), None).unwrap();
     let mut ids = Vec::new();
     for d in 0..disks {
         let s = spec(&format!("t{d}"), 4 << 20, vec![filter("throttle", options.clone())]);
@@ -343,7 +324,7 @@ fn stats_count_and_time_requests_per_kind() {
         read(disk.as_ref(), 0, 4096).await.unwrap();
         disk.flush().await.unwrap();
     });
-    let text = rig.framework.render_metrics();
+    let text = rig.framework().render_metrics();
     assert!(text.contains("vstor_filter_requests_total{disk=\"s\",kind=\"write\"} 10"), "{text}");
     assert!(text.contains("vstor_filter_bytes_total{disk=\"s\",kind=\"write\"} 40960"), "{text}");
     assert!(text.contains("vstor_filter_latency_seconds_count{disk=\"s\",kind=\"read\"} 1"), "{text}");
@@ -385,7 +366,8 @@ fn a_malformed_integrity_record_makes_the_disk_unavailable_without_a_panic() {
         tamper(&rig, "d", key, &value);
         rig.reopen();
         match rig.catalog.disk("d") {
-            Err(CatalogError::Unavailable { reason, .. }) => {
+            Err(e @ CatalogError::Unavailable { .. }) => {
+                let reason = error_chain(&e);
                 assert!(reason.contains("is malformed") && reason.contains(key), "{key}: {reason}")
             }
             Err(e) => panic!("{key}: {e}"),
@@ -419,7 +401,8 @@ fn a_malformed_clone_bitmap_page_makes_the_clone_unavailable_without_a_panic() {
         tamper(&rig, "c", key, &value);
         rig.reopen();
         match rig.catalog.disk("c") {
-            Err(CatalogError::Unavailable { reason, .. }) => {
+            Err(e @ CatalogError::Unavailable { .. }) => {
+                let reason = error_chain(&e);
                 assert!(reason.contains("is malformed") && reason.contains(key), "{key}: {reason}")
             }
             Err(e) => panic!("{key}: {e}"),
@@ -436,8 +419,8 @@ fn a_malformed_clone_bitmap_page_makes_the_clone_unavailable_without_a_panic() {
     tamper(&rig, "c", "clone/bitmap/0000000000000000", &page);
     rig.reopen();
     let id = rig.catalog.entry("c").unwrap().record.id;
-    assert!(rig.framework.render_metrics().contains("vstor_clone_allocated_blocks{disk=\"c\"} 1"));
-    assert!(rig.framework.chain_of(&id).is_some());
+    assert!(rig.framework().render_metrics().contains("vstor_clone_allocated_blocks{disk=\"c\"} 1"));
+    assert!(rig.framework().chain_of(&id).is_some());
 }
 
 /// A disk whose discards fail after scribbling on the first block of their range.

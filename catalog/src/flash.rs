@@ -14,8 +14,6 @@ use host_ftl::driver::{Driver, DriverConfig, GuestSpec, GuestState};
 use host_ftl::{Device, FaultConfig, FileMedia, Geometry, Media, MemMedia};
 use serde::Deserialize;
 use state_store::Store;
-use vdisk::catalog::Backend;
-use vdisk::{BackendContext, BlockDevice, BlockError, DeviceInfo, FtlHook, IoBuf, IoFuture};
 
 /// Chunks per parallel unit an FTL disk's partition keeps beyond its data at least: the guest FTL
 /// refuses to format with less room than its open lines and GC reserve need (about 8 chunks a PU
@@ -58,8 +56,9 @@ pub enum MediaKind {
     Memory,
 }
 
+/// What setting up the device or an FTL disk on it fails with.
 #[derive(Debug, thiserror::Error)]
-pub enum FtlSetupError {
+pub enum FlashError {
     #[error("cannot open the open-channel device at {path}")]
     Device {
         path: PathBuf,
@@ -70,9 +69,21 @@ pub enum FtlSetupError {
     Setup(#[source] host_ftl::Error),
     #[error("cannot start the host FTL driver")]
     Driver(#[source] host_ftl::driver::DriverError),
+    #[error("the open-channel device has {chunks} chunks per parallel unit; an FTL disk needs more than {SPARE_CHUNKS_PER_PU}")]
+    NoRoomPerUnit { chunks: u32 },
+    #[error("{size} bytes with {over_provisioning}% over-provisioning and the FTL's spare chunks needs {pus} parallel units; the open-channel device has {total} in all")]
+    DeviceTooSmall { size: u64, over_provisioning: u32, pus: u128, total: usize },
+    #[error("needs {pus} parallel units of the open-channel device for {size} bytes with its over-provisioning, {free} are free")]
+    NoFreeUnits { size: u64, pus: usize, free: usize },
+    #[error("cannot give the disk its partition")]
+    Partition(#[source] host_ftl::driver::DriverError),
+    #[error("its partition of the open-channel device is gone")]
+    NoPartition,
+    #[error("guest FTL")]
+    Ftl(#[source] guest_ftl::FtlError),
 }
 
-/// The device, its driver, and the FTL disks on it: the catalog's [`FtlHook`].
+/// The device, its driver, and the FTL disks on it.
 pub struct FlashBackend {
     driver: Driver,
     runtime: tokio::runtime::Handle,
@@ -87,22 +98,22 @@ impl FlashBackend {
         data_dir: &std::path::Path,
         store: Arc<Store>,
         runtime: tokio::runtime::Handle,
-    ) -> Result<FlashBackend, FtlSetupError> {
+    ) -> Result<FlashBackend, FlashError> {
         let geo = config.geometry.clone();
-        geo.validate().map_err(FtlSetupError::Setup)?;
-        geo.check_spare_chunks(SPARE_CHUNKS_PER_PU).map_err(FtlSetupError::Setup)?;
+        geo.validate().map_err(FlashError::Setup)?;
+        geo.check_spare_chunks(SPARE_CHUNKS_PER_PU).map_err(FlashError::Setup)?;
         let (media, description): (Box<dyn Media>, String) = match config.media {
             MediaKind::File => {
                 let path = config.path.clone().unwrap_or_else(|| data_dir.join("ocssd.img"));
                 let media = FileMedia::open_or_create(&path, &geo)
-                    .map_err(|source| FtlSetupError::Device { path: path.clone(), source })?;
+                    .map_err(|source| FlashError::Device { path: path.clone(), source })?;
                 (Box::new(media), format!("file {}", path.display()))
             }
-            MediaKind::Memory => (Box::new(MemMedia::new(&geo).map_err(FtlSetupError::Setup)?), "memory".into()),
+            MediaKind::Memory => (Box::new(MemMedia::new(&geo).map_err(FlashError::Setup)?), "memory".into()),
         };
-        let device = Device::open(geo.clone(), media, FaultConfig::default()).map_err(FtlSetupError::Setup)?;
+        let device = Device::open(geo.clone(), media, FaultConfig::default()).map_err(FlashError::Setup)?;
         let driver_config = DriverConfig { timing: config.timing, ..DriverConfig::default() };
-        let driver = Driver::open(Arc::new(device), store, driver_config).map_err(FtlSetupError::Driver)?;
+        let driver = Driver::open(Arc::new(device), store, driver_config).map_err(FlashError::Driver)?;
         let description = format!(
             "emulated open-channel SSD ({}; {} groups x {} PUs x {} chunks x {} blocks of {} bytes = {})",
             description,
@@ -116,9 +127,69 @@ impl FlashBackend {
         Ok(FlashBackend { driver, runtime, description })
     }
 
-    /// Parallel units a disk of `size` bytes needs on this device.
-    fn pus_for(&self, size: u64, over_provisioning: u32) -> Result<usize, String> {
-        pus_needed(self.driver.geometry(), size, over_provisioning)
+    /// Gives a new disk (`id`, `size` bytes) its partition of the device. Durable when it returns:
+    /// the catalog's record, written next, is the commit point.
+    pub fn create(&self, id: &str, size: u64, over_provisioning: u32) -> Result<(), FlashError> {
+        let pus = pus_needed(self.driver.geometry(), size, over_provisioning)?;
+        let free = self.driver.free_pus().len();
+        if pus > free {
+            return Err(FlashError::NoFreeUnits { size, pus, free });
+        }
+        let region = region_bytes(self.driver.geometry(), pus);
+        self.driver.add_guest(id, GuestSpec::new(pus).region(region)).map_err(FlashError::Partition)?;
+        Ok(())
+    }
+
+    /// Opens disk `id`'s FTL on its partition (formatting it on first use, recovering it after a
+    /// crash) as a device of exactly `size` bytes in `block_size` blocks, its state in
+    /// `namespace`. Blocking.
+    pub fn open_disk(
+        &self,
+        id: &str,
+        size: u64,
+        block_size: u32,
+        over_provisioning: u32,
+        store: &Arc<Store>,
+        namespace: &str,
+    ) -> Result<Arc<Ftl>, FlashError> {
+        let qp = self.driver.guest(id).ok_or(FlashError::NoPartition)?;
+        // The FTL gets all of its partition: the flash beyond the disk's size, which is at least
+        // the over-provisioning asked for (whole PUs round it up), all goes to garbage collection.
+        // Slightly less than the exact ratio, so that rounding never leaves it short of the size.
+        let physical = qp.geometry().capacity_bytes() as f64;
+        let effective = (physical / size.max(1) as f64 - 1.0) * 0.999;
+        let asked = f64::from(over_provisioning) / 100.0;
+        let config = FtlConfig {
+            over_provisioning: effective.max(asked).min(MAX_OVER_PROVISIONING),
+            block_size,
+            capacity: Some(size),
+            ..FtlConfig::default()
+        };
+        let channel: Arc<dyn FlashChannel> = Arc::new(qp);
+        let ftl = self.block_on(Ftl::open(channel, store.clone(), namespace, config)).map_err(FlashError::Ftl)?;
+        Ok(Arc::new(ftl))
+    }
+
+    /// Gives a deleted disk's partition back; its chunks are erased in the background.
+    pub fn remove(&self, id: &str) {
+        if let Err(e) = self.driver.remove_guest(id) {
+            tracing::warn!(%id, error = %vdisk::error_chain(&e), "cannot give back the partition; it goes at the next start");
+        }
+    }
+
+    /// The disk ids that hold a partition, to find the remains of an interrupted create.
+    pub fn ids(&self) -> Vec<String> {
+        self.driver
+            .guests()
+            .into_iter()
+            .filter(|g| g.record.state == GuestState::Active)
+            .map(|g| g.record.name)
+            .collect()
+    }
+
+    /// The host FTL driver, for its metrics.
+    pub fn driver(&self) -> &Driver {
+        &self.driver
     }
 
     /// Runs an FTL future to its end from blocking code, whatever thread that is: the catalog
@@ -131,141 +202,29 @@ impl FlashBackend {
     }
 }
 
-fn over_provisioning(ctx: &BackendContext<'_>) -> Result<u32, String> {
-    match ctx.spec.backend {
-        Backend::Ftl { over_provisioning } => Ok(over_provisioning),
-        _ => Err("not an FTL disk".into()),
-    }
-}
-
-impl FtlHook for FlashBackend {
-    fn create(&self, ctx: &BackendContext<'_>) -> Result<(), String> {
-        let pus = self.pus_for(ctx.spec.size, over_provisioning(ctx)?)?;
-        let free = self.driver.free_pus().len();
-        if pus > free {
-            return Err(format!(
-                "needs {pus} parallel units of the open-channel device for {} with its over-provisioning, {free} are free",
-                vdisk::size::format_size(ctx.spec.size)
-            ));
-        }
-        let region = region_bytes(self.driver.geometry(), pus);
-        self.driver.add_guest(ctx.id, GuestSpec::new(pus).region(region)).map_err(|e| error_chain(&e))?;
-        Ok(())
-    }
-
-    fn open(&self, ctx: &BackendContext<'_>) -> Result<Arc<dyn BlockDevice>, String> {
-        let qp = self.driver.guest(ctx.id).ok_or("its partition of the open-channel device is gone")?;
-        // The FTL gets all of its partition: the flash beyond the disk's size, which is at least
-        // the over-provisioning asked for (whole PUs round it up), all goes to garbage collection.
-        // Slightly less than the exact ratio, so that rounding never leaves it short of the size.
-        let physical = qp.geometry().capacity_bytes() as f64;
-        let effective = (physical / ctx.spec.size.max(1) as f64 - 1.0) * 0.999;
-        let asked = f64::from(over_provisioning(ctx)?) / 100.0;
-        let config = FtlConfig {
-            over_provisioning: effective.max(asked).min(MAX_OVER_PROVISIONING),
-            block_size: ctx.spec.block_size,
-            ..FtlConfig::default()
-        };
-        let channel: Arc<dyn FlashChannel> = Arc::new(qp);
-        let store = ctx.store.clone();
-        let ftl = self.block_on(Ftl::open(channel, store, ctx.namespace, config)).map_err(|e| error_chain(&e))?;
-        let have = ftl.info().capacity;
-        if have < ctx.spec.size {
-            return Err(format!(
-                "the FTL offers {have} bytes on its partition, less than the disk's {}",
-                ctx.spec.size
-            ));
-        }
-        let info =
-            DeviceInfo { capacity: ctx.spec.size, block_size: ctx.spec.block_size, read_only: ctx.spec.read_only };
-        Ok(Arc::new(Sized { ftl, info }))
-    }
-
-    fn remove(&self, id: &str) {
-        if let Err(e) = self.driver.remove_guest(id) {
-            tracing::warn!(%id, error = %error_chain(&e), "cannot give back the partition; it goes at the next start");
-        }
-    }
-
-    fn ids(&self) -> Vec<String> {
-        self.driver
-            .guests()
-            .into_iter()
-            .filter(|g| g.record.state == GuestState::Active)
-            .map(|g| g.record.name)
-            .collect()
-    }
-}
-
 /// A DMA region big enough for the FTL's largest batches and its lock-free reads (see
 /// `guest_ftl::io`).
 fn region_bytes(geo: &Geometry, pus: usize) -> u64 {
     guest_ftl::io::region_bytes(geo, pus) as u64
 }
 
-/// An FTL shown at exactly the disk's configured size: its partition is whole parallel units,
-/// so the FTL itself may offer a little more.
-struct Sized {
-    ftl: Ftl,
-    info: DeviceInfo,
-}
-
-impl BlockDevice for Sized {
-    fn info(&self) -> DeviceInfo {
-        self.info
-    }
-
-    fn read(&self, offset: u64, buf: IoBuf) -> IoFuture<'_, IoBuf> {
-        self.ftl.read(offset, buf)
-    }
-
-    fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> IoFuture<'_, IoBuf> {
-        if self.info.read_only {
-            return Box::pin(std::future::ready(Err(BlockError::ReadOnly)));
-        }
-        self.ftl.write(offset, buf, fua)
-    }
-
-    fn flush(&self) -> IoFuture<'_, ()> {
-        self.ftl.flush()
-    }
-
-    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        self.ftl.discard(offset, len)
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> IoFuture<'_, ()> {
-        self.ftl.write_zeroes(offset, len, fua)
-    }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    vdisk::catalog::error_chain(e)
-}
-
 /// Parallel units a disk of `size` bytes needs: `over_provisioning` percent extra, and on each PU
 /// at least [`SPARE_CHUNKS_PER_PU`] chunks beyond the disk's data for the FTL's open lines and
 /// garbage collection. In closed form, so that no size, however large, costs more than this.
-fn pus_needed(geo: &Geometry, size: u64, over_provisioning: u32) -> Result<usize, String> {
+fn pus_needed(geo: &Geometry, size: u64, over_provisioning: u32) -> Result<usize, FlashError> {
     let chunk = u128::from(geo.chunk_bytes().max(1));
     let pu_bytes = u128::from(geo.num_chk) * chunk;
     // What each PU holds of the disk's data once its spare chunks are set aside.
     let usable = pu_bytes.saturating_sub(u128::from(SPARE_CHUNKS_PER_PU) * chunk);
     if usable == 0 {
-        return Err(format!(
-            "the open-channel device has {} chunks per parallel unit; an FTL disk needs more than {SPARE_CHUNKS_PER_PU}",
-            geo.num_chk
-        ));
+        return Err(FlashError::NoRoomPerUnit { chunks: geo.num_chk });
     }
     let needed = (u128::from(size) * (100 + u128::from(over_provisioning))).div_ceil(100);
     let pus = needed.div_ceil(pu_bytes).max(u128::from(size).div_ceil(usable)).max(1);
     let total = geo.total_pus();
     match usize::try_from(pus) {
         Ok(pus) if pus <= total => Ok(pus),
-        _ => Err(format!(
-            "{} with {over_provisioning}% over-provisioning and the FTL's spare chunks needs {pus} parallel units; the open-channel device has {total} in all",
-            vdisk::size::format_size(size)
-        )),
+        _ => Err(FlashError::DeviceTooSmall { size, over_provisioning, pus, total }),
     }
 }
 
@@ -294,6 +253,6 @@ mod tests {
         assert!(pus_needed(&geo, 1 << 62, 11).is_err());
         // A device whose PUs cannot even hold their spare chunks takes no FTL disk.
         let tiny = Geometry { num_chk: SPARE_CHUNKS_PER_PU as u32, ..Geometry::default() };
-        assert!(pus_needed(&tiny, 4096, 11).unwrap_err().contains("chunks per parallel unit"));
+        assert!(matches!(pus_needed(&tiny, 4096, 11), Err(FlashError::NoRoomPerUnit { .. })));
     }
 }

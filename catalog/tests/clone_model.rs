@@ -9,11 +9,11 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use catalog::{Backend, CatalogError};
 use common::{filter, read, runtime, spec, write, Rig};
 use proptest::prelude::*;
 use serde_json::json;
-use vdisk::catalog::Backend;
-use vdisk::{BlockDevice, BlockError, CatalogError};
+use vdisk::{BlockDevice, BlockError};
 
 /// Not a multiple of 4 KiB: the last grain is short.
 const SIZE: u64 = 37 * 1024;
@@ -135,8 +135,7 @@ async fn run_ops(rig: &mut Rig, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 if cache {
                     extra.push(filter("cache", json!({"size": "8K"})));
                 }
-                let parent_spec = rig.catalog.entry(&parent).unwrap().record.spec;
-                let s = io_filters::clone_spec(&parent_spec, &child, Backend::default(), copy_on_read, extra);
+                let s = rig.catalog.clone_spec(&parent, &child, Backend::default(), copy_on_read, extra).unwrap();
                 rig.catalog.create(s).unwrap();
                 rig.dev(&parent).flush().await.unwrap();
                 let copy = model.data[&parent].clone();
@@ -145,14 +144,14 @@ async fn run_ops(rig: &mut Rig, ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Flatten { disk } => {
                 let name = model.pick(disk);
-                let got = rig.framework.flatten(&rig.catalog, &name).await;
+                let got = rig.catalog.flatten(&name).await;
                 match model.parent.remove(&name) {
                     Some(parent) => {
                         got.unwrap();
-                        prop_assert!(rig.catalog.targets(&name).is_empty());
+                        prop_assert!(rig.catalog.parents(&name).is_empty());
                         prop_assert_eq!(rig.dev(&parent).is_frozen(), model.has_children(&parent));
                     }
-                    None => prop_assert!(matches!(got, Err(io_filters::FilterError::NotAClone(_)))),
+                    None => prop_assert!(matches!(got, Err(CatalogError::NotAClone(_)))),
                 }
             }
             Op::Delete { disk } => {
