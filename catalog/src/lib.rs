@@ -444,7 +444,7 @@ impl DiskLookup for Catalog {
     fn open(&self, name: &str) -> std::result::Result<Arc<Disk>, LookupError> {
         self.disk(name).map_err(|e| match e {
             CatalogError::NotFound(name) => LookupError::NotFound(name),
-            e => LookupError::Unavailable { name: name.to_owned(), reason: error_chain(&e) },
+            e => LookupError::Unavailable { name: name.to_owned(), source: Box::new(e) },
         })
     }
 

@@ -20,7 +20,12 @@ pub trait DiskLookup: Send + Sync {
 pub enum LookupError {
     #[error("no disk named {0:?}")]
     NotFound(String),
-    /// The disk exists but could not be opened (its file is missing, its record is damaged...).
-    #[error("disk {name:?} is unavailable: {reason}")]
-    Unavailable { name: String, reason: String },
+    /// The disk exists but could not be opened (its file is missing, its record is damaged...);
+    /// the source says why, in the composing layer's own error type.
+    #[error("disk {name:?} is unavailable")]
+    Unavailable {
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
