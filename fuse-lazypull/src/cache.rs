@@ -64,6 +64,7 @@ mod chunk_map;
 use chunk_map::{Chunk, ChunkMap};
 
 use crate::digest::{Digest, Hasher};
+use crate::layer::ReadError;
 use crate::reference::ImageRef;
 use crate::registry::{Descriptor, Image, Registry, RegistryError};
 
@@ -515,7 +516,7 @@ impl BlobCache {
                 match self.move_aside(&digest) {
                     Ok(dir) => trash.push(dir),
                     Err(e) => {
-                        tracing::warn!(%digest, error = %crate::error::chain(&e), "gc could not remove content");
+                        tracing::warn!(%digest, error = %crate::error_text::chain(&e), "gc could not remove content");
                         continue;
                     }
                 }
@@ -663,7 +664,7 @@ impl Drop for Hold {
             store.commit(batch)
         });
         if let Err(e) = dropped {
-            tracing::warn!(error = %crate::error::chain(&e), "could not drop a cache hold; gc drops it when this process is gone");
+            tracing::warn!(error = %crate::error_text::chain(&e), "could not drop a cache hold; gc drops it when this process is gone");
         }
     }
 }
@@ -817,7 +818,7 @@ impl Index {
                 Ok(()) => failures = 0,
                 Err(e) => {
                     failures += 1;
-                    tracing::warn!(error = %crate::error::chain(&e), failures, "cache index write failed");
+                    tracing::warn!(error = %crate::error_text::chain(&e), failures, "cache index write failed");
                     if failures >= 5 {
                         let mut pending = lock(&self.pending);
                         tracing::warn!(dropped = pending.puts.len(), "giving up on cache index writes");
@@ -875,7 +876,7 @@ impl Index {
 }
 
 fn is_lock_error(e: &StoreError) -> bool {
-    let text = crate::error::chain(e).to_ascii_lowercase();
+    let text = crate::error_text::chain(e).to_ascii_lowercase();
     text.contains("lock")
 }
 
@@ -1103,7 +1104,7 @@ impl Blob {
             local.changes += 1;
             local.chunks.set(run.clone(), Chunk::Fetching, mark);
             if let Err(e) = &stored {
-                tracing::warn!(digest = %self.digest, start = bytes.start, end = bytes.end, error = %crate::error::chain(&**e), "fetch failed");
+                tracing::warn!(digest = %self.digest, start = bytes.start, end = bytes.end, error = %crate::error_text::chain(&**e), "fetch failed");
                 local.last_error = Some(Arc::clone(e));
                 local.failed_fetches += 1;
             }
@@ -1287,12 +1288,9 @@ impl Drop for Blob {
     }
 }
 
-impl crate::layer::BlobSource for Blob {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), CacheError> {
+impl Blob {
+    /// Fills `buf` from `offset`, fetching missing chunks (see the module docs).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), CacheError> {
         let len = buf.len() as u64;
         let end = offset.checked_add(len).filter(|&e| e <= self.size).ok_or_else(|| CacheError::OutOfRange {
             digest: self.digest.clone(),
@@ -1356,6 +1354,20 @@ impl crate::layer::BlobSource for Blob {
         };
         drop(local);
         file.read_exact_at(buf, offset).map_err(io("reading", &self.complete_path))
+    }
+}
+
+/// The layer code reads blobs through this; it needs to know only whether trying again helps.
+impl crate::layer::BlobSource for Blob {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+        Blob::read_at(self, offset, buf).map_err(|e| match e {
+            CacheError::Timeout { .. } | CacheError::Fetch { .. } => ReadError::Transient(Box::new(e)),
+            e => ReadError::Failed(Box::new(e)),
+        })
     }
 
     fn is_local(&self, range: Range<u64>) -> bool {
