@@ -24,9 +24,10 @@ installed() {
 # Build and test tools. busybox-static and cpio make the guest image of the VM tests
 # (tests/guest/build.sh); qemu-utils comes with qemu-system-x86 below. docker-registry, umoci and
 # skopeo are the image tests' registry on loopback, image builder and pusher (fuse-lazypull);
-# openssl makes their test CA; curl and python3 drive benches/lazypull.sh.
+# openssl makes their test CA; curl and python3 drive benches/lazypull.sh. libsqlite3-dev: the
+# image cache's shared index (fuse-lazypull, rusqlite linking Debian's library).
 need=()
-for pkg in libclang-dev librocksdb-dev fio libnbd-bin busybox-static cpio docker-registry umoci skopeo openssl curl python3; do
+for pkg in libclang-dev librocksdb-dev libsqlite3-dev fio libnbd-bin busybox-static cpio docker-registry umoci skopeo openssl curl python3; do
     installed "$pkg" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

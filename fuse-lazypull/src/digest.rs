@@ -5,7 +5,13 @@
 
 use sha2::{Digest as _, Sha256};
 
-use crate::registry::RegistryError;
+/// Text that is not a `sha256:` digest.
+#[derive(Debug, thiserror::Error)]
+#[error("bad digest {text:?}: {why}")]
+pub struct BadDigest {
+    pub text: String,
+    pub why: &'static str,
+}
 
 /// A validated `sha256:` digest.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
@@ -70,9 +76,9 @@ fn to_hex(bytes: &[u8]) -> String {
 }
 
 impl std::str::FromStr for Digest {
-    type Err = RegistryError;
+    type Err = BadDigest;
     fn from_str(s: &str) -> Result<Digest, Self::Err> {
-        let bad = |why: &str| RegistryError::BadDigest(s.to_owned(), why.to_owned());
+        let bad = |why: &'static str| BadDigest { text: s.to_owned(), why };
         let Some((algorithm, hex)) = s.split_once(':') else {
             return Err(bad("expected ALGORITHM:HEX"));
         };
@@ -87,8 +93,8 @@ impl std::str::FromStr for Digest {
 }
 
 impl TryFrom<String> for Digest {
-    type Error = RegistryError;
-    fn try_from(s: String) -> Result<Digest, RegistryError> {
+    type Error = BadDigest;
+    fn try_from(s: String) -> Result<Digest, BadDigest> {
         s.parse()
     }
 }

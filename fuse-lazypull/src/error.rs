@@ -4,6 +4,9 @@ use crate::cache::CacheError;
 use crate::layer::LayerError;
 use crate::registry::RegistryError;
 
+/// An error with its causes as one line (kept here too, where callers have always found it).
+pub use crate::error_text::chain;
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,16 +21,4 @@ pub enum Error {
     Mount(#[from] crate::mount::MountError),
     #[error(transparent)]
     Convert(#[from] crate::convert::ConvertError),
-}
-
-/// An error with its causes, `outer: inner: innermost`, for logs and messages.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }

@@ -532,7 +532,7 @@ fn read_file(shared: &Shared, ino: u64, offset: u64, size: u32) -> Result<Vec<u8
             Ok(n) => done += n,
             Err(e) => {
                 if let Some(held_back) = shared.error_log.allow(Instant::now()) {
-                    let error = crate::error::chain(&e);
+                    let error = crate::error_text::chain(&e);
                     tracing::error!(ino, offset, size, %error, failed_reads_not_logged = held_back, "image read failed");
                 }
                 return Err(libc::EIO);

@@ -22,6 +22,7 @@ pub mod cache;
 pub mod convert;
 pub mod digest;
 pub mod error;
+pub mod error_text;
 pub mod fs;
 pub mod handoff;
 pub mod layer;

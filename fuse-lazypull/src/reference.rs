@@ -7,7 +7,14 @@
 //! a digest is `sha256:<64 hex>`. A reference with neither tag nor digest means `:latest`.
 
 use crate::digest::Digest;
-use crate::registry::RegistryError;
+
+/// Text that is not an image reference.
+#[derive(Debug, thiserror::Error)]
+#[error("bad image reference {text:?}: {why}")]
+pub struct BadReference {
+    pub text: String,
+    pub why: String,
+}
 
 /// The registry a reference without a host names.
 pub const DEFAULT_REGISTRY: &str = "docker.io";
@@ -47,9 +54,9 @@ impl std::fmt::Display for ImageRef {
 }
 
 impl std::str::FromStr for ImageRef {
-    type Err = RegistryError;
+    type Err = BadReference;
     fn from_str(s: &str) -> Result<ImageRef, Self::Err> {
-        let bad = |why: &str| RegistryError::BadReference(s.to_owned(), why.to_owned());
+        let bad = |why: &str| BadReference { text: s.to_owned(), why: why.to_owned() };
         if s.is_empty() {
             return Err(bad("empty reference"));
         }

@@ -32,8 +32,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 
-use crate::digest::Digest;
-use crate::reference::ImageRef;
+use crate::digest::{BadDigest, Digest};
+use crate::reference::{BadReference, ImageRef};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -64,10 +64,10 @@ const MIN_BYTES_PER_SEC: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("bad image reference {0:?}: {1}")]
-    BadReference(String, String),
-    #[error("bad digest {0:?}: {1}")]
-    BadDigest(String, String),
+    #[error(transparent)]
+    BadReference(#[from] BadReference),
+    #[error(transparent)]
+    BadDigest(#[from] BadDigest),
     /// A missing tag, manifest, repository or blob.
     #[error("{reference}: not found in the registry ({detail})")]
     NotFound { reference: String, detail: String },

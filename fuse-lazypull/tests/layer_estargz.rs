@@ -129,7 +129,7 @@ fn round_trip_through_writer_and_reader() {
     assert!(ranges[0].start == 0 && ranges[0].end > 890_000 && ranges[0].end < blob.len() as u64, "{ranges:?}");
 
     // The index survives serialization (as the cache keeps it).
-    let again = LayerIndex::from_bytes(&index.to_bytes()).unwrap();
+    let again = LayerIndex::from_bytes(&index.to_bytes().unwrap()).unwrap();
     assert_eq!(read_file(&again, &source, "big"), big);
     assert_eq!(again.prefetch_ranges(), index.prefetch_ranges());
 
@@ -376,7 +376,7 @@ fn a_stored_index_with_bad_chunks_is_refused() {
     let layer = source_layer(&big());
     let (blob, converted) = convert(&layer, &[]);
     let (index, _) = index_of(&blob, converted.toc_digest.as_str()).unwrap();
-    let text = String::from_utf8(index.to_bytes()).unwrap();
+    let text = String::from_utf8(index.to_bytes().unwrap()).unwrap();
     LayerIndex::from_stored(text.as_bytes(), blob.len() as u64, &Limits::DEFAULT).unwrap();
     let edited = |f: &dyn Fn(&mut serde_json::Value)| {
         let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();

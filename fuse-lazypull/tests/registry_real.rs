@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use fuse_lazypull::cache::{self, BlobCache, CacheConfig, CacheError};
 use fuse_lazypull::digest::Digest;
-use fuse_lazypull::layer::BlobSource;
 use fuse_lazypull::reference::ImageRef;
 use fuse_lazypull::registry::{
     Credentials, Registry, RegistryConfig, RegistryError, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST,

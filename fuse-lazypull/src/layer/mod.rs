@@ -2,6 +2,7 @@
 //! contents), reading a file's bytes with every byte verified, unpacking for overlayfs, and
 //! writing eStargz copies.
 //!
+//! - [`source`]: where a layer's bytes come from ([`BlobSource`]), and why a read failed.
 //! - [`limits`]: the bounds every reader of a layer keeps to.
 //! - [`tar`]: the tar reader (bounded, paths normalized, malicious input refused).
 //! - [`gzip`]: inflate checkpoints, so a gzip layer is read from the nearest one.
@@ -13,6 +14,7 @@ pub mod estargz;
 pub mod gzip;
 pub mod limits;
 pub mod plain;
+pub mod source;
 pub mod tar;
 pub mod unpack;
 
@@ -21,11 +23,11 @@ use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::cache::CacheError;
 use crate::digest::Digest;
 use crate::registry::Descriptor;
 
 pub use limits::Limits;
+pub use source::{BlobSource, ReadError};
 pub use unpack::unpack;
 
 /// The annotation that names an eStargz layer's table-of-contents digest.
@@ -34,7 +36,7 @@ pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.diges
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
     #[error("reading the blob")]
-    Source(#[from] CacheError),
+    Source(#[from] ReadError),
     #[error("{what}")]
     Io {
         what: String,
@@ -83,7 +85,7 @@ impl LayerError {
     /// Whether the registry failed (a timeout, a failed fetch): the bytes already local are
     /// sound, and trying again fetches only what is missing.
     pub fn is_transport(&self) -> bool {
-        matches!(self, LayerError::Source(CacheError::Timeout { .. } | CacheError::Fetch { .. }))
+        matches!(self, LayerError::Source(e) if e.is_transient())
     }
 
     /// Whether the error may come from bytes damaged on the way (a digest that does not match,
@@ -102,21 +104,6 @@ impl LayerError {
             LayerError::Io { source, .. } => matches!(source.kind(), InvalidData | InvalidInput | UnexpectedEof),
             _ => false,
         }
-    }
-}
-
-/// Random access to a layer blob's (compressed) bytes. [`crate::cache::Blob`] is the real one;
-/// tests use bytes in memory.
-pub trait BlobSource: Send + Sync {
-    fn size(&self) -> u64;
-    /// Fills `buf` from `offset`, waiting for missing bytes to be fetched.
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), CacheError>;
-    /// Forgets the local bytes of a range that failed verification, so the next read fetches them
-    /// again.
-    fn discard(&self, offset: u64, len: u64);
-    /// Whether every byte of `range` is local, so reading it cannot wait on the network.
-    fn is_local(&self, _range: Range<u64>) -> bool {
-        false
     }
 }
 
@@ -314,9 +301,11 @@ impl LayerIndex {
         LayerIndex { entries, format, chunk_cache: ChunkCache::default() }
     }
 
-    pub fn to_bytes(&self) -> Vec<u8> {
-        // A LayerIndex is plain data; serializing it to a Vec cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+    /// The index as the cache keeps it. Fails for a layer with a path that is not UTF-8, which
+    /// JSON cannot hold: such an index is not cached (an empty file in its place would be read
+    /// back as a corrupt index on every mount).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, LayerError> {
+        serde_json::to_vec(self).map_err(|e| LayerError::Index(format!("cannot write the index: {e}")))
     }
 
     /// An index from its bytes, checked for everything a read relies on: where each file's

@@ -6,10 +6,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use fuse_lazypull::cache::CacheError;
 use fuse_lazypull::digest::Digest;
 use fuse_lazypull::layer::tar::{header_bytes, padding, NewHeader, RawKind};
-use fuse_lazypull::layer::BlobSource;
+use fuse_lazypull::layer::{BlobSource, ReadError};
 use fuse_lazypull::registry::Descriptor;
 use sha2::Digest as _;
 
@@ -51,7 +50,7 @@ impl BlobSource for MemSource {
     fn size(&self) -> u64 {
         self.bytes.len() as u64
     }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), CacheError> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
         let start = offset as usize;
         buf.copy_from_slice(&self.bytes[start..start + buf.len()]);
         *self.reads.lock().unwrap() += buf.len() as u64;
