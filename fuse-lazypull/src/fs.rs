@@ -114,7 +114,7 @@ impl RateLimit {
     /// `Some(events held back since the last one let through)` if an event at `now` goes
     /// through.
     fn allow(&self, now: Instant) -> Option<u64> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = plumbing::lock(&self.state);
         if state.0.is_some_and(|last| now.saturating_duration_since(last) < self.interval) {
             state.1 += 1;
             return None;
@@ -142,7 +142,7 @@ impl Pool {
             let worker = std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || loop {
                 // A poisoned lock only means another worker panicked while holding it; the
                 // receiver is still sound.
-                let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                let job = plumbing::lock(&rx).recv();
                 match job {
                     Ok(job) => job(),
                     Err(_) => return,

@@ -539,7 +539,7 @@ impl Registry {
     }
 
     fn auth_header(&self, scope: &Scope<'_>) -> Option<String> {
-        let auth = self.auth.lock().unwrap_or_else(|e| e.into_inner());
+        let auth = plumbing::lock(&self.auth);
         let host = auth.get(scope.host)?;
         if let Some(token) = host.tokens.get(&scope.key()) {
             return Some(format!("Bearer {token}"));
@@ -562,7 +562,7 @@ impl Registry {
                 if creds.is_none() {
                     return Err(unauthorized("the registry wants a username and password; none configured".into()));
                 }
-                let mut auth = self.auth.lock().unwrap_or_else(|e| e.into_inner());
+                let mut auth = plumbing::lock(&self.auth);
                 let host = auth.entry(scope.host.to_owned()).or_default();
                 if host.basic {
                     return Err(unauthorized("the registry refused the configured username and password".into()));
@@ -620,7 +620,7 @@ impl Registry {
                     .token
                     .or(token.access_token)
                     .ok_or_else(|| unauthorized(format!("token realm {realm} sent no token")))?;
-                let mut auth = self.auth.lock().unwrap_or_else(|e| e.into_inner());
+                let mut auth = plumbing::lock(&self.auth);
                 let host = auth.entry(scope.host.to_owned()).or_default();
                 if host.tokens.get(&scope.key()) == Some(&token) {
                     return Err(unauthorized("the registry refused the token its realm gave".into()));

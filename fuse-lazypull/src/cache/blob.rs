@@ -8,8 +8,10 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
+
+use plumbing::lock;
 
 use super::chunk_map::{Chunk, ChunkMap};
 use super::error::{io, CacheError};
@@ -574,8 +576,4 @@ impl crate::layer::BlobSource for Blob {
         local.last_error = None;
         local.changes += 1;
     }
-}
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -142,7 +142,7 @@ impl Index {
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        plumbing::lock(&self.conn)
     }
 
     /// Records that blob `digest` was used now (opened, or completed).

@@ -61,10 +61,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use blob::{lock, RegistrySource};
+use blob::RegistrySource;
 use error::io;
 use index::{now_secs, Index};
 use layout::Layout;
+use plumbing::lock;
 
 pub use blob::{Blob, RangeSource, CHUNK};
 pub use error::CacheError;
