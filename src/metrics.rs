@@ -1,9 +1,9 @@
-//! Prometheus text exposition of the daemon's counters.
+//! Prometheus text exposition of the daemon's counters: disks, NBD and the filters.
 
-use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
-use catalog::Catalog;
+use catalog::{Catalog, Entry};
+use plumbing::metrics::{Kind, Writer};
 use vdisk::disk::KindSnapshot;
 use vdisk::nbd::NbdStats;
 use vdisk::{BlockDevice, RequestKind};
@@ -13,43 +13,48 @@ type Counter = fn(&KindSnapshot) -> u64;
 
 pub fn render(catalog: &Catalog, nbd: Option<&NbdStats>) -> String {
     let entries = catalog.entries();
+    let mut w = Writer::new();
+    disks(&mut w, &entries);
+    if let Some(nbd) = nbd {
+        for (name, kind, help, value) in [
+            ("vstor_nbd_connections_total", Kind::Counter, "NBD connections accepted.", &nbd.connections),
+            ("vstor_nbd_connections_active", Kind::Gauge, "NBD connections open now.", &nbd.active),
+            (
+                "vstor_nbd_protocol_errors_total",
+                Kind::Counter,
+                "NBD connections ended by an error.",
+                &nbd.protocol_errors,
+            ),
+        ] {
+            w.family(name, kind, help).sample(name, &[], value.load(Relaxed));
+        }
+    }
+    catalog.filters().write_metrics(&mut w);
+    w.finish()
+}
+
+fn disks(w: &mut Writer, entries: &[Entry]) {
     let disks: Vec<_> = entries.iter().filter_map(|e| e.disk.as_ref().ok()).collect();
-    let mut out = String::new();
     let per_kind: [(&str, &str, Counter); 3] = [
         ("vstor_disk_requests_total", "Requests finished, by disk and kind.", |s| s.ops),
         ("vstor_disk_bytes_total", "Bytes moved by successful requests.", |s| s.bytes),
         ("vstor_disk_errors_total", "Requests that failed, invalid ones included.", |s| s.errors),
     ];
     for (name, help, value) in per_kind {
-        header(&mut out, name, "counter", help);
+        w.family(name, Kind::Counter, help);
         for disk in &disks {
             for kind in RequestKind::ALL {
                 let v = value(&disk.stats().snapshot(kind));
-                let _ = writeln!(out, "{name}{{disk=\"{}\",kind=\"{}\"}} {v}", disk.name(), kind.name());
+                w.sample(name, &[("disk", disk.name()), ("kind", kind.name())], v);
             }
         }
     }
-    header(&mut out, "vstor_disk_capacity_bytes", "gauge", "Capacity of each disk.");
+    w.family("vstor_disk_capacity_bytes", Kind::Gauge, "Capacity of each disk.");
     for disk in &disks {
-        let _ = writeln!(out, "vstor_disk_capacity_bytes{{disk=\"{}\"}} {}", disk.name(), disk.info().capacity);
+        w.sample("vstor_disk_capacity_bytes", &[("disk", disk.name())], disk.info().capacity);
     }
-    header(&mut out, "vstor_disk_up", "gauge", "1 if the disk's backend is open, 0 if it is unavailable.");
-    for entry in &entries {
-        let _ = writeln!(out, "vstor_disk_up{{disk=\"{}\"}} {}", entry.record.spec.name, u8::from(entry.disk.is_ok()));
+    w.family("vstor_disk_up", Kind::Gauge, "1 if the disk's backend is open, 0 if it is unavailable.");
+    for entry in entries {
+        w.sample("vstor_disk_up", &[("disk", &entry.record.spec.name)], entry.disk.is_ok());
     }
-    if let Some(nbd) = nbd {
-        for (name, kind, help, value) in [
-            ("vstor_nbd_connections_total", "counter", "NBD connections accepted.", &nbd.connections),
-            ("vstor_nbd_connections_active", "gauge", "NBD connections open now.", &nbd.active),
-            ("vstor_nbd_protocol_errors_total", "counter", "NBD connections ended by an error.", &nbd.protocol_errors),
-        ] {
-            header(&mut out, name, kind, help);
-            let _ = writeln!(out, "{name} {}", value.load(Relaxed));
-        }
-    }
-    out
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
