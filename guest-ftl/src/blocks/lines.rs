@@ -459,6 +459,16 @@ impl Lines {
         }
     }
 
+    /// The FTL stops: the lines still open take no more writes (their streams open new lines,
+    /// which the next recovery scans) and are relocated when the FTL next cleans. Returns them.
+    pub fn stop_open_lines(&mut self) -> Vec<u32> {
+        let open: Vec<u32> = (0..self.open.len()).filter_map(|s| self.open_line(s)).collect();
+        for &gen in &open {
+            self.fail(gen);
+        }
+        open
+    }
+
     /// Whether a line holds blocks that are only in the write buffer.
     pub fn unwritten(&self, line: &Line) -> bool {
         line.members.iter().zip(&line.alloc).any(|(&c, &a)| a > self.chunks[c as usize].wp)
