@@ -55,8 +55,14 @@ async fn unworn_chunks(wear_spread: u32) -> (usize, u64) {
     for lba in 0..lbas / 2 {
         assert_eq!(read(&ftl, lba * 4096, 4096).await, pattern(lba, 1, 4096), "cold lba {lba}");
     }
-    let unworn = ftl.chunk_wear().await.iter().filter(|&&w| w == 0).count();
-    (unworn, ftl.metrics().wl_migrations)
+    let wear = ftl.chunk_wear().await;
+    let m = ftl.metrics();
+    // The erase gauges follow the chunk wear.
+    assert_eq!(m.erases, wear.iter().map(|&w| u64::from(w)).sum::<u64>());
+    assert_eq!(m.wear_max, u64::from(wear.iter().copied().max().unwrap_or(0)));
+    assert!(m.erases > 0);
+    let unworn = wear.iter().filter(|&&w| w == 0).count();
+    (unworn, m.wl_migrations)
 }
 
 #[tokio::test]
