@@ -187,8 +187,7 @@ async fn route(state: &Arc<ApiState>, scope: Scope, req: Request<Incoming>) -> R
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (scope, req.method(), segments.as_slice()) {
         (_, &Method::GET, ["metrics"]) => {
-            let mut text = crate::metrics::render(&state.catalog, state.nbd.as_ref().map(|n| n.stats()));
-            text.push_str(&state.catalog.filters().render_metrics());
+            let text = crate::metrics::render(&state.catalog, state.nbd.as_ref().map(|n| n.stats()));
             let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut()
                 .insert("content-type", hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));

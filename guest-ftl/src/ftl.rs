@@ -105,12 +105,10 @@ impl Ftl {
         self.metrics.snapshot()
     }
 
-    /// Flushes and takes a checkpoint, so that the next open scans nothing.
+    /// Flushes and takes a checkpoint, so that the next open scans nothing. The FTL still
+    /// works afterwards (a write after it is found by recovery as any other).
     pub async fn shutdown(&self) -> Result<()> {
-        let mut eng = self.eng.lock().await;
-        eng.sync_all().await?;
-        eng.commit_trims().await?;
-        eng.checkpoint().await
+        self.eng.lock().await.stop().await
     }
 
     /// Takes a checkpoint now.

@@ -10,6 +10,7 @@ pub struct Metrics {
     pub pad_slots: AtomicU64,
     pub gc_runs: AtomicU64,
     pub free_chunks: AtomicU64,
+    pub free_lines: AtomicU64,
     pub bad_chunks: AtomicU64,
     pub throttled_ns: AtomicU64,
     pub checkpoints: AtomicU64,
@@ -17,6 +18,8 @@ pub struct Metrics {
     pub lost_blocks: AtomicU64,
     pub wl_migrations: AtomicU64,
     pub recovery_scanned: AtomicU64,
+    pub erases: AtomicU64,
+    pub wear_max: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -30,7 +33,10 @@ pub struct MetricsSnapshot {
     pub pad_slots: u64,
     /// Lines garbage collection has cleaned.
     pub gc_runs: u64,
+    /// Good chunks in no line.
     pub free_chunks: u64,
+    /// Whole lines' worth of free chunks (free chunks over the partition's PUs).
+    pub free_lines: u64,
     pub bad_chunks: u64,
     /// Time user writes spent doing garbage collection before they could go on.
     pub throttled_ns: u64,
@@ -42,6 +48,10 @@ pub struct MetricsSnapshot {
     pub wl_migrations: u64,
     /// Blocks whose OOB the last recovery read to replay writes after the checkpoint.
     pub recovery_scanned: u64,
+    /// Erases (resets) of the partition's chunks over the disk's life, as its chunk wear says.
+    pub erases: u64,
+    /// The most erases of any one chunk.
+    pub wear_max: u64,
 }
 
 impl MetricsSnapshot {
@@ -71,6 +81,7 @@ impl Metrics {
             pad_slots: g(&self.pad_slots),
             gc_runs: g(&self.gc_runs),
             free_chunks: g(&self.free_chunks),
+            free_lines: g(&self.free_lines),
             bad_chunks: g(&self.bad_chunks),
             throttled_ns: g(&self.throttled_ns),
             checkpoints: g(&self.checkpoints),
@@ -78,6 +89,8 @@ impl Metrics {
             lost_blocks: g(&self.lost_blocks),
             wl_migrations: g(&self.wl_migrations),
             recovery_scanned: g(&self.recovery_scanned),
+            erases: g(&self.erases),
+            wear_max: g(&self.wear_max),
         }
     }
 

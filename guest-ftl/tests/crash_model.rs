@@ -70,6 +70,7 @@ enum Op {
     Discard { at: u32, n: u8 },
     Zero { at: u32, n: u8, fua: bool },
     Flush,
+    Stop, // a clean stop's checkpoint; the FTL goes on being used (and may crash) after it
     Crash { keep: u16 },
     Kill { after: u8 },
 }
@@ -81,6 +82,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (any::<u32>(), 1..33u8).prop_map(|(at, n)| Op::Discard { at, n }),
         2 => (any::<u32>(), 1..17u8, any::<bool>()).prop_map(|(at, n, fua)| Op::Zero { at, n, fua }),
         4 => Just(Op::Flush),
+        1 => Just(Op::Stop),
         1 => (0..=1000u16).prop_map(|keep| Op::Crash { keep }),
         1 => (0..40u8).prop_map(|after| Op::Kill { after }),
     ]
@@ -188,9 +190,12 @@ impl Case {
                 }
                 self.m.unsure |= !ok;
             }
-            Op::Flush => {
-                let r = self.ftl().flush().await;
-                self.check_err("flush", &r.as_ref().map_err(|e| format!("{e:?}")).copied())?;
+            Op::Flush | Op::Stop => {
+                let r = match op {
+                    Op::Stop => self.ftl().shutdown().await.map_err(|e| format!("{e:?}")),
+                    _ => self.ftl().flush().await.map_err(|e| format!("{e:?}")),
+                };
+                self.check_err("flush", &r)?;
                 if r.is_ok() && !self.m.unsure {
                     for b in 0..self.m.cur.len() {
                         let w = self.m.cur[b];

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+use plumbing::metrics::Writer;
 use state_store::{Batch, Store};
 use vdisk::BlockDevice;
 
@@ -14,7 +15,7 @@ use crate::filters::cache::Cache;
 use crate::filters::integrity::Integrity;
 use crate::filters::linked_clone::{CloneSetup, LinkedClone};
 use crate::filters::passthrough::Passthrough;
-use crate::filters::stats::{Metrics, Stats};
+use crate::filters::stats::{self, Stats};
 use crate::filters::throttle::{Bucket, Clock, RealClock, Throttle};
 use crate::FilterError;
 
@@ -237,35 +238,41 @@ impl FilterFramework {
 
     /// The filters' metrics of every disk, as Prometheus text.
     pub fn render_metrics(&self) -> String {
-        let mut m = Metrics::default();
+        let mut w = Writer::new();
+        self.write_metrics(&mut w);
+        w.finish()
+    }
+
+    /// Adds the filters' metrics of every disk to `w`.
+    pub fn write_metrics(&self, w: &mut Writer) {
+        stats::declare(w);
         let mut built = lock(&self.built);
         built.retain(|_, b| b.chain.strong_count() > 0);
         for b in built.values() {
             let disk = &b.name;
-            let labels = format!("disk=\"{disk}\"");
+            let labels = [("disk", disk.as_str())];
             if let Some(s) = &b.stats {
-                s.render(disk, &mut m);
+                s.render(disk, w);
             }
             if let Some(i) = &b.integrity {
                 let (checked, bad) = i.counters();
-                m.sample("vstor_integrity_checked_blocks_total", &labels, checked);
-                m.sample("vstor_integrity_mismatches_total", &labels, bad);
+                w.sample("vstor_integrity_checked_blocks_total", &labels, checked);
+                w.sample("vstor_integrity_mismatches_total", &labels, bad);
             }
             if let Some(c) = &b.cache {
                 let (hits, misses, bytes) = c.counters();
-                m.sample("vstor_cache_hits_total", &labels, hits);
-                m.sample("vstor_cache_misses_total", &labels, misses);
-                m.sample("vstor_cache_bytes", &labels, bytes);
+                w.sample("vstor_cache_hits_total", &labels, hits);
+                w.sample("vstor_cache_misses_total", &labels, misses);
+                w.sample("vstor_cache_bytes", &labels, bytes);
             }
             if let Some(t) = &b.throttle {
-                m.sample("vstor_throttle_delayed_total", &labels, t.bucket().delayed());
+                w.sample("vstor_throttle_delayed_total", &labels, t.bucket().delayed());
             }
             if let Some((_, c)) = &b.clone {
-                m.sample("vstor_clone_redirected_reads_total", &labels, c.redirected());
-                m.sample("vstor_clone_allocated_blocks", &labels, c.bitmap().allocated());
+                w.sample("vstor_clone_redirected_reads_total", &labels, c.redirected());
+                w.sample("vstor_clone_allocated_blocks", &labels, c.bitmap().allocated());
             }
         }
-        m.finish()
     }
 }
 

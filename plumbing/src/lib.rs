@@ -2,5 +2,6 @@
 //! depends on none of them.
 
 pub mod lock;
+pub mod metrics;
 
 pub use lock::lock;

@@ -341,7 +341,7 @@ impl Lines {
             ci.touched = false;
         }
         self.free -= members.len() as u32;
-        Metrics::set(&self.metrics.free_chunks, u64::from(self.free));
+        self.show_free();
         self.lines.insert(gen, Line::new(gen, members, stream, LineState::Open, Heat::new(now)));
         self.open[stream] = Some(gen);
         self.opened_since_checkpoint += 1;
@@ -459,6 +459,16 @@ impl Lines {
         }
     }
 
+    /// The FTL stops: the lines still open take no more writes (their streams open new lines,
+    /// which the next recovery scans) and are relocated when the FTL next cleans. Returns them.
+    pub fn stop_open_lines(&mut self) -> Vec<u32> {
+        let open: Vec<u32> = (0..self.open.len()).filter_map(|s| self.open_line(s)).collect();
+        for &gen in &open {
+            self.fail(gen);
+        }
+        open
+    }
+
     /// Whether a line holds blocks that are only in the write buffer.
     pub fn unwritten(&self, line: &Line) -> bool {
         line.members.iter().zip(&line.alloc).any(|(&c, &a)| a > self.chunks[c as usize].wp)
@@ -555,6 +565,9 @@ impl Lines {
         let ci = &mut self.chunks[c as usize];
         ci.wear += 1;
         ci.touched = false;
+        let wear = ci.wear;
+        Metrics::add(&self.metrics.erases, 1);
+        self.metrics.wear_max.fetch_max(u64::from(wear), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The chunk needs no reset (it was never written) or could not be reset.
@@ -575,7 +588,7 @@ impl Lines {
                 self.free += 1;
             }
         }
-        Metrics::set(&self.metrics.free_chunks, u64::from(self.free));
+        self.show_free();
         Some(line)
     }
 
@@ -588,7 +601,7 @@ impl Lines {
         ci.bad = true;
         if ci.line.is_none() {
             self.free = self.free.saturating_sub(1);
-            Metrics::set(&self.metrics.free_chunks, u64::from(self.free));
+            self.show_free();
         }
         Metrics::add(&self.metrics.bad_chunks, 1);
         true
@@ -642,7 +655,10 @@ impl Lines {
 
     /// A chunk's wear, as the device or the last checkpoint says.
     pub fn set_wear(&mut self, c: u32, wear: u32) {
-        self.chunks[c as usize].wear = wear;
+        let old = std::mem::replace(&mut self.chunks[c as usize].wear, wear);
+        // Wear only grows; what a format or recovery learns replaces the zero it started from.
+        Metrics::add(&self.metrics.erases, u64::from(wear.saturating_sub(old)));
+        self.metrics.wear_max.fetch_max(u64::from(wear), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Recovery found line `gen` on `members`, each readable up to `readable[c]` slots. A line
@@ -672,10 +688,16 @@ impl Lines {
         self.next_gen = self.next_gen.max(gen);
     }
 
+    /// Shows the free count in the `free_chunks` and `free_lines` gauges.
+    fn show_free(&self) {
+        Metrics::set(&self.metrics.free_chunks, u64::from(self.free));
+        Metrics::set(&self.metrics.free_lines, u64::from(self.free / self.lay.pus.max(1)));
+    }
+
     /// Counts the free chunks anew, after format or recovery decided which are bad.
     pub fn recount(&mut self) {
         self.free = self.chunks.iter().filter(|c| !c.bad && c.line.is_none()).count() as u32;
-        Metrics::set(&self.metrics.free_chunks, u64::from(self.free));
+        self.show_free();
         Metrics::set(&self.metrics.bad_chunks, self.chunks.iter().filter(|c| c.bad).count() as u64);
     }
 }

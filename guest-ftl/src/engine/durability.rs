@@ -73,6 +73,22 @@ impl Engine {
     /// map pages, the lines still open, chunk wear, and drops the trim records it covers.
     pub async fn checkpoint(&mut self) -> Result<()> {
         self.sync_all().await?;
+        self.save_checkpoint(&[]).await
+    }
+
+    /// The checkpoint of a stop: everything written and its trims recorded, then the lines
+    /// still open are stopped, so the checkpoint lists none and the next open scans nothing. A
+    /// write after it goes to a new line, which recovery scans as ever.
+    pub async fn stop(&mut self) -> Result<()> {
+        self.sync_all().await?;
+        self.commit_trims().await?;
+        let stopped = self.blocks.lines_mut().stop_open_lines();
+        self.save_checkpoint(&stopped).await
+    }
+
+    /// Saves a checkpoint of what [`Engine::sync_all`] made durable; the lines in `stopped`
+    /// take no more writes and are not listed as open.
+    async fn save_checkpoint(&mut self, stopped: &[u32]) -> Result<()> {
         // Everything written is durable on the device; the map that points at it is not.
         failpoint::hit("guest_ftl::checkpoint::device-flushed");
         let (map, lines) = (self.blocks.mapping(), self.blocks.lines());
@@ -80,7 +96,11 @@ impl Engine {
         let meta = Meta {
             next_seq: map.next_seq(),
             next_gen: lines.next_gen(),
-            open_gens: lines.iter().filter(|l| l.state() != LineState::Closed).map(|l| l.gen()).collect(),
+            open_gens: lines
+                .iter()
+                .filter(|l| l.state() != LineState::Closed && !stopped.contains(&l.gen()))
+                .map(|l| l.gen())
+                .collect(),
             wear: self.chunk_wear(),
         };
         let encoded = pages.iter().map(|&p| (p, map.encode_page(p)));

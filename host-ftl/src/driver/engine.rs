@@ -39,6 +39,11 @@ pub struct GuestCounters {
     pub errors: u64,
     /// Nanoseconds the guest had work queued but was held back by its rate limits.
     pub throttled_ns: u64,
+    /// Device time its commands were charged by the fair scheduler (the timing model's
+    /// estimate), in nanoseconds.
+    pub device_ns: u64,
+    /// Commands accepted and not completed yet (at most [`super::MAX_QUEUE_DEPTH`]).
+    pub queued: u64,
 }
 
 #[derive(Default)]
@@ -47,6 +52,7 @@ pub(crate) struct GuestStats {
     bytes: AtomicU64,
     errors: AtomicU64,
     throttled_ns: AtomicU64,
+    device_ns: AtomicU64,
 }
 
 impl GuestStats {
@@ -59,12 +65,20 @@ impl GuestStats {
         }
     }
 
-    pub(crate) fn snapshot(&self) -> GuestCounters {
+    /// The device time the scheduler charged for one of the guest's commands.
+    pub(crate) fn charge(&self, est: &Estimate) {
+        self.device_ns.fetch_add(est.cost, Ordering::Relaxed);
+    }
+
+    /// The counters, with `queued` commands outstanding.
+    pub(crate) fn snapshot(&self, queued: usize) -> GuestCounters {
         GuestCounters {
             commands: self.commands.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             throttled_ns: self.throttled_ns.load(Ordering::Relaxed),
+            device_ns: self.device_ns.load(Ordering::Relaxed),
+            queued: queued as u64,
         }
     }
 }
@@ -321,6 +335,7 @@ impl Engine {
         }
         let (cqe, _) = self.on_device(Some(guest.id), checked, &guest.region, now);
         self.sched.complete(guest.id, &checked.est);
+        guest.stats.charge(&checked.est);
         guest.stats.record(&cqe, checked.bytes);
         self.router.poll(&*self.device);
         Some(cqe)
@@ -383,6 +398,7 @@ impl Engine {
         self.sched.complete(f.flow, &f.est);
         match f.reply {
             Reply::Guest { tx, slot } => {
+                slot.guest().stats.charge(&f.est);
                 slot.guest().stats.record(&f.cqe, f.bytes);
                 drop(slot);
                 let _ = tx.send(f.cqe);

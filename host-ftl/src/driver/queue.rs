@@ -197,7 +197,7 @@ impl QueuePair {
 
     /// The guest's counters.
     pub fn counters(&self) -> GuestCounters {
-        self.guest.stats.snapshot()
+        self.guest.stats.snapshot(self.guest.queued.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 
