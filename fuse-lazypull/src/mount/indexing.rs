@@ -148,7 +148,7 @@ pub fn index_layers(
                     if result.is_err() {
                         failed.store(true, Relaxed);
                     }
-                    *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                    *plumbing::lock(&results[i]) = Some(result);
                 }
             });
         }

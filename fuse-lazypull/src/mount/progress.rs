@@ -4,6 +4,8 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
+use plumbing::metrics::Writer;
+
 use crate::cache::Blob;
 use crate::digest::Digest;
 use crate::fs::FsStats;
@@ -59,15 +61,15 @@ impl Progress {
         Progress { reference, layers, fs, registry, phase: Mutex::new(Phase::Fetching) }
     }
     pub fn phase(&self) -> Phase {
-        self.phase.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        plumbing::lock(&self.phase).clone()
     }
     pub(super) fn set_phase(&self, phase: Phase) {
-        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+        *plumbing::lock(&self.phase) = phase;
     }
     /// Moves from [`Phase::Complete`] to [`Phase::Unpacking`], so only one caller unpacks; the
     /// phase it was in otherwise.
     pub(super) fn start_unpacking(&self) -> Result<(), Phase> {
-        let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        let mut phase = plumbing::lock(&self.phase);
         if *phase != Phase::Complete {
             return Err(phase.clone());
         }
@@ -87,76 +89,56 @@ impl Progress {
 
     /// The progress in Prometheus text exposition format.
     pub fn render_prometheus(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        let image = escape_label(&self.reference);
-        let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, value) in lines {
-                let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        use plumbing::metrics::Kind::{Counter, Gauge};
+        let mut w = Writer::new();
+        let image = self.reference.as_str();
+        let per_layer = |w: &mut Writer, name: &str, help: &str, f: &dyn Fn(&LayerProgress) -> u64| {
+            w.family(name, Gauge, help);
+            for l in &self.layers {
+                w.sample(name, &[("image", image), ("layer", l.digest.as_str())], f(l));
             }
         };
-        let per_layer = |f: &dyn Fn(&LayerProgress) -> u64| {
-            self.layers.iter().map(|l| (format!("image=\"{image}\",layer=\"{}\"", l.digest), f(l))).collect()
+        per_layer(&mut w, "vstor_image_layer_bytes", "Size of each layer blob.", &|l| l.size);
+        per_layer(&mut w, "vstor_image_layer_local_bytes", "Bytes of each layer blob held locally.", &|l| {
+            l.local_bytes()
+        });
+        let one = [
+            ("vstor_image_bytes", Gauge, "Size of all layer blobs.", self.total_bytes()),
+            ("vstor_image_local_bytes", Gauge, "Bytes of all layer blobs held locally.", self.local_bytes()),
+            (
+                "vstor_image_fetched_bytes_total",
+                Counter,
+                "Blob bytes received from the registry.",
+                self.fetched_bytes(),
+            ),
+            ("vstor_image_fuse_reads_total", Counter, "File reads served through FUSE.", self.fs.reads.load(Relaxed)),
+            (
+                "vstor_image_fuse_read_bytes_total",
+                Counter,
+                "Bytes served through FUSE.",
+                self.fs.bytes_read.load(Relaxed),
+            ),
+            (
+                "vstor_image_fuse_read_errors_total",
+                Counter,
+                "File reads that failed (EIO).",
+                self.fs.read_errors.load(Relaxed),
+            ),
+        ];
+        for (name, kind, help, value) in one {
+            w.family(name, kind, help).sample(name, &[("image", image)], value);
+        }
+        let current = match self.phase() {
+            Phase::Fetching => "fetching",
+            Phase::Unpacking => "unpacking",
+            Phase::Complete => "complete",
+            Phase::HandedOff => "handed_off",
+            Phase::Failed(_) => "failed",
         };
-        metric("vstor_image_layer_bytes", "gauge", "Size of each layer blob.", per_layer(&|l| l.size));
-        metric(
-            "vstor_image_layer_local_bytes",
-            "gauge",
-            "Bytes of each layer blob held locally.",
-            per_layer(&|l| l.local_bytes()),
-        );
-        let image_label = format!("image=\"{image}\"");
-        let one = |v: u64| vec![(image_label.clone(), v)];
-        metric("vstor_image_bytes", "gauge", "Size of all layer blobs.", one(self.total_bytes()));
-        metric("vstor_image_local_bytes", "gauge", "Bytes of all layer blobs held locally.", one(self.local_bytes()));
-        metric(
-            "vstor_image_fetched_bytes_total",
-            "counter",
-            "Blob bytes received from the registry.",
-            one(self.fetched_bytes()),
-        );
-        metric(
-            "vstor_image_fuse_reads_total",
-            "counter",
-            "File reads served through FUSE.",
-            one(self.fs.reads.load(Relaxed)),
-        );
-        metric(
-            "vstor_image_fuse_read_bytes_total",
-            "counter",
-            "Bytes served through FUSE.",
-            one(self.fs.bytes_read.load(Relaxed)),
-        );
-        metric(
-            "vstor_image_fuse_read_errors_total",
-            "counter",
-            "File reads that failed (EIO).",
-            one(self.fs.read_errors.load(Relaxed)),
-        );
-        let phase = self.phase();
-        let phases = ["fetching", "unpacking", "complete", "handed_off", "failed"];
-        let current = match phase {
-            Phase::Fetching => 0,
-            Phase::Unpacking => 1,
-            Phase::Complete => 2,
-            Phase::HandedOff => 3,
-            Phase::Failed(_) => 4,
-        };
-        metric(
-            "vstor_image_phase",
-            "gauge",
-            "1 for the phase the mount is in.",
-            phases
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (format!("{image_label},phase=\"{p}\""), u64::from(i == current)))
-                .collect(),
-        );
-        out
+        w.family("vstor_image_phase", Gauge, "1 for the phase the mount is in.");
+        for phase in ["fetching", "unpacking", "complete", "handed_off", "failed"] {
+            w.sample("vstor_image_phase", &[("image", image), ("phase", phase)], u64::from(phase == current));
+        }
+        w.finish()
     }
-}
-
-fn escape_label(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
