@@ -74,7 +74,7 @@ impl MemDisk {
     }
 
     fn chunk(&self, offset: u64) -> std::sync::MutexGuard<'_, Box<[u8]>> {
-        self.data[(offset / MEM_CHUNK) as usize].lock().unwrap_or_else(|p| p.into_inner())
+        plumbing::lock(&self.data[(offset / MEM_CHUNK) as usize])
     }
 }
 

@@ -3,8 +3,9 @@
 //! it what it needs (the other disks' filters, the parents' chains); it calls nothing back.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
+use plumbing::lock;
 use state_store::{Batch, Store};
 use vdisk::BlockDevice;
 
@@ -68,10 +69,6 @@ impl Default for FilterFramework {
     fn default() -> Self {
         FilterFramework::with_clock(Arc::new(RealClock::default()))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl FilterFramework {

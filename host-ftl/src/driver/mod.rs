@@ -45,10 +45,11 @@ pub mod validate;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use plumbing::lock;
 use state_store::Store;
 
 pub use clock::{Clock, MonotonicClock, SimClock};
@@ -71,12 +72,6 @@ use crate::dma::DmaRegion;
 use crate::geometry::{Geometry, MAX_VECTOR};
 use crate::open_channel::OpenChannel;
 use crate::timing::{Costs, OpKind};
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic never happens under these locks on purpose; if one did, the state is still the
-    // best there is, and refusing every later call would help nobody.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Which clock drives the driver.
 #[derive(Clone, Debug, Default)]

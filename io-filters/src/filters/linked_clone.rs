@@ -389,7 +389,7 @@ impl LinkedClone {
         }
         let (store, ns, lock) = (self.store.clone(), self.namespace.clone(), self.commit_lock.clone());
         offload(move || {
-            let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _one = plumbing::lock(&lock);
             let mut batch = Batch::new();
             for (p, mut words) in pages {
                 let key = page_key(p);

@@ -130,7 +130,7 @@ impl Bucket {
     /// before asking again.
     pub fn try_admit(&self, bytes: u64) -> Result<(), Duration> {
         let now = self.clock.now();
-        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = plumbing::lock(&self.state);
         let s = &mut *guard;
         let elapsed = now.saturating_sub(s.last).as_secs_f64();
         s.last = s.last.max(now);
