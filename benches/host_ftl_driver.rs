@@ -20,8 +20,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use host_ftl::driver::{Budget, ClockConfig, Driver, DriverConfig, GuestSpec, Pending, Policy, QueuePair, SimClock};
+use host_ftl::driver::{Budget, ClockConfig, Driver, DriverConfig, GuestSpec, Pending, Policy, QueuePair};
 use host_ftl::{opcode, Addr, Device, DmaRegion, FaultConfig, FileMedia, Geometry, Sqe, Status};
+use plumbing::clock::SimClock;
 use state_store::Store;
 
 fn main() {

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 
+use plumbing::clock::{Clock, MonotonicClock};
 use plumbing::lock;
 use state_store::{Batch, Store};
 use vdisk::BlockDevice;
@@ -16,7 +17,7 @@ use crate::filters::integrity::Integrity;
 use crate::filters::linked_clone::{CloneSetup, LinkedClone};
 use crate::filters::passthrough::Passthrough;
 use crate::filters::stats::{Metrics, Stats};
-use crate::filters::throttle::{Bucket, Clock, RealClock, Throttle};
+use crate::filters::throttle::{Bucket, Throttle};
 use crate::FilterError;
 
 /// What a disk's chain is built from.
@@ -67,7 +68,7 @@ pub struct FilterFramework {
 
 impl Default for FilterFramework {
     fn default() -> Self {
-        FilterFramework::with_clock(Arc::new(RealClock::default()))
+        FilterFramework::with_clock(Arc::new(MonotonicClock))
     }
 }
 

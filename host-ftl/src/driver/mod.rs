@@ -8,7 +8,9 @@
 //! * [`validate`]: every command is checked and translated before it reaches the device.
 //! * [`queue`]: the guest-facing boundary: 64-byte commands in, futures of completions out.
 //! * [`fair`]: token buckets and weighted fair queueing, with short device queues.
-//! * [`engine`]: the deterministic dispatching core, driven by an explicit clock ([`clock`]).
+//! * [`engine`]: the deterministic dispatching core, handed the time by its caller: on the real
+//!   clock a dispatcher thread drives it; on a simulated one ([`plumbing::clock::SimClock`]) the
+//!   caller does, through [`Driver::advance_to`], so fairness is tested deterministically.
 //! * [`reclaim`]: a removed guest's chunks are reset before its PUs are given again.
 //! * [`notify`]: chunk notifications routed to the owning guest.
 //!
@@ -33,7 +35,6 @@
 //! ```
 
 pub mod admin;
-pub mod clock;
 pub mod engine;
 pub mod error;
 pub mod fair;
@@ -49,10 +50,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use plumbing::clock::{Clock, MonotonicClock, SimClock};
 use plumbing::lock;
 use state_store::Store;
 
-pub use clock::{Clock, MonotonicClock, SimClock};
 pub use engine::GuestCounters;
 pub use error::{DriverError, Result};
 pub use fair::{Estimate, Limits, Policy};
