@@ -1,10 +1,7 @@
 //! Random 4 KiB overwrite workloads for the guest FTL benchmarks (`ftl_wa`, `ftl_throughput`):
 //! uniform, Zipf and hot/cold, over a shuffled block order, from a fixed seed.
 
-// Each benchmark uses a part of this.
-#![allow(dead_code)]
-
-use test_support::Rng;
+use crate::Rng;
 
 #[derive(Clone, Copy, Debug)]
 pub enum Workload {
@@ -63,7 +60,8 @@ impl Gen {
         Gen { w, n, cdf, perm, rng }
     }
 
-    pub fn next(&mut self) -> u64 {
+    /// The next logical block to write.
+    pub fn next_block(&mut self) -> u64 {
         let rank = match self.w {
             Workload::Uniform => self.rng.next_u64() % self.n,
             Workload::Zipf(_) => {
