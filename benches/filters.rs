@@ -30,6 +30,7 @@ use io_filters::filters::linked_clone::Bitmap;
 use io_filters::filters::passthrough::Passthrough;
 use io_filters::FilterSpec;
 use io_filters::{Chain, Filter, FilterFramework};
+use test_support::Rng;
 use vdisk::raw::RawFile;
 use vdisk::{BlockDevice, DeviceInfo, Disk, IoBuf, IoFuture};
 
@@ -74,7 +75,7 @@ impl MemDisk {
     }
 
     fn chunk(&self, offset: u64) -> std::sync::MutexGuard<'_, Box<[u8]>> {
-        self.data[(offset / MEM_CHUNK) as usize].lock().unwrap_or_else(|p| p.into_inner())
+        plumbing::lock(&self.data[(offset / MEM_CHUNK) as usize])
     }
 }
 
@@ -102,13 +103,6 @@ impl BlockDevice for MemDisk {
     fn write_zeroes(&self, _offset: u64, _len: u64, _fua: bool) -> IoFuture<'_, ()> {
         Box::pin(std::future::ready(Ok(())))
     }
-}
-
-fn xorshift(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
 }
 
 /// What one run did.
@@ -139,12 +133,12 @@ async fn iops(disk: Arc<Disk>, write: bool, depth: usize, secs: f64) -> Run {
     for t in 0..depth {
         let (disk, done) = (disk.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
-            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t as u64 + 1);
+            let mut rng = Rng::new(t as u64 + 1);
             let mut buf = IoBuf::zeroed(BS);
             let blocks = disk.info().capacity / BS as u64;
             let mut n = 0u64;
             loop {
-                let off = (xorshift(&mut x) % blocks) * BS as u64;
+                let off = rng.below(blocks) * BS as u64;
                 buf = if write { disk.write(off, buf, false).await } else { disk.read(off, buf).await }
                     .expect("request failed");
                 n += 1;
@@ -247,11 +241,11 @@ impl BlockDevice for NullDisk {
 fn ns_per_read(dev: &Disk, n: usize) -> f64 {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     let mut buf = IoBuf::zeroed(BS);
-    let mut x = 99u64;
+    let mut rng = Rng::new(99);
     let blocks = dev.info().capacity / BS as u64;
     let start = Instant::now();
     for _ in 0..n {
-        let off = (xorshift(&mut x) % blocks) * BS as u64;
+        let off = rng.below(blocks) * BS as u64;
         let mut fut = dev.read(off, buf);
         buf = match fut.as_mut().poll(&mut cx) {
             std::task::Poll::Ready(r) => r.expect("read failed"),
@@ -301,12 +295,12 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 
 /// QD1 4 KiB random reads from a disk: (mean, p50, p99) in µs.
 async fn latency(disk: Arc<Disk>, reads: usize) -> (f64, f64, f64) {
-    let mut x = 12345u64;
+    let mut rng = Rng::new(12345);
     let mut buf = IoBuf::zeroed(BS);
     let blocks = disk.info().capacity / BS as u64;
     let mut times = Vec::with_capacity(reads);
     for _ in 0..reads {
-        let off = (xorshift(&mut x) % blocks) * BS as u64;
+        let off = rng.below(blocks) * BS as u64;
         let t = Instant::now();
         buf = disk.read(off, buf).await.expect("read failed");
         times.push(t.elapsed());

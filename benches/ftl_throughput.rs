@@ -32,11 +32,8 @@ use std::time::Instant;
 
 use guest_ftl::{DirectChannel, FlashChannel, Ftl, FtlConfig, VictimPolicy};
 use host_ftl::{Device, Geometry};
+use test_support::ftl_workload::{Gen, Workload};
 use vdisk::{BlockDevice, IoBuf};
-
-#[path = "support/ftl_workload.rs"]
-mod ftl_workload;
-use ftl_workload::{Gen, Workload};
 
 /// Blocks of write buffer per PU (512 KiB).
 const BUFFER_BLOCKS: u32 = 128;
@@ -88,12 +85,12 @@ async fn run(geo: &Geometry, cfg: FtlConfig, w: Workload, overlap: bool, warm: u
     let mut buf = IoBuf::zeroed(4096);
     let mut gen = Gen::new(w, lbas, 0x5eed);
     for _ in 0..warm * lbas {
-        buf = ftl.write(gen.next() * 4096, buf, false).await.expect("warm-up write");
+        buf = ftl.write(gen.next_block() * 4096, buf, false).await.expect("warm-up write");
     }
     let m0 = ftl.metrics();
     let t0 = ch.now_ns();
     for _ in 0..measure * lbas {
-        buf = ftl.write(gen.next() * 4096, buf, false).await.expect("write");
+        buf = ftl.write(gen.next_block() * 4096, buf, false).await.expect("write");
     }
     ftl.flush().await.expect("flush");
     let m1 = ftl.metrics();

@@ -21,11 +21,8 @@ use std::time::Instant;
 
 use guest_ftl::{DirectChannel, FlashChannel, Ftl, FtlConfig, VictimPolicy};
 use host_ftl::{Device, Geometry};
+use test_support::ftl_workload::{Gen, Workload};
 use vdisk::{BlockDevice, IoBuf};
-
-#[path = "support/ftl_workload.rs"]
-mod ftl_workload;
-use ftl_workload::{Gen, Workload};
 
 /// The model's write amplification for uniform overwrites at over-provisioning `op`.
 fn model_wa(op: f64) -> f64 {
@@ -82,11 +79,11 @@ async fn run(geo: &Geometry, cfg: FtlConfig, w: Workload, warm: u64, measure: u6
     buf = IoBuf::zeroed(4096);
     let mut gen = Gen::new(w, lbas, 0x5eed);
     for _ in 0..warm * lbas {
-        buf = ftl.write(gen.next() * 4096, buf, false).await.expect("warm-up write");
+        buf = ftl.write(gen.next_block() * 4096, buf, false).await.expect("warm-up write");
     }
     let m0 = ftl.metrics();
     for _ in 0..measure * lbas {
-        buf = ftl.write(gen.next() * 4096, buf, false).await.expect("write");
+        buf = ftl.write(gen.next_block() * 4096, buf, false).await.expect("write");
     }
     ftl.flush().await.expect("flush");
     if std::env::var_os("FTL_WA_DEBUG").is_some() {

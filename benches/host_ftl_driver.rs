@@ -20,9 +20,11 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use host_ftl::driver::{Budget, ClockConfig, Driver, DriverConfig, GuestSpec, Pending, Policy, QueuePair, SimClock};
+use host_ftl::driver::{Budget, ClockConfig, Driver, DriverConfig, GuestSpec, Pending, Policy, QueuePair};
 use host_ftl::{opcode, Addr, Device, DmaRegion, FaultConfig, FileMedia, Geometry, Sqe, Status};
+use plumbing::clock::SimClock;
 use state_store::Store;
+use test_support::Rng;
 
 fn main() {
     let which: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
@@ -236,7 +238,7 @@ fn file() {
     println!("| workload | queue depth | IOPS | p50 µs | p99 µs |");
     println!("|---|---:|---:|---:|---:|");
     let mut next_write = vec![(1u32, 0u32); pus];
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = Rng::new(1);
     for (name, write) in [("randread", false), ("seqwrite (striped over the PUs)", true)] {
         for qd in [1usize, 32] {
             let mut lat = Vec::new();
@@ -263,9 +265,8 @@ fn file() {
                             }
                             a
                         } else {
-                            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                            let pu = (rng >> 40) as usize % pus;
-                            blocks(&vgeo, pu, 0, (rng >> 20) as u32 % vgeo.clba, 1)[0]
+                            let pu = rng.below(pus as u64) as usize;
+                            blocks(&vgeo, pu, 0, rng.below(u64::from(vgeo.clba)) as u32, 1)[0]
                         };
                         let op = if write { opcode::VECTOR_WRITE } else { opcode::VECTOR_READ };
                         q.push_back((qp.submit(Sqe::vector(op, 1, 1, addr, data, 0).unwrap()), Instant::now()));
@@ -310,7 +311,7 @@ struct Load {
     period: u64,
     blocks: u32,
     writes: bool,
-    rng: u64,
+    rng: Rng,
     next_arrival: u64,
     free: Vec<usize>,
     inflight: Vec<(Pending, u64, usize, u8)>,
@@ -333,7 +334,7 @@ impl Load {
             period,
             blocks,
             writes,
-            rng: seed,
+            rng: Rng::new(seed),
             next_arrival: 0,
             free: (0..256).rev().collect(),
             inflight: Vec::new(),
@@ -344,16 +345,11 @@ impl Load {
         }
     }
 
-    fn random(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        self.rng >> 33
-    }
-
     fn submit(&mut self, now: u64) {
         let Some(slot) = self.free.pop() else { return };
         let g = self.qp.geometry().clone();
-        let pu = (self.random() % g.total_pus() as u64) as usize;
-        let write = self.writes && self.random() % 2 == 0;
+        let pu = self.rng.below(g.total_pus() as u64) as usize;
+        let write = self.writes && self.rng.below(2) == 0;
         let list = slot as u64 * 512;
         let data = (1 << 17) + slot as u64 * u64::from(self.blocks * g.block_size);
         let (op, addrs) = if write {
@@ -362,8 +358,8 @@ impl Load {
             self.cursor[pu] = if blk + self.blocks < g.clba { (chk, blk + self.blocks) } else { (chk + 1, 0) };
             (opcode::VECTOR_WRITE, addrs)
         } else {
-            let chk = (self.random() % u64::from(FILLED)) as u32;
-            let start = (self.random() % u64::from(g.clba / self.blocks)) as u32 * self.blocks;
+            let chk = self.rng.below(u64::from(FILLED)) as u32;
+            let start = self.rng.below(u64::from(g.clba / self.blocks)) as u32 * self.blocks;
             (opcode::VECTOR_READ, blocks(&g, pu, chk, start, self.blocks))
         };
         self.qp.region().write_u64s(list, &addrs).unwrap();

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 use clap::{Parser, ValueEnum};
+use test_support::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Rw {
@@ -108,29 +109,6 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
-/// xorshift64*: small, fast, good enough for offsets and fill data.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        // splitmix64 of the seed, so nearby seeds give unrelated streams and 0 is fine.
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        Rng(if z == 0 { 0x2545_f491_4f6c_dd1d } else { z })
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 /// Fills `len` bytes at `buf` (8-byte aligned, len a multiple of 8) with the data for `offset`.
 ///
 /// # Safety
@@ -140,7 +118,7 @@ unsafe fn fill(buf: *mut u8, len: usize, seed: u64, offset: u64) {
     // SAFETY: the caller's promise; the region and every slot in it are 4 KiB aligned.
     let words = unsafe { std::slice::from_raw_parts_mut(buf as *mut u64, len / 8) };
     for w in words {
-        *w = rng.next();
+        *w = rng.next_u64();
     }
 }
 
@@ -268,7 +246,7 @@ impl Job {
     /// Queues the next request of this job in slot `slot` (not in flight).
     fn submit(&mut self, st: &mut State, slot: usize) {
         let offset = if self.rw.is_random() {
-            st.rng.next() % (self.size / self.bs) * self.bs
+            st.rng.below(self.size / self.bs) * self.bs
         } else {
             let o = st.next_seq;
             st.next_seq += self.bs;

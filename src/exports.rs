@@ -100,7 +100,7 @@ impl VhostExports {
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, VhostUserExport>> {
-        self.exports.lock().unwrap_or_else(|p| p.into_inner())
+        plumbing::lock(&self.exports)
     }
 }
 

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::nbd::RawClient;
 use common::{metric, qemu_io, qemu_io_ok, Daemon, DiskDecl};
+use test_support::Rng;
 
 /// A small open-channel device (8 PUs of 64 chunks of 256 KiB: 128 MiB), so that an FTL disk of
 /// a few MiB opens lines, checkpoints and collects garbage after little data.
@@ -402,15 +403,9 @@ impl Blocks {
     }
 }
 
-/// A small generator (xorshift) for write offsets, the same for the same seed.
+/// Pseudo-random write offsets, the same for the same seed.
 fn scatter(seed: u64) -> impl Fn(u64) -> u64 {
-    move |i| {
-        let mut x = (seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    }
+    move |i| Rng::new(seed ^ i.rotate_left(32)).next_u64()
 }
 
 fn ftl_disk() -> Vec<DiskDecl> {

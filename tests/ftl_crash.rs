@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::nbd::{RawClient, CMD_WRITE};
 use common::{qemu_io_ok, run, Daemon, DiskDecl};
+use test_support::Rng;
 
 const BLOCK: usize = 4096;
 /// Blocks the test writes to: 8 MiB of the 64 MiB disk, so that blocks are overwritten often.
@@ -68,25 +69,14 @@ impl Model {
     }
 }
 
-/// A small deterministic generator (xorshift), so that a failure can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 #[test]
 fn ftl_disk_keeps_every_flushed_block_across_sigkill_mid_write() {
     let mut daemon = Daemon::start(&[DiskDecl::new("f0", "64M").block_size(4096).ftl()]);
     let banner = daemon.wait_stdout("FTL disks:");
     assert!(banner.contains("guest FTL"), "the disk is an FTL disk\n{banner}");
     let mut model = Model::default();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    // Deterministic, so that a failure can be replayed.
+    let mut rng = Rng::new(1);
     let mut generation = 0u64;
 
     for round in 0..3 {
@@ -94,9 +84,9 @@ fn ftl_disk_keeps_every_flushed_block_across_sigkill_mid_write() {
         assert_eq!(export.size, 64 << 20);
         // Acknowledged writes with a flush every 32 of them: enough to fill lines and make the
         // FTL open new ones, checkpoint and, over the rounds, collect garbage.
-        let writes = 3000 + rng.next() % 2000;
+        let writes = 3000 + rng.below(2000);
         for i in 0..writes {
-            let block = rng.next() % BLOCKS;
+            let block = rng.below(BLOCKS);
             generation += 1;
             client.write(block * BLOCK as u64, &pattern(block, generation), 0).expect("write");
             model.written(block, generation);
@@ -108,7 +98,7 @@ fn ftl_disk_keeps_every_flushed_block_across_sigkill_mid_write() {
         // Then writes that are sent but whose answers nobody waits for: the kill lands while
         // they are in flight.
         for _ in 0..64 {
-            let block = rng.next() % BLOCKS;
+            let block = rng.below(BLOCKS);
             generation += 1;
             let cookie = client.cookie();
             client.send_request(0, CMD_WRITE, cookie, block * BLOCK as u64, BLOCK as u32);

@@ -18,7 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::guest::{wait_for_socket, GuestRun};
-use common::{assert_same_bytes, random_bytes, run_ok, toml_path, Daemon, DiskDecl};
+use common::{assert_same_bytes, run_ok, toml_path, Daemon, DiskDecl};
+use test_support::random_bytes;
 
 const DISK_SIZE: u64 = 64 << 20;
 const SECTORS: u64 = DISK_SIZE / 512;

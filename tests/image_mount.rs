@@ -1,11 +1,8 @@
 //! End-to-end tests of `vstor image mount` against a real `docker-registry` on loopback, with
-//! images built by umoci and pushed by skopeo (fuse-lazypull's test support). They need root
+//! images built by umoci and pushed by skopeo (`test_support::registry`). They need root
 //! (FUSE, overlay mounts, device nodes, owners) and say so in their names.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
-
-#[path = "../fuse-lazypull/tests/support/mod.rs"]
-mod support;
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -23,7 +20,8 @@ use fuse_lazypull::layer::Limits;
 use fuse_lazypull::mount::{ImageMount, MountOptions, Phase};
 use fuse_lazypull::reference::ImageRef;
 use fuse_lazypull::registry::{Registry, RegistryConfig};
-use support::{ImageBuilder, Layer};
+use test_support::registry as harness;
+use test_support::registry::{ImageBuilder, Layer};
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -253,7 +251,7 @@ fn assert_same_tree(expected: &Path, actual: &Path) {
 
 #[test]
 fn mounted_tree_equals_umoci_unpack_over_fuse_and_after_handoff_needs_root_fuse() {
-    let registry = support::Registry::start();
+    let registry = harness::Registry::start();
     let image = rich_image();
     let reference = image.push(&registry.host(), "rich/image:v1");
     let work = tempfile::tempdir().unwrap();
@@ -276,7 +274,7 @@ fn mounted_tree_equals_umoci_unpack_over_fuse_and_after_handoff_needs_root_fuse(
 
 #[test]
 fn handoff_shows_overlay_in_mountinfo_and_an_open_descriptor_still_reads_needs_root_fuse() {
-    let registry = support::Registry::start();
+    let registry = harness::Registry::start();
     let mut image = ImageBuilder::new();
     image.layer(|l| {
         l.file("hello", b"hello from the image", 0o644).large_file("big", 4 << 20, 3);
@@ -316,8 +314,8 @@ fn handoff_shows_overlay_in_mountinfo_and_an_open_descriptor_still_reads_needs_r
 
 #[test]
 fn two_images_sharing_a_base_layer_fetch_it_once_needs_root_fuse() {
-    let registry = support::Registry::start();
-    let proxy = support::Proxy::start(&registry, support::Auth::None);
+    let registry = harness::Registry::start();
+    let proxy = harness::Proxy::start(&registry, harness::Auth::None);
     // One layout: pushed with its base layer only, then again with an app layer on top.
     let mut image = ImageBuilder::new();
     image.layer(|l| {
@@ -350,8 +348,8 @@ fn two_images_sharing_a_base_layer_fetch_it_once_needs_root_fuse() {
 
 #[test]
 fn corrupt_and_truncated_blobs_are_refused_and_fetched_again_needs_root_fuse() {
-    let registry = support::Registry::start();
-    let proxy = support::Proxy::start(&registry, support::Auth::None);
+    let registry = harness::Registry::start();
+    let proxy = harness::Proxy::start(&registry, harness::Auth::None);
     let mut image = ImageBuilder::new();
     image.layer(|l| {
         l.large_file("data", 2 << 20, 5).file("small", b"small file", 0o644);
@@ -382,8 +380,8 @@ fn corrupt_and_truncated_blobs_are_refused_and_fetched_again_needs_root_fuse() {
 /// stalled or down, while metadata keeps working.
 #[test]
 fn registry_stalled_or_down_reads_fail_with_eio_after_the_timeout_needs_root_fuse() {
-    let registry = support::Registry::start();
-    let proxy = support::Proxy::start(&registry, support::Auth::None);
+    let registry = harness::Registry::start();
+    let proxy = harness::Proxy::start(&registry, harness::Auth::None);
     let mut image = ImageBuilder::new();
     image.layer(|l| {
         l.large_file("big", 4 << 20, 9).file("small", b"small", 0o644);
@@ -410,7 +408,7 @@ fn registry_stalled_or_down_reads_fail_with_eio_after_the_timeout_needs_root_fus
         assert!(started.elapsed() < Duration::from_secs(60), "{fault}: the read failed, and did not hang");
         assert_eq!(std::fs::metadata(target.join("big")).unwrap().len(), 4 << 20, "metadata is served");
         assert!(mount.progress().fs.read_errors.load(std::sync::atomic::Ordering::Relaxed) > 0);
-        proxy.set_faults(|f| *f = support::Faults::default());
+        proxy.set_faults(|f| *f = harness::Faults::default());
         // Once the registry is back, the same read succeeds.
         assert_eq!(std::fs::read(target.join("big")).unwrap().len(), 4 << 20);
         finish(mount);
@@ -425,8 +423,8 @@ fn vstor() -> Command {
 /// small part of it.
 #[test]
 fn first_read_of_a_small_file_fetches_far_less_than_the_image_needs_root_fuse() {
-    let registry = support::Registry::start();
-    let proxy = support::Proxy::start(&registry, support::Auth::None);
+    let registry = harness::Registry::start();
+    let proxy = harness::Proxy::start(&registry, harness::Auth::None);
     let mut image = ImageBuilder::new();
     image.layer(|l| {
         l.large_file("a/big", 48 << 20, 21).large_file("b/other", 16 << 20, 22).file("z/small", b"tiny", 0o644);
@@ -449,7 +447,7 @@ fn first_read_of_a_small_file_fetches_far_less_than_the_image_needs_root_fuse() 
 
 #[test]
 fn killing_the_daemon_after_handoff_leaves_the_mount_working_needs_root_fuse() {
-    let registry = support::Registry::start();
+    let registry = harness::Registry::start();
     let mut image = ImageBuilder::new();
     image.layer(|l| {
         l.file("etc/motd", b"still here", 0o644);
@@ -482,7 +480,7 @@ fn killing_the_daemon_after_handoff_leaves_the_mount_working_needs_root_fuse() {
 
 #[test]
 fn bad_reference_and_missing_tag_get_clear_messages_needs_root() {
-    let registry = support::Registry::start();
+    let registry = harness::Registry::start();
     let work = tempfile::tempdir().unwrap();
     let run = |reference: &str| {
         let out = vstor()
@@ -506,8 +504,8 @@ fn bad_reference_and_missing_tag_get_clear_messages_needs_root() {
 /// first read of a small file fetches a small part of it with no index known beforehand.
 #[test]
 fn estargz_copy_mounts_to_the_same_tree_and_reads_lazily_needs_root_fuse() {
-    let registry = support::Registry::start();
-    let proxy = support::Proxy::start(&registry, support::Auth::None);
+    let registry = harness::Registry::start();
+    let proxy = harness::Proxy::start(&registry, harness::Auth::None);
     let mut image = rich_image();
     image.layer(|l| {
         l.large_file("opt/huge", 48 << 20, 31).file("zz/small", b"small and late", 0o644);
@@ -545,12 +543,12 @@ fn estargz_copy_mounts_to_the_same_tree_and_reads_lazily_needs_root_fuse() {
 /// outside the mount.
 #[test]
 fn malicious_layer_gets_an_error_needs_root_fuse() {
-    let server = support::Registry::start();
+    let server = harness::Registry::start();
     let image = ImageBuilder::new();
     let staging = tempfile::tempdir().unwrap();
     std::fs::write(staging.path().join("evil"), b"escaped").unwrap();
     let tar = staging.path().join("evil.tar");
-    support::run(
+    harness::run(
         Command::new("tar")
             .args(["--create", "--format=pax", "--absolute-names", "--transform=s,^evil,../../escaped-by-layer,"])
             .arg("--file")
@@ -559,9 +557,9 @@ fn malicious_layer_gets_an_error_needs_root_fuse() {
             .arg(staging.path())
             .arg("evil"),
     );
-    let listing = support::run(Command::new("tar").arg("-tvf").arg(&tar).arg("--absolute-names"));
+    let listing = harness::run(Command::new("tar").arg("-tvf").arg(&tar).arg("--absolute-names"));
     assert!(listing.contains("../../escaped-by-layer"), "{listing}");
-    support::run(
+    harness::run(
         Command::new("umoci")
             .args(["raw", "add-layer", "--image"])
             .arg(format!("{}:latest", image.layout().display()))
@@ -591,7 +589,7 @@ fn malicious_layer_gets_an_error_needs_root_fuse() {
 /// layers (and their blobs) until it is unmounted, and then gc takes them.
 #[test]
 fn gc_after_a_mount_keeps_only_what_its_overlay_uses_needs_root_fuse() {
-    let registry = support::Registry::start();
+    let registry = harness::Registry::start();
     let mut image = ImageBuilder::new();
     image.layer(|l| {
         l.file("etc/motd", b"collected later", 0o644);
@@ -619,7 +617,7 @@ fn gc_after_a_mount_keeps_only_what_its_overlay_uses_needs_root_fuse() {
 /// gc that follows take its content.
 #[test]
 fn prefetch_remove_and_gc_from_the_command_line_needs_root() {
-    let registry = support::Registry::start();
+    let registry = harness::Registry::start();
     let mut image = ImageBuilder::new();
     image.layer(|l| {
         l.file("a", b"pinned", 0o644);

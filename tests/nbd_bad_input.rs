@@ -7,7 +7,8 @@
 mod common;
 
 use common::nbd::*;
-use common::{assert_same_bytes, qemu_io_ok, random_bytes, Daemon, DiskDecl};
+use common::{assert_same_bytes, qemu_io_ok, Daemon, DiskDecl};
+use test_support::random_bytes;
 
 const DISK: &str = "d0";
 const DISK_SIZE: u64 = 32 << 20;

@@ -8,7 +8,8 @@ mod common;
 use std::process::Command;
 
 use common::nbd::RawClient;
-use common::{metric, qemu_io, qemu_io_ok, random_bytes, run, run_ok, Daemon, DiskDecl, Output};
+use common::{metric, qemu_io, qemu_io_ok, run, run_ok, Daemon, DiskDecl, Output};
+use test_support::random_bytes;
 
 /// Runs fio with `args` in the daemon's directory and asserts it succeeded with no job in error.
 fn fio(daemon: &Daemon, args: &[String], jobs: usize) -> Output {

@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use common::hostile::*;
 use common::vhost::VhostClient;
-use common::{random_bytes, toml_path, Daemon, DiskDecl};
+use common::{toml_path, Daemon, DiskDecl};
+use test_support::random_bytes;
 
 /// How much the daemon's peak memory may grow during one attack.
 const MEMORY_BOUND: u64 = 256 << 20;

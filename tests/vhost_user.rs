@@ -9,7 +9,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::vhost::{pattern, VhostClient};
-use common::{qemu_io_ok, random_bytes, Daemon, DiskDecl};
+use common::{qemu_io_ok, Daemon, DiskDecl};
+use test_support::random_bytes;
 
 /// Starts a daemon with `disk` (16 MiB) exported over vhost-user with two queues.
 fn daemon_with_export(disk: &'static str) -> (Daemon, PathBuf) {

@@ -359,7 +359,7 @@ impl Catalog {
     }
 
     fn lock(&self) -> MutexGuard<'_, Disks> {
-        self.disks.lock().unwrap_or_else(|p| p.into_inner())
+        plumbing::lock(&self.disks)
     }
 
     fn raw_path(&self, id: &str) -> PathBuf {

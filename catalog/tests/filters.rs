@@ -9,8 +9,9 @@ use std::sync::{Arc, OnceLock, Weak};
 
 use catalog::CatalogError;
 use common::{clone_of, filter, read, runtime, spec, write, MemDisk, Rig};
-use io_filters::filters::throttle::{Bucket, Clock, SimClock};
+use io_filters::filters::throttle::Bucket;
 use io_filters::{Chain, Filter, FilterFramework, Request, Verdict};
+use plumbing::clock::{Clock, SimClock};
 use serde_json::json;
 use vdisk::{error_chain, BlockDevice, BlockError};
 

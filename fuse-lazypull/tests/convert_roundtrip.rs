@@ -5,8 +5,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -19,7 +17,8 @@ use fuse_lazypull::digest::Digest;
 use fuse_lazypull::layer::{EntryKind, LayerIndex, Limits, TOC_DIGEST_ANNOTATION};
 use fuse_lazypull::reference::ImageRef;
 use fuse_lazypull::registry::{Registry, RegistryConfig, OCI_LAYER_GZIP};
-use support::ImageBuilder;
+use test_support::registry as harness;
+use test_support::registry::ImageBuilder;
 
 /// What a tree holds, path by path: kind, mode, owner, size, contents digest or link target.
 fn describe(root: &Path) -> BTreeMap<PathBuf, String> {
@@ -57,7 +56,7 @@ fn describe(root: &Path) -> BTreeMap<PathBuf, String> {
 
 #[test]
 fn convert_round_trip_gives_the_same_tree_with_stargz_annotations_needs_root() {
-    let reg = support::Registry::start();
+    let reg = harness::Registry::start();
     let mut b = ImageBuilder::new();
     b.layer(|l| {
         l.file("etc/os-release", b"NAME=test\n", 0o644)
@@ -129,14 +128,14 @@ fn convert_round_trip_gives_the_same_tree_with_stargz_annotations_needs_root() {
     // The copy unpacks to the source's tree.
     let want = describe(&b.unpack(&dir.path().join("src-bundle")));
     let layout = dir.path().join("dst-oci");
-    support::run(
+    harness::run(
         std::process::Command::new("skopeo")
             .args(["copy", "--quiet", "--src-tls-verify=false"])
             .arg(format!("docker://{dst}"))
             .arg(format!("oci:{}:x", layout.display())),
     );
     let bundle = dir.path().join("dst-bundle");
-    support::run(
+    harness::run(
         std::process::Command::new("umoci")
             .arg("unpack")
             .arg("--image")

@@ -3,8 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test reports by panicking
 
-mod support;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +14,8 @@ use fuse_lazypull::registry::{
     Credentials, Registry, RegistryConfig, RegistryError, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST,
     OCI_LAYER_GZIP,
 };
-use support::{Auth, ImageBuilder, Proxy};
+use test_support::registry as harness;
+use test_support::registry::{Auth, ImageBuilder, Proxy};
 
 fn client() -> Arc<Registry> {
     Registry::new(RegistryConfig { timeout_secs: 5, retries: 2, ..Default::default() }).unwrap()
@@ -56,7 +55,7 @@ fn cache_at(dir: &Path, limit: u64, timeout: Duration) -> Arc<BlobCache> {
 
 #[test]
 fn registry_resolves_oci_and_docker_images_and_serves_ranges() {
-    let reg = support::Registry::start();
+    let reg = harness::Registry::start();
     let b = two_layer_image();
     for (docker, tag) in [(false, "oci"), (true, "docker")] {
         let reference = b.push_as(&reg.host(), &format!("test/two:{tag}"), docker);
@@ -83,7 +82,7 @@ fn registry_resolves_oci_and_docker_images_and_serves_ranges() {
 
 #[test]
 fn registry_chooses_linux_amd64_from_a_manifest_list() {
-    let reg = support::Registry::start();
+    let reg = harness::Registry::start();
     let mut b = ImageBuilder::new();
     b.layer(|l| {
         l.file("which", b"arm\n", 0o644);
@@ -116,7 +115,7 @@ fn registry_chooses_linux_amd64_from_a_manifest_list() {
 
 #[test]
 fn registry_names_the_reference_when_a_tag_or_repository_is_missing() {
-    let reg = support::Registry::start();
+    let reg = harness::Registry::start();
     two_layer_image().push(&reg.host(), "test/there:v1");
     let client = client();
     let err = client.resolve(&parse(&reg.reference("test/there:v2"))).unwrap_err();
@@ -132,7 +131,7 @@ fn registry_names_the_reference_when_a_tag_or_repository_is_missing() {
 
 #[test]
 fn registry_basic_auth_through_the_proxy() {
-    let reg = support::Registry::start();
+    let reg = harness::Registry::start();
     two_layer_image().push(&reg.host(), "test/auth:v1");
     let proxy = Proxy::start(&reg, Auth::Basic { user: "alice".into(), password: "s3cret".into() });
     let reference = parse(&proxy.reference("test/auth:v1"));
@@ -147,7 +146,7 @@ fn registry_basic_auth_through_the_proxy() {
 /// Bearer tokens from the realm, cached; blob GETs that redirect.
 #[test]
 fn registry_bearer_token_auth_through_the_proxy() {
-    let reg = support::Registry::start();
+    let reg = harness::Registry::start();
     let b = two_layer_image();
     b.push(&reg.host(), "test/token:v1");
     let proxy = Proxy::start(&reg, Auth::Bearer { user: "bob".into(), password: "pw".into() });
@@ -174,7 +173,7 @@ fn registry_bearer_token_auth_through_the_proxy() {
 /// is retried.
 #[test]
 fn registry_corrupt_and_truncated_blobs_are_fetched_again() {
-    let reg = support::Registry::start();
+    let reg = harness::Registry::start();
     let b = two_layer_image();
     b.push(&reg.host(), "test/faults:v1");
     let proxy = Proxy::start(&reg, Auth::None);
@@ -206,7 +205,7 @@ fn registry_corrupt_and_truncated_blobs_are_fetched_again() {
 /// A stalled registry makes a read of missing data fail after the cache's timeout.
 #[test]
 fn registry_stall_gives_a_read_timeout() {
-    let reg = support::Registry::start();
+    let reg = harness::Registry::start();
     two_layer_image().push(&reg.host(), "test/stall:v1");
     let proxy = Proxy::start(&reg, Auth::None);
     let reference = parse(&proxy.reference("test/stall:v1"));
@@ -227,7 +226,7 @@ fn registry_stall_gives_a_read_timeout() {
 /// under a size limit keeps what images reference and drops what they no longer do.
 #[test]
 fn cache_shared_base_layer_is_fetched_once_and_gc_keeps_referenced_images() {
-    let reg = support::Registry::start();
+    let reg = harness::Registry::start();
     let mut b = ImageBuilder::new();
     b.layer(|l| {
         l.large_file("usr/lib/base.so", 2 << 20, 7);
@@ -270,7 +269,7 @@ fn cache_shared_base_layer_is_fetched_once_and_gc_keeps_referenced_images() {
 /// A registry that ignores `Range` (answers 200 with the whole blob) still gives the range.
 #[test]
 fn registry_range_ignored_by_the_server_still_gives_the_range() {
-    let reg = support::Registry::start();
+    let reg = harness::Registry::start();
     let b = two_layer_image();
     b.push(&reg.host(), "test/norange:v1");
     let proxy = Proxy::start(&reg, Auth::None);
@@ -291,8 +290,8 @@ fn registry_range_ignored_by_the_server_still_gives_the_range() {
 #[test]
 fn registry_https_with_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let tls = support::TlsFiles::make(dir.path());
-    let reg = support::Registry::start_tls(&tls);
+    let tls = harness::TlsFiles::make(dir.path());
+    let reg = harness::Registry::start_tls(&tls);
     two_layer_image().push(&reg.host(), "test/tls:v1");
     let reference = parse(&reg.reference("test/tls:v1"));
     let config = RegistryConfig { https: vec![reg.host()], ca_files: vec![tls.ca.clone()], ..Default::default() };

@@ -143,7 +143,7 @@ impl ReadArea {
     /// Waits for a free slot.
     pub async fn take(&self) -> Result<ReadSlot<'_>> {
         let permit = self.permits.acquire().await.map_err(|_| FtlError::Config("read area closed".into()))?;
-        let at = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let at = plumbing::lock(&self.free).pop();
         // A permit is only ever held with a slot, so a permit always finds one.
         let at = at.ok_or_else(|| FtlError::Config("read area out of slots".into()))?;
         Ok(ReadSlot { area: self, at, _permit: permit })
@@ -165,7 +165,7 @@ impl ReadSlot<'_> {
 
 impl Drop for ReadSlot<'_> {
     fn drop(&mut self) {
-        self.area.free.lock().unwrap_or_else(|p| p.into_inner()).push(self.at);
+        plumbing::lock(&self.area.free).push(self.at);
     }
 }
 

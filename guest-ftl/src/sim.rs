@@ -11,9 +11,10 @@
 //!
 //! The whole device is held in memory: for small test geometries only.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use host_ftl::{ChunkMeta, Geometry, Media, MediaOp};
+use plumbing::lock;
 
 /// One device image.
 #[derive(Clone)]
@@ -36,10 +37,6 @@ pub struct PowerLossMedia {
     live: Mutex<Image>,
     durable: Mutex<Image>,
     pending: Mutex<Vec<Vec<Op>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn range_err(what: String) -> host_ftl::Error {

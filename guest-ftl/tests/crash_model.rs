@@ -32,6 +32,7 @@ use common::{channel, Rig};
 use guest_ftl::{Ftl, FtlConfig, VictimPolicy};
 use host_ftl::Geometry;
 use proptest::prelude::*;
+use test_support::Rng;
 use vdisk::{BlockDevice, IoBuf};
 
 fn geometry() -> Geometry {
@@ -549,16 +550,10 @@ fn regression_gc_kept_the_last_durable_version_of_an_overwritten_block() {
 /// The model run does reach garbage collection and recovery: a long write-heavy sequence.
 #[test]
 fn a_long_run_collects_garbage_and_recovers() {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = Rng::new(1);
     let mut ops = Vec::new();
     for i in 0..600 {
-        let r = next();
+        let r = rng.next_u64();
         ops.push(match i % 50 {
             49 => Op::Crash { keep: (r % 1000) as u16 },
             25 => Op::Flush,

@@ -7,23 +7,12 @@ mod common;
 use common::*;
 use guest_ftl::{FtlConfig, VictimPolicy};
 use host_ftl::Geometry;
+use test_support::Rng;
 use vdisk::BlockDevice;
 
 /// 4 PUs × 40 chunks × 16 blocks: 2560 slots (10 MiB).
 fn geometry() -> Geometry {
     Geometry { num_chk: 40, ..small_geometry() }
-}
-
-/// A small deterministic generator (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 async fn fill_and_overwrite(cfg: FtlConfig, passes: u64) {
@@ -36,9 +25,9 @@ async fn fill_and_overwrite(cfg: FtlConfig, passes: u64) {
         write(&ftl, lba * 4096, &pattern(lba, 1, 4096), false).await;
     }
     let full = ftl.metrics();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(1);
     for i in 0..passes * lbas {
-        let lba = rng.next() % lbas;
+        let lba = rng.below(lbas);
         version[lba as usize] += 1;
         // Every 97th write is FUA and every 501st request a flush, as a guest would mix them.
         write(&ftl, lba * 4096, &pattern(lba, version[lba as usize], 4096), i % 97 == 0).await;

@@ -32,8 +32,7 @@ impl DmaRegion {
     }
 
     fn lock(&self) -> MutexGuard<'_, Box<[u8]>> {
-        // The guarded bytes have no invariant a panicking copy could break.
-        self.bytes.lock().unwrap_or_else(|p| p.into_inner())
+        plumbing::lock(&self.bytes)
     }
 
     /// The byte range `offset..offset + len` if it lies inside the region.

@@ -83,8 +83,7 @@ impl FaultInjector {
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<Fault>> {
-        // A Vec of plain values: a poisoned lock leaves it usable.
-        self.faults.lock().unwrap_or_else(|p| p.into_inner())
+        plumbing::lock(&self.faults)
     }
 
     pub(crate) fn add(&self, fault: Fault) {

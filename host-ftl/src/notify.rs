@@ -105,8 +105,7 @@ impl NotificationLog {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LogInner> {
-        // Each step under the lock is a plain push or pop: a poisoned log is still consistent.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        plumbing::lock(&self.inner)
     }
 
     /// Appends an entry and returns its count.

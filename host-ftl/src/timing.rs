@@ -194,8 +194,7 @@ impl TimingModel {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Plain numbers: a poisoned lock is still consistent.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        plumbing::lock(&self.state)
     }
 
     /// The costs it books operations with.

@@ -8,6 +8,7 @@ mod rig;
 use host_ftl::driver::{Budget, Driver, DriverConfig, GuestSpec, Pending, Policy, QueuePair};
 use host_ftl::{opcode, Addr, Geometry, Sqe, Status};
 use rig::Env;
+use test_support::Rng;
 
 /// `groups` × `pus` PUs of 8 chunks × 256 blocks of 4 KiB; reads 20 µs a unit of 4 blocks,
 /// channels of 400 MB/s (10.24 µs a block): reads are limited by the channel.
@@ -44,7 +45,7 @@ struct Load {
     qp: QueuePair,
     kind: Kind,
     blocks: u32,
-    rng: u64,
+    rng: Rng,
     next_arrival: u64,
     free_slots: Vec<usize>,
     inflight: Vec<(Pending, u64, usize)>,
@@ -66,7 +67,7 @@ impl Load {
             qp,
             kind,
             blocks,
-            rng: seed,
+            rng: Rng::new(seed),
             next_arrival: 0,
             free_slots: (0..slots).rev().collect(),
             inflight: Vec::new(),
@@ -77,18 +78,13 @@ impl Load {
         }
     }
 
-    fn random(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        self.rng >> 33
-    }
-
     /// Submits one read into slot `slot` of the region (its own list and data area).
     fn submit(&mut self, now: u64) {
         let Some(slot) = self.free_slots.pop() else { return };
         let g = self.qp.geometry().clone();
-        let pu = (self.random() % g.total_pus() as u64) as usize;
-        let chk = (self.random() % u64::from(FILLED)) as u32;
-        let start = (self.random() % u64::from(g.clba / self.blocks)) as u32 * self.blocks;
+        let pu = self.rng.below(g.total_pus() as u64) as usize;
+        let chk = self.rng.below(u64::from(FILLED)) as u32;
+        let start = self.rng.below(u64::from(g.clba / self.blocks)) as u32 * self.blocks;
         let addrs: Vec<u64> = (start..start + self.blocks)
             .map(|b| Addr::from_pu_index(&g, pu, chk, b).unwrap().to_ppa(&g).unwrap().0)
             .collect();

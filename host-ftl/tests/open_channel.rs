@@ -10,11 +10,12 @@ mod rig;
 use std::sync::Arc;
 
 use host_ftl::command::admin;
-use host_ftl::driver::{DriverConfig, GuestSpec, SimClock};
+use host_ftl::driver::{DriverConfig, GuestSpec};
 use host_ftl::{
     opcode, Addr, ChunkDescriptor, ChunkState, Device, DmaRegion, Error, Fault, FaultKind, Geometry, OpenChannel, Sqe,
     Status,
 };
+use plumbing::clock::SimClock;
 use rig::{Commands, CommandsOnly, Env};
 
 /// One group of 4 PUs × 6 chunks × 16 blocks of 512 bytes.

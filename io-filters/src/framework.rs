@@ -3,8 +3,10 @@
 //! it what it needs (the other disks' filters, the parents' chains); it calls nothing back.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
+use plumbing::clock::{Clock, MonotonicClock};
+use plumbing::lock;
 use plumbing::metrics::Writer;
 use state_store::{Batch, Store};
 use vdisk::BlockDevice;
@@ -16,7 +18,7 @@ use crate::filters::integrity::Integrity;
 use crate::filters::linked_clone::{CloneSetup, LinkedClone};
 use crate::filters::passthrough::Passthrough;
 use crate::filters::stats::{self, Stats};
-use crate::filters::throttle::{Bucket, Clock, RealClock, Throttle};
+use crate::filters::throttle::{Bucket, Throttle};
 use crate::FilterError;
 
 /// What a disk's chain is built from.
@@ -67,12 +69,8 @@ pub struct FilterFramework {
 
 impl Default for FilterFramework {
     fn default() -> Self {
-        FilterFramework::with_clock(Arc::new(RealClock::default()))
+        FilterFramework::with_clock(Arc::new(MonotonicClock))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl FilterFramework {

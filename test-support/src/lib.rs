@@ -1,6 +1,7 @@
 //! What the tests and benchmarks of several crates share, written once: a disk in memory, a
-//! deterministic pseudo-random generator, a counting allocator, a runtime, and one-line reads and
-//! writes.
+//! deterministic pseudo-random generator, a counting allocator, a runtime, one-line reads and
+//! writes, the guest FTL benchmarks' workloads ([`ftl_workload`]) and a real registry with
+//! images to push to it ([`registry`]).
 //!
 //! Only tests and benchmarks depend on this crate (as a dev-dependency). It panics freely: a
 //! test reports by panicking.
@@ -8,7 +9,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod alloc;
+pub mod ftl_workload;
 mod mem;
+pub mod registry;
 mod rng;
 
 pub use mem::{MemDisk, SparseDisk};

@@ -10,6 +10,12 @@ impl Rng {
         Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
     }
 
+    /// A generator whose state is `state` as it is (0 is taken as 1): for a caller whose recorded
+    /// results come from a stream that started there.
+    pub fn from_state(state: u64) -> Rng {
+        Rng(state.max(1))
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
@@ -22,6 +28,11 @@ impl Rng {
     /// A number below `n` (which must not be 0).
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
+    }
+
+    /// A number in `[0, 1)`, from the top 53 bits.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Fills `out` with pseudo-random bytes.
@@ -51,5 +62,9 @@ mod tests {
         assert_eq!(&random_bytes(7, 100)[..37], &random_bytes(7, 37)[..]);
         let mut r = Rng::new(3);
         assert!((0..1000).all(|_| r.below(10) < 10));
+        assert!((0..1000).all(|_| (0.0..1.0).contains(&r.unit())));
+        let (mut a, mut b) = (Rng::from_state(5), Rng::from_state(5));
+        assert_eq!(a.next_u64(), b.next_u64());
+        assert_ne!(Rng::from_state(0).next_u64(), 0, "a zero state would stay zero");
     }
 }

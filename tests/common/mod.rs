@@ -456,20 +456,6 @@ pub fn qemu_io_ok(uri: &str, commands: &[&str]) -> Output {
     out
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*), so failures can be reproduced.
-pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Compares two buffers, naming the first differing byte instead of dumping them.
 #[track_caller]
 pub fn assert_same_bytes(what: &str, got: &[u8], want: &[u8]) {

@@ -45,7 +45,7 @@ fn class_of(size: usize) -> Option<usize> {
 }
 
 fn lock(class: usize) -> std::sync::MutexGuard<'static, Vec<Block>> {
-    POOL[class].lock().unwrap_or_else(|p| p.into_inner())
+    plumbing::lock(&POOL[class])
 }
 
 impl IoBuf {

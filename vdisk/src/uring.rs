@@ -163,9 +163,7 @@ impl Drop for Entered {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, RingState> {
-        // A panic while holding the lock leaves the ring state consistent (every step is a plain
-        // assignment), so a poisoned lock is still usable.
-        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+        plumbing::lock(&self.ring)
     }
 
     fn clear_event(&self) {

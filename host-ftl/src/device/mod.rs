@@ -265,9 +265,7 @@ impl Device {
     }
 
     fn lock_pu(&self, pu: usize) -> MutexGuard<'_, PuState> {
-        // A panic in the middle of a command could leave a half-updated chunk record; commands do
-        // not panic, and refusing every later command would help nobody.
-        self.pus[pu].lock().unwrap_or_else(|p| p.into_inner())
+        plumbing::lock(&self.pus[pu])
     }
 
     fn locate_addr(&self, a: Addr) -> Result<Loc> {

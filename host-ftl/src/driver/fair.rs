@@ -6,7 +6,7 @@
 //!
 //! # Algorithm
 //!
-//! * **Token buckets** (as SPDK's bdev QoS): an operations bucket and a bytes bucket per guest,
+//! * **Token buckets** (as SPDK's bdev QoS; [`TokenBucket`]): an operations bucket and a bytes bucket per guest,
 //!   refilled continuously at the configured rate and holding at most one burst window's worth.
 //!   A guest may dispatch while both buckets hold more than zero tokens; a command then takes its
 //!   whole cost, which may leave a debt, so a large command is never stuck behind a small burst
@@ -38,10 +38,11 @@
 //! cannot go: the plain FIFO dispatcher, kept to show what the fair one buys.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
 
+use plumbing::rate::TokenBucket;
 use serde::{Deserialize, Serialize};
 
-const NS_PER_S: u64 = 1_000_000_000;
 /// Fixed-point scale of virtual time, so that `cost / weight` keeps its precision.
 const TAG_SCALE: u128 = 1 << 20;
 
@@ -64,51 +65,6 @@ pub struct Limits {
     pub iops: Option<u64>,
     /// Bytes of data per second.
     pub bytes_per_sec: Option<u64>,
-}
-
-/// A token bucket. Tokens are kept in units × 10^9, so that refilling at `rate` units per second
-/// adds exactly `rate` per nanosecond.
-#[derive(Clone, Debug)]
-pub struct TokenBucket {
-    rate: u64,
-    cap: i128,
-    tokens: i128,
-    last: u64,
-}
-
-impl TokenBucket {
-    /// A full bucket of `burst` units (at least one) refilled at `rate` units per second (at
-    /// least one).
-    pub fn new(rate: u64, burst: u64, now: u64) -> TokenBucket {
-        let cap = i128::from(burst.max(1)) * i128::from(NS_PER_S);
-        TokenBucket { rate: rate.max(1), cap, tokens: cap, last: now }
-    }
-
-    /// Adds the tokens earned since the last refill.
-    pub fn refill(&mut self, now: u64) {
-        let dt = now.saturating_sub(self.last);
-        self.last = self.last.max(now);
-        self.tokens = (self.tokens + i128::from(dt) * i128::from(self.rate)).min(self.cap);
-    }
-
-    /// Whether a command may go: more than zero tokens.
-    pub fn ready(&self) -> bool {
-        self.tokens > 0
-    }
-
-    /// Takes `units`, possibly into debt.
-    pub fn take(&mut self, units: u64) {
-        self.tokens -= i128::from(units) * i128::from(NS_PER_S);
-    }
-
-    /// Nanoseconds until the bucket is ready again (0 if it is).
-    pub fn wait_ns(&self) -> u64 {
-        if self.ready() {
-            return 0;
-        }
-        let ns = (-self.tokens) / i128::from(self.rate) + 1;
-        u64::try_from(ns).unwrap_or(u64::MAX)
-    }
 }
 
 /// The device time a command is predicted to take on each resource it uses.
@@ -256,10 +212,8 @@ impl<T> Scheduler<T> {
 
     /// Adds a flow (a guest, or a background job) with a weight (at least 1) and limits.
     pub fn add_flow(&mut self, id: u64, weight: u32, limits: Limits, now: u64) {
-        let bucket = |rate: u64| {
-            let burst = (u128::from(rate) * u128::from(self.cfg.burst_ns) / u128::from(NS_PER_S)) as u64;
-            TokenBucket::new(rate, burst, now)
-        };
+        let burst = Duration::from_nanos(self.cfg.burst_ns);
+        let bucket = |rate: u64| TokenBucket::new(rate, burst, now);
         let flow = Flow {
             weight: weight.max(1),
             finish: self.vtime,
@@ -558,23 +512,6 @@ mod tests {
             }
             all.extend(d);
         }
-    }
-
-    #[test]
-    fn bucket_refills_at_its_rate_up_to_its_burst_and_allows_debt() {
-        let mut b = TokenBucket::new(1000, 2, 0); // 1000/s = one per ms, burst 2
-        assert!(b.ready());
-        b.take(1);
-        b.take(1);
-        assert!(!b.ready());
-        assert_eq!(b.wait_ns(), 1);
-        b.refill(500_000);
-        assert!(b.ready(), "half a token is more than zero");
-        b.take(5);
-        assert_eq!(b.wait_ns(), 4_500_001, "4.5 tokens of debt at one per ms");
-        b.refill(100_000_000);
-        b.take(2);
-        assert!(!b.ready(), "the burst caps what idle time earns");
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! * [`validate`]: every command is checked and translated before it reaches the device.
 //! * [`queue`]: the guest-facing boundary: 64-byte commands in, futures of completions out.
 //! * [`fair`]: token buckets and weighted fair queueing, with short device queues.
-//! * [`engine`]: the deterministic dispatching core, driven by an explicit clock ([`clock`]).
+//! * [`engine`]: the deterministic dispatching core, handed the time by its caller: on the real
+//!   clock a dispatcher thread drives it; on a simulated one ([`plumbing::clock::SimClock`]) the
+//!   caller does, through [`Driver::advance_to`], so fairness is tested deterministically.
 //! * [`reclaim`]: a removed guest's chunks are reset before its PUs are given again.
 //! * [`notify`]: chunk notifications routed to the owning guest.
 //!
@@ -33,7 +35,6 @@
 //! ```
 
 pub mod admin;
-pub mod clock;
 pub mod engine;
 pub mod error;
 pub mod fair;
@@ -45,13 +46,14 @@ pub mod validate;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use plumbing::clock::{Clock, MonotonicClock, SimClock};
+use plumbing::lock;
 use state_store::Store;
 
-pub use clock::{Clock, MonotonicClock, SimClock};
 pub use engine::GuestCounters;
 pub use error::{DriverError, Result};
 pub use fair::{Estimate, Limits, Policy};
@@ -71,12 +73,6 @@ use crate::dma::DmaRegion;
 use crate::geometry::{Geometry, MAX_VECTOR};
 use crate::open_channel::OpenChannel;
 use crate::timing::{Costs, OpKind};
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic never happens under these locks on purpose; if one did, the state is still the
-    // best there is, and refusing every later call would help nobody.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Which clock drives the driver.
 #[derive(Clone, Debug, Default)]

@@ -8,18 +8,15 @@
 //! (free, or being reclaimed) are dropped: nobody may learn about another guest's chunks.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use plumbing::lock;
 
 use super::partition::Partition;
 use crate::address::Addr;
 use crate::error::Result;
 use crate::notify::{ChunkNotification, NOTIFICATION_CAPACITY};
 use crate::open_channel::OpenChannel;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Plain queues and counters: a poisoned lock leaves them consistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// One guest's notifications, newest [`NOTIFICATION_CAPACITY`] kept.
 #[derive(Default)]

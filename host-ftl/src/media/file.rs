@@ -242,8 +242,7 @@ impl FileMedia {
                 return g;
             }
         }
-        // The guarded ring is either whole or None: a poisoned lock leaves it usable.
-        self.rings[start % RINGS].lock().unwrap_or_else(|p| p.into_inner())
+        plumbing::lock(&self.rings[start % RINGS])
     }
 
     fn data_offset(&self, chunk: usize, blk: u32) -> u64 {
@@ -258,7 +257,7 @@ impl FileMedia {
     /// The in-memory OOB bytes of `chunk`, read from the file the first time.
     fn chunk_oob(&self, chunk: usize) -> Result<MutexGuard<'_, Option<Box<[u8]>>>> {
         // Plain bytes: a poisoned lock leaves them usable.
-        let mut guard = self.oob[chunk].lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = plumbing::lock(&self.oob[chunk]);
         if guard.is_none() {
             let mut bytes = vec![0u8; self.geo.clba as usize * self.geo.oob_size as usize];
             self.file
@@ -287,7 +286,7 @@ impl FileMedia {
                 MediaOp::Write { chunk, .. } | MediaOp::Erase { chunk } => *chunk,
                 _ => continue,
             };
-            let mut guard = self.oob[chunk].lock().unwrap_or_else(|p| p.into_inner());
+            let mut guard = plumbing::lock(&self.oob[chunk]);
             let Some(mirror) = guard.as_deref_mut() else { continue };
             match op {
                 _ if !ok => *guard = None,

@@ -2,7 +2,9 @@
 //! it is erased, so a large device costs memory only for what is written.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
+
+use plumbing::lock;
 
 use super::{check_op, Media, MediaOp};
 use crate::chunk::ChunkMeta;
@@ -21,11 +23,6 @@ pub struct MemMedia {
 struct ChunkStore {
     data: Vec<u8>,
     oob: Vec<u8>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Plain bytes and records: a poisoned lock leaves them usable.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl MemMedia {

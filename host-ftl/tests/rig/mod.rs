@@ -11,8 +11,9 @@ use std::cell::Cell;
 use std::ops::Deref;
 use std::sync::Arc;
 
-use host_ftl::driver::{ClockConfig, Driver, DriverConfig, Pending, QueuePair, SimClock};
+use host_ftl::driver::{ClockConfig, Driver, DriverConfig, Pending, QueuePair};
 use host_ftl::{opcode, Addr, Cqe, Device, DmaRegion, Geometry, OpenChannel, Sqe};
+use plumbing::clock::SimClock;
 use state_store::Store;
 
 pub const LIST: u64 = 0;

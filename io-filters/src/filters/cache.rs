@@ -131,7 +131,7 @@ impl Cache {
     fn lock_shard<'a>(&self, shard: &'a Mutex<Shard>) -> std::sync::MutexGuard<'a, Shard> {
         #[cfg(test)]
         self.locks.fetch_add(1, Relaxed);
-        shard.lock().unwrap_or_else(|p| p.into_inner())
+        plumbing::lock(shard)
     }
 
     /// Copies the range from the cache into `out` if every block of it is there.

@@ -36,6 +36,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 
+use plumbing::lock;
 use state_store::{Batch, Store};
 use tokio::sync::{Mutex, OnceCell, RwLock};
 use vdisk::{BlockError, IoBuf, IoFuture, IoResult, RequestKind};
@@ -485,10 +486,6 @@ impl Integrity {
         lock(&self.marked_pages).retain(|&p| self.table.get(p).is_some_and(|page| page.marked.load(SeqCst)));
         Ok(reply)
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Filter for Integrity {

@@ -389,7 +389,7 @@ impl LinkedClone {
         }
         let (store, ns, lock) = (self.store.clone(), self.namespace.clone(), self.commit_lock.clone());
         offload(move || {
-            let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _one = plumbing::lock(&lock);
             let mut batch = Batch::new();
             for (p, mut words) in pages {
                 let key = page_key(p);
@@ -609,11 +609,10 @@ mod tests {
         for g in [0, 1, 63, 64, 65, 200, 511, 512, 998, 999] {
             bitmap.set(g);
         }
-        let mut seed = 7u64;
+        let mut rng = test_support::Rng::new(7);
         for _ in 0..2000 {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let a = (seed >> 33) % 1000;
-            let b = a + (seed >> 13) % (1001 - a);
+            let a = rng.below(1000);
+            let b = a + rng.below(1001 - a);
             let naive = (a..b).filter(|g| bitmap.is_set(*g)).count() as u64;
             assert_eq!(bitmap.count(a..b), naive, "{a}..{b}");
             assert_eq!(bitmap.all_set(a..b), naive == b - a, "{a}..{b}");

@@ -117,7 +117,7 @@ impl std::task::Wake for TaskWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let mut ready = self.pending.ready.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ready = plumbing::lock(&self.pending.ready);
         ready.push(self.slot);
         // The queue thread reads the eventfd before it takes the whole list, so one signal per
         // batch is enough: a slot pushed after an earlier one's signal is taken along with it.
@@ -129,7 +129,7 @@ impl std::task::Wake for TaskWaker {
 
 impl Pending {
     fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
-        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+        plumbing::lock(&self.tasks)
     }
 
     /// Notes a refused chain; logs the 1st, 2nd, 4th, 8th, ... so that a driver sending nothing
@@ -337,7 +337,7 @@ impl BlkBackend {
         let _ = pending.event.read();
         let _runtime = self.runtime.enter();
         let _ring = pending.ring.enter();
-        let ready = std::mem::take(&mut *pending.ready.lock().unwrap_or_else(|p| p.into_inner()));
+        let ready = std::mem::take(&mut *plumbing::lock(&pending.ready));
         let mut returned = false;
         for slot in ready {
             // A slot may be woken twice, or after its request finished: then it is empty.

@@ -1,24 +1,7 @@
 //! Random 4 KiB overwrite workloads for the guest FTL benchmarks (`ftl_wa`, `ftl_throughput`):
 //! uniform, Zipf and hot/cold, over a shuffled block order, from a fixed seed.
 
-// Each benchmark uses a part of this.
-#![allow(dead_code)]
-
-/// xorshift64*: small, fast, deterministic.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+use crate::Rng;
 
 #[derive(Clone, Copy, Debug)]
 pub enum Workload {
@@ -52,10 +35,11 @@ pub struct Gen {
 
 impl Gen {
     pub fn new(w: Workload, n: u64, seed: u64) -> Gen {
-        let mut rng = Rng(seed | 1);
+        // The state itself, not a seed: the recorded results come from this stream.
+        let mut rng = Rng::from_state(seed | 1);
         let mut perm: Vec<u32> = (0..n as u32).collect();
         for i in (1..perm.len()).rev() {
-            let j = (rng.next() % (i as u64 + 1)) as usize;
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
             perm.swap(i, j);
         }
         let cdf = match w {
@@ -76,9 +60,10 @@ impl Gen {
         Gen { w, n, cdf, perm, rng }
     }
 
-    pub fn next(&mut self) -> u64 {
+    /// The next logical block to write.
+    pub fn next_block(&mut self) -> u64 {
         let rank = match self.w {
-            Workload::Uniform => self.rng.next() % self.n,
+            Workload::Uniform => self.rng.next_u64() % self.n,
             Workload::Zipf(_) => {
                 let u = self.rng.unit();
                 self.cdf.partition_point(|&c| c < u).min(self.n as usize - 1) as u64
@@ -86,9 +71,9 @@ impl Gen {
             Workload::HotCold { blocks, writes } => {
                 let hot = ((self.n as f64 * blocks) as u64).max(1);
                 if self.rng.unit() < writes {
-                    self.rng.next() % hot
+                    self.rng.next_u64() % hot
                 } else {
-                    hot + self.rng.next() % (self.n - hot).max(1)
+                    hot + self.rng.next_u64() % (self.n - hot).max(1)
                 }
             }
         };

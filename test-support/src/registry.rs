@@ -1,10 +1,9 @@
-//! Test support: a real OCI registry on loopback, a proxy in front of it that injects faults or
-//! demands auth, and images built with umoci and pushed with skopeo.
+//! A real OCI registry on loopback, a proxy in front of it that injects faults or demands auth,
+//! and images built with umoci and pushed with skopeo.
 //!
-//! Used by fuse-lazypull's tests and by the root package's end-to-end tests through
-//! `#[path = "../fuse-lazypull/tests/support/mod.rs"] mod support;`. Needs `docker-registry`,
-//! `umoci`, `skopeo` and GNU `tar` (scripts/setup.sh installs them); device nodes and owners need
-//! root (CI runs as root).
+//! Used by fuse-lazypull's tests and by the root package's end-to-end tests. Needs
+//! `docker-registry`, `umoci`, `skopeo` and GNU `tar` (scripts/setup.sh installs them); device
+//! nodes and owners need root (CI runs as root).
 //!
 //! - [`Registry::start`]: `docker-registry serve` on a free 127.0.0.1 port with storage in a
 //!   temporary directory, killed on drop. [`Registry::host`] is `127.0.0.1:PORT`.
@@ -19,7 +18,6 @@
 //!   are exactly what the test asks for). [`ImageBuilder::push`] copies it to a registry with
 //!   skopeo (OCI or Docker media types); [`ImageBuilder::unpack`] gives the reference tree from
 //!   `umoci unpack`.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -808,17 +806,11 @@ impl Layer {
     pub fn large_file(&mut self, rel: &str, size: u64, seed: u64) -> &mut Self {
         let p = self.path(rel);
         let mut f = std::io::BufWriter::new(std::fs::File::create(&p).expect("creating a large file"));
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut rng = crate::Rng::new(seed);
         let mut left = size;
         let mut buf = vec![0u8; 1 << 16];
         while left > 0 {
-            for b in buf.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let bytes = x.to_le_bytes();
-                b.copy_from_slice(&bytes[..b.len()]);
-            }
+            rng.fill(&mut buf);
             let n = left.min(buf.len() as u64) as usize;
             f.write_all(&buf[..n]).expect("writing a large file");
             left -= n as u64;
