@@ -153,9 +153,9 @@ fn concurrent_readers_fetch_each_chunk_once() {
         for t in 0..6u64 {
             let (blob, data) = (&blob, &data);
             s.spawn(move || {
-                let mut x = t * 7919 + 1;
+                let mut rng = test_support::Rng::new(t);
                 for _ in 0..200 {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let x = rng.next_u64();
                     let off = (x >> 20) % data.len() as u64;
                     let len = ((x >> 8) % 100_000).min(data.len() as u64 - off) as usize;
                     assert_eq!(read(&**blob, off, len), &data[off as usize..off as usize + len]);

@@ -15,13 +15,11 @@ use proptest::prelude::*;
 
 /// Data that compresses somewhat (so blocks hold back references) but not to nothing.
 fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
+    let mut rng = test_support::Rng::new(seed);
     let mut out = Vec::with_capacity(len);
     let words: [&[u8]; 6] = [b"layer ", b"gzip ", b"checkpoint ", b"window ", b"\x00\x01\x02", b"inflate "];
     while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = rng.next_u64();
         if x % 3 == 0 {
             out.push((x >> 24) as u8);
         } else {

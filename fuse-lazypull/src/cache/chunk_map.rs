@@ -176,11 +176,9 @@ mod tests {
         let mut map = ChunkMap::new(len);
         let mut model = vec![Chunk::Missing; len];
         let states = [Chunk::Missing, Chunk::Fetching, Chunk::Present];
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut rng = test_support::Rng::new(1);
         for _ in 0..3000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next_u64();
             let start = (x % len as u64) as usize;
             let end = (start + (x >> 20) as usize % (2 * PAGE)).min(len + 5);
             let (from, to) = (states[(x >> 40) as usize % 3], states[(x >> 50) as usize % 3]);

@@ -12,17 +12,9 @@ use fuse_lazypull::layer::{BlobSource, ReadError};
 use fuse_lazypull::registry::Descriptor;
 use sha2::Digest as _;
 
-/// `n` incompressible bytes from `seed` (xorshift), the same for the same seed.
+/// `n` incompressible bytes from `seed`, the same for the same seed.
 pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    test_support::random_bytes(seed, n)
 }
 
 /// A blob in memory. `corrupt` flips a byte in the given range for that many reads, to test
