@@ -151,7 +151,7 @@ impl Store {
             let Some(name) = key.strip_prefix(REGISTRY_PREFIX) else { break };
             names.insert(String::from_utf8_lossy(name).into_owned());
         }
-        *store.names.write().unwrap_or_else(|p| p.into_inner()) = names;
+        *plumbing::lock::write(&store.names) = names;
         Ok(Arc::new(store))
     }
 
@@ -193,7 +193,7 @@ impl Store {
     /// Creates an empty namespace. Creation is durable when this returns.
     pub fn create_namespace(&self, name: &str) -> Result<()> {
         check_name(name)?;
-        let mut names = self.names.write().unwrap_or_else(|p| p.into_inner());
+        let mut names = plumbing::lock::write(&self.names);
         if names.contains(name) {
             return Err(StoreError::NamespaceExists(name.to_owned()));
         }
@@ -207,7 +207,7 @@ impl Store {
     /// Drops a namespace and everything in it, in one synced write.
     pub fn drop_namespace(&self, name: &str) -> Result<()> {
         check_name(name)?;
-        let mut names = self.names.write().unwrap_or_else(|p| p.into_inner());
+        let mut names = plumbing::lock::write(&self.names);
         if !names.contains(name) {
             return Err(StoreError::NoSuchNamespace(name.to_owned()));
         }
@@ -306,7 +306,7 @@ impl Store {
     }
 
     fn names(&self) -> RwLockReadGuard<'_, BTreeSet<String>> {
-        self.names.read().unwrap_or_else(|p| p.into_inner())
+        plumbing::lock::read(&self.names)
     }
 
     fn check_exists(&self, names: &BTreeSet<String>, namespace: &str) -> Result<()> {
