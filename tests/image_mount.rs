@@ -59,7 +59,7 @@ fn cache_with_indexes_only(reference: &str, dir: &Path) -> Arc<BlobCache> {
     for desc in &resolved.layers {
         let blob = first.blob(&client, &image_ref, desc).unwrap();
         let index = fuse_lazypull::mount::layer_index(&first, desc, &blob, &Limits::DEFAULT).unwrap();
-        cache.put_derived(&desc.digest, fuse_lazypull::mount::LAYER_INDEX, &index.to_bytes()).unwrap();
+        cache.put_derived(&desc.digest, fuse_lazypull::mount::LAYER_INDEX, &index.to_bytes().unwrap()).unwrap();
     }
     cache
 }

@@ -301,8 +301,13 @@ pub fn layer_index(
         index
     })
     .map_err(index_err)?;
-    if let Err(e) = cache.put_derived(&desc.digest, LAYER_INDEX, &index.to_bytes()) {
-        tracing::warn!(layer = %desc.digest, error = %chain(&e), "could not keep the layer index in the cache");
+    match index.to_bytes() {
+        Ok(bytes) => {
+            if let Err(e) = cache.put_derived(&desc.digest, LAYER_INDEX, &bytes) {
+                tracing::warn!(layer = %desc.digest, error = %chain(&e), "could not keep the layer index in the cache");
+            }
+        }
+        Err(e) => tracing::warn!(layer = %desc.digest, error = %chain(&e), "the layer index cannot be cached"),
     }
     Ok(index)
 }

@@ -128,7 +128,7 @@ fn round_trip_through_writer_and_reader() {
     assert!(ranges[0].start == 0 && ranges[0].end > 890_000 && ranges[0].end < blob.len() as u64, "{ranges:?}");
 
     // The index survives serialization (as the cache keeps it).
-    let again = LayerIndex::from_bytes(&index.to_bytes()).unwrap();
+    let again = LayerIndex::from_bytes(&index.to_bytes().unwrap()).unwrap();
     assert_eq!(read_file(&again, &source, "big"), big);
     assert_eq!(again.prefetch_ranges(), index.prefetch_ranges());
 

@@ -311,9 +311,11 @@ impl LayerIndex {
         LayerIndex { entries, format, chunk_cache: ChunkCache::default() }
     }
 
-    pub fn to_bytes(&self) -> Vec<u8> {
-        // A LayerIndex is plain data; serializing it to a Vec cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+    /// The index as the cache keeps it. Fails for a layer with a path that is not UTF-8, which
+    /// JSON cannot hold: such an index is not cached (an empty file in its place would be read
+    /// back as a corrupt index on every mount).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, LayerError> {
+        serde_json::to_vec(self).map_err(|e| LayerError::Index(format!("cannot write the index: {e}")))
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<LayerIndex, LayerError> {
