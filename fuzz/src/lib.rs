@@ -11,8 +11,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod ftl_command;
+pub mod layers;
 pub mod memdisk;
 pub mod nbd;
+pub mod registry;
 
 use std::sync::OnceLock;
 
@@ -24,6 +26,12 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("nbd_handshake", nbd::nbd_handshake),
     ("nbd_transmission", nbd::nbd_transmission),
     ("ftl_command", ftl_command::ftl_command),
+    ("tar_layer", layers::tar_layer),
+    ("gzip_layer", layers::gzip_layer),
+    ("gzip_index", layers::gzip_index),
+    ("estargz", layers::estargz),
+    ("registry", registry::registry),
+    ("image_reference", registry::image_reference),
 ];
 
 /// Whether `VSTOR_FUZZ_DEBUG` is set: targets then say how far each input got, to check that

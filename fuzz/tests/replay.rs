@@ -50,3 +50,9 @@ macro_rules! replay_test {
 replay_test!(nbd_handshake);
 replay_test!(nbd_transmission);
 replay_test!(ftl_command);
+replay_test!(tar_layer);
+replay_test!(gzip_layer);
+replay_test!(gzip_index);
+replay_test!(estargz);
+replay_test!(registry);
+replay_test!(image_reference);
