@@ -136,6 +136,20 @@ fn a_truncated_stream_is_an_error() {
     assert!(indexer.read_to_end(&mut out).is_err());
 }
 
+#[test]
+fn a_blob_without_a_gzip_member_is_refused() {
+    // Found by the gzip_layer fuzz target: an empty blob was indexed with no checkpoint, an
+    // index that the cache then could not read back.
+    for blob in [Vec::new(), vec![0u8; 64]] {
+        let source = MemSource::new(blob);
+        let mut indexer = GzipIndexer::new(&source, &Limits::DEFAULT).unwrap();
+        let mut out = Vec::new();
+        indexer.read_to_end(&mut out).unwrap();
+        assert!(out.is_empty());
+        assert!(matches!(indexer.finish(), Err(LayerError::Gzip { .. })));
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(16))]
     #[test]

@@ -463,9 +463,14 @@ impl<'a> GzipIndexer<'a> {
         }
     }
 
-    /// Reads the rest of the stream and returns the index and the blob's sha256 (hex).
+    /// Reads the rest of the stream and returns the index and the blob's sha256 (hex). A blob
+    /// with no gzip member (empty, or zeroes) is refused: its index would have no checkpoint,
+    /// and could not be read back from the cache.
     pub fn finish(mut self) -> Result<(GzipIndex, String), LayerError> {
         while self.advance()? > 0 {}
+        if self.index.checkpoints.is_empty() {
+            return Err(LayerError::Gzip { offset: 0, why: "no gzip member".into() });
+        }
         // Anything after the stream (never, unless the blob has trailing bytes) is still hashed.
         while self.input.position() < self.input.size {
             let n = self.input.fill(self.source)?.len();
