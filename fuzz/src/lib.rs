@@ -14,6 +14,7 @@ pub mod ftl_command;
 pub mod layers;
 pub mod memdisk;
 pub mod nbd;
+pub mod records;
 pub mod registry;
 
 use std::sync::OnceLock;
@@ -32,6 +33,11 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("estargz", layers::estargz),
     ("registry", registry::registry),
     ("image_reference", registry::image_reference),
+    ("catalog_record", records::catalog_record),
+    ("clone_bitmap", records::clone_bitmap),
+    ("integrity_records", records::integrity_records),
+    ("ftl_checkpoint", records::ftl_checkpoint),
+    ("cache_index", records::cache_index),
 ];
 
 /// Whether `VSTOR_FUZZ_DEBUG` is set: targets then say how far each input got, to check that

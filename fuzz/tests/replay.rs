@@ -56,3 +56,8 @@ replay_test!(gzip_index);
 replay_test!(estargz);
 replay_test!(registry);
 replay_test!(image_reference);
+replay_test!(catalog_record);
+replay_test!(clone_bitmap);
+replay_test!(integrity_records);
+replay_test!(ftl_checkpoint);
+replay_test!(cache_index);
