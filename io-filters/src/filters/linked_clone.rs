@@ -116,12 +116,19 @@ impl Bitmap {
         self.words[first..last].iter().map(|w| w.load(SeqCst)).collect()
     }
 
+    /// ORs a stored page into the bitmap. A page read back sets bits of its own page only, and
+    /// only of grains the disk has: a damaged record (a page number past the disk, a value longer
+    /// than a page, bits past the last grain) sets nothing beyond.
     fn load_page(&self, p: usize, bytes: &[u8]) {
-        for (i, chunk) in bytes.chunks_exact(8).enumerate() {
-            if let Some(w) = self.words.get(p * PAGE_WORDS + i) {
+        let Some(first) = p.checked_mul(PAGE_WORDS) else { return };
+        for (i, chunk) in bytes.chunks_exact(8).take(PAGE_WORDS).enumerate() {
+            let w = first + i;
+            if let Some(word) = self.words.get(w) {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(chunk);
-                w.fetch_or(u64::from_le_bytes(b), SeqCst);
+                let beyond = (w as u64 * 64 + 64).saturating_sub(self.grains);
+                let mask = if beyond >= 64 { 0 } else { u64::MAX >> beyond };
+                word.fetch_or(u64::from_le_bytes(b) & mask, SeqCst);
             }
         }
     }
@@ -482,5 +489,26 @@ impl Filter for LinkedClone {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_damaged_stored_page_sets_no_bit_beyond_its_page_or_the_disk() {
+        // Found by the clone_bitmap fuzz target: bits past the last grain were loaded (and
+        // counted as allocated), and a page number near usize::MAX overflowed.
+        let bitmap = Bitmap::new(513 * GRAIN);
+        bitmap.load_page(0, &[0xff; 2 * PAGE_WORDS * 8]);
+        assert_eq!(bitmap.allocated(), 513);
+        assert_eq!(bitmap.count(0..513), 513);
+        bitmap.load_page(usize::MAX, &[0xff; 8]);
+        bitmap.load_page(1, &[0xff; 8]);
+        assert_eq!(bitmap.allocated(), 513);
+        let two_pages = Bitmap::new(2 * PAGE_GRAINS * GRAIN);
+        two_pages.load_page(0, &[0xff; 2 * PAGE_WORDS * 8]);
+        assert_eq!(two_pages.allocated(), PAGE_GRAINS, "a page's record sets only its own page");
     }
 }
