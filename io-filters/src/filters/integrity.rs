@@ -105,8 +105,10 @@ impl Integrity {
         let pages: Vec<PageState> = (0..npages).map(|_| PageState::default()).collect();
         let stored = store.scan_prefix(namespace, CRC_PREFIX).map_err(|e| format!("cannot load checksums: {e}"))?;
         for (key, value) in stored {
-            let Some(page) = page_of_key(&key, CRC_PREFIX) else { continue };
-            for (i, word) in value.chunks_exact(4).enumerate() {
+            // A damaged record (a page past the disk, a value longer than a page) sets no
+            // checksum beyond its own page.
+            let Some(page) = page_of_key(&key, CRC_PREFIX).filter(|p| *p < npages) else { continue };
+            for (i, word) in value.chunks_exact(4).take(PAGE_BLOCKS as usize).enumerate() {
                 let b = page * PAGE_BLOCKS + i as u64;
                 if let Some(slot) = crcs.get(b as usize) {
                     slot.store(u32::from_le_bytes([word[0], word[1], word[2], word[3]]), SeqCst);
@@ -359,5 +361,28 @@ impl Filter for Integrity {
                 RequestKind::Write | RequestKind::Discard | RequestKind::WriteZeroes => self.change(req, next).await,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_damaged_checksum_page_sets_nothing_beyond_its_page() {
+        // Found by the integrity_records fuzz target: a page number near u64::MAX overflowed,
+        // and a long value set the checksums of the next page.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.create_namespace("d").unwrap();
+        let mut batch = Batch::new();
+        batch.put("d", crc_key(u64::MAX), [1u8; 8]);
+        batch.put("d", crc_key(u64::MAX / 1024 + 1), [1u8; 8]);
+        batch.put("d", crc_key(0), vec![7u8; 8 * PAGE_BLOCKS as usize]);
+        store.commit(batch).unwrap();
+        let f = Integrity::open("d", store, "d", 2 * PAGE_BLOCKS * 512, 512).unwrap();
+        let page = |p: u64| f.crcs[(p * PAGE_BLOCKS) as usize..((p + 1) * PAGE_BLOCKS) as usize].iter();
+        assert!(page(0).all(|c| c.load(SeqCst) == u32::from_le_bytes([7; 4])));
+        assert!(page(1).all(|c| c.load(SeqCst) == f.zero_crc), "page 0's record reached page 1");
     }
 }
