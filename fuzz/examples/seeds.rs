@@ -43,6 +43,7 @@ fn main() {
     filter_seeds(&out);
     ftl_checkpoint_seeds(&out);
     cache_index_seeds(&out);
+    vhost_seeds(&out);
 }
 
 fn files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
@@ -449,4 +450,126 @@ fn cache_index_seeds(out: &Out) {
     for (i, p) in parts.iter().enumerate() {
         out.put("cache_index", &format!("one-{i}"), p);
     }
+}
+
+/// Chains a Linux guest sends (read, write, flush, get-id, discard, write-zeroes; a header split
+/// over two descriptors; an indirect table; buffers in the second memory region), and chains a
+/// hostile one does (past guest memory, a loop, a head outside the queue).
+fn vhost_seeds(out: &Out) {
+    use vstor_fuzz::vhost::{RawDesc, DATA, FUZZ_DESCS};
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    const INDIRECT: u16 = 4;
+    let high = vstor_fuzz::vhost::REGIONS[1].0;
+    // Guest memory from DATA: headers at +0x0 (32 bytes apart), segments at +0x400, the
+    // indirect table at +0x800, status bytes at +0xc00, buffers from +0x1000.
+    struct Seed {
+        body: Vec<u8>,
+        descs: Vec<RawDesc>,
+        heads: Vec<u16>,
+    }
+    impl Seed {
+        fn new() -> Seed {
+            Seed { body: vec![0u8; 0x1000], descs: Vec::new(), heads: Vec::new() }
+        }
+        fn put(&mut self, at: u64, bytes: &[u8]) {
+            let at = at as usize;
+            self.body[at..at + bytes.len()].copy_from_slice(bytes);
+        }
+        fn header(&mut self, n: u64, kind: u32, sector: u64) -> u64 {
+            let mut h = [0u8; 16];
+            h[..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..].copy_from_slice(&sector.to_le_bytes());
+            self.put(n * 32, &h);
+            DATA + n * 32
+        }
+        /// A chain of (address, length, device-writable) in the table, made available.
+        fn chain(&mut self, parts: &[(u64, u32, bool)]) {
+            let first = self.descs.len() as u16;
+            self.heads.push(first);
+            for (i, &(addr, len, write)) in parts.iter().enumerate() {
+                let last = i + 1 == parts.len();
+                let flags = if write { WRITE } else { 0 } | if last { 0 } else { NEXT };
+                let next = if last { 0 } else { first + i as u16 + 1 };
+                self.descs.push(RawDesc { addr, len, flags, next });
+            }
+        }
+        fn bytes(&self) -> Vec<u8> {
+            let mut out = (self.heads.len() as u16).to_le_bytes().to_vec();
+            for i in 0..FUZZ_DESCS {
+                out.extend_from_slice(&self.heads.get(i).copied().unwrap_or(0).to_le_bytes());
+            }
+            for i in 0..FUZZ_DESCS {
+                let d = self.descs.get(i).copied().unwrap_or(RawDesc { addr: 0, len: 0, flags: 0, next: 0 });
+                out.extend_from_slice(&d.to_bytes());
+            }
+            out.extend_from_slice(&self.body);
+            out
+        }
+    }
+    let status = |n: u64| (DATA + 0xc00 + n, 1, true);
+    let buf = |off: u64| DATA + 0x1000 + off;
+
+    let mut s = Seed::new();
+    let h = s.header(0, 0, 0);
+    s.chain(&[(h, 16, false), (buf(0), 4096, true), status(0)]);
+    let h = s.header(1, 1, 8);
+    s.chain(&[(h, 16, false), (buf(0x1000), 512, false), status(1)]);
+    let h = s.header(2, 4, 0);
+    s.chain(&[(h, 16, false), status(2)]);
+    s.body.resize(0x2400, 0x5a);
+    out.put("vhost_chain", "read-write-flush", &s.bytes());
+
+    let mut s = Seed::new();
+    let h = s.header(0, 8, 0);
+    s.chain(&[(h, 16, false), (buf(0), 20, true), status(0)]);
+    let h = s.header(1, 11, 0);
+    let mut seg = 16u64.to_le_bytes().to_vec();
+    seg.extend_from_slice(&8u32.to_le_bytes());
+    seg.extend_from_slice(&0u32.to_le_bytes());
+    s.put(0x400, &seg);
+    s.chain(&[(h, 16, false), (DATA + 0x400, 16, false), status(1)]);
+    let h = s.header(2, 13, 0);
+    seg[12..].copy_from_slice(&1u32.to_le_bytes());
+    s.put(0x410, &seg);
+    s.chain(&[(h, 16, false), (DATA + 0x410, 16, false), status(2)]);
+    out.put("vhost_chain", "id-discard-write-zeroes", &s.bytes());
+
+    let mut s = Seed::new();
+    let h = s.header(0, 0, 2);
+    // The header split in two; the data in the second region; the status after the data in the
+    // same descriptor.
+    s.chain(&[(h, 8, false), (h + 8, 8, false), (high, 1024, true), (high + 0x1000, 513, true)]);
+    let h = s.header(1, 1, 4);
+    s.put(32 + 16, &[0x77; 512]);
+    s.chain(&[(h, 16 + 512, false), (high + 0x2000, 1, true)]);
+    out.put("vhost_chain", "split-and-shared", &s.bytes());
+
+    let mut s = Seed::new();
+    let h = s.header(0, 0, 1);
+    let table: Vec<u8> = [
+        RawDesc { addr: h, len: 16, flags: NEXT, next: 1 },
+        RawDesc { addr: buf(0), len: 2048, flags: WRITE | NEXT, next: 2 },
+        RawDesc { addr: DATA + 0xc00, len: 1, flags: WRITE, next: 0 },
+    ]
+    .iter()
+    .flat_map(|d| d.to_bytes())
+    .collect();
+    s.put(0x800, &table);
+    s.heads.push(0);
+    s.descs.push(RawDesc { addr: DATA + 0x800, len: 48, flags: INDIRECT, next: 0 });
+    out.put("vhost_chain", "indirect", &s.bytes());
+
+    let mut s = Seed::new();
+    let h = s.header(0, 0, 0);
+    s.chain(&[(h, 16, false), (0xff00, 0x200, true), status(0)]);
+    let h = s.header(1, 0, 0);
+    s.chain(&[(h, 16, false), (buf(0), 512, true), status(1)]);
+    let looped = s.descs.len() - 1;
+    s.descs[looped].flags |= NEXT;
+    s.descs[looped].next = looped as u16 - 1;
+    s.heads.push(40);
+    let h = s.header(2, 4, 0);
+    s.chain(&[(h, 16, false), status(2)]);
+    out.put("vhost_chain", "hostile", &s.bytes());
 }

@@ -16,6 +16,7 @@ pub mod memdisk;
 pub mod nbd;
 pub mod records;
 pub mod registry;
+pub mod vhost;
 
 use std::sync::OnceLock;
 
@@ -38,6 +39,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("integrity_records", records::integrity_records),
     ("ftl_checkpoint", records::ftl_checkpoint),
     ("cache_index", records::cache_index),
+    ("vhost_chain", vhost::vhost_chain),
 ];
 
 /// Whether `VSTOR_FUZZ_DEBUG` is set: targets then say how far each input got, to check that

@@ -61,3 +61,4 @@ replay_test!(clone_bitmap);
 replay_test!(integrity_records);
 replay_test!(ftl_checkpoint);
 replay_test!(cache_index);
+replay_test!(vhost_chain);
