@@ -15,11 +15,12 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 #    behind a recording proxy). Transmission seeds are the same streams from the first request
 #    on, behind each mode byte.
 qemu-img create -f raw "$work/a.img" 256K >/dev/null
+wait_for() { for _ in $(seq 100); do [ -S "$1" ] && return; sleep 0.1; done; echo "no socket $1" >&2; exit 1; }
 qemu-nbd -k "$work/up.sock" -x a -t -e 8 -f raw "$work/a.img" &
 mkdir -p "$work/nbd"
-sleep 0.5
+wait_for "$work/up.sock"
 python3 fuzz/seeds/nbd_proxy.py "$work/px.sock" "$work/up.sock" "$work/nbd" &
-sleep 0.5
+wait_for "$work/px.sock"
 uri="nbd+unix:///a?socket=$work/px.sock"
 nbdinfo "$uri" >/dev/null
 nbdinfo --list "nbd+unix:///?socket=$work/px.sock" >/dev/null
