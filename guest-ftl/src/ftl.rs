@@ -108,6 +108,19 @@ impl Ftl {
                         f.chunks, f.spc, lay.chunks, lay.spc
                     )));
                 }
+                // The map is sized from the record before anything else is read: a damaged one
+                // must not claim more blocks than the partition has slots, or a block size the
+                // FTL does not serve.
+                if f.user_lbas == 0 || u64::from(f.user_lbas) > lay.total_slots() {
+                    return Err(FtlError::Metadata(format!(
+                        "format record says {} blocks, the partition has {} slots",
+                        f.user_lbas,
+                        lay.total_slots()
+                    )));
+                }
+                if f.block_size != 512 && f.block_size != 4096 {
+                    return Err(FtlError::Metadata(format!("format record says block size {}", f.block_size)));
+                }
                 cfg.block_size = f.block_size;
                 let mut eng = Engine::new(ch, lay, cfg.clone(), store, namespace.to_string(), f.user_lbas);
                 eng.recover(saved).await?;
