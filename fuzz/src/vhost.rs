@@ -211,10 +211,12 @@ pub fn vhost_chain(data: &[u8]) {
         assert!(u64::from(len) <= room, "used element {i} claims {len} bytes written");
     }
 
-    // A driver that keeps its available index within a queue of its own ring still gets its
-    // next request answered. (The input's chains may have had the device write over the
-    // queue itself: the probe's descriptors are written again.)
-    if avail_idx <= QSIZE && kicked.is_ok() {
+    // The next request is still answered. It goes where the device will look next (its own
+    // next available index, not the input's): a chain may have had the device write over the
+    // available ring itself, so that the ring's index and heads are no longer those the input
+    // gave, and the slots after it would only run the input's chains again. The probe's
+    // descriptors are written again for the same reason.
+    if kicked.is_ok() {
         for (i, d) in probe.iter().enumerate() {
             mem.write_slice(&d.to_bytes(), GuestAddress(DESC_TABLE + 16 * (u64::from(PROBE_HEAD) + i as u64))).unwrap();
         }
@@ -222,8 +224,9 @@ pub fn vhost_chain(data: &[u8]) {
         header[..4].copy_from_slice(&4u32.to_le_bytes()); // FLUSH
         mem.write_slice(&header, GuestAddress(PROBE)).unwrap();
         mem.write_obj(0xffu8, GuestAddress(PROBE + 16)).unwrap();
-        mem.write_obj(PROBE_HEAD, GuestAddress(AVAIL_RING + 4 + 2 * u64::from(avail_idx % QSIZE))).unwrap();
-        mem.write_obj(avail_idx.wrapping_add(1), GuestAddress(AVAIL_RING + 2)).unwrap();
+        let next = vring.queue_next_avail();
+        mem.write_obj(PROBE_HEAD, GuestAddress(AVAIL_RING + 4 + 2 * u64::from(next % QSIZE))).unwrap();
+        mem.write_obj(next.wrapping_add(1), GuestAddress(AVAIL_RING + 2)).unwrap();
         backend.handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0).expect("a kick after bad chains");
         let status: u8 = mem.read_obj(GuestAddress(PROBE + 16)).unwrap();
         assert_eq!(status, 0, "a flush after the input's chains was not answered");
