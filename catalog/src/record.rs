@@ -167,16 +167,7 @@ pub(crate) fn is_id(s: &str) -> bool {
 mod tests {
     use super::*;
 
-    pub(crate) fn spec(name: &str, size: u64) -> DiskSpec {
-        DiskSpec {
-            name: name.into(),
-            size,
-            block_size: 512,
-            read_only: false,
-            backend: Backend::default(),
-            filters: Vec::new(),
-        }
-    }
+    use crate::tests::spec;
 
     #[test]
     fn bad_specs_are_refused() {

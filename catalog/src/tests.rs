@@ -1,7 +1,7 @@
 use super::*;
 use vdisk::IoBuf;
 
-fn spec(name: &str, size: u64) -> DiskSpec {
+pub(crate) fn spec(name: &str, size: u64) -> DiskSpec {
     DiskSpec {
         name: name.into(),
         size,

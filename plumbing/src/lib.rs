@@ -2,8 +2,10 @@
 //! depends on none of them.
 
 pub mod clock;
+pub mod error_text;
 pub mod lock;
 pub mod metrics;
 pub mod rate;
 
+pub use error_text::error_chain;
 pub use lock::lock;

@@ -18,14 +18,4 @@ pub use device::{BlockDevice, BlockError, DeviceInfo, IoFuture, IoResult, Reques
 pub use disk::{Disk, DiskUser};
 pub use lookup::{DiskLookup, LookupError};
 
-/// An error and its causes on one line, for logs and for messages to clients.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
+pub use plumbing::error_chain;
