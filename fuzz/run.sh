@@ -19,8 +19,8 @@ cp -n fuzz/regressions/"$target"/* "$work"/ 2>/dev/null || true
 # Rust has no use for LeakSanitizer here, and RocksDB's C API leaks a byte once per open.
 export ASAN_OPTIONS=detect_leaks=0
 if [ "$target" = cache_index ] && [ -e /usr/lib/x86_64-linux-gnu/libeatmydata.so ]; then
-    # The cache opens its RocksDB index for every operation; eatmydata makes the syncs of those
-    # opens free (package eatmydata), about three times the executions.
+    # Every input opens the cache, whose SQLite index syncs what it writes; eatmydata makes
+    # those syncs free (package eatmydata).
     export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libeatmydata.so
     export ASAN_OPTIONS=detect_leaks=0:verify_asan_link_order=0
 fi

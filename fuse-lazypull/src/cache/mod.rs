@@ -71,7 +71,7 @@ pub use blob::{Blob, RangeSource, CHUNK};
 pub use error::CacheError;
 pub use gc::GcReport;
 pub use holds::{Hold, Holder};
-pub use index::{decode_blob_row, decode_hold_row, decode_pin_row, BlobRecord};
+pub use index::{decode_blob_row, decode_hold_row, BlobRecord};
 
 use crate::digest::Digest;
 use crate::reference::ImageRef;
