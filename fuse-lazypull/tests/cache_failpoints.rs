@@ -9,47 +9,19 @@
 
 mod layer_support;
 
-use std::collections::BTreeMap;
-use std::ops::Range;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use fuse_lazypull::cache::{Blob, BlobCache, CacheConfig, RangeSource};
+use fuse_lazypull::cache::{Blob, BlobCache};
 use fuse_lazypull::digest::Digest;
 use fuse_lazypull::layer::{BlobSource, LayerIndex, Limits};
 use fuse_lazypull::mount::unpack_once;
 use fuse_lazypull::reference::ImageRef;
-use fuse_lazypull::registry::{Descriptor, RegistryError};
-use layer_support::{complete_blob, descriptor, gzip, random_bytes, Tar, E};
+use layer_support::{cache, complete_blob, desc, descriptor, gzip, random_bytes, Bytes, Tar, E};
 
 /// Set in the child: the cache directory it works on.
 const CHILD: &str = "FUSE_LAZYPULL_FAILPOINT_CHILD";
-
-/// Bytes in memory, served as ranges.
-struct Bytes(Vec<u8>);
-
-impl RangeSource for Bytes {
-    fn fetch(&self, range: Range<u64>) -> Result<Vec<u8>, RegistryError> {
-        Ok(self.0[range.start as usize..range.end as usize].to_vec())
-    }
-}
-
-fn desc(data: &[u8]) -> Descriptor {
-    Descriptor {
-        media_type: "application/octet-stream".into(),
-        digest: Digest::of(data),
-        size: data.len() as u64,
-        annotations: BTreeMap::new(),
-    }
-}
-
-/// No size limit, no grace period: gc takes whatever nothing needs.
-fn cache(dir: &Path, size_limit: u64) -> Arc<BlobCache> {
-    let config = CacheConfig { size_limit, fetch_timeout: Duration::from_secs(30), gc_grace: Duration::ZERO };
-    BlobCache::open(dir, config).unwrap()
-}
 
 /// A blob of `n` bytes from `seed`, fetched into `cache` and verified.
 fn fetched(cache: &BlobCache, n: usize, seed: u64) -> (Arc<Blob>, Vec<u8>) {

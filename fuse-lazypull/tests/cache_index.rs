@@ -7,40 +7,14 @@
 
 mod layer_support;
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
-use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fuse_lazypull::cache::{self, BlobCache, BlobRecord, CacheConfig, Holder, RangeSource};
+use fuse_lazypull::cache::{self, BlobRecord, Holder};
 use fuse_lazypull::digest::Digest;
-use fuse_lazypull::registry::{Descriptor, RegistryError};
-use layer_support::random_bytes;
-
-struct Bytes(Vec<u8>);
-
-impl RangeSource for Bytes {
-    fn fetch(&self, range: Range<u64>) -> Result<Vec<u8>, RegistryError> {
-        Ok(self.0[range.start as usize..range.end as usize].to_vec())
-    }
-}
-
-fn desc(data: &[u8]) -> Descriptor {
-    Descriptor {
-        media_type: "application/octet-stream".into(),
-        digest: Digest::of(data),
-        size: data.len() as u64,
-        annotations: BTreeMap::new(),
-    }
-}
-
-/// No grace period; gc takes whatever nothing needs down to `size_limit`.
-fn cache(dir: &Path, size_limit: u64) -> Arc<BlobCache> {
-    BlobCache::open(dir, CacheConfig { size_limit, fetch_timeout: Duration::from_secs(30), gc_grace: Duration::ZERO })
-        .unwrap()
-}
+use layer_support::{cache, desc, random_bytes, Bytes};
 
 fn blob_rows(dir: &Path) -> Vec<(String, i64, i64, i64)> {
     let db = rusqlite::Connection::open(dir.join("index.db")).unwrap();

@@ -229,3 +229,32 @@ pub fn complete_blob(
     assert!(blob.is_complete());
     blob
 }
+
+/// Bytes in memory, served as ranges (a registry that always answers).
+pub struct Bytes(pub Vec<u8>);
+
+impl fuse_lazypull::cache::RangeSource for Bytes {
+    fn fetch(&self, range: std::ops::Range<u64>) -> Result<Vec<u8>, fuse_lazypull::registry::RegistryError> {
+        Ok(self.0[range.start as usize..range.end as usize].to_vec())
+    }
+}
+
+/// The descriptor of `data` as an opaque blob.
+pub fn desc(data: &[u8]) -> Descriptor {
+    Descriptor {
+        media_type: "application/octet-stream".into(),
+        digest: Digest::of(data),
+        size: data.len() as u64,
+        annotations: BTreeMap::new(),
+    }
+}
+
+/// A cache at `dir` with no grace period: gc takes whatever nothing needs down to `size_limit`.
+pub fn cache(dir: &std::path::Path, size_limit: u64) -> std::sync::Arc<fuse_lazypull::cache::BlobCache> {
+    let config = fuse_lazypull::cache::CacheConfig {
+        size_limit,
+        fetch_timeout: std::time::Duration::from_secs(30),
+        gc_grace: std::time::Duration::ZERO,
+    };
+    fuse_lazypull::cache::BlobCache::open(dir, config).unwrap()
+}
