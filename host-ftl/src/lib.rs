@@ -38,6 +38,7 @@ pub mod driver;
 pub mod error;
 pub mod fault;
 pub mod geometry;
+pub mod log_page;
 pub mod media;
 pub mod notify;
 pub mod open_channel;

@@ -4,6 +4,7 @@ use super::Device;
 use crate::chunk::CHUNK_DESCRIPTOR_SIZE;
 use crate::command::{admin, Cqe, Sqe, Status, NSID};
 use crate::dma::DmaRegion;
+use crate::log_page::LogRequest;
 
 impl Device {
     /// Executes one admin command (geometry, get log page).
@@ -24,43 +25,28 @@ impl Device {
         if ![0, NSID, u32::MAX].contains(&sqe.nsid) {
             return Status::INVALID_NAMESPACE;
         }
-        let lid = (sqe.cdw10 & 0xff) as u8;
-        let numd = (u64::from(sqe.cdw11 & 0xffff) << 16 | u64::from(sqe.cdw10 >> 16)) + 1;
-        let len = numd * 4;
-        let offset = u64::from(sqe.cdw12) | u64::from(sqe.cdw13) << 32;
-        if offset % 4 != 0 {
-            return Status::INVALID_FIELD;
-        }
+        let req = match LogRequest::parse(sqe) {
+            Ok(req) => req,
+            Err(status) => return status,
+        };
         // The region bounds the length before anything is allocated.
-        let Ok(len) = usize::try_from(len) else { return Status::DATA_TRANSFER_ERROR };
-        if mem.check(sqe.prp1, len).is_err() {
+        if mem.check(sqe.prp1, req.len).is_err() {
             return Status::DATA_TRANSFER_ERROR;
         }
-        let (page_len, bytes) = match lid {
+        let out = match req.lid {
             admin::LOG_CHUNK_INFO => {
-                let page_len = (self.geo.total_chunks() * CHUNK_DESCRIPTOR_SIZE) as u64;
-                if offset > page_len {
-                    return Status::INVALID_FIELD;
-                }
-                let first = (offset / CHUNK_DESCRIPTOR_SIZE as u64) as usize;
-                let last = (offset + len as u64).div_ceil(CHUNK_DESCRIPTOR_SIZE as u64) as usize;
-                let bytes: Vec<u8> = self.chunk_info(first..last).iter().flat_map(|d| d.to_bytes()).collect();
-                let skip = (offset % CHUNK_DESCRIPTOR_SIZE as u64) as usize;
-                (page_len, bytes.get(skip..).map(<[u8]>::to_vec).unwrap_or_default())
+                let chunks = self.geo.total_chunks();
+                let Ok((span, skip)) = req.chunk_span(chunks) else { return Status::INVALID_FIELD };
+                let bytes: Vec<u8> = self.chunk_info(span).iter().flat_map(|d| d.to_bytes()).collect();
+                req.reply((chunks * CHUNK_DESCRIPTOR_SIZE) as u64, bytes.get(skip..).unwrap_or_default())
             }
             admin::LOG_CHUNK_NOTIFICATION => {
                 let page = self.notes.page();
-                if offset > page.len() as u64 {
-                    return Status::INVALID_FIELD;
-                }
-                (page.len() as u64, page[offset as usize..].to_vec())
+                let Ok(tail) = req.tail(&page) else { return Status::INVALID_FIELD };
+                req.reply(page.len() as u64, tail)
             }
             _ => return Status::INVALID_LOG_PAGE,
         };
-        // Bytes past the end of the page read as zeros.
-        let mut out = vec![0u8; len];
-        let take = bytes.len().min(len).min((page_len - offset) as usize);
-        out[..take].copy_from_slice(&bytes[..take]);
         match mem.write(sqe.prp1, &out) {
             Ok(()) => Status::SUCCESS,
             Err(_) => Status::DATA_TRANSFER_ERROR,

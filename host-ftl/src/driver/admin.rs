@@ -13,6 +13,7 @@ use crate::address::Addr;
 use crate::chunk::{ChunkDescriptor, CHUNK_DESCRIPTOR_SIZE};
 use crate::command::{admin, Sqe, Status, NSID};
 use crate::error::Result;
+use crate::log_page::LogRequest;
 
 pub(crate) fn execute(guest: &GuestShared, core: &Core, sqe: &Sqe) -> Status {
     let common_reserved = sqe.flags != 0 || sqe.cdw2 != 0 || sqe.cdw3 != 0 || sqe.mptr != 0 || sqe.prp2 != 0;
@@ -50,43 +51,30 @@ pub(crate) fn execute(guest: &GuestShared, core: &Core, sqe: &Sqe) -> Status {
 }
 
 fn log_page(guest: &GuestShared, core: &Core, sqe: &Sqe) -> Status {
-    let lid = (sqe.cdw10 & 0xff) as u8;
-    let numd = (u64::from(sqe.cdw11 & 0xffff) << 16 | u64::from(sqe.cdw10 >> 16)) + 1;
-    let offset = u64::from(sqe.cdw12) | u64::from(sqe.cdw13) << 32;
-    if offset % 4 != 0 {
-        return Status::INVALID_FIELD;
-    }
+    let req = match LogRequest::parse(sqe) {
+        Ok(req) => req,
+        Err(status) => return status,
+    };
     // The region bounds the length before anything is allocated.
-    let Ok(len) = usize::try_from(numd * 4) else { return Status::DATA_TRANSFER_ERROR };
-    if guest.region.check(sqe.prp1, len).is_err() {
+    if guest.region.check(sqe.prp1, req.len).is_err() {
         return Status::DATA_TRANSFER_ERROR;
     }
-    let (page_len, bytes) = match lid {
+    let out = match req.lid {
         admin::LOG_CHUNK_INFO => {
-            let page_len = (guest.part.geometry().total_chunks() * CHUNK_DESCRIPTOR_SIZE) as u64;
-            if offset > page_len {
-                return Status::INVALID_FIELD;
-            }
-            let first = (offset / CHUNK_DESCRIPTOR_SIZE as u64) as usize;
-            let last = (offset + len as u64).div_ceil(CHUNK_DESCRIPTOR_SIZE as u64) as usize;
-            let Ok(descs) = chunk_info(guest, core, first, last) else { return Status::INTERNAL_ERROR };
+            let chunks = guest.part.geometry().total_chunks();
+            let Ok((span, skip)) = req.chunk_span(chunks) else { return Status::INVALID_FIELD };
+            let Ok(descs) = chunk_info(guest, core, span.start, span.end) else { return Status::INTERNAL_ERROR };
             let bytes: Vec<u8> = descs.iter().flat_map(|d| d.to_bytes()).collect();
-            let skip = (offset % CHUNK_DESCRIPTOR_SIZE as u64) as usize;
-            (page_len, bytes.get(skip..).map(<[u8]>::to_vec).unwrap_or_default())
+            req.reply((chunks * CHUNK_DESCRIPTOR_SIZE) as u64, bytes.get(skip..).unwrap_or_default())
         }
         admin::LOG_CHUNK_NOTIFICATION => {
             core.router.poll(&*core.device);
             let page = guest.log.page();
-            if offset > page.len() as u64 {
-                return Status::INVALID_FIELD;
-            }
-            (page.len() as u64, page[offset as usize..].to_vec())
+            let Ok(tail) = req.tail(&page) else { return Status::INVALID_FIELD };
+            req.reply(page.len() as u64, tail)
         }
         _ => return Status::INVALID_LOG_PAGE,
     };
-    let mut out = vec![0u8; len];
-    let take = bytes.len().min(len).min((page_len - offset) as usize);
-    out[..take].copy_from_slice(&bytes[..take]);
     match guest.region.write(sqe.prp1, &out) {
         Ok(()) => Status::SUCCESS,
         Err(_) => Status::DATA_TRANSFER_ERROR,
