@@ -18,22 +18,8 @@ use host_ftl::{
 use plumbing::clock::SimClock;
 use rig::{Commands, CommandsOnly, Env};
 
-/// One group of 4 PUs × 6 chunks × 16 blocks of 512 bytes.
 fn geo() -> Geometry {
-    Geometry {
-        num_grp: 1,
-        num_pu: 4,
-        num_chk: 6,
-        clba: 16,
-        block_size: 512,
-        oob_size: 16,
-        ws_min: 4,
-        ws_opt: 8,
-        mw_cunits: 4,
-        maxoc: 24,
-        maxocpu: 6,
-        ..Geometry::default()
-    }
+    rig::one_group_geometry()
 }
 
 /// A driver on the simulated clock over a commands-only device built on a memory emulator.

@@ -12,22 +12,8 @@ use host_ftl::driver::{Budget, DriverConfig, DriverError, GuestSpec, GuestState}
 use host_ftl::{Addr, ChunkDescriptor, ChunkState, Fault, FaultKind, Geometry, Sqe, Status};
 use rig::{Env, Guest};
 
-/// One group of 4 PUs × 6 chunks × 16 blocks of 512 bytes, with the timing model's times.
 fn geo() -> Geometry {
-    Geometry {
-        num_grp: 1,
-        num_pu: 4,
-        num_chk: 6,
-        clba: 16,
-        block_size: 512,
-        oob_size: 16,
-        ws_min: 4,
-        ws_opt: 8,
-        mw_cunits: 4,
-        maxoc: 24,
-        maxocpu: 6,
-        ..Geometry::default()
-    }
+    rig::one_group_geometry()
 }
 
 /// Resets take simulated time, one command at a time per PU, `batch` chunks each.

@@ -16,6 +16,25 @@ use host_ftl::{opcode, Addr, Cqe, Device, DmaRegion, Geometry, OpenChannel, Sqe}
 use plumbing::clock::SimClock;
 use state_store::Store;
 
+/// One group of 4 PUs × 6 chunks × 16 blocks of 512 bytes, the timing model's default times: a
+/// device small enough to fill and reclaim in a test.
+pub fn one_group_geometry() -> Geometry {
+    Geometry {
+        num_grp: 1,
+        num_pu: 4,
+        num_chk: 6,
+        clba: 16,
+        block_size: 512,
+        oob_size: 16,
+        ws_min: 4,
+        ws_opt: 8,
+        mw_cunits: 4,
+        maxoc: 24,
+        maxocpu: 6,
+        ..Geometry::default()
+    }
+}
+
 pub const LIST: u64 = 0;
 pub const DST_LIST: u64 = 512;
 pub const DATA: u64 = 4096;
