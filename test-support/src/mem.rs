@@ -22,7 +22,7 @@ impl MemDisk {
 
     /// A copy of every byte.
     pub fn contents(&self) -> Vec<u8> {
-        self.data.lock().unwrap().clone()
+        plumbing::lock(&self.data).clone()
     }
 }
 
@@ -32,14 +32,14 @@ impl BlockDevice for MemDisk {
     }
 
     fn read(&self, offset: u64, mut buf: IoBuf) -> IoFuture<'_, IoBuf> {
-        let data = self.data.lock().unwrap();
+        let data = plumbing::lock(&self.data);
         let len = buf.len();
         buf.as_mut_slice().copy_from_slice(&data[offset as usize..offset as usize + len]);
         Box::pin(std::future::ready(Ok(buf)))
     }
 
     fn write(&self, offset: u64, buf: IoBuf, _fua: bool) -> IoFuture<'_, IoBuf> {
-        self.data.lock().unwrap()[offset as usize..offset as usize + buf.len()].copy_from_slice(buf.as_slice());
+        plumbing::lock(&self.data)[offset as usize..offset as usize + buf.len()].copy_from_slice(buf.as_slice());
         Box::pin(std::future::ready(Ok(buf)))
     }
 
@@ -48,7 +48,7 @@ impl BlockDevice for MemDisk {
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        self.data.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
+        plumbing::lock(&self.data)[offset as usize..(offset + len) as usize].fill(0);
         Box::pin(std::future::ready(Ok(())))
     }
 
@@ -74,7 +74,7 @@ impl SparseDisk {
 
     fn zero(&self, offset: u64, len: u64) {
         let range = offset / self.bs()..(offset + len) / self.bs();
-        self.blocks.lock().unwrap().retain(|b, _| !range.contains(b));
+        plumbing::lock(&self.blocks).retain(|b, _| !range.contains(b));
     }
 }
 
@@ -84,7 +84,7 @@ impl BlockDevice for SparseDisk {
     }
     fn read(&self, offset: u64, mut buf: IoBuf) -> IoFuture<'_, IoBuf> {
         let bs = self.bs() as usize;
-        let blocks = self.blocks.lock().unwrap();
+        let blocks = plumbing::lock(&self.blocks);
         for (i, out) in buf.as_mut_slice().chunks_mut(bs).enumerate() {
             match blocks.get(&(offset / bs as u64 + i as u64)) {
                 Some(data) => out.copy_from_slice(data),
@@ -95,7 +95,7 @@ impl BlockDevice for SparseDisk {
     }
     fn write(&self, offset: u64, buf: IoBuf, _fua: bool) -> IoFuture<'_, IoBuf> {
         let bs = self.bs() as usize;
-        let mut blocks = self.blocks.lock().unwrap();
+        let mut blocks = plumbing::lock(&self.blocks);
         for (i, data) in buf.as_slice().chunks(bs).enumerate() {
             blocks.insert(offset / bs as u64 + i as u64, data.to_vec());
         }
